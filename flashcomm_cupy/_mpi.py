@@ -1,0 +1,57 @@
+"""The only module that bootstraps mpi4py: the world communicator and the local rank."""
+from __future__ import annotations
+
+import os
+
+_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+                    "SLURM_LOCALID", "PALS_LOCAL_RANKID", "LOCAL_RANK")
+
+
+def mpi():
+    """Import mpi4py.MPI with a readable error when MPI is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "flashcomm needs mpi4py and an MPI library: pip install 'flashcomm-cupy[mpi]' "
+            f"(brings MPICH) or install Open MPI ({exc})") from exc
+    return MPI
+
+
+def get_comm(comm=None):
+    """``comm`` if given, else ``MPI.COMM_WORLD``."""
+    return comm if comm is not None else mpi().COMM_WORLD
+
+
+def local_rank(comm=None) -> int:
+    """This process's rank among the processes of its node.
+
+    Launcher variables (Open MPI, MPICH/Hydra, PALS, Slurm) are read first;
+    the portable fallback splits the communicator by shared memory.
+    """
+    for var in _LOCAL_RANK_VARS:
+        value = os.environ.get(var)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    comm = get_comm(comm)
+    node = comm.Split_type(mpi().COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
+def local_size(comm=None) -> int:
+    comm = get_comm(comm)
+    node = comm.Split_type(mpi().COMM_TYPE_SHARED)
+    try:
+        return node.Get_size()
+    finally:
+        node.Free()
+
+
+def library_version() -> str:
+    try:
+        return mpi().Get_library_version().strip().splitlines()[0]
+    except Exception as exc:  # pragma: no cover
+        return f"unavailable ({exc})"

@@ -1,0 +1,161 @@
+"""The public entry point: :class:`Communicator`.
+
+It picks a backend (the flash GPU kernels when CuPy sees a GPU, else the CPU
+backend), converts the caller's arrays to the backend's native kind and back,
+and validates them.  Backends live in :mod:`flashcomm_cupy.backends`.
+"""
+from __future__ import annotations
+
+import atexit
+import weakref
+
+import numpy as np
+
+from . import _arrays
+from .config import Mode
+
+BACKENDS = ("auto", "cpu", "gpu", "nccl")
+
+_open = weakref.WeakSet()
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device (never raises)."""
+    try:
+        import cupy
+    except Exception:
+        return False
+    try:
+        return bool(cupy.is_available()) and cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _make_backend(name: str, comm, options: dict):
+    if name == "auto":
+        name = "gpu" if gpu_available() else "cpu"
+    if name == "cpu":
+        from .backends.cpu import CpuBackend
+        return CpuBackend(comm, **options)
+    if name == "gpu":
+        from .backends.gpu import make_gpu_backend
+        return make_gpu_backend(comm, **options)
+    if name == "nccl":
+        from .backends.nccl import NcclBackend
+        return NcclBackend(comm, **options)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+class Communicator:
+    """Flash All-Reduce over the ranks of an MPI communicator.
+
+    Parameters
+    ----------
+    comm : mpi4py communicator, optional
+        Defaults to ``MPI.COMM_WORLD``.
+    backend : {"auto", "gpu", "cpu", "nccl"}
+        "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
+        back to NCCL, with one warning naming the reason, when CUDA IPC or
+        peer access does not work between the ranks.
+    **options
+        Passed to the backend (e.g. ``timeout_s``, ``validate``,
+        ``workspace_bytes`` for the GPU backend).
+
+    The communicator is a context manager; it is also closed at interpreter
+    exit.
+    """
+
+    def __init__(self, comm=None, backend: str = "auto", **options):
+        from . import _mpi
+        self.mpi_comm = _mpi.get_comm(comm)
+        self._backend = _make_backend(backend, self.mpi_comm, options)
+        self._closed = False
+        _open.add(self)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def backend(self):
+        """The backend object (see :class:`flashcomm_cupy.backends.base.Backend`)."""
+        return self._backend
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def rank(self) -> int:
+        return self._backend.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._backend.world_size
+
+    # ------------------------------------------------------------------ the op
+    def all_reduce(self, x, bits=4, group_size: int = 128, algo: str = "auto",
+                   rotate: bool = False, symmetric: bool = False, out=None, stream=None):
+        """Sum ``x`` over all ranks.
+
+        ``bits``: None (lossless), 4, 6, 8, or a pair ``(rs_bits, ag_bits)``
+        such as ``(4, 8)``.  ``algo``: "auto", "oneshot", "twoshot", or the
+        baseline ("nccl" on GPUs, "mpi" on CPUs).  ``x`` may be a NumPy
+        array, a CuPy array, or anything with ``__cuda_array_interface__`` or
+        ``__dlpack__`` (a PyTorch tensor); the result is of the same kind and
+        shape.  ``out is x`` reduces in place.  GPU work is ordered on
+        ``stream`` (default: CuPy's current stream).
+        """
+        self._check_open()
+        mode = Mode.make(bits, group_size, symmetric, rotate, algo)
+        return _arrays.run_all_reduce(self._backend, x, out, mode, stream)
+
+    def resolve_algo(self, nbytes: int, bits=4, group_size: int = 128, algo: str = "auto",
+                     rotate: bool = False, symmetric: bool = False) -> str:
+        """The concrete algorithm a call with these arguments runs."""
+        mode = Mode.make(bits, group_size, symmetric, rotate, algo)
+        return self._backend.resolve_algo(int(nbytes), mode)
+
+    def synchronize(self) -> None:
+        """Wait for queued work; raise if an earlier call timed out or failed."""
+        self._check_open()
+        self._backend.synchronize()
+
+    def barrier(self) -> None:
+        self._check_open()
+        self._backend.barrier()
+
+    def describe(self) -> dict:
+        return self._backend.describe()
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this Communicator is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return (f"Communicator(backend={self.backend_name!r}, rank={self.rank}, "
+                f"world_size={self.world_size})")
+
+
+@atexit.register
+def _close_all():  # pragma: no cover - runs at interpreter exit
+    for c in list(_open):
+        try:
+            c.close()
+        except Exception:
+            pass
+
+
+def as_numpy(x) -> np.ndarray:
+    """Host copy of any supported array (NumPy, CuPy, torch, CAI/DLPack)."""
+    return _arrays.to_numpy(x)

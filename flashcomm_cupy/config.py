@@ -1,0 +1,177 @@
+"""Configuration types shared by the reference, every backend, the harness and the CLI.
+
+A :class:`Codec` describes one quantization step (bit width, group size,
+symmetric or asymmetric).  A :class:`Mode` describes a whole all-reduce
+setting: the codec of the reduce-scatter step, the codec of the all-gather
+step (either may be ``None``, meaning lossless), rotation and algorithm.
+
+This module imports only the standard library and NumPy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+SUPPORTED_BITS = (4, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
+ALGOS = ("auto", "oneshot", "twoshot", "nccl", "mpi")
+
+BitsArg = Union[None, int, str, Tuple[Optional[int], Optional[int]]]
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One group-wise integer quantization step.
+
+    ``bits`` in {4, 6, 8}; ``group_size`` a power of two in [32, 1024];
+    ``symmetric`` selects abs-max scaling (codes centred on ``2**(bits-1)``)
+    instead of min/scale (asymmetric, the default and the paper's choice).
+    """
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {self.bits!r}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
+
+    @property
+    def qmax(self) -> int:
+        """Largest code: 2**bits - 1 (asymmetric) or 2**(bits-1) - 1 (symmetric magnitude)."""
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    @property
+    def meta_per_group(self) -> int:
+        """fp32 metadata words per group: scale (+ min when asymmetric)."""
+        return 1 if self.symmetric else 2
+
+    def wire_bytes_per_element(self) -> float:
+        """Average bytes on the wire per element, codes plus metadata."""
+        return self.bits / 8 + 4 * self.meta_per_group / self.group_size
+
+
+def parse_bits(bits: BitsArg) -> Tuple[Optional[int], Optional[int]]:
+    """Normalise a ``bits`` argument to ``(reduce_scatter_bits, all_gather_bits)``.
+
+    Accepts ``None``/``"none"`` (lossless), an int, ``"4"``, ``"4/8"`` or a pair.
+    A pair may not mix lossless and quantized steps.
+    """
+    if bits is None:
+        return (None, None)
+    if isinstance(bits, str):
+        text = bits.strip().lower()
+        if text in ("none", "lossless", "fp", ""):
+            return (None, None)
+        parts = text.replace(",", "/").split("/")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"cannot parse bits {bits!r}: use none, 4, 6, 8 or RS/AG such as 4/8") from None
+        return parse_bits(tuple(values) if len(values) > 1 else values[0])
+    if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool):
+        b = int(bits)
+        if b not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {b}")
+        return (b, b)
+    if isinstance(bits, (tuple, list)) and len(bits) == 2:
+        rs, ag = bits
+        if (rs is None) != (ag is None):
+            raise ValueError("bits pair must be both None (lossless) or both quantized")
+        if rs is None:
+            return (None, None)
+        for b in (rs, ag):
+            if int(b) not in SUPPORTED_BITS:
+                raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {b}")
+        return (int(rs), int(ag))
+    raise ValueError(f"cannot interpret bits={bits!r}")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A complete all-reduce setting.
+
+    ``rs_bits``/``ag_bits`` are both None for lossless.  ``algo`` is one of
+    :data:`ALGOS`; "auto" lets the backend choose.  Rotation applies only to
+    quantized modes.
+    """
+
+    rs_bits: Optional[int] = 4
+    ag_bits: Optional[int] = 4
+    group_size: int = 128
+    symmetric: bool = False
+    rotate: bool = False
+    algo: str = "auto"
+
+    def __post_init__(self):
+        parse_bits((self.rs_bits, self.ag_bits))
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.rotate and self.lossless:
+            raise ValueError("rotate=True needs a quantized mode (bits=None is exact already)")
+
+    @classmethod
+    def make(cls, bits: BitsArg = 4, group_size: int = 128, symmetric: bool = False,
+             rotate: bool = False, algo: str = "auto") -> "Mode":
+        rs, ag = parse_bits(bits)
+        return cls(rs, ag, int(group_size), bool(symmetric), bool(rotate), str(algo))
+
+    @property
+    def lossless(self) -> bool:
+        return self.rs_bits is None
+
+    @property
+    def is_baseline(self) -> bool:
+        """True for the vendor collective (NCCL on GPUs, MPI_Allreduce on CPUs)."""
+        return self.algo in ("nccl", "mpi")
+
+    @property
+    def rs_codec(self) -> Optional[Codec]:
+        return None if self.lossless else Codec(self.rs_bits, self.group_size, self.symmetric)
+
+    @property
+    def ag_codec(self) -> Optional[Codec]:
+        return None if self.lossless else Codec(self.ag_bits, self.group_size, self.symmetric)
+
+    def with_algo(self, algo: str) -> "Mode":
+        return replace(self, algo=algo)
+
+    @property
+    def bits_label(self) -> str:
+        if self.lossless:
+            return "none"
+        if self.rs_bits == self.ag_bits:
+            return str(self.rs_bits)
+        return f"{self.rs_bits}/{self.ag_bits}"
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``int4/8 g128 rot`` or ``lossless``."""
+        if self.is_baseline:
+            return self.algo
+        if self.lossless:
+            text = "lossless"
+        else:
+            text = f"int{self.bits_label} g{self.group_size}"
+            if self.symmetric:
+                text += " sym"
+            if self.rotate:
+                text += " rot"
+        if self.algo not in ("auto",):
+            text += f" [{self.algo}]"
+        return text
+
+
+def wire_bytes_per_element(mode: Mode, itemsize: int) -> Tuple[float, float]:
+    """Bytes per element sent in (reduce-scatter, all-gather); lossless sends raw items."""
+    if mode.lossless or mode.is_baseline:
+        return float(itemsize), float(itemsize)
+    return mode.rs_codec.wire_bytes_per_element(), mode.ag_codec.wire_bytes_per_element()
