@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One device-machine call: install, check and benchmark flashcomm on this host's GPUs.
+#
+#   bash benchmarks/device_run.sh STAGES [NP]
+#
+# STAGES is a comma list run in order: info, checks (full GPU checks at NP
+# ranks), checks23 (quick checks at 2 and 3 ranks), tune, bench, verify,
+# accuracy, model, pytest (the pytest GPU wrapper).  NP defaults to the GPU
+# count.  Logs and JSON land in $OUT (the device tool brings them back).
+set -uo pipefail
+STAGES=${1:-info,checks}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+export FLASHCOMM_TIMEOUT_S=${FLASHCOMM_TIMEOUT_S:-20}
+OUT=${OUT:-/tmp/flashcomm-out}
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+NG=$(nvidia-smi -L | wc -l)
+NP=${2:-$NG}
+TAG=$(date +%Y%m%d-%H%M)
+MPI="mpirun --bind-to none --oversubscribe -n"
+
+log() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
+run() {  # run LIMIT_S CMD...: bounded, output to the log
+  local limit=$1; shift
+  log "$*"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 60
+  local rc=${PIPESTATUS[0]}
+  log "rc=$rc"
+  return 0
+}
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 \
+  || { log "pip install failed; using PYTHONPATH"; export PYTHONPATH=$PWD; }
+FC="python3 -m flashcomm_cupy.cli.main"
+
+for stage in ${STAGES//,/ }; do
+  case $stage in
+    info)
+      run 60 nvidia-smi topo -m
+      run 60 python3 -c "import cupy, mpi4py, numpy; from cupy.cuda import nccl; print('cupy', cupy.__version__, 'nccl', nccl.get_version(), 'mpi4py', mpi4py.__version__, 'numpy', numpy.__version__)"
+      run 120 $MPI "$NP" $FC info --json "$OUT/info-$NP.json" ;;
+    checks)
+      run 540 $MPI "$NP" python3 tests/gpu/gpu_checks.py ;;
+    checks-fast)
+      run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only codec,exact,groups,api ;;
+    checks-rest)
+      run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only many,graphs,large,timeout ;;
+    checks23)
+      run 240 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
+      [ "$NG" -ge 3 ] && run 240 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
+    tune)
+      run 400 $MPI "$NP" $FC tune -o "$OUT/tuning.json" ;;
+    bench)
+      run 500 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \
+        --json "$OUT/bench-${NP}x-$TAG.json" --plot "$OUT/bench-${NP}x.png" ;;
+    verify)
+      run 300 $MPI "$NP" $FC verify ;;
+    accuracy)
+      run 200 $MPI "$NP" $FC accuracy --backend gpu --json "$OUT/accuracy-gpu.json" ;;
+    model)
+      run 500 bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
+    pytest)
+      run 500 python3 -m pytest -m gpu tests/gpu -q ;;
+    *) log "unknown stage $stage" ;;
+  esac
+done
+log "done"

@@ -1,0 +1,68 @@
+"""The only module that reads ``kernels_cu``: finds the CUDA sources, compiles
+one CuPy ``RawModule`` per (dtype, reduce-scatter bits, all-gather bits) on
+first use, and describes the kernels' argument struct.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_SOURCE = "fc_allreduce.cu"
+
+
+def kernel_dir() -> Path:
+    """Directory holding the ``.cu``/``.cuh`` sources (installed or checkout)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "kernels_cu", here.parent / "kernels_cu"):
+        if (cand / KERNEL_SOURCE).is_file():
+            return cand
+    raise FileNotFoundError(f"flashcomm kernel sources ({KERNEL_SOURCE}) not found next to {here}")
+
+
+def kernel_sources() -> list:
+    d = kernel_dir()
+    return sorted(p for p in d.iterdir() if p.suffix in (".cu", ".cuh"))
+
+
+# Mirror of `struct FcArgs` in fc_allreduce.cu (natural alignment, 120 bytes).
+_ARG_FIELDS = [
+    ("in_ptr", "<u8"), ("out_ptr", "<u8"), ("n", "<i8"), ("seg_elems", "<i8"), ("peers", "<u8"),
+    ("err", "<u8"), ("slot_bytes", "<i8"), ("flags_off", "<i8"), ("rs_off", "<i8"), ("ag_off", "<i8"),
+    ("os_off", "<i8"), ("timeout_ns", "<i8"), ("rank", "<i4"), ("world", "<i4"), ("group", "<i4"),
+    ("flags", "<i4"), ("max_blocks", "<i4"), ("rot_norm", "<f4"),
+]
+ARGS_DTYPE = np.dtype({
+    "names": [f for f, _ in _ARG_FIELDS],
+    "formats": [t for _, t in _ARG_FIELDS],
+    "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 100, 104, 108, 112, 116],
+    "itemsize": 120,
+})
+
+FLAG_ROTATE = 1
+FLAG_SYM = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _source() -> str:
+    return (kernel_dir() / KERNEL_SOURCE).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def module(dtype_code: int, rs_bits: int, ag_bits: int):
+    """The compiled module for one specialisation (0 bits = lossless); cached per process.
+
+    CuPy also caches the binary on disk, so later processes skip NVRTC.
+    """
+    import cupy
+    options = ("-std=c++17", f"-I{kernel_dir()}", f"-DFC_DT={int(dtype_code)}",
+               f"-DFC_RS_BITS={int(rs_bits)}", f"-DFC_AG_BITS={int(ag_bits)}")
+    if os.environ.get("FLASHCOMM_KERNEL_LINEINFO"):
+        options += ("-lineinfo",)
+    return cupy.RawModule(code=_source(), options=options)
+
+
+def function(name: str, dtype_code: int, rs_bits, ag_bits):
+    return module(dtype_code, rs_bits or 0, ag_bits or 0).get_function(name)

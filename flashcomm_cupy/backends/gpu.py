@@ -1,0 +1,245 @@
+"""The flash GPU backend: fused one-shot / two-shot kernels over a CUDA IPC workspace.
+
+Every rank exports one workspace (:mod:`.ipc`), verified by real peer stores
+before first use; NCCL rides along for ``algo="nccl"`` and as the fallback
+when IPC or peer access is missing (:func:`make_gpu_backend`).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+
+import numpy as np
+
+from .. import _kernels, _mpi, tuning
+from ..config import Mode
+from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
+from .base import Backend
+from .cuda_util import CudaEventTimer, capture_graph, describe_device, select_device
+from .ipc import IpcWorkspace, PeerAccessError, WorkspaceLayout
+from .nccl import NcclBackend, NcclCommunicatorHandle
+
+DEFAULT_TIMEOUT_S = 30.0
+ELEMS_PER_THREAD = 32  # FC_ELEMS in fc_common.cuh
+
+
+class FlashTimeoutError(RuntimeError):
+    """A rank waited longer than the configured bound for a peer's signal."""
+
+
+class FlashGpuBackend(Backend):
+    """Flash All-Reduce on the GPUs of one host, one process per GPU.
+
+    Options: ``device`` (GPU ordinal; default local rank), ``timeout_s``
+    (bound of every spin-wait; default ``$FLASHCOMM_TIMEOUT_S`` or 30),
+    ``validate`` (all-gather sizes and modes before every call and raise on
+    mismatch), ``max_blocks`` and ``max_threads`` (workspace shape),
+    ``tuning`` (path of a dispatch table).
+    """
+
+    name = "gpu"
+    baseline_algo = "nccl"
+
+    def __init__(self, comm, device=None, timeout_s=None, validate=False, max_blocks=64, max_threads=512,
+                 tuning_path=None):
+        import cupy
+        self.mpi_comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+        if self.world_size > 8:
+            raise ValueError(f"flashcomm supports up to 8 ranks per host, got {self.world_size}")
+        if max_threads not in (64, 128, 256, 512):
+            raise ValueError("max_threads must be 64, 128, 256 or 512")
+        self.device_id = select_device(comm, device)
+        self.validate = bool(validate)
+        self.timeout_s = float(timeout_s if timeout_s is not None
+                               else os.environ.get("FLASHCOMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        self.max_threads = int(max_threads)
+        self.table = tuning.load(tuning_path)
+        #: (threads, blocks) forced on every flash launch; set only by tuning sweeps
+        self.force_launch = None
+        self.nccl = NcclCommunicatorHandle(comm)
+        try:
+            self._init_workspace(comm, max_blocks)
+        except PeerAccessError:
+            self.nccl.close()
+            raise
+        self._closed = False
+
+    def _init_workspace(self, comm, max_blocks):
+        import cupy
+        # Largest chunk a slot holds: a lossless fp32 tile (4 bytes x 32 elements x threads).
+        layout = WorkspaceLayout(self.world_size, int(max_blocks), 4 * ELEMS_PER_THREAD * self.max_threads)
+        self.ws = IpcWorkspace(comm, layout, self.device_id)
+        self._err_ptr = cupy.cuda.runtime.hostAlloc(64, 0x3)  # portable | mapped
+        ctypes.memset(self._err_ptr, 0, 64)
+        self._err = (ctypes.c_uint32 * 8).from_address(self._err_ptr)
+        self._args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
+        a = self._args[0]
+        a["peers"] = self.ws.peer_table.data.ptr
+        a["err"] = self._err_ptr
+        a["slot_bytes"] = layout.slot_bytes
+        a["flags_off"] = layout.flags_off
+        a["rs_off"], a["ag_off"], a["os_off"] = layout.rs_off, layout.ag_off, layout.os_off
+        a["rank"], a["world"], a["max_blocks"] = self.rank, self.world_size, layout.max_blocks
+        a["timeout_ns"] = int(self.timeout_s * 1e9)
+
+    def precompile(self, dtypes=("float16", "bfloat16", "float32"),
+                   bits=((None, None), (4, 4), (6, 6), (8, 8), (4, 8))):
+        """Compile kernel specialisations, spread over the ranks (collective).
+
+        CuPy caches binaries on disk, so each rank compiles 1/world of them
+        and then loads the rest from the cache.
+        """
+        jobs = [(KERNEL_DTYPE_CODE[d], rs or 0, ag or 0) for d in dtypes for rs, ag in bits]
+        for i, job in enumerate(jobs):
+            if i % self.world_size == self.rank:
+                _kernels.module(*job).get_function("fc_twoshot")
+        self.mpi_comm.Barrier()
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def xp(self):
+        import cupy
+        return cupy
+
+    def supported_algos(self):
+        return ("oneshot", "twoshot", "nccl")
+
+    def resolve_algo(self, nbytes: int, mode: Mode) -> str:
+        return self._choose(nbytes, mode).algo
+
+    def _choose(self, nbytes: int, mode: Mode) -> tuning.Choice:
+        if self.force_launch is not None and mode.algo in ("oneshot", "twoshot"):
+            return tuning.Choice(mode.algo, *self.force_launch)
+        auto = self.table.choose(self.world_size, nbytes, mode.lossless)
+        if mode.algo == "auto":
+            if auto.algo == "nccl" and not mode.lossless:
+                return tuning.heuristic(self.world_size, nbytes, False)
+            return auto
+        if mode.algo == "mpi":
+            raise ValueError("algo='mpi' is the CPU backend's baseline; use 'nccl' on GPUs")
+        if mode.algo == auto.algo:
+            return auto
+        return tuning.Choice(mode.algo, tuning.heuristic(self.world_size, nbytes, mode.lossless).threads, 0)
+
+    def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
+        import cupy
+        self._raise_if_failed()
+        dt = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
+        name = dtype_name(dt)
+        n = int(x.size)
+        stream = stream or cupy.cuda.get_current_stream()
+        if self.validate:
+            self._validate(n, name, mode)
+        if n == 0:
+            return out
+        choice = self._choose(n * dt.itemsize, mode)
+        if choice.algo == "nccl":
+            self.nccl.all_reduce(x.data.ptr, out.data.ptr, n, name, stream.ptr)
+            return out
+        src, dst = x, out
+        if x.data.ptr % 16:  # kernels use 16-byte vector loads
+            src = cupy.empty_like(x)
+            src[...] = x
+        if out.data.ptr % 16:
+            dst = cupy.empty_like(out)
+        self._launch(choice, src, dst, n, name, mode, stream)
+        if dst is not out:
+            out[...] = dst
+        return out
+
+    def _launch(self, choice, src, dst, n, name, mode, stream):
+        unit = ELEMS_PER_THREAD if mode.lossless else mode.group_size
+        units = -(-n // unit)
+        if choice.algo == "twoshot":
+            seg = -(-units // self.world_size) * unit
+        else:
+            seg = units * unit
+        threads = max(choice.threads, unit // ELEMS_PER_THREAD, 64)
+        threads = min(threads, self.max_threads)
+        tiles = -(-seg // (threads * ELEMS_PER_THREAD))
+        limit = self.ws.layout.max_blocks if choice.blocks <= 0 else min(choice.blocks, self.ws.layout.max_blocks)
+        blocks = max(1, min(limit, tiles))
+        a = self._args[0]
+        a["in_ptr"], a["out_ptr"] = src.data.ptr, dst.data.ptr
+        a["n"], a["seg_elems"] = n, seg
+        a["group"] = mode.group_size
+        a["flags"] = (_kernels.FLAG_ROTATE if mode.rotate else 0) | (_kernels.FLAG_SYM if mode.symmetric else 0)
+        a["rot_norm"] = np.float32(1.0 / np.sqrt(float(mode.group_size)))
+        fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot",
+                               KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
+        fn((blocks,), (threads,), (self._args,), stream=stream)
+
+    def _validate(self, n, name, mode):
+        mine = (n, name, mode.bits_label, mode.group_size, mode.rotate, mode.symmetric, mode.algo)
+        everyone = self.mpi_comm.allgather(mine)
+        odd = [r for r, v in enumerate(everyone) if v != everyone[0]]
+        if odd:
+            raise ValueError(
+                "all_reduce arguments differ between ranks: rank 0 has (n, dtype, bits, group, rotate, sym, algo)="
+                f"{everyone[0]}, " + ", ".join(f"rank {r} has {everyone[r]}" for r in odd))
+
+    def _raise_if_failed(self):
+        if self._closed:
+            raise RuntimeError("this flashcomm GPU backend is closed")
+        if self._err[0]:
+            code, rank, peer, block, epoch = list(self._err)[:5]
+            raise FlashTimeoutError(
+                f"flashcomm: rank {rank} timed out after {self.timeout_s:g} s waiting for rank {peer} "
+                f"(block {block}, round {epoch}): rank {peer} did not call all_reduce, or called it with a "
+                "different size or mode. This communicator is now unusable; close it and create a new one.")
+
+    def barrier(self):
+        self.mpi_comm.Barrier()
+
+    def synchronize(self):
+        import cupy
+        cupy.cuda.Device(self.device_id).synchronize()
+        self._raise_if_failed()
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        import cupy
+        try:
+            cupy.cuda.Device(self.device_id).synchronize()
+        except Exception:
+            pass
+        self.ws.close()
+        self.nccl.close()
+        cupy.cuda.runtime.freeHost(self._err_ptr)
+
+    def make_timer(self, stream=None):
+        return CudaEventTimer(stream)
+
+    def capture_graph(self, fn, iters, stream=None):
+        return capture_graph(fn, iters)
+
+    def describe(self):
+        info = describe_device(self.device_id)
+        peers = self.mpi_comm.allgather(self.ws.peer_ptrs and [True] * self.world_size)
+        info.update(backend=self.name, rank=self.rank, world_size=self.world_size, nccl_version=self.nccl.version,
+                    mpi=_mpi.library_version(), workspace_bytes=self.ws.layout.total,
+                    max_blocks=self.ws.layout.max_blocks, timeout_s=self.timeout_s,
+                    tuning_table=self.table.describe(), peer_access=peers)
+        return info
+
+
+_warned = False
+
+
+def make_gpu_backend(comm, **options):
+    """The flash backend, or NCCL with one warning naming the reason when IPC/peer access fails."""
+    global _warned
+    try:
+        return FlashGpuBackend(comm, **options)
+    except PeerAccessError as exc:
+        if comm.Get_rank() == 0 and not _warned:
+            warnings.warn(f"flashcomm: CUDA IPC peer access unavailable, falling back to NCCL: {exc}",
+                          RuntimeWarning, stacklevel=3)
+            _warned = True
+        opts = {k: v for k, v in options.items() if k in ("device",)}
+        return NcclBackend(comm, **opts)

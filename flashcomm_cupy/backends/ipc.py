@@ -1,0 +1,194 @@
+"""The CUDA IPC workspace every rank exports, and the real peer-access check.
+
+Layout of one rank's workspace (bytes; all offsets 4 KiB aligned):
+
+====================  =====================================================
+canary                ``uint32[8]`` written by peers during the access check
+flags                 three flag sets (reduce-scatter, all-gather, one-shot),
+                      each ``uint32[8 ranks][max_blocks]``, then this rank's
+                      per-block epochs ``uint32[max_blocks]``
+rs slots              ``[world][max_blocks]`` slots of ``slot_bytes``
+ag slots              ``[world][max_blocks]`` slots
+one-shot slots        ``[2 parities][world][max_blocks]`` slots
+====================  =====================================================
+
+Exported memory is freed only after every peer closed its handle to it
+(close, barrier, free): a rank that frees early makes a slower peer's
+``cudaIpcOpenMemHandle`` fail with ``cudaErrorInvalidValue``.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_RANKS = 8
+_PAGE = 4096
+_ALLOC_ALIGN = 2 << 20  # IPC shares whole allocations; keep ours on their own 2 MiB
+
+
+def _up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class WorkspaceLayout:
+    world: int
+    max_blocks: int
+    slot_bytes: int
+
+    @property
+    def canary_off(self) -> int:
+        return 0
+
+    @property
+    def flags_off(self) -> int:
+        return _PAGE
+
+    @property
+    def flag_set_bytes(self) -> int:
+        return 4 * MAX_RANKS * self.max_blocks
+
+    @property
+    def rs_off(self) -> int:
+        return _up(self.flags_off + 3 * self.flag_set_bytes + 4 * self.max_blocks, _PAGE)
+
+    @property
+    def region_bytes(self) -> int:
+        return self.world * self.max_blocks * self.slot_bytes
+
+    @property
+    def ag_off(self) -> int:
+        return self.rs_off + self.region_bytes
+
+    @property
+    def os_off(self) -> int:
+        return self.ag_off + self.region_bytes
+
+    @property
+    def total(self) -> int:
+        return _up(self.os_off + 2 * self.region_bytes, _ALLOC_ALIGN)
+
+
+_CANARY_SRC = r"""
+extern "C" __global__ void fc_canary(unsigned int* dst, unsigned int value, unsigned int* back) {
+  *(volatile unsigned int*)dst = value;
+  __threadfence_system();
+  back[0] = *(volatile unsigned int*)dst;
+}
+"""
+
+
+class PeerAccessError(RuntimeError):
+    """CUDA IPC or peer access does not work between these ranks."""
+
+
+class IpcWorkspace:
+    """One cudaMalloc'd buffer per rank, opened by every other rank.
+
+    Construction is collective.  Raises :class:`PeerAccessError` on every rank
+    (with the same message) when any rank cannot use any peer's buffer.
+    """
+
+    def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
+        import cupy
+        rt = cupy.cuda.runtime
+        self.comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.world = mpi_comm.Get_size()
+        self.layout = layout
+        self.device_id = device_id
+        self.ptr = 0
+        self._opened = []
+        self.peer_ptrs = []
+        failure = None
+        try:
+            self.ptr = rt.malloc(layout.total)
+            rt.memset(self.ptr, 0, layout.total)
+            rt.deviceSynchronize()
+            handle = bytes(rt.ipcGetMemHandle(self.ptr))
+        except Exception as exc:
+            handle, failure = None, f"rank {self.rank}: cannot export its workspace ({exc})"
+        infos = mpi_comm.allgather((socket.gethostname(), handle, failure))
+        hosts = {h for h, _, _ in infos}
+        failure = next((f for _, _, f in infos if f), None)
+        if failure is None and len(hosts) > 1:
+            failure = f"ranks span {len(hosts)} hosts ({', '.join(sorted(hosts))}); CUDA IPC needs one host"
+        if failure is None:
+            failure = self._open_peers([h for _, h, _ in infos])
+        failure = self._agree(failure)
+        if failure is None:
+            failure = self._agree(self._check_canaries())
+        if failure is not None:
+            self.close()
+            raise PeerAccessError(failure)
+        self.peer_table = cupy.asarray(np.array(self.peer_ptrs + [0] * (MAX_RANKS - self.world), dtype=np.uint64))
+
+    def _agree(self, failure):
+        """Every rank learns the first failure of any rank (or None)."""
+        failures = self.comm.allgather(failure)
+        return next((f for f in failures if f), None)
+
+    def _open_peers(self, handles):
+        import cupy
+        rt = cupy.cuda.runtime
+        for r, h in enumerate(handles):
+            if r == self.rank:
+                self.peer_ptrs.append(self.ptr)
+                continue
+            try:
+                p = rt.ipcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess)
+            except Exception as exc:
+                return f"rank {self.rank} cannot open rank {r}'s IPC handle ({exc})"
+            self._opened.append(p)
+            self.peer_ptrs.append(p)
+        return None
+
+    def _check_canaries(self):
+        """Store a canary through every peer pointer from a kernel, load it back, then check arrivals."""
+        import cupy
+        kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
+        back = cupy.zeros(1, dtype=cupy.uint32)
+        try:
+            for r, p in enumerate(self.peer_ptrs):
+                if r == self.rank:
+                    continue
+                value = np.uint32(0xFC000000 | (self.rank << 8) | r)
+                kernel((1,), (1,), (np.uint64(p + 4 * self.rank), value, back))
+                got = int(back.get()[0])
+                if got != int(value):
+                    return f"rank {self.rank}: canary read back from rank {r} as {got:#x}, wrote {int(value):#x}"
+            cupy.cuda.Device().synchronize()
+        except Exception as exc:
+            return f"rank {self.rank}: peer stores failed ({exc})"
+        self.comm.Barrier()
+        mine = np.empty(MAX_RANKS, dtype=np.uint32)
+        cupy.cuda.runtime.memcpy(mine.ctypes.data, self.ptr, mine.nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
+        for r in range(self.world):
+            want = 0 if r == self.rank else 0xFC000000 | (r << 8) | self.rank
+            if int(mine[r]) != want:
+                return f"rank {self.rank}: canary from rank {r} did not arrive (found {int(mine[r]):#x})"
+        return None
+
+    def close(self):
+        """Collective: close peers' handles, wait for everybody, then free ours."""
+        import cupy
+        rt = cupy.cuda.runtime
+        try:
+            rt.deviceSynchronize()
+        except Exception:
+            pass
+        for p in self._opened:
+            try:
+                rt.ipcCloseMemHandle(p)
+            except Exception:
+                pass
+        self._opened = []
+        try:
+            self.comm.Barrier()
+        except Exception:
+            pass
+        if self.ptr:
+            rt.free(self.ptr)
+            self.ptr = 0

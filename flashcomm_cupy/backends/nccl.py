@@ -1,0 +1,105 @@
+"""NCCL through ``cupy.cuda.nccl``: the baseline every flashcomm number is compared with."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _mpi
+from ..config import Mode
+from ..dtypes import dtype_name
+from .base import Backend
+from .cuda_util import CudaEventTimer, capture_graph, select_device
+
+# ncclDataType_t values (nccl.h): float16 6, float32 7, bfloat16 9.
+_NCCL_DTYPE = {"float16": 6, "float32": 7, "bfloat16": 9}
+_NCCL_SUM = 0
+
+
+def nccl_unique_id_roundtrip(uid):
+    """Normalise a unique id for MPI broadcast (bytes in CuPy 14, a tuple of ints in 13)."""
+    return bytes(uid) if isinstance(uid, (bytes, bytearray)) else tuple(uid)
+
+
+class NcclCommunicatorHandle:
+    """A ``cupy.cuda.nccl.NcclCommunicator`` bootstrapped over an MPI communicator."""
+
+    def __init__(self, mpi_comm):
+        from cupy.cuda import nccl
+        if not nccl.available:
+            raise RuntimeError("CuPy was built without NCCL; pip install nvidia-nccl-cu13 (or -cu12)")
+        self.rank = mpi_comm.Get_rank()
+        self.world_size = mpi_comm.Get_size()
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = mpi_comm.bcast(nccl_unique_id_roundtrip(uid) if uid is not None else None, root=0)
+        self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
+        self.version = nccl.get_version()
+
+    def all_reduce(self, x_ptr: int, out_ptr: int, count: int, dtype: str, stream_ptr: int):
+        self.comm.allReduce(x_ptr, out_ptr, count, _NCCL_DTYPE[dtype], _NCCL_SUM, stream_ptr)
+
+    def close(self):
+        if self.comm is not None:
+            self.comm.destroy()
+            self.comm = None
+
+
+class NcclBackend(Backend):
+    """Plain NCCL all-reduce; flashcomm modes are not available here."""
+
+    name = "nccl"
+    baseline_algo = "nccl"
+
+    def __init__(self, comm, **options):
+        unknown = set(options) - {"device", "timeout_s", "validate", "workspace_bytes", "max_blocks"}
+        if unknown:
+            raise TypeError(f"unknown option(s) for the nccl backend: {sorted(unknown)}")
+        self.mpi_comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+        self.device_id = select_device(comm, options.get("device"))
+        self.nccl = NcclCommunicatorHandle(comm)
+
+    @property
+    def xp(self):
+        import cupy
+        return cupy
+
+    def supported_algos(self):
+        return ("nccl",)
+
+    def resolve_algo(self, nbytes, mode: Mode) -> str:
+        return "nccl"
+
+    def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
+        import cupy
+        if not mode.lossless and not mode.is_baseline:
+            raise ValueError("the nccl backend only reduces losslessly (bits=None or algo='nccl')")
+        stream = stream or cupy.cuda.get_current_stream()
+        self.nccl.all_reduce(x.data.ptr, out.data.ptr, x.size, dtype_name(dtype or x.dtype), stream.ptr)
+        return out
+
+    def barrier(self):
+        self.mpi_comm.Barrier()
+
+    def synchronize(self):
+        import cupy
+        cupy.cuda.Device().synchronize()
+
+    def close(self):
+        self.nccl.close()
+
+    def make_timer(self, stream=None):
+        return CudaEventTimer(stream)
+
+    def capture_graph(self, fn, iters, stream=None):
+        return capture_graph(fn, iters)
+
+    def describe(self):
+        from .cuda_util import describe_device
+        info = describe_device(self.device_id)
+        info.update(backend=self.name, rank=self.rank, world_size=self.world_size,
+                    nccl_version=self.nccl.version, mpi=_mpi.library_version())
+        return info
+
+
+def nccl_dtype_supported(dt) -> bool:
+    return dtype_name(np.dtype(dt)) in _NCCL_DTYPE

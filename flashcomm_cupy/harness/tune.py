@@ -1,0 +1,78 @@
+"""Measure the auto-dispatch table (``flashcomm tune``).
+
+For each message size, every candidate (algorithm x threads x blocks) runs
+the same graph-timed loop as ``flashcomm bench`` (:func:`.timing.measure`);
+the fastest per size and class (lossless, quantized) becomes a row of a
+:class:`flashcomm_cupy.tuning.TuningTable`.  Quantized rows are tuned on
+``tune_bits`` (INT4 by default) and serve every bit width.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from ..config import Mode
+from .timing import measure
+
+THREADS = (128, 256, 512)
+BLOCKS = (8, 16, 32, 64)
+ONESHOT_MAX_BYTES = 8 << 20  # one-shot sends (world-1)x the bytes: never a contender past this
+
+
+def candidates(nbytes: int, lossless: bool, max_blocks: int):
+    algos = ["twoshot"] + (["oneshot"] if nbytes <= ONESHOT_MAX_BYTES else [])
+    for algo, threads, blocks in itertools.product(algos, THREADS, BLOCKS):
+        if blocks <= max_blocks:
+            yield algo, threads, blocks
+    if lossless:
+        yield "nccl", 0, 0
+
+
+def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int = 20, repeats: int = 5,
+         progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Measure and return a tuning-table dict for this world size (collective)."""
+    import cupy
+    backend = comm.backend
+    if backend.name != "gpu":
+        raise RuntimeError("tuning needs the flash GPU backend")
+    world = comm.world_size
+    rows = []
+    item = np.dtype(dtype).itemsize
+    for nbytes in sizes:
+        n = max(1, nbytes // item)
+        x = cupy.asarray(np.random.default_rng([comm.rank, n]).standard_normal(n).astype(dtype))
+        out = cupy.empty_like(x)
+        row = {"max_bytes": int(nbytes)}
+        for cls, bits in (("lossless", None), ("quantized", tune_bits)):
+            best = None
+            for algo, threads, blocks in candidates(nbytes, bits is None, backend.ws.layout.max_blocks):
+                mode = Mode.make(bits, 128, algo=algo)
+                backend.force_launch = None if algo == "nccl" else (threads, blocks)
+                try:
+                    t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
+                                warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
+                finally:
+                    backend.force_launch = None
+                if best is None or t < best[0]:
+                    best = (t, {"algo": algo, "threads": threads, "blocks": blocks, "us": round(t * 1e6, 2)})
+            row[cls] = best[1]
+            if progress:
+                progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
+        rows.append(row)
+        del x, out
+    info = backend.describe()
+    return {"card": info.get("gpu"), "date": datetime.date.today().isoformat(), "dtype": np.dtype(dtype).name,
+            "tuned_bits": tune_bits, "worlds": {str(world): rows}}
+
+
+def merge(base: dict, new: dict) -> dict:
+    """``base`` with ``new``'s world sizes replaced (a table can hold several world sizes)."""
+    out = dict(base or {})
+    worlds = dict(out.get("worlds", {}))
+    worlds.update(new.get("worlds", {}))
+    out.update({k: v for k, v in new.items() if k != "worlds"})
+    out["worlds"] = worlds
+    return out

@@ -1,0 +1,256 @@
+// flashcomm: fused Flash All-Reduce kernels (entry points only).
+//
+// Compile-time parameters (one module per combination, see flashcomm_cupy/_kernels.py):
+//   FC_DT       element type: 0 float16, 1 bfloat16, 2 float32
+//   FC_RS_BITS  reduce-scatter codec: 0 lossless, 4, 6, 8
+//   FC_AG_BITS  all-gather codec:     0 lossless, 4, 6, 8 (0 iff FC_RS_BITS is 0)
+// Runtime: group size, rotation, symmetric scaling, rank, world size.
+//
+// Work split: a tile is blockDim.x * 32 elements; a thread owns 32 of them.
+// Two-shot: each rank's segment (reference.SegmentLayout) is cut into tiles
+// and block b handles tiles b, b + B, ... of every segment, so block b of
+// each rank only ever talks to block b of the other ranks.  Per tile:
+//   1. quantize my part of every other owner's tile and store it into that
+//      owner's reduce-scatter slot [me][b] (peer stores over NVLink); signal.
+//   2. wait for all sources; dequantize them and add my exact values in rank
+//      order (fp32); quantize the sum and store it into every peer's
+//      all-gather slot [me][b]; dequantize it myself into my output; signal.
+//   3. wait for all owners; dequantize their tiles into my output.
+// Slot reuse is safe with one slot per (source, block): before a rank
+// overwrites owner o's RS slot in round e it has, in round e-1, waited for
+// o's all-gather signal, which o sends only after reading its RS slots; and o
+// writes p's AG slot in round e only after p's round-e RS signal, which p sends
+// only after reading round e-1's AG slots.  One-shot slots alternate by epoch
+// parity: round e's writes never meet round e-1's reads, and round e+1 needs
+// the peer's round-e signal, sent after it finished reading round e-1.
+#include "fc_common.cuh"
+#include "fc_quant.cuh"
+#include "fc_signal.cuh"
+
+#ifndef FC_DT
+#define FC_DT 0
+#endif
+#ifndef FC_RS_BITS
+#define FC_RS_BITS 4
+#endif
+#ifndef FC_AG_BITS
+#define FC_AG_BITS FC_RS_BITS
+#endif
+
+#define FC_FLAG_ROTATE 1
+#define FC_FLAG_SYM 2
+
+struct FcArgs {
+  const void* in;
+  void* out;
+  fc_i64 n;             // message length in elements
+  fc_i64 seg_elems;     // two-shot: elements per owner segment; one-shot: padded length
+  const fc_u64* peers;  // workspace base of every rank (mine at [rank])
+  FcError* err;         // host-mapped error record
+  fc_i64 slot_bytes, flags_off, rs_off, ag_off, os_off, timeout_ns;
+  int rank, world, group, flags, max_blocks;
+  float rot_norm;
+};
+
+__device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_ws, fc_i64 region, int parity,
+                                                  int src) {
+  unsigned char* ws = reinterpret_cast<unsigned char*>(a.peers[rank_of_ws]);
+  const fc_i64 idx = ((fc_i64)parity * a.world + src) * a.max_blocks + blockIdx.x;
+  return ws + region + idx * a.slot_bytes;
+}
+
+__device__ __forceinline__ fc_u32 fc_begin(const FcArgs& a, fc_u32* s_epoch) {
+  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.flags_off +
+                                             3 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks);
+  if (threadIdx.x == 0) *s_epoch = epochs[blockIdx.x];
+  __syncthreads();
+  return *s_epoch;
+}
+
+__device__ __forceinline__ void fc_end(const FcArgs& a, fc_u32 e) {
+  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.flags_off +
+                                             3 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks);
+  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+}
+
+// Decode `chunk` unit t into v, or zeros for a thread past the chunk's end.
+template <typename C>
+__device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n, int t, bool active, int gl, bool sym,
+                                           float (&v)[FC_ELEMS]) {
+  typename C::Packed p;
+  if (active) {
+    C::read(chunk, n, t, gl, sym, p);
+    C::unpack(p, sym, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
+  }
+}
+
+template <int DT, int RSB, int AGB>
+__device__ void fc_twoshot_impl(const FcArgs& a) {
+  __shared__ fc_u32 s_epoch;
+  typedef FcCodec<DT, RSB> RS;
+  typedef FcCodec<DT, AGB> AG;
+  const int t = threadIdx.x;
+  const int group = RSB ? a.group : FC_ELEMS;
+  const int gl = group / FC_ELEMS, lig = t % gl;
+  const bool rot = RSB && (a.flags & FC_FLAG_ROTATE), sym = a.flags & FC_FLAG_SYM;
+  const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
+  unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
+  const fc_i64 tile = (fc_i64)blockDim.x * FC_ELEMS;
+  const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
+  fc_u32 e = fc_begin(a, &s_epoch);
+  float v[FC_ELEMS];
+
+  for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
+    ++e;
+    const fc_i64 toff = ti * tile;
+    const fc_i64 nchunk = min(tile, a.seg_elems - toff);
+    const bool active = (fc_i64)t * FC_ELEMS < nchunk;
+    // 1. reduce-scatter: my contribution to every other owner's tile.
+    for (int k = 1; k < a.world; ++k) {
+      const int o = (a.rank + k) % a.world;
+      const fc_i64 start = o * a.seg_elems + toff;
+      if (start >= a.n) continue;  // all padding: nothing sent, nothing read
+      fc_load_elems<DT>(a.in, start + (fc_i64)t * FC_ELEMS, active ? a.n : 0, true, v);
+      if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+      typename RS::Packed p;
+      RS::pack(v, gl, sym, p);
+      if (active) RS::write(p, fc_slot(a, o, a.rs_off, 0, a.rank), nchunk, t, gl, sym);
+    }
+    fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.flags_off, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+
+    // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
+    const fc_i64 mine = a.rank * a.seg_elems + toff;
+    if (mine < a.n) {
+      float acc[FC_ELEMS];
+#pragma unroll
+      for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+      for (int s = 0; s < a.world; ++s) {
+        if (s == a.rank) {
+          fc_load_elems<DT>(a.in, mine + (fc_i64)t * FC_ELEMS, active ? a.n : 0, true, v);
+          if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+        } else {
+          fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, t, active, gl, sym, v);
+        }
+#pragma unroll
+        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+      }
+      typename AG::Packed p;
+      AG::pack(acc, gl, sym, p);
+      if (active) {
+        for (int k = 1; k < a.world; ++k) {
+          const int q = (a.rank + k) % a.world;
+          AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, t, gl, sym);
+        }
+      }
+      AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
+      if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+      if (active) fc_store_elems<DT>(a.out, mine + (fc_i64)t * FC_ELEMS, a.n, v);
+    }
+    fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+
+    // 3. all-gather: every other owner's reduced tile.
+    for (int k = 1; k < a.world; ++k) {
+      const int o = (a.rank + k) % a.world;
+      const fc_i64 start = o * a.seg_elems + toff;
+      if (start >= a.n) continue;
+      fc_receive<AG>(fc_slot(a, a.rank, a.ag_off, 0, o), nchunk, t, active, gl, sym, v);
+      if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+      if (active) fc_store_elems<DT>(a.out, start + (fc_i64)t * FC_ELEMS, a.n, v);
+    }
+  }
+  fc_end(a, e);
+}
+
+template <int DT, int RSB>
+__device__ void fc_oneshot_impl(const FcArgs& a) {
+  __shared__ fc_u32 s_epoch;
+  typedef FcCodec<DT, RSB> RS;
+  const int t = threadIdx.x;
+  const int group = RSB ? a.group : FC_ELEMS;
+  const int gl = group / FC_ELEMS, lig = t % gl;
+  const bool rot = RSB && (a.flags & FC_FLAG_ROTATE), sym = a.flags & FC_FLAG_SYM;
+  const fc_i64 os_set = 2 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
+  unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
+  const fc_i64 tile = (fc_i64)blockDim.x * FC_ELEMS;
+  const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
+  fc_u32 e = fc_begin(a, &s_epoch);
+  float v[FC_ELEMS], acc[FC_ELEMS];
+
+  for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
+    ++e;
+    const int par = e & 1;
+    const fc_i64 toff = ti * tile;
+    const fc_i64 nchunk = min(tile, a.seg_elems - toff);
+    const bool active = (fc_i64)t * FC_ELEMS < nchunk;
+    const fc_i64 base = toff + (fc_i64)t * FC_ELEMS;
+    fc_load_elems<DT>(a.in, base, active ? a.n : 0, true, v);
+    if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+    typename RS::Packed p;
+    RS::pack(v, gl, sym, p);
+    if (active) {
+      for (int k = 1; k < a.world; ++k) {
+        const int q = (a.rank + k) % a.world;
+        RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, t, gl, sym);
+      }
+    }
+    fc_signal_peers(a.peers, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+    for (int s = 0; s < a.world; ++s) {
+      if (s == a.rank) RS::unpack(p, sym, v);  // my own contribution, as the peers see it
+      else fc_receive<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, t, active, gl, sym, v);
+#pragma unroll
+      for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+    }
+    if (rot) fc_rotate_inv(acc, gl, lig, a.rot_norm);
+    if (active) fc_store_elems<DT>(a.out, base, a.n, acc);
+  }
+  fc_end(a, e);
+}
+
+extern "C" __global__ void __launch_bounds__(512) fc_twoshot(FcArgs a) {
+  fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
+}
+
+extern "C" __global__ void __launch_bounds__(512) fc_oneshot(FcArgs a) {
+  fc_oneshot_impl<FC_DT, FC_RS_BITS>(a);
+}
+
+// Test entry points: one wire chunk of n elements (a multiple of the group
+// size) encoded from / decoded to float32, so tests can compare bytes with
+// quant.encode / quant.decode (and rotation with hadamard.rotate).
+extern "C" __global__ void fc_encode_chunk(const float* x, unsigned char* chunk, fc_i64 n, int group, int flags,
+                                           float rot_norm) {
+#if FC_RS_BITS > 0
+  const int w = blockIdx.x * blockDim.x + threadIdx.x;
+  const int gl = group / FC_ELEMS, lig = threadIdx.x % gl;
+  const bool active = (fc_i64)w * FC_ELEMS < n;
+  float v[FC_ELEMS];
+#pragma unroll
+  for (int i = 0; i < FC_ELEMS; ++i) v[i] = active ? x[(fc_i64)w * FC_ELEMS + i] : 0.0f;
+  if (flags & FC_FLAG_ROTATE) fc_rotate_fwd(v, gl, lig, rot_norm);
+  typename FcCodec<FC_DT, FC_RS_BITS>::Packed p;
+  FcCodec<FC_DT, FC_RS_BITS>::pack(v, gl, flags & FC_FLAG_SYM, p);
+  if (active) FcCodec<FC_DT, FC_RS_BITS>::write(p, chunk, n, w, gl, flags & FC_FLAG_SYM);
+#endif
+}
+
+extern "C" __global__ void fc_decode_chunk(const unsigned char* chunk, float* x, fc_i64 n, int group, int flags,
+                                           float rot_norm) {
+#if FC_RS_BITS > 0
+  const int w = blockIdx.x * blockDim.x + threadIdx.x;
+  const int gl = group / FC_ELEMS, lig = threadIdx.x % gl;
+  const bool active = (fc_i64)w * FC_ELEMS < n;
+  float v[FC_ELEMS];
+  fc_receive<FcCodec<FC_DT, FC_RS_BITS> >(chunk, n, w, active, gl, flags & FC_FLAG_SYM, v);
+  if (flags & FC_FLAG_ROTATE) fc_rotate_inv(v, gl, lig, rot_norm);
+  if (active)
+    for (int i = 0; i < FC_ELEMS; ++i) x[(fc_i64)w * FC_ELEMS + i] = v[i];
+#endif
+}

@@ -1,0 +1,373 @@
+"""GPU checks of the flash backend against the NumPy reference, run under MPI.
+
+    mpiexec -n 4 python tests/gpu/gpu_checks.py [--quick] [--only NAME,...]
+
+Every rank runs the same checks in the same order (they are collective).
+Rank 0 regenerates every rank's inputs, computes the reference and compares
+bit for bit; the other ranks' outputs are compared with rank 0's by hash.
+Exit status 0 only if every check passed.  ``tests/gpu/test_gpu.py`` wraps
+this for pytest (marker ``gpu``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import flashcomm_cupy as fc
+from flashcomm_cupy import quant, hadamard
+from flashcomm_cupy.config import Codec, Mode
+from flashcomm_cupy.dtypes import DTYPES, bfloat16
+
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+BITS = (None, 4, 6, 8, (4, 8))
+
+
+def host_input(seed: int, rank: int, n: int, dtype) -> np.ndarray:
+    rng = np.random.default_rng([seed, rank, n])
+    return rng.standard_normal(n, dtype=np.float32).astype(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+
+
+def to_device(x):
+    import cupy
+    return cupy.asarray(x.view(np.uint16)).view(cupy.uint16) if x.dtype == bfloat16 else cupy.asarray(x)
+
+
+def digest(arr) -> str:
+    host = arr.get() if hasattr(arr, "get") else np.asarray(arr)
+    return hashlib.sha1(np.ascontiguousarray(host).view(np.uint8)).hexdigest()
+
+
+class Checker:
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.rank
+        self.world = comm.world_size
+        self.failures = []
+        self.count = 0
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def fail(self, what):
+        self.failures.append(what)
+        if self.rank == 0:
+            print("FAIL", what, flush=True)
+
+    def agree(self, ok: bool) -> bool:
+        return all(self.comm.mpi_comm.allgather(bool(ok)))
+
+    # ------------------------------------------------------------------ exactness
+    def compare_with_reference(self, label, out_dev, n, dtype, mode, seed, algo, inputs=None):
+        """out_dev: this rank's result (CuPy array, bf16 as uint16)."""
+        self.count += 1
+        hashes = self.comm.mpi_comm.allgather(digest(out_dev))
+        if len(set(hashes)) != 1:
+            self.fail(f"{label}: ranks differ ({hashes})")
+            return
+        if self.rank == 0:
+            ins = inputs or [host_input(seed, r, n, dtype) for r in range(self.world)]
+            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo))[0]
+            got = out_dev.get()
+            if got.dtype == np.uint16:
+                got = got.view(bfloat16)
+            ref_bits = ref.view(np.uint32 if ref.dtype == np.float32 else np.uint16)
+            got_bits = got.view(ref_bits.dtype)
+            same = (ref_bits == got_bits) | (np.isnan(ref.astype(np.float32)) & np.isnan(got.astype(np.float32)))
+            if not same.all():
+                bad = np.flatnonzero(~same)
+                self.fail(f"{label}: {bad.size} of {n} elements differ from the reference, first at {bad[:5]}: "
+                          f"got {got[bad[:5]]}, want {ref[bad[:5]]}")
+        self.comm.mpi_comm.Barrier()
+
+    def check_exact(self, sizes, dtypes=DTYPE_NAMES, bits_list=BITS, algos=("oneshot", "twoshot")):
+        import cupy
+        seed = 11
+        for n in sizes:
+            for dtype in dtypes:
+                x = to_device(host_input(seed, self.rank, n, dtype))
+                for bits in bits_list:
+                    for rotate in ((False,) if bits is None else (False, True)):
+                        for sym in ((False,) if bits is None else (False, True)):
+                            for algo in algos:
+                                mode = Mode.make(bits, 128, sym, rotate, algo)
+                                out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
+                                self.comm.backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+                                label = f"exact n={n} {dtype} {mode.label}"
+                                self.compare_with_reference(label, out, n, dtype, mode, seed, algo)
+        self.log(f"exact: {self.count} cases checked")
+
+    def check_group_sizes(self):
+        import cupy
+        n = 50_001
+        x = to_device(host_input(5, self.rank, n, "float16"))
+        for g in (32, 64, 256, 512, 1024):
+            for algo in ("oneshot", "twoshot"):
+                mode = Mode.make((4, 8), g, False, True, algo)
+                out = cupy.empty_like(x)
+                self.comm.backend.all_reduce(x, out, mode, dtype=np.float16)
+                self.compare_with_reference(f"group {g} {mode.label}", out, n, "float16", mode, 5, algo)
+
+    def check_codec_bytes(self):
+        """The encode kernel writes the same wire bytes as quant.encode (rotation included)."""
+        import cupy
+        from flashcomm_cupy import _kernels
+        rng = np.random.default_rng(3)
+        for bits in (4, 6, 8):
+            for sym in (False, True):
+                for g in (32, 128, 1024):
+                    for rotate in (False, True):
+                        codec = Codec(bits, g, sym)
+                        n = g * 37
+                        x = (rng.standard_normal(n) * 3).astype(np.float32)
+                        x[5] = 1e30  # beyond the fp16 range: metadata must stay finite
+                        want_in = hadamard.rotate(x, g) if rotate else x
+                        want = quant.encode(want_in, codec)
+                        enc = _kernels.function("fc_encode_chunk", 2, bits, bits)
+                        dec = _kernels.function("fc_decode_chunk", 2, bits, bits)
+                        buf = cupy.zeros(quant.wire_nbytes(n, codec) + 64, dtype=cupy.uint8)
+                        flags = (_kernels.FLAG_ROTATE if rotate else 0) | (_kernels.FLAG_SYM if sym else 0)
+                        norm = np.float32(1 / np.sqrt(g))
+                        units = n // 32
+                        enc(((units + 127) // 128,), (128,), (cupy.asarray(x), buf, np.int64(n), np.int32(g),
+                                                             np.int32(flags), norm))
+                        got = buf.get()[:want.size]
+                        self.count += 1
+                        label = f"codec int{bits} g{g} sym={sym} rot={rotate}"
+                        if not np.array_equal(got, want):
+                            diff = np.flatnonzero(got != want)
+                            self.fail(f"{label}: {diff.size} wire bytes differ, first at {diff[:4]}")
+                            continue
+                        back = cupy.empty(n, dtype=cupy.float32)
+                        dec(((units + 127) // 128,), (128,), (buf, back, np.int64(n), np.int32(g), np.int32(flags),
+                                                             norm))
+                        ref = quant.decode(want, n, codec)
+                        if rotate:
+                            ref = hadamard.unrotate(ref, g)
+                        if not np.array_equal(back.get().view(np.uint32), ref.view(np.uint32)):
+                            self.fail(f"{label}: decode differs from quant.decode")
+        self.log(f"codec: wire bytes checked ({self.count} total cases)")
+
+    # ------------------------------------------------------------------ API surface
+    def check_api(self):
+        """NumPy, CuPy, torch inputs; in-place; a non-default stream; algo='auto' and 'nccl'."""
+        import cupy
+        comm = self.comm
+        n = 70_001
+        host = host_input(21, self.rank, n, "float16")
+        y = comm.all_reduce(host, bits=8, algo="twoshot")
+        ok = isinstance(y, np.ndarray) and y.dtype == np.float16
+        self.compare_with_reference("numpy input", cupy.asarray(y), n, "float16", Mode.make(8), 21, "twoshot")
+        s = cupy.cuda.Stream(non_blocking=True)
+        x = cupy.asarray(host)
+        with s:
+            pass
+        z = comm.all_reduce(x, bits=(4, 8), rotate=True, algo="twoshot", stream=s, out=x)
+        s.synchronize()
+        ok &= z is x
+        self.compare_with_reference("in-place on a side stream", x, n, "float16",
+                                    Mode.make((4, 8), rotate=True), 21, "twoshot")
+        try:
+            import torch
+            t = torch.from_numpy(host_input(22, self.rank, n, "float32")).cuda(comm.backend.device_id)
+            r = comm.all_reduce(t, bits=None, algo="oneshot")
+            ok &= isinstance(r, torch.Tensor) and r.dtype == torch.float32
+            self.compare_with_reference("torch fp32", cupy.asarray(r), n, "float32", Mode.make(None), 22, "oneshot")
+            tb = torch.from_numpy(host_input(23, self.rank, n, "float32")).to(torch.bfloat16).cuda(
+                comm.backend.device_id)
+            rb = comm.all_reduce(tb, bits=4, algo="twoshot")
+            ok &= rb.dtype == torch.bfloat16
+            self.compare_with_reference("torch bf16", cupy.asarray(rb.view(torch.int16)).view(cupy.uint16), n,
+                                        "bfloat16", Mode.make(4), 23, "twoshot")
+        except ImportError:
+            self.log("torch not installed: torch inputs skipped")
+        ref_nccl = comm.all_reduce(cupy.asarray(host), bits=None, algo="nccl")
+        exact = np.zeros(n, np.float64)
+        for r in range(self.world):
+            exact += host_input(21, r, n, "float16").astype(np.float64)
+        ok &= float(np.abs(ref_nccl.get().astype(np.float64) - exact).max()) < 0.01 * self.world
+        for bad, what in ((cupy.zeros(10, cupy.int32), "int32"), (cupy.zeros((10, 10), cupy.float16)[:, ::2], "strided")):
+            try:
+                comm.all_reduce(bad)
+                ok = False
+                self.fail(f"{what} input accepted")
+            except (TypeError, ValueError):
+                pass
+        if not self.agree(ok):
+            self.fail("api: wrong result kinds, identity or NCCL result")
+        self.log("api: numpy / cupy / torch / in-place / stream / nccl / bad input checked")
+
+    # ------------------------------------------------------------------ endurance
+    def check_many_calls(self, calls):
+        import cupy
+        cases = [(7, Mode.make(None, algo="oneshot")), (4096, Mode.make(8)), (100_003, Mode.make((4, 8), rotate=True)),
+                 (1 << 20, Mode.make(4, algo="twoshot")), (300_000, Mode.make(None, algo="twoshot")),
+                 (65_536, Mode.make(6, symmetric=True, algo="oneshot"))]
+        prepared = []
+        for i, (n, mode) in enumerate(cases):
+            x = to_device(host_input(100 + i, self.rank, n, "float16"))
+            out = cupy.empty_like(x)
+            algo = self.comm.backend.resolve_algo(n * 2, mode)
+            ins = [host_input(100 + i, r, n, "float16") for r in range(self.world)]
+            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo))[0]
+            prepared.append((x, out, mode, cupy.asarray(ref)))
+        wrong = 0
+        t0 = time.perf_counter()
+        for k in range(calls):
+            x, out, mode, ref = prepared[k % len(prepared)]
+            self.comm.backend.all_reduce(x, out, mode, dtype=np.float16)
+            if k % len(prepared) == len(prepared) - 1 or k == calls - 1:
+                for x2, o2, m2, r2 in prepared[: (k % len(prepared)) + 1]:
+                    wrong += int((o2.view(cupy.uint16) != r2.view(cupy.uint16)).sum())
+        self.comm.synchronize()
+        dt = time.perf_counter() - t0
+        if not self.agree(wrong == 0):
+            self.fail(f"many calls: {wrong} wrong elements on rank {self.rank}")
+        self.log(f"endurance: {calls} mixed calls in {dt:.1f} s, all exact")
+
+    def check_graph_replays(self, replays):
+        import cupy
+        from flashcomm_cupy.backends.cuda_util import capture_graph
+        specs = [(4099, Mode.make(None, algo="oneshot")), (200_000, Mode.make((4, 8), algo="twoshot")),
+                 (33_333, Mode.make(8, rotate=True, algo="oneshot")), (1 << 21, Mode.make(4, algo="twoshot"))]
+        sets = 3
+        bufs, refs = [], []
+        for j, (n, mode) in enumerate(specs):
+            x = cupy.empty(n, dtype=cupy.float16)
+            out = cupy.empty_like(x)
+            bufs.append((x, out, mode))
+            refs.append([])
+            for s in range(sets):
+                ins = [host_input(200 + 10 * j + s, r, n, "float16") for r in range(self.world)]
+                ref = fc.flash_all_reduce_reference(ins, mode=mode)[0]
+                refs[-1].append((cupy.asarray(ins[self.rank]), cupy.asarray(ref)))
+        for (x, out, mode), r in zip(bufs, refs):  # warm up (compile) before capture
+            x[...] = r[0][0]
+            self.comm.backend.all_reduce(x, out, mode, dtype=np.float16)
+        self.comm.synchronize()
+
+        def step():
+            for x, out, mode in bufs:
+                self.comm.backend.all_reduce(x, out, mode, dtype=np.float16)
+
+        replay = capture_graph(step, 1)
+        stream = replay.stream
+        wrong = 0
+        for i in range(replays):
+            s = i % sets
+            with stream:
+                for (x, out, mode), r in zip(bufs, refs):
+                    x[...] = r[s][0]
+                    out.fill(0)
+            replay()
+            with stream:
+                for (x, out, mode), r in zip(bufs, refs):
+                    wrong += int((out.view(cupy.uint16) != r[s][1].view(cupy.uint16)).sum())
+        stream.synchronize()
+        self.comm.synchronize()
+        if not self.agree(wrong == 0):
+            self.fail(f"graph replays: {wrong} wrong elements on rank {self.rank}")
+        self.log(f"graphs: {replays} replays of {len(specs)} captured calls, all exact")
+
+    def check_large(self, nbytes):
+        import cupy
+        n = nbytes // 2
+        for mode in (Mode.make(4, algo="twoshot"), Mode.make(None, algo="twoshot")):
+            x = to_device(host_input(9, self.rank, n, "float16"))
+            out = cupy.empty_like(x)
+            self.comm.backend.all_reduce(x, out, mode, dtype=np.float16)
+            self.compare_with_reference(f"large {nbytes >> 20} MiB {mode.label}", out, n, "float16", mode, 9,
+                                        "twoshot")
+            del x, out
+        self.log(f"large: {nbytes >> 20} MiB checked")
+
+
+def check_timeout(world_comm, bound_s=2.0):
+    """The last rank never calls all_reduce; the others must raise within the bound."""
+    import cupy
+    comm = fc.Communicator(world_comm, backend="gpu", timeout_s=bound_s)
+    rank, last = comm.rank, comm.world_size - 1
+    ok = True
+    if comm.backend_name != "gpu":
+        return True, "skipped (no flash backend)"
+    msg = ""
+    if rank != last:
+        x = cupy.ones(1 << 16, dtype=cupy.float16)
+        t0 = time.perf_counter()
+        comm.all_reduce(x, bits=8, algo="twoshot")
+        try:
+            comm.synchronize()
+            ok = False
+            msg = "no error raised"
+        except Exception as exc:  # FlashTimeoutError
+            dt = time.perf_counter() - t0
+            msg = str(exc)
+            ok = type(exc).__name__ == "FlashTimeoutError" and f"rank {last}" in msg and dt < bound_s + 5.0
+            msg = f"{dt:.1f} s: {msg}"
+    comm.mpi_comm.Barrier()
+    comm.close()
+    return ok, msg
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="smaller sweep (for 2- and 3-rank runs)")
+    p.add_argument("--only", default="", help="comma list of checks")
+    p.add_argument("--calls", type=int, default=10_000)
+    p.add_argument("--replays", type=int, default=1000)
+    p.add_argument("--large-mib", type=int, default=256)
+    args = p.parse_args(argv)
+    from mpi4py import MPI
+    comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
+    ck = Checker(comm)
+    ck.log(f"flashcomm GPU checks: {comm.world_size} ranks, backend {comm.backend_name}")
+    if comm.backend_name != "gpu":
+        ck.fail("flash GPU backend unavailable (fell back)")
+    t0 = time.perf_counter()
+    comm.backend.precompile()
+    ck.log(f"kernels compiled/loaded in {time.perf_counter() - t0:.1f} s")
+    only = set(filter(None, args.only.split(",")))
+    sizes = [1, 2, 31, 127, 1000, 4099, 65_537, 1_000_003] if not args.quick else [1, 127, 4099, 65_537]
+    plan = [
+        ("codec", ck.check_codec_bytes),
+        ("exact", lambda: ck.check_exact(sizes)),
+        ("groups", ck.check_group_sizes),
+        ("api", ck.check_api),
+        ("many", lambda: ck.check_many_calls(args.calls if not args.quick else 1000)),
+        ("graphs", lambda: ck.check_graph_replays(args.replays if not args.quick else 100)),
+        ("large", lambda: ck.check_large(args.large_mib << 20)),
+    ]
+    t_all = time.perf_counter()
+    for name, fn in plan:
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception:
+            ck.fail(f"{name}: exception on rank {ck.rank}:\n{traceback.format_exc()}")
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            MPI.COMM_WORLD.Abort(2)
+        ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
+    comm.close()
+    if not only or "timeout" in only:
+        ok, msg = check_timeout(MPI.COMM_WORLD)
+        ok = all(MPI.COMM_WORLD.allgather(ok))
+        if ck.rank == 0:
+            print(("timeout: OK " if ok else "FAIL timeout: ") + msg, flush=True)
+        if not ok:
+            ck.failures.append("timeout")
+    failures = MPI.COMM_WORLD.allreduce(len(ck.failures))
+    if ck.rank == 0:
+        print(f"{'OK' if failures == 0 else 'FAILED'}: {ck.count} exactness cases, {failures} failures, "
+              f"{time.perf_counter() - t_all:.0f} s", flush=True)
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
