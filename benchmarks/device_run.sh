@@ -50,7 +50,8 @@ for stage in ${STAGES//,/ }; do
       run 240 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
       [ "$NG" -ge 3 ] && run 240 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     tune)
-      run 400 $MPI "$NP" $FC tune -o "$OUT/tuning.json" ;;
+      run 400 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
+      export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
     bench)
       run 500 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \
         --json "$OUT/bench-${NP}x-$TAG.json" --plot "$OUT/bench-${NP}x.png" ;;
@@ -59,7 +60,7 @@ for stage in ${STAGES//,/ }; do
     accuracy)
       run 200 $MPI "$NP" $FC accuracy --backend gpu --json "$OUT/accuracy-gpu.json" ;;
     model)
-      run 500 bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
+      run 560 env NP="$NP" LAYERS="${LAYERS:-80}" bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
     pytest)
       run 500 python3 -m pytest -m gpu tests/gpu -q ;;
     *) log "unknown stage $stage" ;;

@@ -6,7 +6,8 @@
 //   FC_AG_BITS  all-gather codec:     0 lossless, 4, 6, 8 (0 iff FC_RS_BITS is 0)
 // Runtime: group size, rotation, symmetric scaling, rank, world size.
 //
-// Work split: a tile is blockDim.x * 32 elements; a thread owns 32 of them.
+// Work split: a tile is blockDim.x * 32 * units elements; thread t owns units
+// t, t + blockDim.x, ... (each unit-round is coalesced across the block).
 // Two-shot: each rank's segment (reference.SegmentLayout) is cut into tiles
 // and block b handles tiles b, b + B, ... of every segment, so block b of
 // each rank only ever talks to block b of the other ranks.  Per tile:
@@ -50,6 +51,8 @@ struct FcArgs {
   fc_i64 slot_bytes, flags_off, rs_off, ag_off, os_off, timeout_ns;
   int rank, world, group, flags, max_blocks;
   float rot_norm;
+  int units;  // 32-element units per thread per tile: more data per synchronization
+  int pad_;
 };
 
 __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_ws, fc_i64 region, int parity,
@@ -92,13 +95,13 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
   __shared__ fc_u32 s_epoch;
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
-  const int t = threadIdx.x;
+  const int t = threadIdx.x, nt = blockDim.x;
   const int group = RSB ? a.group : FC_ELEMS;
   const int gl = group / FC_ELEMS, lig = t % gl;
   const bool rot = RSB && (a.flags & FC_FLAG_ROTATE), sym = a.flags & FC_FLAG_SYM;
   const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
   unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
-  const fc_i64 tile = (fc_i64)blockDim.x * FC_ELEMS;
+  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
   fc_u32 e = fc_begin(a, &s_epoch);
   float v[FC_ELEMS];
@@ -107,17 +110,21 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
     ++e;
     const fc_i64 toff = ti * tile;
     const fc_i64 nchunk = min(tile, a.seg_elems - toff);
-    const bool active = (fc_i64)t * FC_ELEMS < nchunk;
     // 1. reduce-scatter: my contribution to every other owner's tile.
     for (int k = 1; k < a.world; ++k) {
       const int o = (a.rank + k) % a.world;
       const fc_i64 start = o * a.seg_elems + toff;
       if (start >= a.n) continue;  // all padding: nothing sent, nothing read
-      fc_load_elems<DT>(a.in, start + (fc_i64)t * FC_ELEMS, active ? a.n : 0, true, v);
-      if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
-      typename RS::Packed p;
-      RS::pack(v, gl, sym, p);
-      if (active) RS::write(p, fc_slot(a, o, a.rs_off, 0, a.rank), nchunk, t, gl, sym);
+      unsigned char* dst = fc_slot(a, o, a.rs_off, 0, a.rank);
+      for (int u = 0; u < a.units; ++u) {
+        const int w = u * nt + t;
+        const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+        fc_load_elems<DT>(a.in, start + (fc_i64)w * FC_ELEMS, active ? a.n : 0, true, v);
+        if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+        typename RS::Packed p;
+        RS::pack(v, gl, sym, p);
+        if (active) RS::write(p, dst, nchunk, w, gl, sym);
+      }
     }
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
@@ -125,30 +132,34 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
     // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
     const fc_i64 mine = a.rank * a.seg_elems + toff;
     if (mine < a.n) {
-      float acc[FC_ELEMS];
+      for (int u = 0; u < a.units; ++u) {
+        const int w = u * nt + t;
+        const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+        float acc[FC_ELEMS];
 #pragma unroll
-      for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
-      for (int s = 0; s < a.world; ++s) {
-        if (s == a.rank) {
-          fc_load_elems<DT>(a.in, mine + (fc_i64)t * FC_ELEMS, active ? a.n : 0, true, v);
-          if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
-        } else {
-          fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, t, active, gl, sym, v);
-        }
+        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+        for (int s = 0; s < a.world; ++s) {
+          if (s == a.rank) {
+            fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, active ? a.n : 0, true, v);
+            if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+          } else {
+            fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, active, gl, sym, v);
+          }
 #pragma unroll
-        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
-      }
-      typename AG::Packed p;
-      AG::pack(acc, gl, sym, p);
-      if (active) {
-        for (int k = 1; k < a.world; ++k) {
-          const int q = (a.rank + k) % a.world;
-          AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, t, gl, sym);
+          for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
         }
+        typename AG::Packed p;
+        AG::pack(acc, gl, sym, p);
+        if (active) {
+          for (int k = 1; k < a.world; ++k) {
+            const int q = (a.rank + k) % a.world;
+            AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym);
+          }
+        }
+        AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
+        if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+        if (active) fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, a.n, v);
       }
-      AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-      if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-      if (active) fc_store_elems<DT>(a.out, mine + (fc_i64)t * FC_ELEMS, a.n, v);
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
@@ -158,9 +169,14 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       const int o = (a.rank + k) % a.world;
       const fc_i64 start = o * a.seg_elems + toff;
       if (start >= a.n) continue;
-      fc_receive<AG>(fc_slot(a, a.rank, a.ag_off, 0, o), nchunk, t, active, gl, sym, v);
-      if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-      if (active) fc_store_elems<DT>(a.out, start + (fc_i64)t * FC_ELEMS, a.n, v);
+      const unsigned char* src = fc_slot(a, a.rank, a.ag_off, 0, o);
+      for (int u = 0; u < a.units; ++u) {
+        const int w = u * nt + t;
+        const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+        fc_receive<AG>(src, nchunk, w, active, gl, sym, v);
+        if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+        if (active) fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, a.n, v);
+      }
     }
   }
   fc_end(a, e);
@@ -170,13 +186,13 @@ template <int DT, int RSB>
 __device__ void fc_oneshot_impl(const FcArgs& a) {
   __shared__ fc_u32 s_epoch;
   typedef FcCodec<DT, RSB> RS;
-  const int t = threadIdx.x;
+  const int t = threadIdx.x, nt = blockDim.x;
   const int group = RSB ? a.group : FC_ELEMS;
   const int gl = group / FC_ELEMS, lig = t % gl;
   const bool rot = RSB && (a.flags & FC_FLAG_ROTATE), sym = a.flags & FC_FLAG_SYM;
   const fc_i64 os_set = 2 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
   unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
-  const fc_i64 tile = (fc_i64)blockDim.x * FC_ELEMS;
+  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
   fc_u32 e = fc_begin(a, &s_epoch);
   float v[FC_ELEMS], acc[FC_ELEMS];
@@ -186,30 +202,45 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
     const int par = e & 1;
     const fc_i64 toff = ti * tile;
     const fc_i64 nchunk = min(tile, a.seg_elems - toff);
-    const bool active = (fc_i64)t * FC_ELEMS < nchunk;
-    const fc_i64 base = toff + (fc_i64)t * FC_ELEMS;
-    fc_load_elems<DT>(a.in, base, active ? a.n : 0, true, v);
-    if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
-    typename RS::Packed p;
-    RS::pack(v, gl, sym, p);
-    if (active) {
-      for (int k = 1; k < a.world; ++k) {
-        const int q = (a.rank + k) % a.world;
-        RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, t, gl, sym);
+    for (int u = 0; u < a.units; ++u) {
+      const int w = u * nt + t;
+      const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+      fc_load_elems<DT>(a.in, toff + (fc_i64)w * FC_ELEMS, active ? a.n : 0, true, v);
+      if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+      typename RS::Packed p;
+      RS::pack(v, gl, sym, p);
+      if (active) {
+        for (int k = 1; k < a.world; ++k) {
+          const int q = (a.rank + k) % a.world;
+          RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, w, gl, sym);
+        }
       }
     }
     fc_signal_peers(a.peers, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+    for (int u = 0; u < a.units; ++u) {
+      const int w = u * nt + t;
+      const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+      const fc_i64 base = toff + (fc_i64)w * FC_ELEMS;
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
-    for (int s = 0; s < a.world; ++s) {
-      if (s == a.rank) RS::unpack(p, sym, v);  // my own contribution, as the peers see it
-      else fc_receive<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, t, active, gl, sym, v);
+      for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+      for (int s = 0; s < a.world; ++s) {
+        if (s == a.rank) {
+          // My own contribution exactly as the peers decode it (re-packed from my input).
+          fc_load_elems<DT>(a.in, base, active ? a.n : 0, true, v);
+          if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+          typename RS::Packed p;
+          RS::pack(v, gl, sym, p);
+          RS::unpack(p, sym, v);
+        } else {
+          fc_receive<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, w, active, gl, sym, v);
+        }
 #pragma unroll
-      for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+      }
+      if (rot) fc_rotate_inv(acc, gl, lig, a.rot_norm);
+      if (active) fc_store_elems<DT>(a.out, base, a.n, acc);
     }
-    if (rot) fc_rotate_inv(acc, gl, lig, a.rot_norm);
-    if (active) fc_store_elems<DT>(a.out, base, a.n, acc);
   }
   fc_end(a, e);
 }

@@ -41,8 +41,8 @@ class FlashGpuBackend(Backend):
     name = "gpu"
     baseline_algo = "nccl"
 
-    def __init__(self, comm, device=None, timeout_s=None, validate=False, max_blocks=64, max_threads=512,
-                 tuning_path=None):
+    def __init__(self, comm, device=None, timeout_s=None, validate=False, max_blocks=None, max_threads=512,
+                 tuning_path=None, slot_bytes=64 << 10):
         import cupy
         self.mpi_comm = comm
         self.rank = comm.Get_rank()
@@ -56,6 +56,9 @@ class FlashGpuBackend(Backend):
         self.timeout_s = float(timeout_s if timeout_s is not None
                                else os.environ.get("FLASHCOMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         self.max_threads = int(max_threads)
+        self.slot_bytes = int(slot_bytes)
+        if max_blocks is None:  # one block per SM: every SM can push to NVLink
+            max_blocks = cupy.cuda.runtime.getDeviceProperties(self.device_id)["multiProcessorCount"]
         self.table = tuning.load(tuning_path)
         #: (threads, blocks) forced on every flash launch; set only by tuning sweeps
         self.force_launch = None
@@ -69,8 +72,10 @@ class FlashGpuBackend(Backend):
 
     def _init_workspace(self, comm, max_blocks):
         import cupy
-        # Largest chunk a slot holds: a lossless fp32 tile (4 bytes x 32 elements x threads).
-        layout = WorkspaceLayout(self.world_size, int(max_blocks), 4 * ELEMS_PER_THREAD * self.max_threads)
+        # A slot must hold one unit-round of a lossless fp32 tile at max_threads; launches pick
+        # how many units per thread fit (see _launch).
+        layout = WorkspaceLayout(self.world_size, int(max_blocks),
+                                 max(self.slot_bytes, 4 * ELEMS_PER_THREAD * self.max_threads + 256))
         self.ws = IpcWorkspace(comm, layout, self.device_id)
         self._err_ptr = cupy.cuda.runtime.hostAlloc(64, 0x3)  # portable | mapped
         ctypes.memset(self._err_ptr, 0, 64)
@@ -159,7 +164,11 @@ class FlashGpuBackend(Backend):
             seg = units * unit
         threads = max(choice.threads, unit // ELEMS_PER_THREAD, 64)
         threads = min(threads, self.max_threads)
-        tiles = -(-seg // (threads * ELEMS_PER_THREAD))
+        per_elem = np.dtype(name).itemsize if mode.lossless else max(
+            mode.rs_codec.wire_bytes_per_element(), mode.ag_codec.wire_bytes_per_element())
+        fit = int((self.ws.layout.slot_bytes - 256) // (threads * ELEMS_PER_THREAD * per_elem))
+        units = max(1, min(choice.units, fit, -(-seg // (threads * ELEMS_PER_THREAD))))
+        tiles = -(-seg // (threads * ELEMS_PER_THREAD * units))
         limit = self.ws.layout.max_blocks if choice.blocks <= 0 else min(choice.blocks, self.ws.layout.max_blocks)
         blocks = max(1, min(limit, tiles))
         a = self._args[0]
@@ -168,6 +177,7 @@ class FlashGpuBackend(Backend):
         a["group"] = mode.group_size
         a["flags"] = (_kernels.FLAG_ROTATE if mode.rotate else 0) | (_kernels.FLAG_SYM if mode.symmetric else 0)
         a["rot_norm"] = np.float32(1.0 / np.sqrt(float(mode.group_size)))
+        a["units"] = units
         fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot",
                                KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
         fn((blocks,), (threads,), (self._args,), stream=stream)

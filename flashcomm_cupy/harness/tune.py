@@ -17,18 +17,22 @@ import numpy as np
 from ..config import Mode
 from .timing import measure
 
-THREADS = (128, 256, 512)
-BLOCKS = (8, 16, 32, 64)
 ONESHOT_MAX_BYTES = 8 << 20  # one-shot sends (world-1)x the bytes: never a contender past this
+SMALL_BYTES = 1 << 20
+# Small messages fit in one tile: vary the spread over SMs.  Large ones: vary the data per sync.
+SMALL_SHAPES = [(t, b, 1) for t, b in itertools.product((128, 256), (8, 16, 32, 64))]
+LARGE_SHAPES = list(itertools.product((256, 512), (66, 132), (1, 2, 4, 8)))
 
 
 def candidates(nbytes: int, lossless: bool, max_blocks: int):
+    """(algo, threads, blocks, units) to try for one message size and class."""
     algos = ["twoshot"] + (["oneshot"] if nbytes <= ONESHOT_MAX_BYTES else [])
-    for algo, threads, blocks in itertools.product(algos, THREADS, BLOCKS):
-        if blocks <= max_blocks:
-            yield algo, threads, blocks
+    shapes = SMALL_SHAPES if nbytes <= SMALL_BYTES else LARGE_SHAPES
+    for algo in algos:
+        for threads, blocks, units in shapes:
+            yield algo, threads, min(blocks, max_blocks), units
     if lossless:
-        yield "nccl", 0, 0
+        yield "nccl", 0, 0, 0
 
 
 def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int = 20, repeats: int = 5,
@@ -48,16 +52,17 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         row = {"max_bytes": int(nbytes)}
         for cls, bits in (("lossless", None), ("quantized", tune_bits)):
             best = None
-            for algo, threads, blocks in candidates(nbytes, bits is None, backend.ws.layout.max_blocks):
+            for algo, threads, blocks, units in candidates(nbytes, bits is None, backend.ws.layout.max_blocks):
                 mode = Mode.make(bits, 128, algo=algo)
-                backend.force_launch = None if algo == "nccl" else (threads, blocks)
+                backend.force_launch = None if algo == "nccl" else (threads, blocks, units)
                 try:
                     t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
                                 warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
                 finally:
                     backend.force_launch = None
                 if best is None or t < best[0]:
-                    best = (t, {"algo": algo, "threads": threads, "blocks": blocks, "us": round(t * 1e6, 2)})
+                    best = (t, {"algo": algo, "threads": threads, "blocks": blocks, "units": units,
+                                "us": round(t * 1e6, 2)})
             row[cls] = best[1]
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")

@@ -27,9 +27,12 @@ USER = Path(os.path.expanduser("~/.cache/flashcomm/tuning.json"))
 
 @dataclass(frozen=True)
 class Choice:
+    """Algorithm and launch shape; ``units`` = 32-element units per thread per tile."""
+
     algo: str
     threads: int = 256
     blocks: int = 0
+    units: int = 1
 
 
 def heuristic(world: int, nbytes: int, lossless: bool) -> Choice:
@@ -42,7 +45,12 @@ def heuristic(world: int, nbytes: int, lossless: bool) -> Choice:
     cut = 512 * 1024 if world <= 4 else 256 * 1024
     if nbytes <= cut:
         return Choice("oneshot", 128 if nbytes <= 64 * 1024 else 256, 0)
-    return Choice("twoshot", 512, 0)
+    # Large messages: several units per thread so each flag round trip moves more data.
+    return Choice("twoshot", 512, 0, 4 if nbytes >= (16 << 20) else 1)
+
+
+def _choice(c: dict) -> Choice:
+    return Choice(c["algo"], int(c.get("threads", 256)), int(c.get("blocks", 0)), int(c.get("units", 1)))
 
 
 class TuningTable:
@@ -61,10 +69,8 @@ class TuningTable:
         key = "lossless" if lossless else "quantized"
         for row in rows:
             if nbytes <= row["max_bytes"]:
-                c = row[key]
-                return Choice(c["algo"], int(c.get("threads", 256)), int(c.get("blocks", 0)))
-        c = rows[-1][key]
-        return Choice(c["algo"], int(c.get("threads", 256)), int(c.get("blocks", 0)))
+                return _choice(row[key])
+        return _choice(rows[-1][key])
 
     def describe(self) -> dict:
         return {"source": self.source, "card": self.data.get("card"), "measured": self.data.get("date"),
