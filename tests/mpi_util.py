@@ -1,0 +1,125 @@
+"""Run a Python script under ``mpiexec -n K`` from pytest.
+
+Tests call :func:`run_mpi` (or :func:`run_mpi_code` for a snippet) and
+assert on the returned :class:`subprocess.CompletedProcess`.  The launch is
+made safe for CI: Hydra forks instead of ssh-ing, Open MPI is allowed to run
+as root and to oversubscribe the runner's two cores, the repository root is
+on ``PYTHONPATH`` so an uninstalled checkout works, and the whole process
+group is killed when the timeout expires (a hung collective must not hang
+the suite).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+DEFAULT_TIMEOUT_S = 120
+
+
+def find_mpiexec() -> Optional[str]:
+    """The launcher that belongs to this interpreter's MPI.
+
+    A virtualenv with the ``mpi`` extra has ``mpiexec`` next to ``python``;
+    prefer it over whatever ``PATH`` offers so the launcher matches the MPI
+    library mpi4py loads.
+    """
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_open_mpi(mpiexec: str) -> bool:
+    try:
+        text = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except Exception:
+        return False
+    return "Open MPI" in text or "OpenRTE" in text
+
+
+def mpi_skip_reason() -> Optional[str]:
+    """Why MPI tests cannot run here, or None when they can."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install -e '.[mpi,test]')"
+    if find_mpiexec() is None:
+        return "no mpiexec/mpirun found (pip install -e '.[mpi,test]' brings MPICH)"
+    return None
+
+
+def require_mpi() -> str:
+    """Skip the calling test when MPI is unavailable; return the launcher path."""
+    reason = mpi_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return find_mpiexec()
+
+
+def mpi_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "HYDRA_LAUNCHER": "fork",
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+        "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+        # Every rank runs NumPy; one thread each keeps K ranks on 2 cores sane.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    })
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_mpi(script, nprocs: int, args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run ``python -m mpi4py script args...`` on ``nprocs`` ranks; return the finished process.
+
+    ``python -m mpi4py`` aborts all ranks when one raises, so a failure on one
+    rank ends the job instead of leaving the others blocked in a collective.
+    On timeout the whole process group is killed and the test fails with the
+    output collected so far.
+    """
+    mpiexec = require_mpi()
+    cmd = [mpiexec]
+    if _is_open_mpi(mpiexec):
+        cmd.append("--oversubscribe")
+    cmd += ["-n", str(nprocs), sys.executable, "-m", "mpi4py", str(script), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=mpi_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"mpiexec -n {nprocs} {Path(script).name} timed out after {timeout} s:\n{out}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def run_mpi_code(code: str, nprocs: int, timeout: float = DEFAULT_TIMEOUT_S,
+                 env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Like :func:`run_mpi` for a source snippet (written to a temporary file)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(code)
+        path = f.name
+    try:
+        return run_mpi(path, nprocs, timeout=timeout, env=env)
+    finally:
+        os.unlink(path)
