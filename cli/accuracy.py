@@ -1,0 +1,227 @@
+"""``flashcomm accuracy``: error of the quantized all-reduce against bytes on the wire.
+
+The study itself lives in :mod:`flashcomm_cupy.accuracy`; this module parses
+options, prints the table on rank 0 and writes ``--json`` / ``--plot``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import List, Optional
+
+import click
+
+from flashcomm_cupy.accuracy import (DEFAULT_BITS, DEFAULT_GROUP_SIZES, GENERATED_KINDS, DataSpec, Row,
+                                     StudyConfig, run_study, sweep_modes)
+from flashcomm_cupy.harness.launch import env_rank
+
+_SWITCH = {"both": (False, True), "on": (True,), "off": (False,)}
+
+
+def _split(values) -> List[str]:
+    """Multiple options that also accept comma-separated lists: ``--bits 8,4 --bits 4/8``."""
+    out = []
+    for v in values:
+        out.extend(p.strip() for p in str(v).split(",") if p.strip())
+    return out
+
+
+def _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype) -> List[DataSpec]:
+    kinds = _split(data)
+    for k in kinds:
+        if k not in GENERATED_KINDS:
+            raise click.BadParameter(f"{k!r} is not one of {', '.join(GENERATED_KINDS)}", param_hint="--data")
+    if not kinds and not input_file and not per_rank:
+        kinds = list(GENERATED_KINDS)
+    specs = [DataSpec(k, elements, seed, dtype or "float32", hidden) for k in kinds]
+    if input_file:
+        specs.append(DataSpec("file", elements, seed, dtype, hidden, path=input_file))
+    if per_rank:
+        try:
+            specs.append(DataSpec("per-rank", elements, seed, dtype, hidden, path=per_rank))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--input-per-rank") from None
+    return specs
+
+
+def _finite_or_none(row: dict) -> dict:
+    """JSON has no NaN/Infinity: write null (an exact result has SNR = inf; rel_rms 0 says so)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def _print_table(rows: List[Row], residual_scale: Optional[float], distributed: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # files and pipes: no 80-column wrap of the mode labels
+        console = Console(width=max(console.width, 120))
+    for data in dict.fromkeys(r.data for r in rows):
+        part = [r for r in rows if r.data == data]
+        first = part[0]
+        title = (f"{data}: {first.ranks} ranks x {first.elements:,} {first.dtype} elements, "
+                 f"error vs float64 sum")
+        table = Table(title=title, title_justify="left")
+        table.add_column("mode", no_wrap=True)
+        table.add_column("algo")
+        table.add_column("B/elem RS+AG", justify="right")
+        table.add_column("rel RMS %", justify="right")
+        table.add_column("max abs", justify="right")
+        table.add_column("SNR dB", justify="right")
+        if residual_scale is not None:
+            table.add_column(f"resid x{residual_scale:g} rel %", justify="right")
+        if distributed:
+            table.add_column("matches reference")
+        table.add_column("pareto", justify="center")
+        for r in part:
+            cells = [r.label, r.mode.algo, f"{r.bytes_per_element:.3f}",
+                     _fmt(100 * r.rel_rms, ".4g"), _fmt(r.max_abs, ".3g"), _fmt(r.snr_db, ".1f")]
+            if residual_scale is not None:
+                cells.append(_fmt(None if r.residual_rel is None else 100 * r.residual_rel, ".4g"))
+            if distributed:
+                cells.append("yes" if r.matches_reference else "[bold red]no[/]")
+            cells.append("*" if r.pareto else "")
+            table.add_row(*cells)
+        console.print(table)
+
+
+def write_plot(rows: List[Row], path: str) -> None:
+    """Pareto chart per data set: relative RMS error (log) against bytes/element over both steps."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise click.ClickException(f"--plot needs matplotlib: pip install 'flashcomm-cupy[plot]' ({exc})")
+    datasets = list(dict.fromkeys(r.data for r in rows))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.8), squeeze=False)
+    colors = {"8": "tab:blue", "6": "tab:green", "4/8": "tab:purple", "4": "tab:red"}
+    for ax, data in zip(axes[0], datasets):
+        # lossless is ~1e-8 and would flatten the log axis; it is in the table
+        part = [r for r in rows if r.data == data and not r.mode.lossless and r.rel_rms > 0
+                and math.isfinite(r.rel_rms)]
+        for r in part:
+            color = colors.get(r.mode.bits_label, "tab:gray")
+            marker = "s" if r.mode.symmetric else "o"
+            ax.scatter(r.bytes_per_element, 100 * r.rel_rms, marker=marker, s=14 + r.mode.group_size / 8,
+                       facecolors=color if r.mode.rotate else "none", edgecolors=color)
+        front = sorted((r for r in part if r.pareto), key=lambda r: r.bytes_per_element)
+        ax.plot([r.bytes_per_element for r in front], [100 * r.rel_rms for r in front], "k--", lw=0.8)
+        for r in front:
+            ax.annotate(r.label, (r.bytes_per_element, 100 * r.rel_rms), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("bytes on the wire per element (reduce-scatter + all-gather)")
+        ax.set_ylabel("relative RMS error (%)")
+        ax.set_title(data)
+        ax.grid(True, which="both", alpha=0.3)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=f"int{b}") for b, c in colors.items()]
+    handles += [plt.Line2D([], [], ls="", marker="o", mfc="none", color="k", label="no rotation"),
+                plt.Line2D([], [], ls="", marker="o", color="k", label="rotation"),
+                plt.Line2D([], [], ls="", marker="s", mfc="none", color="k", label="symmetric"),
+                plt.Line2D([], [], ls="--", color="k", label="Pareto front")]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
+    fig.suptitle("flashcomm accuracy: error vs bandwidth (marker size ~ group size)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+@click.command("accuracy")
+@click.option("--data", multiple=True, metavar="KIND",
+              help="Generated data set: gaussian, outliers, llm (repeatable or comma-separated). "
+                   "Default: all three, unless --input/--input-per-rank is given.")
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False),
+              help="One .npy holding every rank's array along axis 0 (shape [ranks, ...]), or an .npz "
+                   "with one array per rank (keys in order of their trailing number, e.g. rank0, rank1).")
+@click.option("--input-per-rank", "per_rank", metavar="PATTERN",
+              help="One .npy (or single-array .npz) per rank; PATTERN contains {rank}, e.g. acts_{rank}.npy.")
+@click.option("--ranks", default=4, show_default=True, type=click.IntRange(1, 1024),
+              help="Simulated ranks (ignored with --backend, where the MPI job's size counts, and with --input).")
+@click.option("--elements", default=1 << 20, show_default=True, type=click.IntRange(1),
+              help="Elements per rank of generated data (llm: rounded down to whole rows of --hidden).")
+@click.option("--hidden", default=4096, show_default=True, type=click.IntRange(1),
+              help="Hidden size (row length) of the llm data set.")
+@click.option("--dtype", default=None, help="float32 (default for generated data), float16 or bfloat16; "
+                                            "files keep their dtype unless given.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--bits", multiple=True, metavar="BITS",
+              help=f"Bit widths: 8, 6, 4 or RS/AG such as 4/8 (repeatable). Default: {', '.join(DEFAULT_BITS)}.")
+@click.option("--group-size", "group_sizes", multiple=True, metavar="G",
+              help=f"Group sizes (repeatable). Default: {', '.join(map(str, DEFAULT_GROUP_SIZES))}.")
+@click.option("--rotate", type=click.Choice(list(_SWITCH)), default="both", show_default=True,
+              help="Hadamard rotation off, on, or both.")
+@click.option("--symmetric", type=click.Choice(list(_SWITCH)), default="both", show_default=True,
+              help="Symmetric (abs-max) quantization off (asymmetric), on, or both.")
+@click.option("--algo", type=click.Choice(["auto", "twoshot", "oneshot"]), default="auto", show_default=True)
+@click.option("--residual-scale", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+              help="Also report the error relative to a residual stream of RMS S x rms(sum): "
+                   "rel RMS of (residual + result) vs (residual + exact).")
+@click.option("--backend", type=click.Choice(["reference", "cpu", "gpu", "auto"]), default="reference",
+              show_default=True,
+              help="reference: simulate --ranks ranks in this process. cpu/gpu/auto: run under "
+                   "mpiexec -n N, each rank reducing its own data with Communicator.all_reduce; "
+                   "rank 0 checks every result against the reference bit for bit.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the rows as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write a Pareto chart (error vs bytes/element, log y) as PNG (needs matplotlib).")
+def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, bits, group_sizes, rotate,
+             symmetric, algo, residual_scale, backend, json_path, plot_path):
+    """Accuracy study: error of each quantization mode against the float64 sum, and bytes on the wire.
+
+    Sweeps bit widths, group sizes, rotation and symmetric/asymmetric codes
+    over generated data (gaussian, outliers, llm) or your own activations.
+    """
+    specs = _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype)
+    try:
+        cfg = StudyConfig(data=specs, bits=_split(bits) or DEFAULT_BITS,
+                          group_sizes=[int(g) for g in _split(group_sizes)] or DEFAULT_GROUP_SIZES,
+                          rotate=_SWITCH[rotate], symmetric=_SWITCH[symmetric], algo=algo, ranks=ranks,
+                          residual_scale=residual_scale)
+        sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo)  # validate early
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+    communicator = None
+    if backend != "reference":
+        from flashcomm_cupy import Communicator
+        communicator = Communicator(backend=backend)
+        if communicator.world_size < 2:
+            communicator.close()
+            raise click.UsageError(f"--backend {backend} measures a real all-reduce: launch with "
+                                   "mpiexec -n N (N > 1); without --backend the study simulates --ranks ranks")
+    try:
+        rows = run_study(cfg, communicator)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if communicator is not None:
+            communicator.close()
+
+    is_root = rows is not None if communicator is not None else env_rank() == 0
+    if not is_root:
+        return
+    distributed = communicator is not None
+    _print_table(rows, residual_scale, distributed)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"rows": [_finite_or_none(r.to_json()) for r in rows],
+                       "residual_scale": residual_scale, "backend": backend}, f, indent=1)
+    if plot_path:
+        write_plot(rows, plot_path)
+        click.echo(f"wrote {plot_path}")
+    if distributed and not all(r.matches_reference for r in rows):
+        bad = [f"{r.data}: {r.label}" for r in rows if not r.matches_reference]
+        click.echo(f"error: {len(bad)} results differ from the reference: {'; '.join(bad)}", err=True)
+        sys.exit(1)
