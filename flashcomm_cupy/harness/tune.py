@@ -21,7 +21,8 @@ ONESHOT_MAX_BYTES = 8 << 20  # one-shot sends (world-1)x the bytes: never a cont
 SMALL_BYTES = 1 << 20
 # Small messages fit in one tile: vary the spread over SMs.  Large ones: vary the data per sync.
 SMALL_SHAPES = [(t, b, 1) for t, b in itertools.product((128, 256), (8, 16, 32, 64))]
-LARGE_SHAPES = list(itertools.product((256, 512), (66, 132), (1, 2, 4, 8)))
+LARGE_SHAPES = ([(512, 132, u) for u in (1, 2, 4)] +
+                [(256, b, u) for b in (132, 264) for u in (1, 2, 4, 8)])
 
 
 def candidates(nbytes: int, lossless: bool, max_blocks: int):

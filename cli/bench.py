@@ -1,0 +1,124 @@
+"""``flashcomm bench``: nccl-tests-style timing of every mode against the baseline."""
+from __future__ import annotations
+
+import click
+
+from .options import (algo_list_parser, backend_option, command_line, group_size_option, make_console,
+                      mpi_launch, open_communicator, parse_bits_list, parse_dtype, parse_size_option,
+                      require_matplotlib, switch_option)
+
+#: defaults that differ between the GPU and the CPU backend
+GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
+                "graph": 1, "peer_bw": 350.0, "check_max_bytes": 16 << 20}
+CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup": 1, "repeats": 3,
+                "graph": 0, "peer_bw": None, "check_max_bytes": 16 << 20}
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-b", "--minbytes", callback=parse_size_option, metavar="SIZE",
+              help="Smallest message (K/M/G suffixes). [default: 4K on GPUs, 1K on CPUs]")
+@click.option("-e", "--maxbytes", callback=parse_size_option, metavar="SIZE",
+              help="Largest message. [default: 256M on GPUs, 16M on CPUs]")
+@click.option("-f", "--stepfactor", type=click.FloatRange(min=1, min_open=True), default=4.0,
+              show_default=True, help="Size multiplication factor (nccl-tests uses 2; 4 halves the run time).")
+@click.option("-n", "--iters", type=click.IntRange(min=1), default=None,
+              help="Timed calls per repeat. [default: 20 on GPUs, 5 on CPUs]")
+@click.option("-w", "--warmup", type=click.IntRange(min=0), default=None,
+              help="Untimed calls before timing. [default: 5 on GPUs, 1 on CPUs]")
+@click.option("-r", "--repeats", type=click.IntRange(min=1), default=None,
+              help="Timed repeats; the median per rank, then the max over ranks, is reported. "
+                   "[default: 5 on GPUs, 3 on CPUs]")
+@click.option("-c", "--check", type=click.IntRange(0, 1), default=1, show_default=True,
+              help="Correctness pass: #wrong vs the reference and error vs the exact sum.")
+@click.option("-d", "--datatype", "dtype", default="float16", show_default=True, callback=parse_dtype,
+              metavar="[float16|bfloat16|float32]", help="Element type.")
+@click.option("-G", "--graph", type=click.IntRange(0, 1), default=None,
+              help="Time CUDA-graph replays of the calls (the primary figure when available). "
+                   "[default: 1 on GPUs; CPUs have no graphs]")
+@click.option("--eager", is_flag=True, help="Also report eager (non-graph) timing.")
+@click.option("--bits", default="none,8,4,4/8", show_default=True, callback=parse_bits_list,
+              help="Comma list of flashcomm modes: none (lossless), 4, 6, 8, or RS/AG such as 4/8.")
+@group_size_option
+@click.option("--algo", default="auto", show_default=True,
+              callback=algo_list_parser(("auto", "oneshot", "twoshot")),
+              help="Comma list of algorithms: auto, oneshot, twoshot.")
+@switch_option("--rotate", "Hadamard rotation of quantized modes: off, on (bare --rotate), or both.")
+@switch_option("--symmetric", "Symmetric (abs-max) codecs for quantized modes: off, on, or both.")
+@backend_option
+@click.option("--peer-bw", "peer_bw", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="GBPS", help="Per-rank send bandwidth for the wire floor. [default: 350 on GPUs, "
+                                   "none on CPUs]")
+@click.option("--check-max-bytes", callback=parse_size_option, metavar="SIZE",
+              help="Largest size checked bit-exactly against the host reference; larger sizes get "
+                   "the error vs the exact sum and the rank agreement only. [default: 16M]")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the inputs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write the results (with machine and versions) as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write the result rows as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
+              help="Plot latency and speedup vs size to a PNG (needs the 'plot' extra).")
+@mpi_launch
+@click.pass_context
+def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dtype, graph, eager, bits,
+          group_size, algo, rotate, symmetric, backend, peer_bw, check_max_bytes, seed, json_path,
+          csv_path, plot_path):
+    """Time the all-reduce of every mode against the baseline over a sweep of sizes.
+
+    The baseline (NCCL on GPUs, MPI_Allreduce on CPUs) is always measured
+    first; speedups are relative to it at the same size.  The exit status is
+    0 when every checked row passes, 1 otherwise.
+    """
+    import numpy as np
+
+    from flashcomm_cupy.dtypes import dtype_name
+    from flashcomm_cupy.harness import BenchResult, SweepConfig, build_modes, run_sweep, sweep_sizes
+    from flashcomm_cupy.harness import machine, results as results_io
+
+    from . import report
+
+    require_matplotlib(plot_path)
+    comm = open_communicator(backend)
+    with comm:
+        on_gpu = comm.backend.xp is not np
+        d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+        pick = lambda value, key: d[key] if value is None else value  # noqa: E731
+        lo, hi = pick(minbytes, "minbytes"), pick(maxbytes, "maxbytes")
+        if hi < lo:
+            raise click.BadParameter(f"max bytes {hi} is below min bytes {lo}", param_hint="'-e'")
+        sizes = sweep_sizes(lo, hi, stepfactor, dtype.itemsize)
+        modes = build_modes(bits, algo, rotate, symmetric, group_size)
+        if comm.backend_name == "nccl" and any(not m.lossless for m in modes):
+            raise click.ClickException(
+                "the flash GPU kernels are unavailable here (the backend fell back to NCCL; see the "
+                "warning above), so only lossless modes can run: use --bits none")
+        config = SweepConfig(
+            counts=[s.count for s in sizes], dtype=dtype, modes=modes,
+            warmup=pick(warmup, "warmup"), iters=pick(iters, "iters"), repeats=pick(repeats, "repeats"),
+            graph=bool(pick(graph, "graph")), eager=eager, check=bool(check),
+            reference_max_bytes=pick(check_max_bytes, "check_max_bytes"), seed=seed,
+            peer_bw_gbps=pick(peer_bw, "peer_bw"),
+            extra={"minbytes": lo, "maxbytes": hi, "step_factor": stepfactor})
+
+        descriptions = machine.gather_descriptions(comm.backend, comm.mpi_comm)
+        meta = machine.run_meta(comm.backend, descriptions, command_line(), dtype_name(dtype),
+                                config.as_meta())
+        console = make_console(comm.rank)
+        for line in report.bench_header_lines(meta):
+            console.print(line, markup=False, highlight=False)
+        with report.ProgressBar(console, enabled=comm.rank == 0, description="bench") as bar:
+            rows = run_sweep(comm, config, progress=bar)
+        result = BenchResult(meta=meta, rows=rows)
+        if comm.rank == 0:
+            report.render_bench(console, result, header=False)
+            if json_path:
+                results_io.write_json(result, json_path)
+                console.print(f"# wrote {json_path}", markup=False, highlight=False)
+            if csv_path:
+                results_io.write_csv(result, csv_path)
+                console.print(f"# wrote {csv_path}", markup=False, highlight=False)
+            if plot_path:
+                report.plot_bench(result, plot_path)
+                console.print(f"# wrote {plot_path}", markup=False, highlight=False)
+        comm.mpi_comm.Barrier()  # files are written before any rank exits
+    ctx.exit(0 if result.ok else 1)

@@ -1,0 +1,93 @@
+"""``flashcomm info``: versions, ranks and devices, topology, workspace and tuning in use."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import backend_option, make_console, mpi_launch, open_communicator
+
+#: message sizes at which ``info`` shows what ``algo="auto"`` picks
+AUTO_PROBE_BYTES = (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20)
+
+
+def collect_info(comm) -> dict:
+    """Everything ``info`` shows, as plain data (collective; identical on every rank)."""
+    from flashcomm_cupy.config import Mode
+    from flashcomm_cupy.harness import machine
+    from flashcomm_cupy.harness.sizes import format_size
+
+    backend = comm.backend
+    descriptions = machine.gather_descriptions(backend, comm.mpi_comm)
+    d0 = descriptions[0]
+    auto = {}
+    for label, bits in (("lossless", None), ("int8", 8), ("int4", 4)):
+        mode = Mode.make(bits, algo="auto")
+        auto[label] = {format_size(n): backend.resolve_algo(n, mode) for n in AUTO_PROBE_BYTES}
+    return {
+        "backend": backend.name,
+        "baseline": backend.baseline_algo,
+        "world_size": backend.world_size,
+        "algos": list(backend.supported_algos()),
+        "auto_algo": auto,
+        "versions": machine.software_versions(d0),
+        "ranks": [machine.rank_summary(d, backend.name) for d in descriptions],
+        "peer_access": d0.get("peer_access"),
+        "topology": d0.get("topology"),
+        "workspace_bytes": d0.get("workspace_bytes"),
+        "tuning_table": d0.get("tuning_table"),
+        "describe": descriptions,
+    }
+
+
+def render_info(console, info: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from . import report
+
+    for line in report.info_lines(info):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"  {'algorithms':<14} {', '.join(info['algos'])}", markup=False, highlight=False)
+    console.print(report.ranks_table(info["ranks"]))
+    auto = info["auto_algo"]
+    sizes = list(next(iter(auto.values())).keys())
+    table = Table(title="algo='auto' picks", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("mode")
+    for s in sizes:
+        table.add_column(s, no_wrap=True)
+    for label, picks in auto.items():
+        table.add_row(label, *[picks[s] for s in sizes])
+    console.print(table)
+    if info.get("peer_access"):
+        console.print(report.matrix_table(info["peer_access"], "peer access (row can access column)"))
+    if info.get("topology"):
+        console.print("topology:", markup=False)
+        console.print(str(info["topology"]), markup=False, highlight=False)
+    if info.get("workspace_bytes") is not None:
+        console.print(f"workspace: {info['workspace_bytes']} bytes per rank", markup=False)
+    if info.get("tuning_table") is not None:
+        table_text = info["tuning_table"]
+        if not isinstance(table_text, str):
+            table_text = json.dumps(table_text, indent=1, default=str)
+        console.print("tuning table in use:", markup=False)
+        console.print(table_text, markup=False, highlight=False)
+
+
+@click.command("info", context_settings={"help_option_names": ["-h", "--help"]})
+@backend_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write everything shown (and each rank's full describe()) as JSON.")
+@mpi_launch
+def info(backend, json_path):
+    """Show versions, every rank's host/device, topology, workspace and the tuning in use."""
+    comm = open_communicator(backend)
+    with comm:
+        data = collect_info(comm)
+        if comm.rank == 0:
+            render_info(make_console(0), data)
+            if json_path:
+                with open(json_path, "w", encoding="utf-8") as fh:
+                    json.dump(data, fh, indent=1, default=str)
+                    fh.write("\n")
+        comm.mpi_comm.Barrier()

@@ -1,0 +1,242 @@
+"""Options and plumbing shared by the ``flashcomm`` commands.
+
+* :func:`mpi_launch` -- ``--np`` / ``--no-relaunch`` and the relaunch under
+  mpiexec when a command is started without an MPI launcher.
+* :func:`open_communicator` -- the backend, with one-line errors for a
+  missing CuPy, no GPU, or more ranks than GPUs.
+* parsers for comma lists (``--bits``, ``--algo``), ``off|on|both``
+  switches, sizes and dtypes that raise :class:`click.BadParameter`.
+* :func:`make_console` -- rich console that prints on rank 0 only.
+
+Error contract with :func:`flashcomm_cupy.cli.main.main`: raise
+:class:`click.ClickException` (or a subclass) only for conditions every rank
+sees identically (flags, the machine, versions); they are printed once, by
+rank 0.  Anything else is treated as possibly rank-local: printed by every
+rank and the MPI job is aborted.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import os
+import shlex
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import click
+
+from flashcomm_cupy.config import SUPPORTED_GROUP_SIZES, parse_bits
+from flashcomm_cupy.dtypes import DTYPES, resolve_dtype
+from flashcomm_cupy.harness import launch
+from flashcomm_cupy.harness.sizes import parse_size
+
+BACKEND_CHOICES = ("auto", "gpu", "cpu")
+SWITCH_VALUES = {"off": (False,), "on": (True,), "both": (False, True),
+                 "0": (False,), "1": (True,)}
+CUPY_HINT = 'pip install "flashcomm-cupy[cuda12]" (or [cuda13] for CUDA 13)'
+
+
+# ----------------------------------------------------------------------------- argv
+def original_args() -> List[str]:
+    """The arguments this command was started with (after the program name)."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    if root is not None and isinstance(root.obj, dict) and "argv" in root.obj:
+        return list(root.obj["argv"])
+    return list(sys.argv[1:])
+
+
+def command_line() -> str:
+    """The command as typed, for result files."""
+    return " ".join(shlex.quote(a) for a in ["flashcomm", *original_args()])
+
+
+# ----------------------------------------------------------------------------- parsers
+def _split(value) -> List[str]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+
+
+def parse_bits_list(ctx, param, value) -> List[Tuple]:
+    """``none,8,4,4/8`` -> [(None, None), (8, 8), (4, 4), (4, 8)]."""
+    out = []
+    for item in _split(value):
+        try:
+            pair = parse_bits(item)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        if pair not in out:
+            out.append(pair)
+    if not out:
+        raise click.BadParameter("give at least one of none, 4, 6, 8 or RS/AG such as 4/8")
+    return out
+
+
+def algo_list_parser(allowed: Sequence[str]):
+    """A click callback parsing a comma list of algorithms from ``allowed``."""
+    def parse(ctx, param, value) -> List[str]:
+        out = []
+        for item in _split(value):
+            item = item.lower()
+            if item not in allowed:
+                raise click.BadParameter(f"{item!r} is not one of {', '.join(allowed)}")
+            if item not in out:
+                out.append(item)
+        if not out:
+            raise click.BadParameter(f"give at least one of {', '.join(allowed)}")
+        return out
+    return parse
+
+
+def parse_switch(ctx, param, value) -> Tuple[bool, ...]:
+    """``off`` / ``on`` / ``both`` (also 0/1) -> the tuple of settings to sweep."""
+    key = str(value).strip().lower()
+    if key not in SWITCH_VALUES:
+        raise click.BadParameter(f"{value!r} is not one of off, on, both")
+    return SWITCH_VALUES[key]
+
+
+def parse_dtype(ctx, param, value):
+    try:
+        return resolve_dtype(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def parse_dtype_list(ctx, param, value):
+    out = []
+    for item in _split(value):
+        dt = parse_dtype(ctx, param, item)
+        if dt not in out:
+            out.append(dt)
+    return out
+
+
+def parse_size_option(ctx, param, value) -> Optional[int]:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def parse_count_list(ctx, param, value) -> List[int]:
+    out = []
+    for item in _split(value):
+        try:
+            n = parse_size(item)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        out.append(n)
+    return out
+
+
+# ----------------------------------------------------------------------------- reusable options
+def switch_option(name: str, help_text: str, default: str = "off"):
+    """``--rotate`` (= on), ``--rotate both``, ``--rotate off`` style option."""
+    return click.option(name, default=default, is_flag=False, flag_value="on", show_default=True,
+                        metavar="[off|on|both]", callback=parse_switch, help=help_text)
+
+
+backend_option = click.option(
+    "--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+    help="auto: the flash GPU kernels when CuPy sees a GPU, else the CPU backend (MPI processes).")
+
+group_size_option = click.option(
+    "--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="128",
+    show_default=True, callback=lambda c, p, v: int(v), help="Elements per quantization group.")
+
+
+def mpi_launch(fn):
+    """Add ``--np``/``--no-relaunch`` and relaunch under mpiexec when needed.
+
+    The wrapped command must have a ``backend`` parameter.  Started without an
+    MPI launcher, the command reruns itself on one rank per GPU, or on the CPU
+    backend with 4 ranks on a host without GPUs, says so on stderr, and exits
+    with the child job's status.
+    """
+    @click.option("--np", "np_ranks", type=click.IntRange(min=1), default=None,
+                  help="Ranks to relaunch with when started without mpirun "
+                       "(default: one per GPU, or 4 on the CPU backend).")
+    @click.option("--no-relaunch", is_flag=True,
+                  help="Run in this process (one rank) even without mpirun.")
+    @functools.wraps(fn)
+    def wrapper(*args, np_ranks=None, no_relaunch=False, **kwargs):
+        maybe_relaunch(kwargs.get("backend", "auto"), np_ranks, no_relaunch)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def maybe_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool) -> None:
+    """Relaunch and exit when :func:`launch.plan_relaunch` says so; else return."""
+    if no_relaunch or launch.under_launcher():
+        return
+    gpus = launch.cuda_device_count() if backend in ("auto", "gpu") else 0
+    if backend == "gpu":
+        require_cupy(backend)
+    try:
+        plan = launch.plan_relaunch(backend, np_ranks, no_relaunch, gpus)
+        if plan is None:
+            return
+        status = launch.relaunch(plan, original_args(),
+                                 announce=lambda text: click.echo(f"flashcomm: {text}", err=True))
+    except launch.LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
+
+
+# ----------------------------------------------------------------------------- backend
+def require_cupy(backend: str) -> None:
+    if importlib.util.find_spec("cupy") is None:
+        raise click.ClickException(f"--backend {backend} needs CuPy: {CUPY_HINT}")
+
+
+def open_communicator(backend: str, **options):
+    """A :class:`flashcomm_cupy.Communicator` on ``MPI.COMM_WORLD`` (collective).
+
+    ``--backend gpu`` without CuPy, without a visible GPU, or with more ranks
+    on a host than GPUs raises :class:`click.ClickException` on every rank.
+    """
+    from flashcomm_cupy import Communicator, gpu_available
+    from flashcomm_cupy import _mpi
+    if backend == "gpu":
+        require_cupy(backend)
+        if not gpu_available():
+            raise click.ClickException("--backend gpu: CuPy sees no CUDA device (try --backend cpu)")
+        ndev = launch.cuda_device_count()
+        nlocal = _mpi.local_size()
+        if nlocal > ndev:
+            raise click.ClickException(f"{nlocal} ranks on this host but only {ndev} GPU(s): "
+                                       f"run at most {ndev} ranks per host (mpiexec -n {ndev})")
+    try:
+        return Communicator(backend=backend, **options)
+    except ImportError as exc:
+        raise click.ClickException(f"cannot start the {backend} backend: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- output
+def make_console(rank: int, file=None):
+    """A rich Console that prints on rank 0 and swallows output elsewhere.
+
+    Piped output gets no colour and a wide fixed width so tables do not wrap.
+    """
+    from rich.console import Console
+    if rank != 0:
+        return Console(file=io.StringIO(), width=200)
+    stream = file if file is not None else sys.stdout
+    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    if is_tty:
+        return Console(file=stream)
+    return Console(file=stream, width=int(os.environ.get("COLUMNS", 0) or 200), no_color=True,
+                   highlight=False, emoji=False, soft_wrap=False)
+
+
+def require_matplotlib(path) -> None:
+    """Fail early (before any measurement) when ``--plot`` cannot work."""
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException('--plot needs matplotlib: pip install "flashcomm-cupy[plot]"')
+
+
+DTYPE_NAMES = tuple(DTYPES)

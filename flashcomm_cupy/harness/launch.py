@@ -1,0 +1,186 @@
+"""Relaunching a command under ``mpiexec`` when it was started without an MPI launcher.
+
+``flashcomm bench`` typed on its own should do the right thing: on a host
+with several GPUs run one rank per GPU, on a host without GPUs run the CPU
+backend over :data:`DEFAULT_CPU_RANKS` ranks.  This module decides whether
+and how to relaunch; it never imports mpi4py (initializing MPI in the parent
+would make it an MPI singleton that then spawns a second job).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import List, Mapping, Optional, Sequence
+
+#: set in the child's environment so a relaunched process never relaunches again
+RELAUNCH_ENV = "FLASHCOMM_RELAUNCHED"
+#: environment variables that a running MPI launcher sets in every rank
+LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK",
+                "PMIX_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID")
+_RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+DEFAULT_CPU_RANKS = 4
+MPI_INSTALL_HINT = 'pip install "flashcomm-cupy[mpi]" (brings MPICH) or install Open MPI'
+CLI_MODULE = "flashcomm_cupy.cli.main"
+
+
+class LaunchError(RuntimeError):
+    """The command cannot be (re)launched as asked; the message says what to do."""
+
+
+def under_launcher(env: Mapping[str, str] = os.environ) -> bool:
+    """True when this process was started by mpiexec/mpirun/srun (or by our relaunch)."""
+    return env.get(RELAUNCH_ENV) == "1" or any(v in env for v in LAUNCHER_ENV)
+
+
+def env_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's MPI rank as the launcher announced it (0 when not launched)."""
+    for var in _RANK_ENV:
+        value = env.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def cuda_device_count() -> int:
+    """CUDA devices CuPy sees (0 without CuPy or a GPU; never raises)."""
+    from ..communicator import gpu_available
+    if not gpu_available():
+        return 0
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Run ``nranks`` ranks; ``reason`` is the sentence told to the user."""
+
+    nranks: int
+    reason: str
+
+
+def plan_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool, gpus: int,
+                  env: Mapping[str, str] = os.environ) -> Optional[LaunchPlan]:
+    """Whether to relaunch, with how many ranks and why; None to run in this process.
+
+    * already under a launcher, or ``no_relaunch``: never.
+    * ``np_ranks`` given: that many ranks (1 runs here); more ranks than
+      GPUs with a GPU backend is a :class:`LaunchError`.
+    * ``backend`` "gpu"/"nccl": one rank per GPU (none: LaunchError).
+    * ``backend`` "auto": one rank per GPU with >= 2 GPUs; a single GPU runs
+      here; no GPU: the CPU backend on :data:`DEFAULT_CPU_RANKS` ranks.
+    * ``backend`` "cpu": :data:`DEFAULT_CPU_RANKS` ranks.
+    """
+    if no_relaunch or under_launcher(env):
+        return None
+    wants_gpu = backend in ("gpu", "nccl") or (backend == "auto" and gpus > 0)
+    if backend in ("gpu", "nccl") and gpus == 0:
+        raise LaunchError(f"--backend {backend} needs a CUDA GPU, and CuPy sees none")
+    if np_ranks is not None:
+        if np_ranks < 1:
+            raise LaunchError(f"--np must be >= 1, got {np_ranks}")
+        if wants_gpu and np_ranks > gpus:
+            raise LaunchError(f"--np {np_ranks} asks for more ranks than the {gpus} GPU(s) on this "
+                              "host; use --np <= the GPU count or --backend cpu")
+        if np_ranks == 1:
+            return None
+        where = f"{gpus} GPU(s) found" if wants_gpu else "CPU backend"
+        return LaunchPlan(np_ranks, f"relaunching with {np_ranks} ranks (--np; {where})")
+    if wants_gpu:
+        if gpus < 2:
+            return None
+        return LaunchPlan(gpus, f"{gpus} GPUs found, no MPI launcher: relaunching with one rank per GPU")
+    if backend == "auto":
+        why = "no GPU found (CuPy missing or no CUDA device)"
+    else:
+        why = "--backend cpu"
+    return LaunchPlan(DEFAULT_CPU_RANKS,
+                      f"{why}, no MPI launcher: relaunching on the CPU backend with "
+                      f"{DEFAULT_CPU_RANKS} ranks (--np N to change, --no-relaunch to stay single-rank)")
+
+
+def find_mpiexec(env: Mapping[str, str] = os.environ) -> str:
+    """Path of ``mpiexec`` (or ``mpirun``); LaunchError with the install hint when absent.
+
+    ``FLASHCOMM_MPIEXEC`` overrides the search.
+    """
+    override = env.get("FLASHCOMM_MPIEXEC")
+    if override:
+        return override
+    for name in ("mpiexec", "mpirun"):
+        path = shutil.which(name, path=env.get("PATH"))
+        if path:
+            return path
+    raise LaunchError(f"mpiexec not found: {MPI_INSTALL_HINT}")
+
+
+def mpiexec_flavor(mpiexec: str) -> str:
+    """"openmpi", "mpich" (Hydra, also Intel MPI) or "unknown", from ``mpiexec --version``."""
+    try:
+        proc = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20)
+        text = (proc.stdout + proc.stderr).lower()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if "open mpi" in text or "open-mpi" in text or "openrte" in text or "prte" in text:
+        return "openmpi"
+    if "hydra" in text or "mpich" in text or "intel" in text:
+        return "mpich"
+    return "unknown"
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def build_command(mpiexec: str, flavor: str, nranks: int, args: Sequence[str],
+                  python: str = sys.executable, root: Optional[bool] = None) -> List[str]:
+    """The argv that reruns ``python -m flashcomm_cupy.cli.main *args`` on ``nranks`` ranks.
+
+    Open MPI refuses root without ``--allow-run-as-root`` and more ranks than
+    cores without ``--oversubscribe``; MPICH needs neither.
+    """
+    root = is_root() if root is None else root
+    cmd = [mpiexec]
+    if flavor == "openmpi":
+        if root:
+            cmd.append("--allow-run-as-root")
+        cmd.append("--oversubscribe")
+    cmd += ["-n", str(nranks), python, "-m", CLI_MODULE, *args]
+    return cmd
+
+
+def child_env(env: Mapping[str, str] = os.environ) -> dict:
+    """The parent's environment plus :data:`RELAUNCH_ENV`."""
+    child = dict(env)
+    child[RELAUNCH_ENV] = "1"
+    return child
+
+
+def relaunch(plan: LaunchPlan, args: Sequence[str], announce=None,
+             env: Mapping[str, str] = os.environ) -> int:
+    """Run the command again under mpiexec as ``plan`` says; return its exit status.
+
+    ``announce(text)`` is told what happens (the CLI prints it).  Ctrl-C is
+    forwarded to mpiexec, which forwards it to the ranks.
+    """
+    mpiexec = find_mpiexec(env)
+    cmd = build_command(mpiexec, mpiexec_flavor(mpiexec), plan.nranks, args)
+    if announce is not None:
+        announce(f"{plan.reason}\n  $ {' '.join(shlex.quote(c) for c in cmd)}")
+    proc = subprocess.Popen(cmd, env=child_env(env))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return 130

@@ -1,0 +1,159 @@
+"""The benchmark result: one :class:`Row` per message size x mode, plus run metadata.
+
+JSON layout (``schema`` = :data:`SCHEMA`)::
+
+    {"schema": "flashcomm.bench/1", "kind": "bench",
+     "meta": {date, command, flashcomm_version, backend, baseline, world_size,
+              dtype, machine, platform, card, gpu_count, versions: {...},
+              ranks: [describe() of each rank], config: {...}},
+     "rows": [{size_bytes, count, dtype, mode, bits, algo, algo_resolved, ...}, ...]}
+
+Floats that are not finite are written as the strings ``"nan"``, ``"inf"``
+and ``"-inf"`` so the file is strict JSON; :func:`read_json` turns them back.
+CSV holds the rows only, one column per :class:`Row` field.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+SCHEMA = "flashcomm.bench/1"
+
+
+@dataclass
+class Row:
+    """Measurements of one message size under one mode (times in microseconds)."""
+
+    size_bytes: int
+    count: int
+    dtype: str
+    mode: str                      # Mode.label, e.g. "int4 g128" or "nccl"
+    bits: str                      # "none", "8", "4/8"; "none" for the baseline
+    algo: str                      # as requested ("auto", "oneshot", ...)
+    algo_resolved: str             # what ran
+    group_size: int
+    rotate: bool
+    symmetric: bool
+    baseline: bool
+    time_us: Optional[float] = None      # primary figure: graph when available, else eager
+    graph_us: Optional[float] = None
+    eager_us: Optional[float] = None
+    algbw_gbps: Optional[float] = None
+    busbw_gbps: Optional[float] = None
+    speedup: Optional[float] = None      # baseline time / this time, same size
+    floor_us: Optional[float] = None     # wire bytes per rank / peer bandwidth
+    floor_ratio: Optional[float] = None  # time_us / floor_us
+    check: str = "off"                   # "reference", "exact" (error vs exact only) or "off"
+    rel_rms: Optional[float] = None
+    max_abs: Optional[float] = None
+    nonfinite: Optional[int] = None
+    wrong: Optional[int] = None          # elements != reference, summed over ranks
+    ranks_differ: Optional[int] = None   # ranks whose output differs from rank 0's
+    bound: Optional[float] = None        # rel-RMS bound applied
+    ok: bool = True
+    failure: str = ""
+
+
+_ROW_FIELDS = [f.name for f in dataclasses.fields(Row)]
+_ROW_TYPES = {f.name: f.type for f in dataclasses.fields(Row)}
+
+
+@dataclass
+class BenchResult:
+    meta: Dict[str, Any] = field(default_factory=dict)
+    rows: List[Row] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every row passed its checks."""
+        return all(r.ok for r in self.rows)
+
+    @property
+    def failures(self) -> List[Row]:
+        return [r for r in self.rows if not r.ok]
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "kind": "bench", "meta": self.meta,
+                "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BenchResult":
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"not a flashcomm bench result (schema {data.get('schema')!r}, want {SCHEMA!r})")
+        rows = [Row(**{k: v for k, v in r.items() if k in _ROW_TYPES}) for r in data.get("rows", [])]
+        return cls(meta=dict(data.get("meta", {})), rows=rows)
+
+
+# ----------------------------------------------------------------------------- JSON
+def _encode(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _encode(obj.item())
+    return obj
+
+
+_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _decode_row(row: dict) -> dict:
+    return {k: (_NONFINITE[v] if isinstance(v, str) and v in _NONFINITE
+                and "float" in str(_ROW_TYPES.get(k, "")) else v) for k, v in row.items()}
+
+
+def dumps(result: BenchResult) -> str:
+    """Strict JSON text of ``result``."""
+    return json.dumps(_encode(result.to_dict()), indent=1, allow_nan=False)
+
+
+def loads(text: str) -> BenchResult:
+    data = json.loads(text)
+    data["rows"] = [_decode_row(r) for r in data.get("rows", [])]
+    return BenchResult.from_dict(data)
+
+
+def write_json(result: BenchResult, path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(dumps(result) + "\n")
+
+
+def read_json(path) -> BenchResult:
+    with open(path, encoding="utf-8") as fh:
+        return loads(fh.read())
+
+
+# ----------------------------------------------------------------------------- CSV
+def write_csv(result: BenchResult, path) -> None:
+    """One header line (the :class:`Row` field names) and one line per row; None is empty."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=_ROW_FIELDS)
+        writer.writeheader()
+        for r in result.rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
+
+
+def _parse_cell(name: str, text: str):
+    kind = str(_ROW_TYPES[name])
+    if text == "":
+        return "" if kind == "str" else None
+    if kind == "bool":
+        return text == "True"
+    if "int" in kind:
+        return int(text)
+    if "float" in kind:
+        return float(text)
+    return text
+
+
+def read_csv(path) -> List[Row]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [Row(**{k: _parse_cell(k, v) for k, v in rec.items() if k in _ROW_TYPES})
+                for rec in csv.DictReader(fh)]

@@ -1,0 +1,266 @@
+"""The ``flashcomm`` CLI end to end: bench, verify and info on the CPU backend under
+mpiexec, the relaunch without mpirun, one-line errors, lazy commands, aborts.
+
+Every MPI run is a subprocess with a timeout (a hang fails the test instead
+of the suite).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mpi_util import REPO_ROOT, _is_open_mpi, mpi_env, require_mpi
+
+pytestmark = pytest.mark.mpi
+
+CLI = [sys.executable, "-m", "flashcomm_cupy.cli.main"]
+LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
+                 "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "FLASHCOMM_RELAUNCHED")
+
+
+def _run(cmd, timeout=120, env=None):
+    """Run ``cmd`` in its own process group; kill the group on timeout and fail."""
+    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env or mpi_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _mpirun(nprocs, args, timeout=120):
+    mpiexec = require_mpi()
+    cmd = [mpiexec] + (["--oversubscribe"] if _is_open_mpi(mpiexec) else []) + ["-n", str(nprocs)]
+    return _run(cmd + CLI + list(args), timeout=timeout)
+
+
+def _without_launcher(extra=None):
+    env = mpi_env(extra)
+    for var in LAUNCHER_VARS:
+        env.pop(var, None)
+    return env
+
+
+# ----------------------------------------------------------------------------- bench
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--backend", "cpu", "-b", "1K", "-e", "64K", "-f", "4", "-n", "2", "-w", "1", "-r", "2",
+            "--bits", "none,8,4,4/8", "--peer-bw", "10", "--json", str(out / "r.json"), "--csv", str(out / "r.csv")]
+    try:
+        import matplotlib  # noqa: F401
+        args += ["--plot", str(out / "r.png")]
+    except ImportError:
+        pass
+    return _mpirun(4, args), out
+
+
+def test_bench_on_four_cpu_ranks_passes_and_prints_the_table(bench_run):
+    proc, _ = bench_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "backend cpu (baseline mpi), 4 ranks, float16" in out
+    for rank in range(4):
+        assert f"Rank   {rank} host" in out
+    for col in ("size", "count", "type", "mode", "time(us)", "algbw", "busbw", "speedup", "floor(us)",
+                "rel-RMS", "max-abs", "#wrong"):
+        assert col in out, col
+    for label in ("mpi", "lossless", "int8 g128", "int4 g128", "int4/8 g128"):
+        assert label in out
+    assert out.rstrip().splitlines()[-1].startswith("# wrote") and "\n# OK\n" in out
+    assert out.count("# flashcomm") == 1  # rank 0 alone prints
+
+
+def test_bench_json_has_one_checked_row_per_size_and_mode(bench_run):
+    proc, out = bench_run
+    data = json.loads((out / "r.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["world_size"] == 4 and meta["backend"] == "cpu" and meta["dtype"] == "float16"
+    assert meta["command"].startswith("flashcomm bench --backend cpu") and meta["versions"]["mpi"]
+    assert len(meta["ranks"]) == 4 and len({r["pid"] for r in meta["ranks"]}) == 4
+    sizes = [1024, 4096, 16384, 65536]
+    modes = ["mpi", "lossless", "int8 g128", "int4 g128", "int4/8 g128"]
+    assert [(r["size_bytes"], r["mode"]) for r in rows] == [(s, m) for s in sizes for m in modes]
+    for r in rows:
+        assert r["count"] == r["size_bytes"] // 2
+        assert r["time_us"] > 0 and r["eager_us"] == r["time_us"] and r["graph_us"] is None
+        assert r["algbw_gbps"] == pytest.approx(r["size_bytes"] / (r["time_us"] * 1e-6) / 1e9)
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 1.5)
+        assert r["floor_us"] > 0 and r["floor_ratio"] == pytest.approx(r["time_us"] / r["floor_us"])
+        assert math.isfinite(r["rel_rms"]) and math.isfinite(r["max_abs"]) and r["nonfinite"] == 0
+        assert r["rel_rms"] <= r["bound"] and r["ok"] and r["ranks_differ"] == 0
+        if r["baseline"]:
+            assert r["speedup"] == 1.0 and r["wrong"] is None and r["check"] == "exact"
+        else:
+            assert r["wrong"] == 0 and r["check"] == "reference" and r["algo_resolved"] == "twoshot"
+            assert r["speedup"] > 0
+    lossless = [r for r in rows if r["mode"] == "lossless"]
+    int8 = [r for r in rows if r["mode"] == "int8 g128"]
+    assert all(r["rel_rms"] < 1e-3 for r in lossless) and all(1e-3 < r["rel_rms"] < 0.02 for r in int8)
+    csv_lines = (out / "r.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(rows)
+    if (out / "r.png").exists():
+        assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_graph_request_on_cpu_falls_back_to_eager_and_bf16_works():
+    proc = _mpirun(2, ["bench", "--backend", "cpu", "-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-r", "1",
+                       "-G", "1", "--eager", "-d", "bf16", "--bits", "6", "--algo", "oneshot,twoshot",
+                       "--rotate", "both"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for label in ("int6 g128 [oneshot]", "int6 g128 rot [oneshot]", "int6 g128 [twoshot]",
+                  "int6 g128 rot [twoshot]"):
+        assert label in proc.stdout
+    assert "bfloat16" in proc.stdout and "# OK" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- verify, info
+def test_verify_passes_on_three_ranks(tmp_path):
+    path = tmp_path / "v.json"
+    proc = _mpirun(3, ["verify", "--backend", "cpu", "--lengths", "1,127,4099", "-d", "float16,bfloat16,float32",
+                       "--algo", "auto,oneshot", "--json", str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(path.read_text())
+    # baseline + lossless x 2 algos + 4 quantized bits x 2 algos x 2 rotate x 2 symmetric = 35 modes
+    assert data["ok"] and data["world_size"] == 3 and len(data["rows"]) == 35 * 3 * 3
+    flash = [r for r in data["rows"] if not r["baseline"]]
+    assert all(r["wrong"] == 0 and r["inplace_wrong"] == 0 and r["ranks_differ"] == 0 for r in flash)
+    assert "OK" in proc.stdout.splitlines()[-1]
+
+
+def test_info_prints_the_mpi_library_and_every_rank(tmp_path):
+    path = tmp_path / "i.json"
+    proc = _mpirun(2, ["info", "--backend", "cpu", "--json", str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from flashcomm_cupy import _mpi
+    version = " ".join(_mpi.library_version().split())
+    assert version and version in proc.stdout
+    data = json.loads(path.read_text())
+    assert data["world_size"] == 2 and [r["rank"] for r in data["ranks"]] == [0, 1]
+    assert data["auto_algo"]["int4"]["1M"] == "twoshot" and "oneshot" in data["algos"]
+
+
+# ----------------------------------------------------------------------------- relaunch
+def test_without_mpirun_on_a_gpuless_host_it_relaunches_four_cpu_ranks():
+    proc = _run(CLI + ["bench", "-b", "1K", "-e", "1K", "--bits", "4", "-n", "1", "-w", "0", "-r", "1"],
+                env=_without_launcher())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "relaunching on the CPU backend with 4 ranks" in proc.stderr
+    assert "-n 4" in proc.stderr
+    assert "4 ranks" in proc.stdout and "# OK" in proc.stdout
+
+
+def test_no_relaunch_runs_a_single_rank():
+    proc = _run(CLI + ["bench", "--no-relaunch", "-b", "1K", "-e", "1K", "--bits", "8", "-n", "1", "-w", "0",
+                       "-r", "1"], env=_without_launcher())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "relaunching" not in proc.stderr and "1 ranks" in proc.stdout
+
+
+def test_missing_mpiexec_is_a_one_line_error_with_the_install_hint(tmp_path):
+    env = _without_launcher()
+    env["PATH"] = str(tmp_path)  # nothing to launch with
+    proc = _run(CLI + ["info"], env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "flashcomm-cupy[mpi]"' in lines[0], proc.stderr
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "--frobnicate"], "--frobnicate"),
+    (["bench", "-d", "int8"], "unsupported dtype"),
+    (["bench", "--bits", "5"], "--bits"),
+    (["bench", "-b", "lots"], "cannot parse size"),
+    (["verify", "--algo", "threeshot"], "threeshot"),
+    (["nosuchcommand"], "nosuchcommand"),
+])
+def test_bad_flags_exit_2_with_one_line(args, needle):
+    proc = _run(CLI + args, env=_without_launcher(), timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flashcomm: error:") and needle in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_gpu_backend_without_cupy_is_a_one_line_error():
+    pytest.importorskip("mpi4py")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    proc = _run(CLI + ["bench", "--backend", "gpu"], env=_without_launcher(), timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ('flashcomm: error: --backend gpu needs CuPy: '
+                                   'pip install "flashcomm-cupy[cuda12]" (or [cuda13] for CUDA 13)')
+
+
+ONE_RANK_FAILS = textwrap.dedent("""
+    import click
+    from mpi4py import MPI
+    from flashcomm_cupy.cli import main as m
+
+    @m.cli.command("boom")
+    def boom():
+        if MPI.COMM_WORLD.Get_rank() == 1:
+            raise RuntimeError("planted failure")
+        MPI.COMM_WORLD.Barrier()  # rank 0 waits here forever unless the job is aborted
+
+    m.main(["boom"])
+""")
+
+
+def test_an_exception_on_one_rank_aborts_the_job_instead_of_hanging(tmp_path):
+    script = tmp_path / "boom.py"
+    script.write_text(ONE_RANK_FAILS)
+    mpiexec = require_mpi()
+    cmd = [mpiexec] + (["--oversubscribe"] if _is_open_mpi(mpiexec) else []) + \
+        ["-n", "2", sys.executable, str(script)]
+    proc = _run(cmd, timeout=60)
+    assert proc.returncode != 0
+    assert "[rank 1] flashcomm: error: RuntimeError: planted failure" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- lazy loading, in process
+def test_help_lists_every_command_without_importing_them():
+    code = ("import sys\nfrom flashcomm_cupy.cli.main import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "loaded = [m for m in ('rich', 'flashcomm_cupy.cli.bench', 'flashcomm_cupy.cli.accuracy', "
+            "'flashcomm_cupy.harness.sweep') if m in sys.modules]\n"
+            "print('LOADED', loaded)\n")
+    proc = _run([sys.executable, "-c", code], env=_without_launcher(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("bench", "info", "verify", "accuracy", "model", "tune"):
+        assert f"  {name} " in proc.stdout
+    assert "LOADED []" in proc.stdout
+
+
+def test_a_broken_command_module_only_breaks_its_own_command(monkeypatch, capsys):
+    from flashcomm_cupy.cli import main as m
+    monkeypatch.setitem(m.LAZY_COMMANDS, "ghost", (".no_such_module", "ghost", "A missing command."))
+    monkeypatch.setattr(m.cli, "lazy_commands", dict(m.LAZY_COMMANDS))
+    with pytest.raises(SystemExit) as exc:
+        m.main(["ghost", "--whatever"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'flashcomm ghost' is unavailable" in err[0]
+    with pytest.raises(SystemExit) as exc:
+        m.main(["bench", "--help"])
+    assert exc.value.code == 0 and "--minbytes" in capsys.readouterr().out
+
+
+def test_version_flag():
+    from flashcomm_cupy import __version__
+    proc = _run(CLI + ["--version"], env=_without_launcher(), timeout=60)
+    assert proc.returncode == 0 and __version__ in proc.stdout
