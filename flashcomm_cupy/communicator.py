@@ -138,8 +138,14 @@ class Communicator:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            # Unwinding from an error: the other ranks may be inside another
+            # collective, so a collective teardown could hang this rank before
+            # it reaches MPI_Abort.  Resources go with the process.
+            self._closed = True
         return False
 
     def __repr__(self):

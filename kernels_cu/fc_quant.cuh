@@ -108,10 +108,11 @@ __device__ __forceinline__ fc_u32 fc_unpack_code(const FcUnit<BITS>& u, int i) {
 // Quantize one unit (see quant.quantize for the exact rules).
 template <int BITS>
 __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, bool sym, FcUnit<BITS>& u) {
-  int bad = 0;
+  // x * 0 is NaN exactly for NaN and +-Inf: one FMA per element flags a non-finite group.
+  float probe = 0.0f;
 #pragma unroll
-  for (int i = 0; i < FC_ELEMS; ++i) bad |= !fc_isfinite(v[i]);
-  bad = fc_group_any(bad, gl);
+  for (int i = 0; i < FC_ELEMS; ++i) probe = __fmaf_rn(v[i], 0.0f, probe);
+  int bad = fc_group_any(probe != probe, gl);
   float scale, mn = 0.0f, inv;
   if (sym) {
     float amax = 0.0f;

@@ -42,7 +42,7 @@ class FlashGpuBackend(Backend):
     baseline_algo = "nccl"
 
     def __init__(self, comm, device=None, timeout_s=None, validate=False, max_blocks=None, max_threads=512,
-                 tuning_path=None, slot_bytes=64 << 10):
+                 tuning_path=None, slot_bytes=48 << 10):
         import cupy
         self.mpi_comm = comm
         self.rank = comm.Get_rank()
@@ -57,8 +57,11 @@ class FlashGpuBackend(Backend):
                                else os.environ.get("FLASHCOMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         self.max_threads = int(max_threads)
         self.slot_bytes = int(slot_bytes)
-        if max_blocks is None:  # one block per SM: every SM can push to NVLink
-            max_blocks = cupy.cuda.runtime.getDeviceProperties(self.device_id)["multiProcessorCount"]
+        if max_blocks is None:
+            # Two co-resident 256-thread blocks per SM (<= 128 registers each): while one
+            # waits for its peers the other computes.  All blocks must be resident at
+            # once, since block b waits for block b of every peer.
+            max_blocks = 2 * cupy.cuda.runtime.getDeviceProperties(self.device_id)["multiProcessorCount"]
         self.table = tuning.load(tuning_path)
         #: (threads, blocks) forced on every flash launch; set only by tuning sweeps
         self.force_launch = None
@@ -72,10 +75,10 @@ class FlashGpuBackend(Backend):
 
     def _init_workspace(self, comm, max_blocks):
         import cupy
-        # A slot must hold one unit-round of a lossless fp32 tile at max_threads; launches pick
-        # how many units per thread fit (see _launch).
+        # Launches pick threads and units so one tile fits a slot (see _launch).
+        # 48 KiB x 264 blocks x 4 regions is 200 MB per rank at 4 ranks.
         layout = WorkspaceLayout(self.world_size, int(max_blocks),
-                                 max(self.slot_bytes, 4 * ELEMS_PER_THREAD * self.max_threads + 256))
+                                 max(self.slot_bytes, 2 * ELEMS_PER_THREAD * 128 + 256))
         self.ws = IpcWorkspace(comm, layout, self.device_id)
         self._err_ptr = cupy.cuda.runtime.hostAlloc(64, 0x3)  # portable | mapped
         ctypes.memset(self._err_ptr, 0, 64)
@@ -156,21 +159,7 @@ class FlashGpuBackend(Backend):
         return out
 
     def _launch(self, choice, src, dst, n, name, mode, stream):
-        unit = ELEMS_PER_THREAD if mode.lossless else mode.group_size
-        units = -(-n // unit)
-        if choice.algo == "twoshot":
-            seg = -(-units // self.world_size) * unit
-        else:
-            seg = units * unit
-        threads = max(choice.threads, unit // ELEMS_PER_THREAD, 64)
-        threads = min(threads, self.max_threads)
-        per_elem = np.dtype(name).itemsize if mode.lossless else max(
-            mode.rs_codec.wire_bytes_per_element(), mode.ag_codec.wire_bytes_per_element())
-        fit = int((self.ws.layout.slot_bytes - 256) // (threads * ELEMS_PER_THREAD * per_elem))
-        units = max(1, min(choice.units, fit, -(-seg // (threads * ELEMS_PER_THREAD))))
-        tiles = -(-seg // (threads * ELEMS_PER_THREAD * units))
-        limit = self.ws.layout.max_blocks if choice.blocks <= 0 else min(choice.blocks, self.ws.layout.max_blocks)
-        blocks = max(1, min(limit, tiles))
+        threads, blocks, seg, units = self._launch_shape(choice, n, name, mode)
         a = self._args[0]
         a["in_ptr"], a["out_ptr"] = src.data.ptr, dst.data.ptr
         a["n"], a["seg_elems"] = n, seg
@@ -181,6 +170,32 @@ class FlashGpuBackend(Backend):
         fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot",
                                KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
         fn((blocks,), (threads,), (self._args,), stream=stream)
+
+    def _launch_shape(self, choice, n, name, mode):
+        """(threads, blocks, segment elements, units per thread) for one call.
+
+        Segments are whole groups (32-element units when lossless); a tile of
+        threads x 32 x units elements must fit one workspace slot, and a
+        512-thread block fills an SM, so only half as many of those are resident.
+        """
+        quantum = ELEMS_PER_THREAD if mode.lossless else mode.group_size
+        quanta = -(-n // quantum)
+        if choice.algo == "twoshot":
+            seg = -(-quanta // self.world_size) * quantum
+        else:
+            seg = quanta * quantum
+        per_elem = np.dtype(name).itemsize if mode.lossless else max(
+            mode.rs_codec.wire_bytes_per_element(), mode.ag_codec.wire_bytes_per_element())
+        room = self.ws.layout.slot_bytes - 256
+        threads = min(max(choice.threads, quantum // ELEMS_PER_THREAD, 64), self.max_threads)
+        while threads > 64 and threads * ELEMS_PER_THREAD * per_elem > room:
+            threads //= 2  # e.g. lossless fp32 at 512 threads does not fit a 48 KiB slot
+        fit = int(room // (threads * ELEMS_PER_THREAD * per_elem))
+        units = max(1, min(choice.units, fit, -(-seg // (threads * ELEMS_PER_THREAD))))
+        resident = self.ws.layout.max_blocks // (2 if threads > 256 else 1)
+        limit = resident if choice.blocks <= 0 else min(choice.blocks, resident)
+        tiles = -(-seg // (threads * ELEMS_PER_THREAD * units))
+        return threads, max(1, min(limit, tiles)), seg, units
 
     def _validate(self, n, name, mode):
         mine = (n, name, mode.bits_label, mode.group_size, mode.rotate, mode.symmetric, mode.algo)

@@ -80,6 +80,21 @@ extern "C" __global__ void fc_canary(unsigned int* dst, unsigned int value, unsi
 """
 
 
+def _bounded_barrier(comm, timeout_s: float) -> bool:
+    """MPI barrier that gives up after ``timeout_s``; True when every rank arrived."""
+    import time
+    try:
+        req = comm.Ibarrier()
+    except Exception:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while not req.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 class PeerAccessError(RuntimeError):
     """CUDA IPC or peer access does not work between these ranks."""
 
@@ -171,8 +186,14 @@ class IpcWorkspace:
                 return f"rank {self.rank}: canary from rank {r} did not arrive (found {int(mine[r]):#x})"
         return None
 
-    def close(self):
-        """Collective: close peers' handles, wait for everybody, then free ours."""
+    def close(self, barrier_timeout_s: float = 10.0):
+        """Collective: close peers' handles, wait for everybody, then free ours.
+
+        The wait is bounded: a rank that is unwinding from an error while its
+        peers sit in another collective must still get to MPI_Abort, so after
+        ``barrier_timeout_s`` we stop waiting and leave our buffer to process
+        exit rather than free memory a peer may still have open.
+        """
         import cupy
         rt = cupy.cuda.runtime
         try:
@@ -185,10 +206,9 @@ class IpcWorkspace:
             except Exception:
                 pass
         self._opened = []
-        try:
-            self.comm.Barrier()
-        except Exception:
-            pass
+        if not _bounded_barrier(self.comm, barrier_timeout_s):
+            self.ptr = 0  # a peer may still map it: leak rather than free under its feet
+            return
         if self.ptr:
             rt.free(self.ptr)
             self.ptr = 0
