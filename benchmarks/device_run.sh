@@ -12,6 +12,7 @@ STAGES=${1:-info,checks}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 export FLASHCOMM_TIMEOUT_S=${FLASHCOMM_TIMEOUT_S:-20}
+export TERM=dumb NO_COLOR=1  # logs, not a live terminal (Open MPI gives ranks a pty)
 OUT=${OUT:-/tmp/flashcomm-out}
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
@@ -30,7 +31,7 @@ run() {  # run LIMIT_S CMD...: bounded, output to the log
   return 0
 }
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 \
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/flashcomm-pip.log 2>&1 \
   || { log "pip install failed; using PYTHONPATH"; export PYTHONPATH=$PWD; }
 FC="python3 -m flashcomm_cupy.cli.main"
 
@@ -41,26 +42,34 @@ for stage in ${STAGES//,/ }; do
       run 60 python3 -c "import cupy, mpi4py, numpy; from cupy.cuda import nccl; print('cupy', cupy.__version__, 'nccl', nccl.get_version(), 'mpi4py', mpi4py.__version__, 'numpy', numpy.__version__)"
       run 120 $MPI "$NP" $FC info --json "$OUT/info-$NP.json" ;;
     checks)
-      run 540 $MPI "$NP" python3 tests/gpu/gpu_checks.py ;;
+      run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py ;;
     checks-fast)
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only codec,exact,groups,api ;;
     checks-rest)
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only many,graphs,large,timeout ;;
     checks23)
-      run 240 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
-      [ "$NG" -ge 3 ] && run 240 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
+      run 100 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
+      [ "$NG" -ge 3 ] && run 100 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     tune)
-      run 400 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
+      run 120 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
       export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
     bench)
-      run 500 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \
+      run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \
         --json "$OUT/bench-${NP}x-$TAG.json" --plot "$OUT/bench-${NP}x.png" ;;
+    bench2)
+      run 120 $MPI 2 $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 \
+        --json "$OUT/bench-2x-$TAG.json" ;;
     verify)
-      run 300 $MPI "$NP" $FC verify ;;
+      run 300 $MPI "$NP" $FC verify --json "$OUT/verify-${NP}x.json" ;;
+    verify-short)
+      run 100 $MPI "$NP" $FC verify --lengths 1,4099,1048583 --datatype float16,bfloat16 --rotate both \
+        --symmetric off ;;
     accuracy)
-      run 200 $MPI "$NP" $FC accuracy --backend gpu --json "$OUT/accuracy-gpu.json" ;;
+      run 60 $MPI "$NP" $FC accuracy --backend gpu --data outliers,gaussian --group-size 128 \
+        --elements 262144 --json "$OUT/accuracy-gpu-${NP}x.json" ;;
     model)
-      run 560 env NP="$NP" LAYERS="${LAYERS:-80}" bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
+      run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
+        bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
     pytest)
       run 500 python3 -m pytest -m gpu tests/gpu -q ;;
     *) log "unknown stage $stage" ;;
