@@ -65,8 +65,8 @@ for stage in ${STAGES//,/ }; do
       run 100 $MPI "$NP" $FC verify --lengths 1,4099,1048583 --datatype float16,bfloat16 --rotate both \
         --symmetric off ;;
     accuracy)
-      run 60 $MPI "$NP" $FC accuracy --backend gpu --data outliers,gaussian --group-size 128 \
-        --elements 262144 --json "$OUT/accuracy-gpu-${NP}x.json" ;;
+      run 150 $MPI "$NP" $FC accuracy --backend gpu --data outliers --group-size 128 --symmetric off \
+        --elements 65536 --json "$OUT/accuracy-gpu-${NP}x.json" ;;
     model)
       run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
         bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
