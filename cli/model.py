@@ -228,10 +228,10 @@ def model(model_name, hidden, heads, kv_heads, head_dim, ffn, num_layers, layers
         if root:
             click.echo(f"[flashcomm model] {msg}", err=True)
 
-    try:
-        report = run_model_benchmark(comm, cfg, progress)
-    finally:
-        comm.close()
+    # Collective: on an error (possibly one rank's alone) skip the collective close so
+    # main() reaches MPI_Abort on every rank.
+    report = run_model_benchmark(comm, cfg, progress)
+    comm.close()
     if not root:
         return
     print_report(report)

@@ -212,3 +212,34 @@ def test_distributed_cpu_run_matches_the_reference_and_the_simulation(tmp_path):
     # the distributed numbers are the simulated ones, exactly
     for a, b in zip(d, s):
         assert (a["mode"], a["rel_rms"], a["max_abs"]) == (b["mode"], b["rel_rms"], b["max_abs"])
+
+
+def test_distributed_study_does_not_ask_the_reference_for_the_vendor_collective():
+    """When "auto" hands a size to NCCL the row says n/a instead of raising on rank 0 alone
+    (which left the other ranks waiting in a gather)."""
+    import numpy as np
+    from flashcomm_cupy import accuracy
+    from flashcomm_cupy.config import Mode
+
+    class OneRank:
+        def gather(self, x, root=0):
+            return [x]
+
+    class FakeComm:
+        mpi_comm = OneRank()
+        rank = 0
+        world_size = 1
+
+        def resolve_algo(self, nbytes, bits=None, **kw):
+            return "nccl" if bits == (None, None) else "twoshot"
+
+        def all_reduce(self, x, bits=None, algo=None, **kw):
+            assert algo in ("nccl", "twoshot")
+            return x.copy() if algo == "nccl" else accuracy.reference.flash_all_reduce_reference(
+                [x], bits=bits, algo=algo, group_size=kw["group_size"], rotate=kw["rotate"],
+                symmetric=kw["symmetric"])[0]
+
+    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    rows = accuracy.study_distributed(FakeComm(), x, [Mode.make(None), Mode.make(8)], "gaussian")
+    assert [r.matches_reference for r in rows] == [None, True]
+    assert rows[0].rel_rms == 0.0
