@@ -101,7 +101,9 @@ class Communicator:
         array, a CuPy array, or anything with ``__cuda_array_interface__`` or
         ``__dlpack__`` (a PyTorch tensor); the result is of the same kind and
         shape.  ``out is x`` reduces in place.  GPU work is ordered on
-        ``stream`` (default: CuPy's current stream).
+        ``stream`` (default: CuPy's current stream; for a PyTorch tensor,
+        PyTorch's current stream on its device).  A NumPy input is copied to
+        the GPU and back, and the call returns once the result is on the host.
         """
         self._check_open()
         mode = Mode.make(bits, group_size, symmetric, rotate, algo)
