@@ -214,8 +214,10 @@ def model(model_name, hidden, heads, kv_heads, head_dim, ffn, num_layers, layers
     from flashcomm_cupy import Communicator
     try:
         comm = Communicator(backend=backend)
-    except Exception as exc:
+    except ImportError as exc:  # the same on every rank (a missing package)
         raise click.ClickException(f"cannot create the {backend} communicator: {exc}") from None
+    # Any other error may be one rank's alone (the others wait in the construction's
+    # collectives): it goes to main(), which aborts every rank.
     root = comm.rank == 0
     try:
         from flashcomm_cupy.model.config import TensorParallelSplit

@@ -193,23 +193,38 @@ def require_cupy(backend: str) -> None:
         raise click.ClickException(f"--backend {backend} needs CuPy: {CUPY_HINT}")
 
 
+def _gpu_problem(nlocal: int) -> Optional[str]:
+    """Why this rank cannot run ``--backend gpu`` (None when it can); local, never raises."""
+    from flashcomm_cupy import gpu_available
+    if importlib.util.find_spec("cupy") is None:
+        return f"--backend gpu needs CuPy: {CUPY_HINT}"
+    if not gpu_available():
+        return "--backend gpu: CuPy sees no CUDA device (try --backend cpu)"
+    ndev = launch.cuda_device_count()
+    if nlocal > ndev:
+        return (f"{nlocal} ranks on this host but only {ndev} GPU(s): "
+                f"run at most {ndev} ranks per host (mpiexec -n {ndev})")
+    return None
+
+
 def open_communicator(backend: str, **options):
     """A :class:`flashcomm_cupy.Communicator` on ``MPI.COMM_WORLD`` (collective).
 
     ``--backend gpu`` without CuPy, without a visible GPU, or with more ranks
-    on a host than GPUs raises :class:`click.ClickException` on every rank.
+    on a host than GPUs raises :class:`click.ClickException` on every rank
+    (also when only some ranks, e.g. those of one host, have the problem).
     """
-    from flashcomm_cupy import Communicator, gpu_available
+    from flashcomm_cupy import Communicator
     from flashcomm_cupy import _mpi
     if backend == "gpu":
-        require_cupy(backend)
-        if not gpu_available():
-            raise click.ClickException("--backend gpu: CuPy sees no CUDA device (try --backend cpu)")
-        ndev = launch.cuda_device_count()
-        nlocal = _mpi.local_size()
-        if nlocal > ndev:
-            raise click.ClickException(f"{nlocal} ranks on this host but only {ndev} GPU(s): "
-                                       f"run at most {ndev} ranks per host (mpiexec -n {ndev})")
+        # The checks are each rank's own (hosts and CUDA_VISIBLE_DEVICES may differ): agree
+        # first, so that every rank raises or none does and all enter the collectives below.
+        problems = _mpi.get_comm().allgather(_gpu_problem(_mpi.local_size()))
+        bad = [(r, p) for r, p in enumerate(problems) if p is not None]
+        if bad:
+            rank, problem = bad[0]
+            same = all(p == problem for p in problems)
+            raise click.ClickException(problem if same else f"rank {rank}: {problem}")
     try:
         return Communicator(backend=backend, **options)
     except ImportError as exc:

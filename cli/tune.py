@@ -39,11 +39,12 @@ def tune(minbytes, maxbytes, stepfactor, tune_bits, iters, repeats, out_path, ba
     while s <= maxbytes:
         sizes.append(s)
         s *= stepfactor
-    try:
-        table = run_tune(comm, sizes, tune_bits=int(tune_bits), iters=iters, repeats=repeats,
-                         progress=console.print if comm.rank == 0 else None)
-    finally:
-        comm.close()
+    # Collective: an error here may be one rank's alone, so it must reach main(), which
+    # aborts every rank; closing (collective: the workspace teardown waits for every
+    # rank) happens only on success.
+    table = run_tune(comm, sizes, tune_bits=int(tune_bits), iters=iters, repeats=repeats,
+                     progress=console.print if comm.rank == 0 else None)
+    comm.close()
     if comm.rank == 0:
         path = Path(out_path) if out_path else tuning.USER
         base = json.loads(path.read_text()) if path.is_file() else {}

@@ -89,19 +89,23 @@ def mpi_env(extra: Optional[dict] = None) -> dict:
 
 
 def run_mpi(script, nprocs: int, args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            env: Optional[dict] = None, mpi4py_run: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m mpi4py script args...`` on ``nprocs`` ranks; return the finished process.
 
-    ``python -m mpi4py`` aborts all ranks when one raises, so a failure on one
-    rank ends the job instead of leaving the others blocked in a collective.
-    On timeout the whole process group is killed and the test fails with the
-    output collected so far.
+    ``python -m mpi4py`` aborts all ranks when one raises (or exits non-zero),
+    so a failure on one rank ends the job instead of leaving the others
+    blocked in a collective.  ``mpi4py_run=False`` runs ``python script``
+    instead, as the ``flashcomm`` console script runs: then only the code's
+    own error handling can end a job that failed on one rank, which is what
+    the tests of that handling need.  On timeout the whole process group is
+    killed and the test fails with the output collected so far.
     """
     mpiexec = require_mpi()
     cmd = [mpiexec]
     if _is_open_mpi(mpiexec):
         cmd.append("--oversubscribe")
-    cmd += ["-n", str(nprocs), sys.executable, "-m", "mpi4py", str(script), *map(str, args)]
+    runner = ["-m", "mpi4py"] if mpi4py_run else []
+    cmd += ["-n", str(nprocs), sys.executable, *runner, str(script), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=mpi_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -114,12 +118,12 @@ def run_mpi(script, nprocs: int, args: Sequence[str] = (), timeout: float = DEFA
 
 
 def run_mpi_code(code: str, nprocs: int, timeout: float = DEFAULT_TIMEOUT_S,
-                 env: Optional[dict] = None) -> subprocess.CompletedProcess:
+                 env: Optional[dict] = None, mpi4py_run: bool = True) -> subprocess.CompletedProcess:
     """Like :func:`run_mpi` for a source snippet (written to a temporary file)."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(code)
         path = f.name
     try:
-        return run_mpi(path, nprocs, timeout=timeout, env=env)
+        return run_mpi(path, nprocs, timeout=timeout, env=env, mpi4py_run=mpi4py_run)
     finally:
         os.unlink(path)

@@ -208,7 +208,12 @@ def _workload(comm, cfg: ModelBenchConfig, model, stream, phase: str, tokens: in
 def _meta(comm, cfg: ModelBenchConfig, dt, weight_bytes: int) -> dict:
     try:
         device = comm.describe()
-    except Exception as exc:  # describe() is informational; never fail the benchmark for it
+    except Exception as exc:  # describe() is informational; never fail the benchmark for it...
+        if comm.world_size > 1:
+            # ...except that it may be collective (the GPU backend all-gathers peer access):
+            # a rank that swallowed its error would leave the others waiting in it.
+            # main() aborts every rank instead.
+            raise
         device = {"error": str(exc)}
     return {
         "model": cfg.shape.to_dict(),
