@@ -123,14 +123,7 @@ def parse_size_option(ctx, param, value) -> Optional[int]:
 
 
 def parse_count_list(ctx, param, value) -> List[int]:
-    out = []
-    for item in _split(value):
-        try:
-            n = parse_size(item)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc)) from None
-        out.append(n)
-    return out
+    return [parse_size_option(ctx, param, item) for item in _split(value)]
 
 
 # ----------------------------------------------------------------------------- reusable options

@@ -106,15 +106,27 @@ def run_mpi(script, nprocs: int, args: Sequence[str] = (), timeout: float = DEFA
         cmd.append("--oversubscribe")
     runner = ["-m", "mpi4py"] if mpi4py_run else []
     cmd += ["-n", str(nprocs), sys.executable, *runner, str(script), *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=mpi_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return run_in_group(cmd, timeout, mpi_env(env), merge_stderr=True,
+                        what=f"mpiexec -n {nprocs} {Path(script).name}")
+
+
+def run_in_group(cmd, timeout: float, env: dict, merge_stderr: bool = False,
+                 what: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repo root in its own process group.
+
+    On timeout the whole group (mpiexec and every rank) is killed and the
+    test fails with the output so far, so a hang can never stall the suite.
+    """
+    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n {nprocs} {Path(script).name} timed out after {timeout} s:\n{out}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+        out, err = proc.communicate()
+        pytest.fail(f"{what or ' '.join(map(str, cmd))} timed out after {timeout} s:\n{out}\n{err or ''}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err or "")
 
 
 def run_mpi_code(code: str, nprocs: int, timeout: float = DEFAULT_TIMEOUT_S,

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from mpi_util import REPO_ROOT, _is_open_mpi, mpi_env, require_mpi
+from mpi_util import _is_open_mpi, mpi_env, require_mpi, run_in_group
 
 pytestmark = pytest.mark.mpi
 
@@ -27,15 +24,7 @@ LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PM
 
 def _run(cmd, timeout=120, env=None):
     """Run ``cmd`` in its own process group; kill the group on timeout and fail."""
-    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env or mpi_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s:\n{out}\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_in_group(cmd, timeout, env or mpi_env())
 
 
 def _mpirun(nprocs, args, timeout=120):
