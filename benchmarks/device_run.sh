@@ -5,7 +5,8 @@
 #
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
 # ranks), checks23 (quick checks at 2 and 3 ranks), tune, bench, verify,
-# accuracy, model, pytest (the pytest GPU wrapper).  NP defaults to the GPU
+# accuracy, model, pytest (the pytest GPU wrapper), variants (kernel_variants.py;
+# env BASE_KERNELS, VARIANTS, CASES), checks-quick.  NP defaults to the GPU
 # count.  Logs and JSON land in $OUT (the device tool brings them back).
 set -uo pipefail
 STAGES=${1:-info,checks}
@@ -70,6 +71,21 @@ for stage in ${STAGES//,/ }; do
     model)
       run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
         bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
+    variants)
+      run 420 $MPI "$NP" python3 benchmarks/kernel_variants.py ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} \
+        ${VARIANTS:+--variants "$VARIANTS"} ${CASES:+--only "$CASES"} --json "$OUT/variants-${NP}x-$TAG.json" ;;
+    solo)  # one GPU: compute + HBM side of the kernels (kernel_solo.py), A/B against BASE_KERNELS
+      run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
+        --shape "${SOLO_SHAPE:-256,264,2}" ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} ;;
+    ncu)  # Nsight Compute on the solo kernel (details into the log)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      FLASHCOMM_KERNEL_LINEINFO=1 run 300 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section Occupancy --section ComputeWorkloadAnalysis \
+        --section InstructionStats --section SourceCounters \
+        python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" ;;
+    checks-quick)
+      run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
     pytest)
       run 500 python3 -m pytest -m gpu tests/gpu -q ;;
     *) log "unknown stage $stage" ;;

@@ -5,6 +5,7 @@ first use, and describes the kernels' argument struct.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -14,7 +15,17 @@ KERNEL_SOURCE = "fc_allreduce.cu"
 
 
 def kernel_dir() -> Path:
-    """Directory holding the ``.cu``/``.cuh`` sources (installed or checkout)."""
+    """Directory holding the ``.cu``/``.cuh`` sources (installed or checkout).
+
+    ``$FLASHCOMM_KERNEL_DIR`` overrides it, for A/B timing of two kernel
+    versions in one run (``benchmarks/kernel_variants.py``).
+    """
+    override = os.environ.get("FLASHCOMM_KERNEL_DIR")
+    if override:
+        cand = Path(override).resolve()
+        if not (cand / KERNEL_SOURCE).is_file():
+            raise FileNotFoundError(f"FLASHCOMM_KERNEL_DIR={override} has no {KERNEL_SOURCE}")
+        return cand
     here = Path(__file__).resolve().parent
     for cand in (here / "kernels_cu", here.parent / "kernels_cu"):
         if (cand / KERNEL_SOURCE).is_file():
@@ -45,23 +56,46 @@ FLAG_ROTATE = 1
 FLAG_SYM = 2
 
 
-@functools.lru_cache(maxsize=None)
-def _source() -> str:
-    return (kernel_dir() / KERNEL_SOURCE).read_text()
+def source_digest(directory: Path) -> str:
+    """Hash of every kernel source in ``directory``.
+
+    CuPy's on-disk binary cache is keyed on the ``.cu`` text and the options,
+    not on the headers it includes, so the digest goes into the options: an
+    edited header can never load a stale binary.
+    """
+    h = hashlib.sha256()
+    for p in sorted(q for q in directory.iterdir() if q.suffix in (".cu", ".cuh")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def profiling_defines() -> tuple:
+    """Extra ``-D`` options from ``$FLASHCOMM_KERNEL_DEFINES`` (space separated).
+
+    Only for the leave-one-stage-out timing variants in
+    ``benchmarks/kernel_variants.py`` (``FC_PROFILE_NO_WAIT``,
+    ``FC_PROFILE_LOCAL_DATA``): those kernels compute wrong results.
+    """
+    return tuple(f"-D{d}" for d in os.environ.get("FLASHCOMM_KERNEL_DEFINES", "").split())
 
 
 @functools.lru_cache(maxsize=None)
+def _compiled(directory: Path, dtype_code: int, rs_bits: int, ag_bits: int, defines: tuple):
+    import cupy
+    options = ("-std=c++17", f"-I{directory}", f"-DFC_DT={int(dtype_code)}",
+               f"-DFC_RS_BITS={int(rs_bits)}", f"-DFC_AG_BITS={int(ag_bits)}",
+               f"-DFC_SOURCE_DIGEST=0x{source_digest(directory)}ull") + defines
+    if os.environ.get("FLASHCOMM_KERNEL_LINEINFO"):
+        options += ("-lineinfo",)
+    return cupy.RawModule(code=(directory / KERNEL_SOURCE).read_text(), options=options)
+
+
 def module(dtype_code: int, rs_bits: int, ag_bits: int):
     """The compiled module for one specialisation (0 bits = lossless); cached per process.
 
     CuPy also caches the binary on disk, so later processes skip NVRTC.
     """
-    import cupy
-    options = ("-std=c++17", f"-I{kernel_dir()}", f"-DFC_DT={int(dtype_code)}",
-               f"-DFC_RS_BITS={int(rs_bits)}", f"-DFC_AG_BITS={int(ag_bits)}")
-    if os.environ.get("FLASHCOMM_KERNEL_LINEINFO"):
-        options += ("-lineinfo",)
-    return cupy.RawModule(code=_source(), options=options)
+    return _compiled(kernel_dir(), int(dtype_code), int(rs_bits), int(ag_bits), profiling_defines())
 
 
 def function(name: str, dtype_code: int, rs_bits, ag_bits):

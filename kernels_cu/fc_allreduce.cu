@@ -5,6 +5,8 @@
 //   FC_RS_BITS  reduce-scatter codec: 0 lossless, 4, 6, 8
 //   FC_AG_BITS  all-gather codec:     0 lossless, 4, 6, 8 (0 iff FC_RS_BITS is 0)
 // Runtime: group size, rotation, symmetric scaling, rank, world size.
+// Profiling only (wrong results, benchmarks/kernel_variants.py): FC_PROFILE_NO_WAIT
+// skips every wait for peers, FC_PROFILE_LOCAL_DATA keeps payload stores local.
 //
 // Work split: a tile is blockDim.x * 32 * units elements; thread t owns units
 // t, t + blockDim.x, ... (each unit-round is coalesced across the block).
@@ -57,6 +59,9 @@ struct FcArgs {
 
 __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_ws, fc_i64 region, int parity,
                                                   int src) {
+#ifdef FC_PROFILE_LOCAL_DATA  // timing variant only: data stays in HBM, no NVLink payload (wrong results)
+  rank_of_ws = a.rank;
+#endif
   unsigned char* ws = reinterpret_cast<unsigned char*>(a.peers[rank_of_ws]);
   const fc_i64 idx = ((fc_i64)parity * a.world + src) * a.max_blocks + blockIdx.x;
   return ws + region + idx * a.slot_bytes;
@@ -76,15 +81,15 @@ __device__ __forceinline__ void fc_end(const FcArgs& a, fc_u32 e) {
   if (threadIdx.x == 0) epochs[blockIdx.x] = e;
 }
 
-// Decode `chunk` unit t into v, or zeros for a thread past the chunk's end.
+// Decode `chunk` unit w into v, or zeros for a lane past the chunk's end.
+// Every lane of the warp calls it (reads move warp-transposed).
 template <typename C>
-__device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n, int t, bool active, int gl, bool sym,
-                                           float (&v)[FC_ELEMS]) {
+__device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n, int w, bool active, int gl, bool sym,
+                                           float (&v)[FC_ELEMS], fc_v4* stage) {
   typename C::Packed p;
-  if (active) {
-    C::read(chunk, n, t, gl, sym, p);
-    C::unpack(p, sym, v);
-  } else {
+  C::read(chunk, n, w, gl, sym, p, stage);
+  C::unpack(p, sym, v);
+  if (!active) {
 #pragma unroll
     for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
   }
@@ -93,6 +98,8 @@ __device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n,
 template <int DT, int RSB, int AGB>
 __device__ void fc_twoshot_impl(const FcArgs& a) {
   __shared__ fc_u32 s_epoch;
+  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
+  fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
   const int t = threadIdx.x, nt = blockDim.x;
@@ -116,14 +123,14 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       const fc_i64 start = o * a.seg_elems + toff;
       if (start >= a.n) continue;  // all padding: nothing sent, nothing read
       unsigned char* dst = fc_slot(a, o, a.rs_off, 0, a.rank);
+      const fc_i64 limit = min(a.n, start + nchunk);
       for (int u = 0; u < a.units; ++u) {
         const int w = u * nt + t;
-        const bool active = (fc_i64)w * FC_ELEMS < nchunk;
-        fc_load_elems<DT>(a.in, start + (fc_i64)w * FC_ELEMS, active ? a.n : 0, true, v);
+        fc_load_elems<DT>(a.in, start + (fc_i64)w * FC_ELEMS, limit, true, v, stage);
         if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
         typename RS::Packed p;
         RS::pack(v, gl, sym, p);
-        if (active) RS::write(p, dst, nchunk, w, gl, sym);
+        RS::write(p, dst, nchunk, w, gl, sym, stage);
       }
     }
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
@@ -132,6 +139,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
     // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
     const fc_i64 mine = a.rank * a.seg_elems + toff;
     if (mine < a.n) {
+      const fc_i64 limit = min(a.n, mine + nchunk);
       for (int u = 0; u < a.units; ++u) {
         const int w = u * nt + t;
         const bool active = (fc_i64)w * FC_ELEMS < nchunk;
@@ -140,25 +148,23 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
         for (int s = 0; s < a.world; ++s) {
           if (s == a.rank) {
-            fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, active ? a.n : 0, true, v);
+            fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, limit, true, v, stage);
             if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
           } else {
-            fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, active, gl, sym, v);
+            fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, active, gl, sym, v, stage);
           }
 #pragma unroll
           for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
         }
         typename AG::Packed p;
         AG::pack(acc, gl, sym, p);
-        if (active) {
-          for (int k = 1; k < a.world; ++k) {
-            const int q = (a.rank + k) % a.world;
-            AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym);
-          }
+        for (int k = 1; k < a.world; ++k) {
+          const int q = (a.rank + k) % a.world;
+          AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym, stage);
         }
         AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
         if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-        if (active) fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, a.n, v);
+        fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, limit, v, stage);
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
@@ -170,12 +176,13 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       const fc_i64 start = o * a.seg_elems + toff;
       if (start >= a.n) continue;
       const unsigned char* src = fc_slot(a, a.rank, a.ag_off, 0, o);
+      const fc_i64 limit = min(a.n, start + nchunk);
       for (int u = 0; u < a.units; ++u) {
         const int w = u * nt + t;
         const bool active = (fc_i64)w * FC_ELEMS < nchunk;
-        fc_receive<AG>(src, nchunk, w, active, gl, sym, v);
+        fc_receive<AG>(src, nchunk, w, active, gl, sym, v, stage);
         if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-        if (active) fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, a.n, v);
+        fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, limit, v, stage);
       }
     }
   }
@@ -185,6 +192,8 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
 template <int DT, int RSB>
 __device__ void fc_oneshot_impl(const FcArgs& a) {
   __shared__ fc_u32 s_epoch;
+  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
+  fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   const int t = threadIdx.x, nt = blockDim.x;
   const int group = RSB ? a.group : FC_ELEMS;
@@ -202,18 +211,16 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
     const int par = e & 1;
     const fc_i64 toff = ti * tile;
     const fc_i64 nchunk = min(tile, a.seg_elems - toff);
+    const fc_i64 limit = min(a.n, toff + nchunk);
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
-      const bool active = (fc_i64)w * FC_ELEMS < nchunk;
-      fc_load_elems<DT>(a.in, toff + (fc_i64)w * FC_ELEMS, active ? a.n : 0, true, v);
+      fc_load_elems<DT>(a.in, toff + (fc_i64)w * FC_ELEMS, limit, true, v, stage);
       if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
       typename RS::Packed p;
       RS::pack(v, gl, sym, p);
-      if (active) {
-        for (int k = 1; k < a.world; ++k) {
-          const int q = (a.rank + k) % a.world;
-          RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, w, gl, sym);
-        }
+      for (int k = 1; k < a.world; ++k) {
+        const int q = (a.rank + k) % a.world;
+        RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, w, gl, sym, stage);
       }
     }
     fc_signal_peers(a.peers, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e);
@@ -227,19 +234,19 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       for (int s = 0; s < a.world; ++s) {
         if (s == a.rank) {
           // My own contribution exactly as the peers decode it (re-packed from my input).
-          fc_load_elems<DT>(a.in, base, active ? a.n : 0, true, v);
+          fc_load_elems<DT>(a.in, base, limit, true, v, stage);
           if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
           typename RS::Packed p;
           RS::pack(v, gl, sym, p);
           RS::unpack(p, sym, v);
         } else {
-          fc_receive<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, w, active, gl, sym, v);
+          fc_receive<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, w, active, gl, sym, v, stage);
         }
 #pragma unroll
         for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
       }
       if (rot) fc_rotate_inv(acc, gl, lig, a.rot_norm);
-      if (active) fc_store_elems<DT>(a.out, base, a.n, acc);
+      fc_store_elems<DT>(a.out, base, limit, acc, stage);
     }
   }
   fc_end(a, e);
@@ -259,6 +266,7 @@ extern "C" __global__ void __launch_bounds__(512) fc_oneshot(FcArgs a) {
 extern "C" __global__ void fc_encode_chunk(const float* x, unsigned char* chunk, fc_i64 n, int group, int flags,
                                            float rot_norm) {
 #if FC_RS_BITS > 0
+  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   const int w = blockIdx.x * blockDim.x + threadIdx.x;
   const int gl = group / FC_ELEMS, lig = threadIdx.x % gl;
   const bool active = (fc_i64)w * FC_ELEMS < n;
@@ -268,18 +276,19 @@ extern "C" __global__ void fc_encode_chunk(const float* x, unsigned char* chunk,
   if (flags & FC_FLAG_ROTATE) fc_rotate_fwd(v, gl, lig, rot_norm);
   typename FcCodec<FC_DT, FC_RS_BITS>::Packed p;
   FcCodec<FC_DT, FC_RS_BITS>::pack(v, gl, flags & FC_FLAG_SYM, p);
-  if (active) FcCodec<FC_DT, FC_RS_BITS>::write(p, chunk, n, w, gl, flags & FC_FLAG_SYM);
+  FcCodec<FC_DT, FC_RS_BITS>::write(p, chunk, n, w, gl, flags & FC_FLAG_SYM, fc_warp_stage(s_stage));
 #endif
 }
 
 extern "C" __global__ void fc_decode_chunk(const unsigned char* chunk, float* x, fc_i64 n, int group, int flags,
                                            float rot_norm) {
 #if FC_RS_BITS > 0
+  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   const int w = blockIdx.x * blockDim.x + threadIdx.x;
   const int gl = group / FC_ELEMS, lig = threadIdx.x % gl;
   const bool active = (fc_i64)w * FC_ELEMS < n;
   float v[FC_ELEMS];
-  fc_receive<FcCodec<FC_DT, FC_RS_BITS> >(chunk, n, w, active, gl, flags & FC_FLAG_SYM, v);
+  fc_receive<FcCodec<FC_DT, FC_RS_BITS> >(chunk, n, w, active, gl, flags & FC_FLAG_SYM, v, fc_warp_stage(s_stage));
   if (flags & FC_FLAG_ROTATE) fc_rotate_inv(v, gl, lig, rot_norm);
   if (active)
     for (int i = 0; i < FC_ELEMS; ++i) x[(fc_i64)w * FC_ELEMS + i] = v[i];

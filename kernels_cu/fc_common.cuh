@@ -72,48 +72,152 @@ __device__ __forceinline__ float fc_ld_cg_f32(const void* p) { return __uint_as_
 __device__ __forceinline__ void fc_st_v4(void* p, fc_v4 v) { *reinterpret_cast<fc_v4*>(p) = v; }
 __device__ __forceinline__ void fc_st_u32(void* p, fc_u32 v) { *reinterpret_cast<fc_u32*>(p) = v; }
 
-// Load FC_ELEMS consecutive elements starting at element `base` as float32;
-// elements at or beyond `n` read as 0 (the zero padding of the reference).
-template <int DT>
-__device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i64 n, bool cached,
-                                              float (&v)[FC_ELEMS]) {
-  typedef typename FcElem<DT>::T T;
-  const T* p = reinterpret_cast<const T*>(src) + base;
-  if (base + FC_ELEMS <= n) {
-    const int words = FC_ELEMS * (int)sizeof(T) / 16;
-    const int per = 16 / (int)sizeof(T);
+__device__ __forceinline__ fc_u16 fc_ld_cg_u16(const void* p) {
+  fc_u16 v;
+  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void fc_st_v2(void* p, fc_u32 a, fc_u32 b) {
+  asm volatile("st.global.v2.u32 [%0], {%1,%2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+}
+__device__ __forceinline__ void fc_ld_cg_v2(const void* p, fc_u32& a, fc_u32& b) {
+  asm volatile("ld.global.cg.v2.u32 {%0,%1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+}
+
+// ----------------------------------------------------------------- warp-transposed access
+// A lane owns one unit of FC_ELEMS consecutive elements, and the 32 lanes of a
+// warp own 32 consecutive units.  Reading a unit as the lane's own 16-byte
+// vectors would make each warp instruction touch 32 pieces 64 bytes apart:
+// half-used sectors, and on H100 three times the L2 traffic of the data
+// (Nsight Compute, benchmarks/NOTES.md v5).  Instead the warp moves its whole
+// span with coalesced vectors (vector 32j + l goes to lane l) and swaps them
+// through a per-warp shared-memory stage.  The stage pads one vector every
+// eight, so both the row-wise and the column-wise side are free of bank
+// conflicts.  Contract: all 32 lanes call together, lane l with the unit
+// right after lane l-1's, and `stage` is this warp's FC_STAGE_VECS vectors.
+#define FC_STAGE_VECS 144  // 128 vectors (2 KiB) moved per round + one pad per 8
+#define FC_MAX_WARPS 16    // blocks of up to 512 threads
+
+__device__ __forceinline__ int fc_stage_index(int q) { return q + (q >> 3); }
+
+__device__ __forceinline__ fc_v4* fc_warp_stage(fc_v4* block_stage) {
+  return block_stage + (threadIdx.x >> 5) * FC_STAGE_VECS;
+}
+
+// Lane l receives vectors [V*l, V*l + V) of its warp's span; load(q) fetches span vector q.
+template <int V, typename Load>
+__device__ __forceinline__ void fc_warp_gather(fc_v4* stage, Load load, fc_v4 (&out)[V]) {
+  static_assert(V == 2 || V == 4 || V == 8, "vectors per lane");
+  constexpr int R = V == 8 ? 2 : 1;  // rounds: a round moves at most 128 vectors
+  constexpr int LPR = 32 / R;        // lanes served per round
+  constexpr int J = V * LPR / 32;    // vectors each lane moves per round
+  const int lane = threadIdx.x & 31;
+  fc_v4 tmp[V];
 #pragma unroll
-    for (int k = 0; k < words; ++k) {
-      fc_v4 w = cached ? *reinterpret_cast<const fc_v4*>(p + k * per) : fc_ld_cg(p + k * per);
-      const T* e = reinterpret_cast<const T*>(&w);
+  for (int i = 0; i < V; ++i) tmp[i] = load((i / J) * (J * 32) + (i % J) * 32 + lane);  // all in flight
 #pragma unroll
-      for (int i = 0; i < per; ++i) v[k * per + i] = FcElem<DT>::to_f32(e[i]);
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) stage[fc_stage_index(j * 32 + lane)] = tmp[r * J + j];
+    __syncwarp();
+    if (lane / LPR == r) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = stage[fc_stage_index((lane % LPR) * V + k)];
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) v[i] = (base + i < n) ? FcElem<DT>::to_f32(p[i]) : 0.0f;
+    __syncwarp();
   }
 }
 
-// Store FC_ELEMS float32 values rounded to DT at element `base`, skipping >= n.
-template <int DT>
-__device__ __forceinline__ void fc_store_elems(void* dst, fc_i64 base, fc_i64 n, const float (&v)[FC_ELEMS]) {
-  typedef typename FcElem<DT>::T T;
-  T* p = reinterpret_cast<T*>(dst) + base;
-  if (base + FC_ELEMS <= n) {
-    const int words = FC_ELEMS * (int)sizeof(T) / 16;
-    const int per = 16 / (int)sizeof(T);
+// The inverse: lane l's vectors in[0..V) become span vectors [V*l, V*l + V); store(q, x) writes one.
+template <int V, typename Store>
+__device__ __forceinline__ void fc_warp_scatter(fc_v4* stage, const fc_v4 (&in)[V], Store store) {
+  static_assert(V == 2 || V == 4 || V == 8, "vectors per lane");
+  constexpr int R = V == 8 ? 2 : 1;
+  constexpr int LPR = 32 / R;
+  constexpr int J = V * LPR / 32;
+  const int lane = threadIdx.x & 31;
+  fc_v4 tmp[V];
 #pragma unroll
-    for (int k = 0; k < words; ++k) {
-      fc_v4 w;
-      T* e = reinterpret_cast<T*>(&w);
+  for (int r = 0; r < R; ++r) {
+    if (lane / LPR == r) {
 #pragma unroll
-      for (int i = 0; i < per; ++i) e[i] = FcElem<DT>::from_f32(v[k * per + i]);
-      fc_st_v4(p + k * per, w);
+      for (int k = 0; k < V; ++k) stage[fc_stage_index((lane % LPR) * V + k)] = in[k];
     }
-  } else {
+    __syncwarp();
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i)
-      if (base + i < n) p[i] = FcElem<DT>::from_f32(v[i]);
+    for (int j = 0; j < J; ++j) tmp[r * J + j] = stage[fc_stage_index(j * 32 + lane)];
+    __syncwarp();
   }
+#pragma unroll
+  for (int i = 0; i < V; ++i) store((i / J) * (J * 32) + (i % J) * 32 + lane, tmp[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ T fc_ld_elem(const T* p, bool cached) {
+  if constexpr (sizeof(T) == 2) {
+    return cached ? *p : fc_ld_cg_u16(p);  // 16-bit types are stored as raw fc_u16 bits
+  } else {
+    return cached ? *p : __uint_as_float(fc_ld_cg_u32(p));
+  }
+}
+
+// Load the lane's unit (FC_ELEMS elements from element `base`) as float32;
+// elements at or beyond `n` read as 0 (the zero padding of the reference)
+// and are never touched.  `cached` = false reads through L2 only (peer-written slots).
+template <int DT>
+__device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i64 n, bool cached,
+                                              float (&v)[FC_ELEMS], fc_v4* stage) {
+  typedef typename FcElem<DT>::T T;
+  constexpr int PER = 16 / (int)sizeof(T);  // elements per vector
+  constexpr int V = FC_ELEMS / PER;         // vectors per lane
+  const fc_i64 span = base - (fc_i64)(threadIdx.x & 31) * FC_ELEMS;
+  const T* p = reinterpret_cast<const T*>(src) + span;
+  fc_v4 w[V];
+  fc_warp_gather<V>(stage, [&](int q) -> fc_v4 {
+    const fc_i64 e = span + (fc_i64)q * PER;
+    const T* at = p + (fc_i64)q * PER;
+    if (e + PER <= n) return cached ? *reinterpret_cast<const fc_v4*>(at) : fc_ld_cg(at);
+    fc_v4 r = {0u, 0u, 0u, 0u};
+    T* t = reinterpret_cast<T*>(&r);
+#pragma unroll
+    for (int i = 0; i < PER; ++i)
+      if (e + i < n) t[i] = fc_ld_elem(at + i, cached);
+    return r;
+  }, w);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const T* e = reinterpret_cast<const T*>(&w[k]);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) v[k * PER + i] = FcElem<DT>::to_f32(e[i]);
+  }
+}
+
+// Store the lane's unit rounded to DT at element `base`; elements >= n are not written.
+template <int DT>
+__device__ __forceinline__ void fc_store_elems(void* dst, fc_i64 base, fc_i64 n, const float (&v)[FC_ELEMS],
+                                               fc_v4* stage) {
+  typedef typename FcElem<DT>::T T;
+  constexpr int PER = 16 / (int)sizeof(T);
+  constexpr int V = FC_ELEMS / PER;
+  const fc_i64 span = base - (fc_i64)(threadIdx.x & 31) * FC_ELEMS;
+  T* p = reinterpret_cast<T*>(dst) + span;
+  fc_v4 w[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    T* e = reinterpret_cast<T*>(&w[k]);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) e[i] = FcElem<DT>::from_f32(v[k * PER + i]);
+  }
+  fc_warp_scatter<V>(stage, w, [&](int q, const fc_v4& x) {
+    const fc_i64 e = span + (fc_i64)q * PER;
+    T* at = p + (fc_i64)q * PER;
+    if (e + PER <= n) {
+      fc_st_v4(at, x);
+    } else {
+      const T* t = reinterpret_cast<const T*>(&x);
+#pragma unroll
+      for (int i = 0; i < PER; ++i)
+        if (e + i < n) at[i] = t[i];
+    }
+  });
 }

@@ -11,6 +11,13 @@
 
 #define FC_FULL_MASK 0xffffffffu
 
+// Integer <-> float without the conversion pipe (F2I/I2F/FRND run at 1/8 of the
+// FP32 rate on sm_90).  FC_MAGIC = 1.5 * 2^23: for |x| < 2^22, x + FC_MAGIC
+// rounded to nearest-even is FC_MAGIC + rint(x) exactly (rint also rounds
+// half to even), and its bit pattern is FC_MAGIC_BITS + rint(x).
+#define FC_MAGIC 12582912.0f
+#define FC_MAGIC_BITS 0x4B400000u
+
 __device__ __forceinline__ bool fc_isfinite(float x) { return fabsf(x) <= 3.402823466e38f; }
 
 __device__ __forceinline__ float fc_group_max(float v, int gl) {
@@ -139,18 +146,15 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
     u.mn = u.scale;
     return;
   }
+  // rint + clamp in the magic-biased domain (see FC_MAGIC): no conversion-pipe instructions.
+  const float lo_q = sym ? FC_MAGIC - (float)((1 << (BITS - 1)) - 1) : FC_MAGIC;
+  const float hi_q = sym ? FC_MAGIC + (float)((1 << (BITS - 1)) - 1) : FC_MAGIC + (float)((1 << BITS) - 1);
+  const fc_u32 bias = sym ? FC_MAGIC_BITS - (1u << (BITS - 1)) : FC_MAGIC_BITS;
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) {
-    fc_u32 c;
-    if (sym) {
-      const float qs = (float)((1 << (BITS - 1)) - 1);
-      float q = rintf(__fmul_rn(v[i], inv));
-      c = (fc_u32)(int)(fminf(fmaxf(q, -qs), qs) + (float)(1 << (BITS - 1)));
-    } else {
-      float q = rintf(__fmul_rn(__fsub_rn(v[i], mn), inv));
-      c = (fc_u32)fminf(fmaxf(q, 0.0f), (float)((1 << BITS) - 1));
-    }
-    fc_pack_code(u, i, c);
+    const float x = sym ? __fmul_rn(v[i], inv) : __fmul_rn(__fsub_rn(v[i], mn), inv);
+    const float q = fminf(fmaxf(__fadd_rn(x, FC_MAGIC), lo_q), hi_q);
+    fc_pack_code(u, i, __float_as_uint(q) - bias);
   }
   u.scale = scale;
   u.mn = mn;
@@ -158,11 +162,13 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
 
 template <int BITS>
 __device__ __forceinline__ void fc_dequantize(const FcUnit<BITS>& u, bool sym, float (&v)[FC_ELEMS]) {
+  // code -> float exactly: FC_MAGIC's bit pattern with the code in its low mantissa bits,
+  // minus FC_MAGIC (plus the symmetric offset; both subtractions are exact).
+  const float off = sym ? FC_MAGIC + (float)(1 << (BITS - 1)) : FC_MAGIC;
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) {
-    const float c = (float)fc_unpack_code(u, i);
-    v[i] = sym ? __fmul_rn(__fsub_rn(c, (float)(1 << (BITS - 1))), u.scale)
-               : __fadd_rn(__fmul_rn(c, u.scale), u.mn);
+    const float c = __fsub_rn(__uint_as_float(FC_MAGIC_BITS | fc_unpack_code(u, i)), off);
+    v[i] = sym ? __fmul_rn(c, u.scale) : __fadd_rn(__fmul_rn(c, u.scale), u.mn);
   }
 }
 
@@ -188,44 +194,53 @@ __host__ __device__ __forceinline__ FcLayout fc_layout(fc_i64 n, int bits, int g
   return L;
 }
 
-// Write unit `w` (elements [32w, 32w+32) of the chunk); lane 0 of each group
-// writes the metadata.
+// Write unit `w` (elements [32w, 32w+32) of a chunk of n elements); lane 0 of
+// each group writes the metadata.  Called by every lane of the warp (INT8 codes
+// move warp-transposed, see fc_warp_scatter); units at or past n write nothing.
 template <int BITS>
-__device__ __forceinline__ void fc_write_unit(unsigned char* chunk, const FcLayout& L, int w, int gl, bool sym,
-                                              const FcUnit<BITS>& u) {
+__device__ __forceinline__ void fc_write_unit(unsigned char* chunk, const FcLayout& L, fc_i64 n, int w, int gl,
+                                              bool sym, const FcUnit<BITS>& u, fc_v4* stage) {
+  const bool active = (fc_i64)w * FC_ELEMS < n;
   if (BITS == 8) {
-    fc_st_v4(chunk + L.lo + 32 * w, fc_v4{u.lo[0], u.lo[1], u.lo[2], u.lo[3]});
-    fc_st_v4(chunk + L.lo + 32 * w + 16, fc_v4{u.lo[4], u.lo[5], u.lo[6], u.lo[7]});
-  } else {
+    const fc_v4 lo[2] = {fc_v4{u.lo[0], u.lo[1], u.lo[2], u.lo[3]}, fc_v4{u.lo[4], u.lo[5], u.lo[6], u.lo[7]}};
+    unsigned char* span = chunk + L.lo + 32 * (fc_i64)(w - (int)(threadIdx.x & 31));
+    const fc_i64 left = n - 32 * (fc_i64)(w - (int)(threadIdx.x & 31));  // code bytes of this span in the chunk
+    fc_warp_scatter<2>(stage, lo, [&](int q, const fc_v4& x) {
+      if (16 * (fc_i64)q < left) fc_st_v4(span + 16 * q, x);
+    });
+  } else if (active) {
     fc_st_v4(chunk + L.lo + 16 * w, fc_v4{u.lo[0], u.lo[1], u.lo[2], u.lo[3]});
-    if (BITS == 6) {
-      fc_st_u32(chunk + L.hi + 8 * w, u.hi[0]);
-      fc_st_u32(chunk + L.hi + 8 * w + 4, u.hi[1]);
-    }
+    if (BITS == 6) fc_st_v2(chunk + L.hi + 8 * w, u.hi[0], u.hi[1]);
   }
-  if (w % gl == 0) {
+  if (active && w % gl == 0) {
     fc_st_u32(chunk + L.scales + 4 * (w / gl), __float_as_uint(u.scale));
     if (!sym) fc_st_u32(chunk + L.mins + 4 * (w / gl), __float_as_uint(u.mn));
   }
 }
 
+// Read unit `w`; called by every lane of the warp.  Units at or past n read as
+// all-zero codes and metadata (the caller ignores them).
 template <int BITS>
-__device__ __forceinline__ void fc_read_unit(const unsigned char* chunk, const FcLayout& L, int w, int gl, bool sym,
-                                             FcUnit<BITS>& u) {
+__device__ __forceinline__ void fc_read_unit(const unsigned char* chunk, const FcLayout& L, fc_i64 n, int w, int gl,
+                                             bool sym, FcUnit<BITS>& u, fc_v4* stage) {
+  const bool active = (fc_i64)w * FC_ELEMS < n;
+  u.hi[0] = u.hi[1] = 0;
   if (BITS == 8) {
-    fc_v4 a = fc_ld_cg(chunk + L.lo + 32 * w), b = fc_ld_cg(chunk + L.lo + 32 * w + 16);
-    u.lo[0] = a.x; u.lo[1] = a.y; u.lo[2] = a.z; u.lo[3] = a.w;
-    u.lo[4] = b.x; u.lo[5] = b.y; u.lo[6] = b.z; u.lo[7] = b.w;
+    const unsigned char* span = chunk + L.lo + 32 * (fc_i64)(w - (int)(threadIdx.x & 31));
+    const fc_i64 left = n - 32 * (fc_i64)(w - (int)(threadIdx.x & 31));
+    fc_v4 lo[2];
+    fc_warp_gather<2>(stage, [&](int q) -> fc_v4 {
+      return 16 * (fc_i64)q < left ? fc_ld_cg(span + 16 * q) : fc_v4{0u, 0u, 0u, 0u};
+    }, lo);
+    u.lo[0] = lo[0].x; u.lo[1] = lo[0].y; u.lo[2] = lo[0].z; u.lo[3] = lo[0].w;
+    u.lo[4] = lo[1].x; u.lo[5] = lo[1].y; u.lo[6] = lo[1].z; u.lo[7] = lo[1].w;
   } else {
-    fc_v4 a = fc_ld_cg(chunk + L.lo + 16 * w);
+    fc_v4 a = active ? fc_ld_cg(chunk + L.lo + 16 * w) : fc_v4{0u, 0u, 0u, 0u};
     u.lo[0] = a.x; u.lo[1] = a.y; u.lo[2] = a.z; u.lo[3] = a.w;
-    if (BITS == 6) {
-      u.hi[0] = fc_ld_cg_u32(chunk + L.hi + 8 * w);
-      u.hi[1] = fc_ld_cg_u32(chunk + L.hi + 8 * w + 4);
-    }
+    if (BITS == 6 && active) fc_ld_cg_v2(chunk + L.hi + 8 * w, u.hi[0], u.hi[1]);
   }
-  u.scale = fc_ld_cg_f32(chunk + L.scales + 4 * (w / gl));
-  u.mn = sym ? 0.0f : fc_ld_cg_f32(chunk + L.mins + 4 * (w / gl));
+  u.scale = active ? fc_ld_cg_f32(chunk + L.scales + 4 * (w / gl)) : 0.0f;
+  u.mn = (active && !sym) ? fc_ld_cg_f32(chunk + L.mins + 4 * (w / gl)) : 0.0f;
 }
 
 // ----------------------------------------------------------------- codecs
@@ -239,13 +254,14 @@ struct FcCodec {
   static __device__ __forceinline__ void pack(const float (&v)[FC_ELEMS], int gl, bool sym, Packed& p) {
     fc_quantize<BITS>(v, gl, sym, p);
   }
+  // write/read: every lane of the warp calls them (see fc_write_unit); units >= n are skipped.
   static __device__ __forceinline__ void write(const Packed& p, unsigned char* chunk, fc_i64 n, int w, int gl,
-                                               bool sym) {
-    fc_write_unit<BITS>(chunk, fc_layout(n, BITS, gl * FC_ELEMS, sym), w, gl, sym, p);
+                                               bool sym, fc_v4* stage) {
+    fc_write_unit<BITS>(chunk, fc_layout(n, BITS, gl * FC_ELEMS, sym), n, w, gl, sym, p, stage);
   }
   static __device__ __forceinline__ void read(const unsigned char* chunk, fc_i64 n, int w, int gl, bool sym,
-                                              Packed& p) {
-    fc_read_unit<BITS>(chunk, fc_layout(n, BITS, gl * FC_ELEMS, sym), w, gl, sym, p);
+                                              Packed& p, fc_v4* stage) {
+    fc_read_unit<BITS>(chunk, fc_layout(n, BITS, gl * FC_ELEMS, sym), n, w, gl, sym, p, stage);
   }
   static __device__ __forceinline__ void unpack(const Packed& p, bool sym, float (&v)[FC_ELEMS]) {
     fc_dequantize<BITS>(p, sym, v);
@@ -260,11 +276,13 @@ struct FcCodec<DT, 0> {
 #pragma unroll
     for (int i = 0; i < FC_ELEMS; ++i) p.v[i] = FcElem<DT>::to_f32(FcElem<DT>::from_f32(v[i]));
   }
-  static __device__ __forceinline__ void write(const Packed& p, unsigned char* chunk, fc_i64 n, int w, int, bool) {
-    fc_store_elems<DT>(chunk, (fc_i64)w * FC_ELEMS, n, p.v);
+  static __device__ __forceinline__ void write(const Packed& p, unsigned char* chunk, fc_i64 n, int w, int, bool,
+                                               fc_v4* stage) {
+    fc_store_elems<DT>(chunk, (fc_i64)w * FC_ELEMS, n, p.v, stage);
   }
-  static __device__ __forceinline__ void read(const unsigned char* chunk, fc_i64 n, int w, int, bool, Packed& p) {
-    fc_load_elems<DT>(chunk, (fc_i64)w * FC_ELEMS, n, false, p.v);
+  static __device__ __forceinline__ void read(const unsigned char* chunk, fc_i64 n, int w, int, bool, Packed& p,
+                                              fc_v4* stage) {
+    fc_load_elems<DT>(chunk, (fc_i64)w * FC_ELEMS, n, false, p.v, stage);
   }
   static __device__ __forceinline__ void unpack(const Packed& p, bool, float (&v)[FC_ELEMS]) {
 #pragma unroll

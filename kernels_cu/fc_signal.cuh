@@ -85,6 +85,10 @@ __device__ __forceinline__ void fc_signal_peers(const fc_u64* peers, fc_i64 set_
 // Wait until every peer has signalled round `e` for this block.
 __device__ __forceinline__ void fc_wait_peers(unsigned char* my_ws, fc_i64 set_off, int rank, int world,
                                               int max_blocks, fc_u32 e, volatile FcError* err, fc_i64 timeout_ns) {
+#ifdef FC_PROFILE_NO_WAIT  // timing variant only (benchmarks/kernel_variants.py): results are wrong
+  __syncthreads();
+  return;
+#endif
   const int k = threadIdx.x;
   if (k < world && k != rank)
     fc_wait_flag(fc_flag(my_ws, set_off, k, blockIdx.x, max_blocks), e, err, timeout_ns, rank, k);

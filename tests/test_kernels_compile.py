@@ -49,6 +49,9 @@ def _jobs():
         specs += [(DTYPE_CODES[0], pair) for pair in OTHER_BIT_PAIRS]
         for dt, (rs, ag) in specs:
             jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}")))
+        # the leave-one-stage-out timing variants of benchmarks/kernel_variants.py
+        jobs.append((src, SPECIALISATION_ARCH, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4",
+                                                "FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA")))
     return jobs
 
 

@@ -70,6 +70,27 @@ def test_kernel_sources_are_found_inside_the_package():
     assert all((kdir / n).stat().st_size > 0 for n in names)
 
 
+def test_kernel_binaries_are_keyed_on_every_source(tmp_path, monkeypatch):
+    """CuPy caches binaries by .cu text and options only; the options carry a digest of the headers too."""
+    from flashcomm_cupy import _kernels
+    for p in (REPO_ROOT / "kernels_cu").glob("*.cu*"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    before = _kernels.source_digest(tmp_path)
+    assert before == _kernels.source_digest(REPO_ROOT / "kernels_cu")
+    header = tmp_path / "fc_quant.cuh"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert _kernels.source_digest(tmp_path) != before
+    monkeypatch.setenv("FLASHCOMM_KERNEL_DIR", str(tmp_path))
+    assert _kernels.kernel_dir() == tmp_path.resolve()
+    monkeypatch.setenv("FLASHCOMM_KERNEL_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="FLASHCOMM_KERNEL_DIR"):
+        _kernels.kernel_dir()
+    monkeypatch.setenv("FLASHCOMM_KERNEL_DEFINES", "FC_PROFILE_NO_WAIT  FC_PROFILE_LOCAL_DATA")
+    assert _kernels.profiling_defines() == ("-DFC_PROFILE_NO_WAIT", "-DFC_PROFILE_LOCAL_DATA")
+    monkeypatch.delenv("FLASHCOMM_KERNEL_DEFINES")
+    assert _kernels.profiling_defines() == ()
+
+
 def _imports(path: Path):
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):

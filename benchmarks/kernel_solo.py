@@ -1,0 +1,115 @@
+"""One GPU, no peers: time (or profile) the compute and HBM side of a flash kernel.
+
+    python benchmarks/kernel_solo.py [--world 4] [--bytes 256M] [--bits 4] [--algo twoshot]
+                                     [--shape 256,264,2] [--base-dir DIR] [--iters 10]
+    ncu --clock-control none -k regex:fc_ -s 2 -c 1 python benchmarks/kernel_solo.py --iters 1
+
+The kernel runs as rank 0 of a ``--world``-rank job whose every "peer"
+pointer is this GPU's own workspace, built with ``FC_PROFILE_LOCAL_DATA``
+and ``FC_PROFILE_NO_WAIT`` (benchmarks/kernel_variants.py): it does all of
+rank 0's loads, arithmetic and stores, and no communication, so one GPU
+(and Nsight Compute, which cannot replay a kernel that waits for other
+processes) sees the same instruction and HBM stream as in the real job.
+Results are wrong by construction; only time is measured.  With
+``--base-dir`` the kernel from that source directory is timed too (A/B).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+
+PROFILE_DEFINES = "FC_PROFILE_LOCAL_DATA FC_PROFILE_NO_WAIT"
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0, max_blocks=264,
+                 slot_bytes=48 << 10):
+    """(function, grid, block, args, keepalive) for one solo launch; compiles on first use."""
+    import cupy
+    from flashcomm_cupy import _kernels, tuning
+    from flashcomm_cupy.backends.gpu import FlashGpuBackend
+    from flashcomm_cupy.backends.ipc import WorkspaceLayout
+    from flashcomm_cupy.config import Mode
+    from flashcomm_cupy.dtypes import KERNEL_DTYPE_CODE
+
+    mode = Mode.make(bits, 128, algo=algo)
+    layout = WorkspaceLayout(world, max_blocks, slot_bytes)
+    ws = cupy.zeros(layout.total, dtype=cupy.uint8)
+    peers = cupy.asarray(np.full(world, ws.data.ptr, dtype=np.uint64))
+    err = cupy.zeros(16, dtype=cupy.uint32)
+    n = nbytes // np.dtype(dtype_name).itemsize
+    x = cupy.asarray(np.random.default_rng(0).standard_normal(n).astype(dtype_name))
+    out = cupy.empty_like(x)
+    fake = SimpleNamespace(ws=SimpleNamespace(layout=layout), max_threads=512, world_size=world)
+    choice = tuning.Choice(algo, shape[0], shape[1], shape[2])
+    threads, blocks, seg, units = FlashGpuBackend._launch_shape(fake, choice, n, dtype_name, mode)
+    args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
+    a = args[0]
+    a["in_ptr"], a["out_ptr"], a["n"], a["seg_elems"] = x.data.ptr, out.data.ptr, n, seg
+    a["peers"], a["err"], a["slot_bytes"], a["flags_off"] = peers.data.ptr, err.data.ptr, layout.slot_bytes, \
+        layout.flags_off
+    a["rs_off"], a["ag_off"], a["os_off"] = layout.rs_off, layout.ag_off, layout.os_off
+    a["timeout_ns"] = 10 ** 10
+    a["rank"], a["world"], a["group"], a["flags"] = rank, world, mode.group_size, 0
+    a["max_blocks"], a["rot_norm"], a["units"] = max_blocks, np.float32(1 / np.sqrt(128.0)), units
+    fn = _kernels.function("fc_twoshot" if algo == "twoshot" else "fc_oneshot", KERNEL_DTYPE_CODE[dtype_name],
+                           mode.rs_bits, mode.ag_bits)
+    return fn, (blocks,), (threads,), args, (ws, peers, err, x, out), (threads, blocks, units)
+
+
+def time_launch(fn, grid, block, args, iters):
+    import cupy
+    for _ in range(2):
+        fn(grid, block, (args,))
+    cupy.cuda.Device().synchronize()
+    times = []
+    for _ in range(iters):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn(grid, block, (args,))
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=int, default=4)
+    ap.add_argument("--bytes", default="256M", help="comma list of message sizes")
+    ap.add_argument("--bits", default="4", help="comma list: 4, 8, none")
+    ap.add_argument("--algo", default="twoshot")
+    ap.add_argument("--shape", default="256,264,2", help="threads,blocks,units")
+    ap.add_argument("--base-dir", help="also time the kernel from this source directory")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    os.environ["FLASHCOMM_KERNEL_DEFINES"] = PROFILE_DEFINES
+    shape = tuple(int(v) for v in args.shape.split(","))
+    dirs = [("new", None)] + ([("base", os.path.abspath(args.base_dir))] if args.base_dir else [])
+    for label, kdir in dirs:
+        os.environ.pop("FLASHCOMM_KERNEL_DIR", None)
+        if kdir:
+            os.environ["FLASHCOMM_KERNEL_DIR"] = kdir
+        for size in args.bytes.split(","):
+            for bits in args.bits.split(","):
+                b = None if bits == "none" else int(bits)
+                fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, args.algo, shape)
+                us = time_launch(fn, grid, block, kargs, args.iters)
+                print(f"solo {label:>4} world={args.world} {args.algo} {size:>5} bits={bits:>4} "
+                      f"shape={used}: {us:9.1f} us", flush=True)
+                del keep
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Where does a kernel's time go?  Leave-one-stage-out timing of kernel variants.
+
+    mpirun -n 4 python benchmarks/kernel_variants.py [--base-dir DIR] [--json OUT.json]
+
+Times the same calls (fixed launch shapes, graph timing, median of repeats,
+max over ranks; the harness of ``flashcomm bench``) under kernel builds that
+differ only in compile-time switches:
+
+* ``full``: the kernel as shipped;
+* ``no-wait``: ``FC_PROFILE_NO_WAIT``, every wait for peers skipped (the
+  signals are still sent): what synchronisation and peer skew cost;
+* ``local``: ``FC_PROFILE_LOCAL_DATA``, payload stores go to the rank's own
+  workspace: the same bytes through HBM, none over NVLink;
+* ``local+no-wait``: compute and HBM traffic only;
+* ``base``: with ``--base-dir``, the ``full`` kernel from another source
+  directory (``FLASHCOMM_KERNEL_DIR``), for an A/B of two versions in one run.
+
+Only ``full`` and ``base`` compute correct results; nothing here checks them.
+Differences between rows are what to read (``benchmarks/NOTES.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+# (label, bytes, bits, algo, threads, blocks, units): the shapes the shipped table picks.
+CASES = [
+    ("int4 256M", 256 << 20, 4, "twoshot", 256, 264, 2),
+    ("int4 64M", 64 << 20, 4, "twoshot", 256, 264, 1),
+    ("int4 16M", 16 << 20, 4, "twoshot", 256, 264, 1),
+    ("int8 256M", 256 << 20, 8, "twoshot", 256, 264, 2),
+    ("int4 4M 1shot", 4 << 20, 4, "oneshot", 512, 132, 1),
+    ("lossless 4K 1shot", 4 << 10, None, "oneshot", 128, 8, 1),
+]
+VARIANTS = [
+    ("full", None, ""),
+    ("no-wait", None, "FC_PROFILE_NO_WAIT"),
+    ("local", None, "FC_PROFILE_LOCAL_DATA"),
+    ("local+no-wait", None, "FC_PROFILE_LOCAL_DATA FC_PROFILE_NO_WAIT"),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-dir", help="kernel source directory of the version to compare against")
+    ap.add_argument("--json", help="write the rows here (rank 0)")
+    ap.add_argument("--only", default="", help="comma list of case labels to run (default: all)")
+    ap.add_argument("--variants", default="", help="comma list of variant labels (default: all)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    import cupy
+    from flashcomm_cupy import Communicator
+    from flashcomm_cupy.config import Mode
+    from flashcomm_cupy.harness.timing import measure
+
+    variants = list(VARIANTS)
+    if args.base_dir:
+        variants.insert(0, ("base", os.path.abspath(args.base_dir), ""))
+    if args.variants:
+        keep = set(args.variants.split(","))
+        variants = [v for v in variants if v[0] in keep]
+    cases = [c for c in CASES if not args.only or c[0] in args.only.split(",")]
+
+    comm = Communicator(backend="gpu")
+    backend = comm.backend
+    rank = comm.rank
+    rows = []
+    try:
+        for vlabel, kdir, defines in variants:
+            os.environ.pop("FLASHCOMM_KERNEL_DIR", None)
+            if kdir:
+                os.environ["FLASHCOMM_KERNEL_DIR"] = kdir
+            os.environ["FLASHCOMM_KERNEL_DEFINES"] = defines
+            backend._plans.clear()  # plans hold the compiled function
+            for clabel, nbytes, bits, algo, threads, blocks, units in cases:
+                n = nbytes // 2
+                x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
+                out = cupy.empty_like(x)
+                mode = Mode.make(bits, 128, algo=algo)
+                backend.force_launch = (threads, blocks, units)
+                t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=np.float16),
+                            warmup=2, iters=args.iters, repeats=args.repeats, graph=True, eager=False).primary_s
+                backend.force_launch = None
+                row = {"variant": vlabel, "case": clabel, "bytes": nbytes, "us": round(t * 1e6, 2),
+                       "shape": [threads, blocks, units]}
+                rows.append(row)
+                if rank == 0:
+                    print(f"{vlabel:>14} {clabel:>18} {row['us']:10.1f} us", flush=True)
+                del x, out
+    finally:
+        os.environ.pop("FLASHCOMM_KERNEL_DEFINES", None)
+        os.environ.pop("FLASHCOMM_KERNEL_DIR", None)
+    info = backend.describe()  # collective: every rank calls it
+    if rank == 0:
+        labels = [v[0] for v in variants]
+        print("\n" + f"{'case':>18} " + " ".join(f"{v:>14}" for v in labels))
+        for clabel, *_ in cases:
+            us = {r["variant"]: r["us"] for r in rows if r["case"] == clabel}
+            print(f"{clabel:>18} " + " ".join(f"{us.get(v, float('nan')):14.1f}" for v in labels))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"card": info.get("gpu"), "world": comm.world_size, "rows": rows}, f, indent=1)
+    comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
