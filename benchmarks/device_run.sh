@@ -76,7 +76,8 @@ for stage in ${STAGES//,/ }; do
         ${VARIANTS:+--variants "$VARIANTS"} ${CASES:+--only "$CASES"} --json "$OUT/variants-${NP}x-$TAG.json" ;;
     solo)  # one GPU: compute + HBM side of the kernels (kernel_solo.py), A/B against BASE_KERNELS
       run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
-        --shape "${SOLO_SHAPE:-256,264,2}" ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} ;;
+        --shape "${SOLO_SHAPE:-256,264,2}" --max-blocks "${SOLO_MAX_BLOCKS:-264}" --slot-kib "${SOLO_SLOT_KIB:-48}" \
+        ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} ${SOLO_DEFINE_SETS:+--define-sets "$SOLO_DEFINE_SETS"} ;;
     ncu)  # Nsight Compute on the solo kernel (details into the log)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       FLASHCOMM_KERNEL_LINEINFO=1 run 300 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 \
@@ -84,6 +85,14 @@ for stage in ${STAGES//,/ }; do
         --section SchedulerStats --section Occupancy --section ComputeWorkloadAnalysis \
         --section InstructionStats --section SourceCounters \
         python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" ;;
+    ncu-src)  # per-SASS-instruction source counters of the solo kernel, as CSV
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      log "ncu source page -> $OUT/ncu-source.csv"
+      timeout -k 10 300 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 --section SourceCounters \
+        --page source --csv --print-source sass \
+        python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" \
+        --shape "${SOLO_SHAPE:-256,264,2}" > "$OUT/ncu-source.csv" 2>>"$LOG"
+      log "rc=$? ($(wc -l < "$OUT/ncu-source.csv") lines)" ;;
     checks-quick)
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
     pytest)

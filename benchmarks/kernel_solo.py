@@ -89,21 +89,32 @@ def main(argv=None):
     ap.add_argument("--bytes", default="256M", help="comma list of message sizes")
     ap.add_argument("--bits", default="4", help="comma list: 4, 8, none")
     ap.add_argument("--algo", default="twoshot")
-    ap.add_argument("--shape", default="256,264,2", help="threads,blocks,units")
+    ap.add_argument("--shape", default="256,264,2", help="threads,blocks,units; ';'-separated list to compare")
+    ap.add_argument("--max-blocks", type=int, default=264, help="workspace blocks (slots per source)")
+    ap.add_argument("--slot-kib", type=int, default=48, help="workspace slot size")
     ap.add_argument("--base-dir", help="also time the kernel from this source directory")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--define-sets", default="",
+                    help="extra compile-time defines to compare, e.g. 'b1=FC_BATCH=1;b2=FC_BATCH=2'")
     args = ap.parse_args(argv)
-    os.environ["FLASHCOMM_KERNEL_DEFINES"] = PROFILE_DEFINES
-    shape = tuple(int(v) for v in args.shape.split(","))
-    dirs = [("new", None)] + ([("base", os.path.abspath(args.base_dir))] if args.base_dir else [])
-    for label, kdir in dirs:
+    shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape.split(";")]
+    dirs = [("new", None, "")]
+    for item in filter(None, args.define_sets.split(";")):
+        name, _, defines = item.partition("=")
+        dirs.append((name, None, defines.replace(",", " ")))
+    if args.base_dir:
+        dirs.append(("base", os.path.abspath(args.base_dir), ""))
+    for label, kdir, defines in dirs:
         os.environ.pop("FLASHCOMM_KERNEL_DIR", None)
         if kdir:
             os.environ["FLASHCOMM_KERNEL_DIR"] = kdir
+        os.environ["FLASHCOMM_KERNEL_DEFINES"] = f"{PROFILE_DEFINES} {defines}"
         for size in args.bytes.split(","):
-            for bits in args.bits.split(","):
+            for bits, shape in ((b, sh) for b in args.bits.split(",") for sh in shapes):
                 b = None if bits == "none" else int(bits)
-                fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, args.algo, shape)
+                fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, args.algo, shape,
+                                                                  max_blocks=args.max_blocks,
+                                                                  slot_bytes=args.slot_kib << 10)
                 us = time_launch(fn, grid, block, kargs, args.iters)
                 print(f"solo {label:>4} world={args.world} {args.algo} {size:>5} bits={bits:>4} "
                       f"shape={used}: {us:9.1f} us", flush=True)

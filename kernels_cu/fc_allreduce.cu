@@ -126,7 +126,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       const fc_i64 limit = min(a.n, start + nchunk);
       for (int u = 0; u < a.units; ++u) {
         const int w = u * nt + t;
-        fc_load_elems<DT>(a.in, start + (fc_i64)w * FC_ELEMS, limit, true, v, stage);
+        fc_load_elems<DT>(a.in, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, v, stage);
         if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
         typename RS::Packed p;
         RS::pack(v, gl, sym, p);
@@ -148,7 +148,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
         for (int s = 0; s < a.world; ++s) {
           if (s == a.rank) {
-            fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, limit, true, v, stage);
+            fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, v, stage);
             if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
           } else {
             fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, active, gl, sym, v, stage);
@@ -164,7 +164,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         }
         AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
         if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-        fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, limit, v, stage);
+        fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, limit, v, stage, true);
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
@@ -182,7 +182,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         const bool active = (fc_i64)w * FC_ELEMS < nchunk;
         fc_receive<AG>(src, nchunk, w, active, gl, sym, v, stage);
         if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-        fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, limit, v, stage);
+        fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, limit, v, stage, true);
       }
     }
   }
@@ -214,7 +214,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
     const fc_i64 limit = min(a.n, toff + nchunk);
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
-      fc_load_elems<DT>(a.in, toff + (fc_i64)w * FC_ELEMS, limit, true, v, stage);
+      fc_load_elems<DT>(a.in, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, v, stage);
       if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
       typename RS::Packed p;
       RS::pack(v, gl, sym, p);
@@ -234,7 +234,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       for (int s = 0; s < a.world; ++s) {
         if (s == a.rank) {
           // My own contribution exactly as the peers decode it (re-packed from my input).
-          fc_load_elems<DT>(a.in, base, limit, true, v, stage);
+          fc_load_elems<DT>(a.in, base, limit, FC_CACHED, v, stage);
           if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
           typename RS::Packed p;
           RS::pack(v, gl, sym, p);
@@ -246,7 +246,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
         for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
       }
       if (rot) fc_rotate_inv(acc, gl, lig, a.rot_norm);
-      fc_store_elems<DT>(a.out, base, limit, acc, stage);
+      fc_store_elems<DT>(a.out, base, limit, acc, stage, true);
     }
   }
   fc_end(a, e);

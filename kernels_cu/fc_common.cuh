@@ -72,6 +72,30 @@ __device__ __forceinline__ float fc_ld_cg_f32(const void* p) { return __uint_as_
 __device__ __forceinline__ void fc_st_v4(void* p, fc_v4 v) { *reinterpret_cast<fc_v4*>(p) = v; }
 __device__ __forceinline__ void fc_st_u32(void* p, fc_u32 v) { *reinterpret_cast<fc_u32*>(p) = v; }
 
+// Streaming access for data touched once (the caller's input and output):
+// first in line for L2 eviction, so the workspace slots that peers write and
+// this GPU reads back soon after stay in L2, and no L1 allocation.
+__device__ __forceinline__ fc_u64 fc_evict_first_policy() {
+  fc_u64 pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ fc_v4 fc_ld_stream(const void* p) {
+  fc_v4 v;
+  asm volatile("ld.global.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(fc_evict_first_policy()));
+  return v;
+}
+__device__ __forceinline__ void fc_st_stream(void* p, fc_v4 v) {
+  asm volatile("st.global.L1::no_allocate.L2::cache_hint.v4.u32 [%0], {%1,%2,%3,%4}, %5;"
+               ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "l"(fc_evict_first_policy()) : "memory");
+}
+
+// How a unit's elements are read: kept in the caches (read more than once),
+// streamed (read once), or through L2 only (slots written by peers: a stale
+// line in this SM's L1 from an earlier round must never be returned).
+enum FcAccess { FC_CACHED, FC_STREAM, FC_PEER };
+
 __device__ __forceinline__ fc_u16 fc_ld_cg_u16(const void* p) {
   fc_u16 v;
   asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
@@ -153,19 +177,23 @@ __device__ __forceinline__ void fc_warp_scatter(fc_v4* stage, const fc_v4 (&in)[
 }
 
 template <typename T>
-__device__ __forceinline__ T fc_ld_elem(const T* p, bool cached) {
+__device__ __forceinline__ T fc_ld_elem(const T* p, FcAccess access) {
   if constexpr (sizeof(T) == 2) {
-    return cached ? *p : fc_ld_cg_u16(p);  // 16-bit types are stored as raw fc_u16 bits
+    return access != FC_PEER ? *p : fc_ld_cg_u16(p);  // 16-bit types are stored as raw fc_u16 bits
   } else {
-    return cached ? *p : __uint_as_float(fc_ld_cg_u32(p));
+    return access != FC_PEER ? *p : __uint_as_float(fc_ld_cg_u32(p));
   }
+}
+
+__device__ __forceinline__ fc_v4 fc_ld_vec(const void* p, FcAccess access) {
+  return access == FC_STREAM ? fc_ld_stream(p) : access == FC_PEER ? fc_ld_cg(p) : *reinterpret_cast<const fc_v4*>(p);
 }
 
 // Load the lane's unit (FC_ELEMS elements from element `base`) as float32;
 // elements at or beyond `n` read as 0 (the zero padding of the reference)
-// and are never touched.  `cached` = false reads through L2 only (peer-written slots).
+// and are never touched.
 template <int DT>
-__device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i64 n, bool cached,
+__device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i64 n, FcAccess access,
                                               float (&v)[FC_ELEMS], fc_v4* stage) {
   typedef typename FcElem<DT>::T T;
   constexpr int PER = 16 / (int)sizeof(T);  // elements per vector
@@ -176,12 +204,12 @@ __device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i
   fc_warp_gather<V>(stage, [&](int q) -> fc_v4 {
     const fc_i64 e = span + (fc_i64)q * PER;
     const T* at = p + (fc_i64)q * PER;
-    if (e + PER <= n) return cached ? *reinterpret_cast<const fc_v4*>(at) : fc_ld_cg(at);
+    if (e + PER <= n) return fc_ld_vec(at, access);
     fc_v4 r = {0u, 0u, 0u, 0u};
     T* t = reinterpret_cast<T*>(&r);
 #pragma unroll
     for (int i = 0; i < PER; ++i)
-      if (e + i < n) t[i] = fc_ld_elem(at + i, cached);
+      if (e + i < n) t[i] = fc_ld_elem(at + i, access);
     return r;
   }, w);
 #pragma unroll
@@ -192,10 +220,11 @@ __device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i
   }
 }
 
-// Store the lane's unit rounded to DT at element `base`; elements >= n are not written.
+// Store the lane's unit rounded to DT at element `base`; elements >= n are not
+// written.  `stream`: the caller's output, written once (see fc_st_stream).
 template <int DT>
 __device__ __forceinline__ void fc_store_elems(void* dst, fc_i64 base, fc_i64 n, const float (&v)[FC_ELEMS],
-                                               fc_v4* stage) {
+                                               fc_v4* stage, bool stream = false) {
   typedef typename FcElem<DT>::T T;
   constexpr int PER = 16 / (int)sizeof(T);
   constexpr int V = FC_ELEMS / PER;
@@ -212,7 +241,8 @@ __device__ __forceinline__ void fc_store_elems(void* dst, fc_i64 base, fc_i64 n,
     const fc_i64 e = span + (fc_i64)q * PER;
     T* at = p + (fc_i64)q * PER;
     if (e + PER <= n) {
-      fc_st_v4(at, x);
+      if (stream) fc_st_stream(at, x);
+      else fc_st_v4(at, x);
     } else {
       const T* t = reinterpret_cast<const T*>(&x);
 #pragma unroll

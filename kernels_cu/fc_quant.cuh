@@ -146,15 +146,22 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
     u.mn = u.scale;
     return;
   }
-  // rint + clamp in the magic-biased domain (see FC_MAGIC): no conversion-pipe instructions.
-  const float lo_q = sym ? FC_MAGIC - (float)((1 << (BITS - 1)) - 1) : FC_MAGIC;
-  const float hi_q = sym ? FC_MAGIC + (float)((1 << (BITS - 1)) - 1) : FC_MAGIC + (float)((1 << BITS) - 1);
-  const fc_u32 bias = sym ? FC_MAGIC_BITS - (1u << (BITS - 1)) : FC_MAGIC_BITS;
+  // rint + clamp in the magic-biased domain (see FC_MAGIC): no conversion-pipe
+  // instructions.  Asymmetric codes need no lower clamp: v >= mn, so x >= 0.
+  if (sym) {
+    const float qs = (float)((1 << (BITS - 1)) - 1);
 #pragma unroll
-  for (int i = 0; i < FC_ELEMS; ++i) {
-    const float x = sym ? __fmul_rn(v[i], inv) : __fmul_rn(__fsub_rn(v[i], mn), inv);
-    const float q = fminf(fmaxf(__fadd_rn(x, FC_MAGIC), lo_q), hi_q);
-    fc_pack_code(u, i, __float_as_uint(q) - bias);
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const float q = fminf(fmaxf(__fadd_rn(__fmul_rn(v[i], inv), FC_MAGIC), FC_MAGIC - qs), FC_MAGIC + qs);
+      fc_pack_code(u, i, __float_as_uint(q) - (FC_MAGIC_BITS - (1u << (BITS - 1))));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const float x = __fmul_rn(__fsub_rn(v[i], mn), inv);
+      const float q = fminf(__fadd_rn(x, FC_MAGIC), FC_MAGIC + (float)((1 << BITS) - 1));
+      fc_pack_code(u, i, __float_as_uint(q) - FC_MAGIC_BITS);
+    }
   }
   u.scale = scale;
   u.mn = mn;
@@ -282,7 +289,7 @@ struct FcCodec<DT, 0> {
   }
   static __device__ __forceinline__ void read(const unsigned char* chunk, fc_i64 n, int w, int, bool, Packed& p,
                                               fc_v4* stage) {
-    fc_load_elems<DT>(chunk, (fc_i64)w * FC_ELEMS, n, false, p.v, stage);
+    fc_load_elems<DT>(chunk, (fc_i64)w * FC_ELEMS, n, FC_PEER, p.v, stage);
   }
   static __device__ __forceinline__ void unpack(const Packed& p, bool, float (&v)[FC_ELEMS]) {
 #pragma unroll
