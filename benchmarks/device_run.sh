@@ -5,9 +5,13 @@
 #
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
 # ranks), checks23 (quick checks at 2 and 3 ranks), tune, bench, verify,
-# accuracy, model, pytest (the pytest GPU wrapper), variants (kernel_variants.py;
-# env BASE_KERNELS, VARIANTS, CASES), checks-quick.  NP defaults to the GPU
-# count.  Logs and JSON land in $OUT (the device tool brings them back).
+# accuracy, model, pytest (the pytest GPU wrapper), checks-quick, and the
+# kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
+# VARIANTS, CASES), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
+# SOLO_SHAPE, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
+# ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
+# per-instruction source counters as CSV).  NP defaults to the GPU count.
+# Logs and JSON land in $OUT (the device tool brings them back).
 set -uo pipefail
 STAGES=${1:-info,checks}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

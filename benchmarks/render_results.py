@@ -56,6 +56,18 @@ def _table(header: List[str], rows: List[List[str]], align: Optional[List[str]] 
     return out
 
 
+def _printable(value):
+    """``value`` with control characters removed from every string in it (Open MPI's version
+    string ends in a NUL, which would make the Markdown a binary file)."""
+    if isinstance(value, str):
+        return "".join(ch for ch in value if ch >= " " or ch in "\t\n")
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
+
+
 def render_bench(name: str, data: dict) -> List[str]:
     """A section for one ``flashcomm bench`` result."""
     meta, rows = data.get("meta", {}), data.get("rows", [])
@@ -133,7 +145,7 @@ def render(results_dir: Path) -> str:
     skipped = []
     for path in files:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _printable(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as exc:
             skipped.append(f"{path.name} ({exc.__class__.__name__})")
             continue

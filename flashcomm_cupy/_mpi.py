@@ -50,8 +50,14 @@ def local_size(comm=None) -> int:
         node.Free()
 
 
+def clean_version(text: str) -> str:
+    """First line of a library's version string, without the NUL terminator Open MPI includes."""
+    lines = text.replace("\x00", "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def library_version() -> str:
     try:
-        return mpi().Get_library_version().strip().splitlines()[0]
+        return clean_version(mpi().Get_library_version())
     except Exception as exc:  # pragma: no cover
         return f"unavailable ({exc})"

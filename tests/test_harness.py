@@ -686,3 +686,26 @@ def test_sweep_rows_carry_graph_and_eager_times_speedups_floors_and_checks():
         base = next(b for b in rows if b.baseline and b.count == r.count)
         assert r.speedup == pytest.approx(base.time_us / r.time_us)
     assert [r.wrong for r in rows if not r.baseline] == [0, 0, 0, 0]
+
+
+def test_render_results_drops_control_characters_from_metadata(tmp_path):
+    """Open MPI's library version string ends in a NUL; RESULTS.md must stay a text file."""
+    rr = _load_renderer()
+    results = tmp_path / "results"
+    results.mkdir()
+    write_json(BenchResult(meta={"world_size": 2, "card": "GPU", "dtype": "float16", "baseline": "nccl",
+                                 "versions": {"mpi": "Open MPI v4.1.6, Sep 30, 2023\x00"}}, rows=_rows()),
+               results / "bench.json")
+    out = tmp_path / "RESULTS.md"
+    assert rr.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Open MPI v4.1.6, Sep 30, 2023" in text
+    assert not any(ch < " " and ch not in "\t\n" for ch in text)
+
+
+def test_mpi_library_version_is_one_clean_line():
+    from flashcomm_cupy import _mpi
+    assert _mpi.clean_version("Open MPI v4.1.6, ident: 4.1.6, Sep 30, 2023\x00") == \
+        "Open MPI v4.1.6, ident: 4.1.6, Sep 30, 2023"
+    assert _mpi.clean_version("MPICH Version: 4.2\nMPICH Release date: ...\n") == "MPICH Version: 4.2"
+    assert _mpi.clean_version("") == ""
