@@ -75,6 +75,8 @@ __device__ __forceinline__ void fc_st_u32(void* p, fc_u32 v) { *reinterpret_cast
 // Streaming access for data touched once (the caller's input and output):
 // first in line for L2 eviction, so the workspace slots that peers write and
 // this GPU reads back soon after stay in L2, and no L1 allocation.
+// (Cache policies need sm_80; older GPUs get plain accesses.)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 __device__ __forceinline__ fc_u64 fc_evict_first_policy() {
   fc_u64 pol;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
@@ -90,6 +92,10 @@ __device__ __forceinline__ void fc_st_stream(void* p, fc_v4 v) {
   asm volatile("st.global.L1::no_allocate.L2::cache_hint.v4.u32 [%0], {%1,%2,%3,%4}, %5;"
                ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "l"(fc_evict_first_policy()) : "memory");
 }
+#else
+__device__ __forceinline__ fc_v4 fc_ld_stream(const void* p) { return *reinterpret_cast<const fc_v4*>(p); }
+__device__ __forceinline__ void fc_st_stream(void* p, fc_v4 v) { fc_st_v4(p, v); }
+#endif
 
 // How a unit's elements are read: kept in the caches (read more than once),
 // streamed (read once), or through L2 only (slots written by peers: a stale

@@ -1,4 +1,4 @@
-"""Every CUDA source in ``kernels_cu/`` compiles with nvcc for A100, L40/4090 and H100.
+"""Every CUDA source in ``kernels_cu/`` compiles with nvcc for T4, A100, L40/4090 and H100.
 
 At run time the kernels are built by NVRTC (through CuPy) once per
 specialisation (``FC_DT`` element type x ``FC_RS_BITS``/``FC_AG_BITS``
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels_cu"
-ARCHS = ("sm_80", "sm_89", "sm_90")
+ARCHS = ("sm_75", "sm_80", "sm_89", "sm_90")
 #: the arch every specialisation is built for (the H100s the kernels are tuned on)
 SPECIALISATION_ARCH = "sm_90"
 DTYPE_CODES = (0, 1, 2)  # float16, bfloat16, float32 (flashcomm_cupy.dtypes.KERNEL_DTYPE_CODE)
