@@ -10,6 +10,10 @@
 //
 // Work split: a tile is blockDim.x * 32 * units elements; thread t owns units
 // t, t + blockDim.x, ... (each unit-round is coalesced across the block).
+// Global memory moves warp-transposed through a per-warp shared-memory stage
+// (fc_warp_gather / fc_warp_scatter in fc_common.cuh): every warp instruction
+// touches whole 32-byte sectors.  The caller's input and output are streamed
+// (L2 evict-first), so the slots that peers write stay in L2.
 // Two-shot: each rank's segment (reference.SegmentLayout) is cut into tiles
 // and block b handles tiles b, b + B, ... of every segment, so block b of
 // each rank only ever talks to block b of the other ranks.  Per tile:
