@@ -99,6 +99,17 @@ __device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n,
   }
 }
 
+// Quantize the lane's unit of my input from element `base` (elements at or
+// beyond `limit` read as 0), rotated first when the mode asks: what I send.
+template <int DT, typename C>
+__device__ __forceinline__ void fc_pack_input(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access,
+                                              bool rot, bool sym, int gl, int lig, float (&v)[FC_ELEMS],
+                                              typename C::Packed& p, fc_v4* stage) {
+  fc_load_elems<DT>(a.in, base, limit, access, v, stage);
+  if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+  C::pack(v, gl, sym, p);
+}
+
 template <int DT, int RSB, int AGB>
 __device__ void fc_twoshot_impl(const FcArgs& a) {
   __shared__ fc_u32 s_epoch;
@@ -130,10 +141,8 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       const fc_i64 limit = min(a.n, start + nchunk);
       for (int u = 0; u < a.units; ++u) {
         const int w = u * nt + t;
-        fc_load_elems<DT>(a.in, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, v, stage);
-        if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
         typename RS::Packed p;
-        RS::pack(v, gl, sym, p);
+        fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, sym, gl, lig, v, p, stage);
         RS::write(p, dst, nchunk, w, gl, sym, stage);
       }
     }
@@ -218,10 +227,8 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
     const fc_i64 limit = min(a.n, toff + nchunk);
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
-      fc_load_elems<DT>(a.in, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, v, stage);
-      if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
       typename RS::Packed p;
-      RS::pack(v, gl, sym, p);
+      fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
       for (int k = 1; k < a.world; ++k) {
         const int q = (a.rank + k) % a.world;
         RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, w, gl, sym, stage);
@@ -238,10 +245,8 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       for (int s = 0; s < a.world; ++s) {
         if (s == a.rank) {
           // My own contribution exactly as the peers decode it (re-packed from my input).
-          fc_load_elems<DT>(a.in, base, limit, FC_CACHED, v, stage);
-          if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
           typename RS::Packed p;
-          RS::pack(v, gl, sym, p);
+          fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
           RS::unpack(p, sym, v);
         } else {
           fc_receive<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, w, active, gl, sym, v, stage);

@@ -134,25 +134,36 @@ __device__ __forceinline__ fc_v4* fc_warp_stage(fc_v4* block_stage) {
   return block_stage + (threadIdx.x >> 5) * FC_STAGE_VECS;
 }
 
+// How a warp's span of 32*V vectors moves: in rounds of at most 128 vectors
+// (the stage's size); in round r, lanes [r*LPR, (r+1)*LPR) are served, and
+// lane l's i-th coalesced vector is span vector span_vector(i, l).
+template <int V>
+struct FcWarpShape {
+  static_assert(V == 2 || V == 4 || V == 8, "vectors per lane");
+  static constexpr int R = V == 8 ? 2 : 1;  // rounds
+  static constexpr int LPR = 32 / R;        // lanes served per round
+  static constexpr int J = V * LPR / 32;    // vectors each lane moves per round
+  static __device__ __forceinline__ int span_vector(int i, int lane) { return (i / J) * (J * 32) + (i % J) * 32 + lane; }
+  // where lane `lane`'s own k-th vector sits in the stage during its round
+  static __device__ __forceinline__ int own_slot(int lane, int k) { return fc_stage_index((lane % LPR) * V + k); }
+};
+
 // Lane l receives vectors [V*l, V*l + V) of its warp's span; load(q) fetches span vector q.
 template <int V, typename Load>
 __device__ __forceinline__ void fc_warp_gather(fc_v4* stage, Load load, fc_v4 (&out)[V]) {
-  static_assert(V == 2 || V == 4 || V == 8, "vectors per lane");
-  constexpr int R = V == 8 ? 2 : 1;  // rounds: a round moves at most 128 vectors
-  constexpr int LPR = 32 / R;        // lanes served per round
-  constexpr int J = V * LPR / 32;    // vectors each lane moves per round
+  typedef FcWarpShape<V> S;
   const int lane = threadIdx.x & 31;
   fc_v4 tmp[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) tmp[i] = load((i / J) * (J * 32) + (i % J) * 32 + lane);  // all in flight
+  for (int i = 0; i < V; ++i) tmp[i] = load(S::span_vector(i, lane));  // all in flight
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < S::R; ++r) {
 #pragma unroll
-    for (int j = 0; j < J; ++j) stage[fc_stage_index(j * 32 + lane)] = tmp[r * J + j];
+    for (int j = 0; j < S::J; ++j) stage[fc_stage_index(j * 32 + lane)] = tmp[r * S::J + j];
     __syncwarp();
-    if (lane / LPR == r) {
+    if (lane / S::LPR == r) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) out[k] = stage[fc_stage_index((lane % LPR) * V + k)];
+      for (int k = 0; k < V; ++k) out[k] = stage[S::own_slot(lane, k)];
     }
     __syncwarp();
   }
@@ -161,25 +172,22 @@ __device__ __forceinline__ void fc_warp_gather(fc_v4* stage, Load load, fc_v4 (&
 // The inverse: lane l's vectors in[0..V) become span vectors [V*l, V*l + V); store(q, x) writes one.
 template <int V, typename Store>
 __device__ __forceinline__ void fc_warp_scatter(fc_v4* stage, const fc_v4 (&in)[V], Store store) {
-  static_assert(V == 2 || V == 4 || V == 8, "vectors per lane");
-  constexpr int R = V == 8 ? 2 : 1;
-  constexpr int LPR = 32 / R;
-  constexpr int J = V * LPR / 32;
+  typedef FcWarpShape<V> S;
   const int lane = threadIdx.x & 31;
   fc_v4 tmp[V];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (lane / LPR == r) {
+  for (int r = 0; r < S::R; ++r) {
+    if (lane / S::LPR == r) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) stage[fc_stage_index((lane % LPR) * V + k)] = in[k];
+      for (int k = 0; k < V; ++k) stage[S::own_slot(lane, k)] = in[k];
     }
     __syncwarp();
 #pragma unroll
-    for (int j = 0; j < J; ++j) tmp[r * J + j] = stage[fc_stage_index(j * 32 + lane)];
+    for (int j = 0; j < S::J; ++j) tmp[r * S::J + j] = stage[fc_stage_index(j * 32 + lane)];
     __syncwarp();
   }
 #pragma unroll
-  for (int i = 0; i < V; ++i) store((i / J) * (J * 32) + (i % J) * 32 + lane, tmp[i]);
+  for (int i = 0; i < V; ++i) store(S::span_vector(i, lane), tmp[i]);
 }
 
 template <typename T>
