@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 
 from .. import _mpi
-from .base import Timer
+from .base import Backend, Timer
 
 
 def select_device(mpi_comm, device=None) -> int:
@@ -91,3 +91,32 @@ def describe_device(device_id: int) -> dict:
         "cuda_runtime": rt.runtimeGetVersion(),
         "cupy": cupy.__version__,
     }
+
+
+class CudaBackend(Backend):
+    """What every backend on CUDA GPUs shares: CuPy arrays, an MPI barrier, CUDA-event
+    timers, graph capture, and the device facts of ``describe()``.
+
+    Subclasses set ``mpi_comm``, ``rank``, ``world_size``, ``device_id`` and
+    ``nccl`` (a :class:`.nccl.NcclCommunicatorHandle`).
+    """
+
+    @property
+    def xp(self):
+        import cupy
+        return cupy
+
+    def barrier(self):
+        self.mpi_comm.Barrier()
+
+    def make_timer(self, stream=None):
+        return CudaEventTimer(stream)
+
+    def capture_graph(self, fn, iters, stream=None):
+        return capture_graph(fn, iters)
+
+    def describe(self):
+        info = describe_device(self.device_id)
+        info.update(backend=self.name, rank=self.rank, world_size=self.world_size, nccl_version=self.nccl.version,
+                    mpi=_mpi.library_version())
+        return info

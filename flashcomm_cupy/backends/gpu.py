@@ -12,11 +12,10 @@ import warnings
 
 import numpy as np
 
-from .. import _kernels, _mpi, tuning
+from .. import _kernels, tuning
 from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
-from .base import Backend
-from .cuda_util import CudaEventTimer, capture_graph, describe_device, select_device
+from .cuda_util import CudaBackend, select_device
 from .ipc import IpcWorkspace, PeerAccessError, WorkspaceLayout
 from .nccl import NcclBackend, NcclCommunicatorHandle
 
@@ -28,7 +27,7 @@ class FlashTimeoutError(RuntimeError):
     """A rank waited longer than the configured bound for a peer's signal."""
 
 
-class FlashGpuBackend(Backend):
+class FlashGpuBackend(CudaBackend):
     """Flash All-Reduce on the GPUs of one host, one process per GPU.
 
     Options: ``device`` (GPU ordinal; default local rank), ``timeout_s``
@@ -108,11 +107,6 @@ class FlashGpuBackend(Backend):
         self.mpi_comm.Barrier()
 
     # ------------------------------------------------------------------ interface
-    @property
-    def xp(self):
-        import cupy
-        return cupy
-
     def supported_algos(self):
         return ("oneshot", "twoshot", "nccl")
 
@@ -238,9 +232,6 @@ class FlashGpuBackend(Backend):
                 f"(block {block}, round {epoch}): rank {peer} did not call all_reduce, or called it with a "
                 "different size or mode. This communicator is now unusable; close it and create a new one.")
 
-    def barrier(self):
-        self.mpi_comm.Barrier()
-
     def synchronize(self):
         import cupy
         cupy.cuda.Device(self.device_id).synchronize()
@@ -259,19 +250,11 @@ class FlashGpuBackend(Backend):
         self.nccl.close()
         cupy.cuda.runtime.freeHost(self._err_ptr)
 
-    def make_timer(self, stream=None):
-        return CudaEventTimer(stream)
-
-    def capture_graph(self, fn, iters, stream=None):
-        return capture_graph(fn, iters)
-
     def describe(self):
-        info = describe_device(self.device_id)
+        info = super().describe()
         peers = self.mpi_comm.allgather(self.ws.peer_ptrs and [True] * self.world_size)
-        info.update(backend=self.name, rank=self.rank, world_size=self.world_size, nccl_version=self.nccl.version,
-                    mpi=_mpi.library_version(), workspace_bytes=self.ws.layout.total,
-                    max_blocks=self.ws.layout.max_blocks, timeout_s=self.timeout_s,
-                    tuning_table=self.table.describe(), peer_access=peers)
+        info.update(workspace_bytes=self.ws.layout.total, max_blocks=self.ws.layout.max_blocks,
+                    timeout_s=self.timeout_s, tuning_table=self.table.describe(), peer_access=peers)
         return info
 
 

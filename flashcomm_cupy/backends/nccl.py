@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _mpi
 from ..config import Mode
 from ..dtypes import dtype_name
-from .base import Backend
-from .cuda_util import CudaEventTimer, capture_graph, select_device
+from .cuda_util import CudaBackend, select_device
 
 # ncclDataType_t values (nccl.h): float16 6, float32 7, bfloat16 9.
 _NCCL_DTYPE = {"float16": 6, "float32": 7, "bfloat16": 9}
@@ -42,7 +40,7 @@ class NcclCommunicatorHandle:
             self.comm = None
 
 
-class NcclBackend(Backend):
+class NcclBackend(CudaBackend):
     """Plain NCCL all-reduce; flashcomm modes are not available here."""
 
     name = "nccl"
@@ -58,11 +56,6 @@ class NcclBackend(Backend):
         self.device_id = select_device(comm, options.get("device"))
         self.nccl = NcclCommunicatorHandle(comm)
 
-    @property
-    def xp(self):
-        import cupy
-        return cupy
-
     def supported_algos(self):
         return ("nccl",)
 
@@ -77,28 +70,12 @@ class NcclBackend(Backend):
         self.nccl.all_reduce(x.data.ptr, out.data.ptr, x.size, dtype_name(dtype or x.dtype), stream.ptr)
         return out
 
-    def barrier(self):
-        self.mpi_comm.Barrier()
-
     def synchronize(self):
         import cupy
         cupy.cuda.Device().synchronize()
 
     def close(self):
         self.nccl.close()
-
-    def make_timer(self, stream=None):
-        return CudaEventTimer(stream)
-
-    def capture_graph(self, fn, iters, stream=None):
-        return capture_graph(fn, iters)
-
-    def describe(self):
-        from .cuda_util import describe_device
-        info = describe_device(self.device_id)
-        info.update(backend=self.name, rank=self.rank, world_size=self.world_size,
-                    nccl_version=self.nccl.version, mpi=_mpi.library_version())
-        return info
 
 
 def nccl_dtype_supported(dt) -> bool:
