@@ -4,7 +4,8 @@
 #   bash benchmarks/device_run.sh STAGES [NP]
 #
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
-# ranks), checks23 (quick checks at 2 and 3 ranks), tune, bench, verify,
+# ranks), checks-ll (LL protocol and timeouts only), llab (lossless bench with
+# the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune, bench, verify,
 # accuracy, model, pytest (the pytest GPU wrapper), checks-quick, and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
@@ -47,7 +48,14 @@ for stage in ${STAGES//,/ }; do
       run 60 python3 -c "import cupy, mpi4py, numpy; from cupy.cuda import nccl; print('cupy', cupy.__version__, 'nccl', nccl.get_version(), 'mpi4py', mpi4py.__version__, 'numpy', numpy.__version__)"
       run 120 $MPI "$NP" $FC info --json "$OUT/info-$NP.json" ;;
     checks)
-      run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py ;;
+      run 360 $MPI "$NP" python3 tests/gpu/gpu_checks.py ;;
+    checks-ll)
+      run 200 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only ll,timeout ;;
+    llab)  # lossless A/B of the signalling protocols, same harness, NCCL in each run
+      for p in flag ll; do
+        run 150 env FLASHCOMM_PROTOCOL=$p $MPI "$NP" $FC bench -b 4K -e 8M -f 4 --bits none --algo oneshot,twoshot \
+          --json "$OUT/llab-$p-${NP}x-$TAG.json"
+      done ;;
     checks-fast)
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only codec,exact,groups,api ;;
     checks-rest)

@@ -17,6 +17,11 @@ DASH = "-"
 
 
 # ----------------------------------------------------------------------------- numbers
+
+def algo_text(row) -> str:
+    """What ran: the algorithm, with "/ll" when the data-as-signal kernels ran."""
+    return f"{row.algo_resolved}/ll" if getattr(row, "protocol", "") == "ll" else row.algo_resolved
+
 def fmt_num(value: Optional[float], digits: int = 3) -> str:
     """Fixed-width friendly number: 3 significant digits, '-' for None."""
     if value is None:
@@ -140,7 +145,7 @@ def bench_table(rows: Sequence[Row], title: Optional[str] = None):
         for i, r in enumerate(group):
             first = i == 0
             cells = [format_size(size) if first else "", str(r.count) if first else "",
-                     r.dtype if first else "", r.mode, r.algo_resolved, fmt_us(r.time_us)]
+                     r.dtype if first else "", r.mode, algo_text(r), fmt_us(r.time_us)]
             if show_eager:
                 cells.append(fmt_us(r.eager_us))
             cells += [fmt_num(r.algbw_gbps), fmt_num(r.busbw_gbps), _speedup_text(r.speedup)]
@@ -276,7 +281,7 @@ def verify_table(rows):
     table.add_column("bound", justify="right", no_wrap=True)
     table.add_column("#wrong", justify="right", no_wrap=True)
     for (mode, algo), group in groups.items():
-        cells = [mode, algo, ",".join(OrderedDict.fromkeys(r.algo_resolved for r in group))]
+        cells = [mode, algo, ",".join(OrderedDict.fromkeys(algo_text(r) for r in group))]
         for dt in dtypes:
             sub = [r for r in group if r.dtype == dt]
             bad = [r for r in sub if not r.ok]

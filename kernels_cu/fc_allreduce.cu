@@ -5,6 +5,8 @@
 //   FC_RS_BITS  reduce-scatter codec: 0 lossless, 4, 6, 8
 //   FC_AG_BITS  all-gather codec:     0 lossless, 4, 6, 8 (0 iff FC_RS_BITS is 0)
 // Runtime: group size, rotation, symmetric scaling, rank, world size.
+// LL entry points (fc_ll_oneshot, fc_ll_twoshot: lossless, data-as-signal, see
+// fc_ll.cuh) exist in the lossless modules only.
 // Profiling only (wrong results, benchmarks/kernel_variants.py): FC_PROFILE_NO_WAIT
 // skips every wait for peers, FC_PROFILE_LOCAL_DATA keeps payload stores local.
 //
@@ -33,6 +35,7 @@
 #include "fc_common.cuh"
 #include "fc_quant.cuh"
 #include "fc_signal.cuh"
+#include "fc_ll.cuh"
 
 #ifndef FC_DT
 #define FC_DT 0
@@ -57,8 +60,9 @@ struct FcArgs {
   fc_i64 slot_bytes, flags_off, rs_off, ag_off, os_off, timeout_ns;
   int rank, world, group, flags, max_blocks;
   float rot_norm;
-  int units;  // 32-element units per thread per tile: more data per synchronization
-  int pad_;
+  int units;    // 32-element units per thread per tile: more data per synchronization
+  int ll_tile;  // LL kernels: 16-byte vectors per block and segment (fits one LL slot)
+  fc_i64 ll_off, ll_slot_bytes;
 };
 
 __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_ws, fc_i64 region, int parity,
@@ -261,6 +265,123 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   fc_end(a, e);
 }
 
+// ------------------------------------------------------------------ LL protocol (lossless)
+// Same sums as the flag kernels (float32, rank order, from +0), but no flags:
+// see fc_ll.cuh.  Block b owns vectors [b * ll_tile, (b + 1) * ll_tile) of
+// the message (one-shot) or of every owner segment (two-shot); one tile per
+// block and call, so each block index uses its LL slots once per call.
+__device__ __forceinline__ unsigned char* fc_ll_slot(const FcArgs& a, int rank_of_ws, int parity, int area, int src) {
+  unsigned char* ws = reinterpret_cast<unsigned char*>(a.peers[rank_of_ws]);
+  const fc_i64 idx = (((fc_i64)parity * 2 + area) * a.world + src) * a.max_blocks + blockIdx.x;
+  return ws + a.ll_off + idx * a.ll_slot_bytes;
+}
+
+// This rank's per-block LL call counters (after the flag kernels' epochs).
+__device__ __forceinline__ fc_u32* fc_ll_epochs(const FcArgs& a) {
+  return reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.flags_off +
+                                   (3 * 4 * FC_MAX_RANKS + 4) * (fc_i64)a.max_blocks);
+}
+
+// My LL slots of one area for vector i, one per source.
+__device__ __forceinline__ void fc_ll_my_slots(const FcArgs& a, int parity, int area, int i,
+                                               unsigned char* (&slots)[FC_MAX_RANKS]) {
+#pragma unroll
+  for (int s = 0; s < FC_MAX_RANKS; ++s) slots[s] = fc_ll_slot(a, a.rank, parity, area, s) + (fc_i64)i * 16;
+}
+
+template <int DT>
+__device__ void fc_ll_oneshot_impl(const FcArgs& a) {
+  typedef typename FcElem<DT>::T T;
+  constexpr int PER = 16 / (int)sizeof(T);
+  const T* in = reinterpret_cast<const T*>(a.in);
+  T* out = reinterpret_cast<T*>(a.out);
+  fc_u32* epochs = fc_ll_epochs(a);
+  const fc_u32 e = epochs[blockIdx.x] + 1;
+  const int par = e & 1;
+  const fc_i64 first = (fc_i64)blockIdx.x * a.ll_tile;
+  const int nvec = (int)min((fc_i64)a.ll_tile, a.seg_elems / PER - first);
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const fc_i64 el = (first + i) * PER;
+    const fc_v4 x = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED));
+    for (int k = 1; k < a.world; ++k)
+      fc_st_v4(fc_ll_slot(a, (a.rank + k) % a.world, par, 0, a.rank) + (fc_i64)i * 16, x);
+  }
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const fc_i64 el = (first + i) * PER;
+    const fc_v4 mine = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED));
+    unsigned char* slots[FC_MAX_RANKS];
+    fc_ll_my_slots(a, par, 0, i, slots);
+    fc_v4 v[FC_MAX_RANKS];
+    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
+    float acc[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) acc[j] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < FC_MAX_RANKS; ++s)
+      if (s < a.world) fc_ll_accumulate<DT>(acc, fc_ll_pick(s == a.rank, mine, v[s]));
+    fc_st_vec_upto<DT>(out + el, el, a.n, fc_ll_round<DT>(acc), false);
+  }
+  __syncthreads();  // every thread has read the counter
+  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+}
+
+template <int DT>
+__device__ void fc_ll_twoshot_impl(const FcArgs& a) {
+  typedef typename FcElem<DT>::T T;
+  constexpr int PER = 16 / (int)sizeof(T);
+  const T* in = reinterpret_cast<const T*>(a.in);
+  T* out = reinterpret_cast<T*>(a.out);
+  fc_u32* epochs = fc_ll_epochs(a);
+  const fc_u32 e = epochs[blockIdx.x] + 1;
+  const int par = e & 1;
+  const fc_i64 first = (fc_i64)blockIdx.x * a.ll_tile;
+  const int nvec = (int)min((fc_i64)a.ll_tile, a.seg_elems / PER - first);
+  // 1. reduce-scatter: my values of every other owner's tile, raw.
+  for (int k = 1; k < a.world; ++k) {
+    const int o = (a.rank + k) % a.world;
+    unsigned char* dst = fc_ll_slot(a, o, par, 0, a.rank);
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const fc_i64 el = o * a.seg_elems + (first + i) * PER;
+      fc_st_v4(dst + (fc_i64)i * 16, fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED)));
+    }
+  }
+  // 2. owner: sum in rank order, send the rounded sum to every peer, keep it.
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const fc_i64 el = a.rank * a.seg_elems + (first + i) * PER;
+    const fc_v4 mine = fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED);
+    unsigned char* slots[FC_MAX_RANKS];
+    fc_ll_my_slots(a, par, 0, i, slots);
+    fc_v4 v[FC_MAX_RANKS];
+    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
+    float acc[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) acc[j] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < FC_MAX_RANKS; ++s)
+      if (s < a.world) fc_ll_accumulate<DT>(acc, fc_ll_pick(s == a.rank, mine, v[s]));
+    const fc_v4 r = fc_ll_payload<DT>(fc_ll_round<DT>(acc));
+    for (int k = 1; k < a.world; ++k)
+      fc_st_v4(fc_ll_slot(a, (a.rank + k) % a.world, par, 1, a.rank) + (fc_i64)i * 16, r);
+    fc_st_vec_upto<DT>(out + el, el, a.n, r, false);
+  }
+  // 3. all-gather: every other owner's sums.
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    unsigned char* slots[FC_MAX_RANKS];
+    fc_ll_my_slots(a, par, 1, i, slots);
+    fc_v4 v[FC_MAX_RANKS];
+    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
+#pragma unroll
+    for (int s = 0; s < FC_MAX_RANKS; ++s) {
+      if (s < a.world && s != a.rank) {
+        const fc_i64 el = s * a.seg_elems + (first + i) * PER;
+        fc_st_vec_upto<DT>(out + el, el, a.n, v[s], false);
+      }
+    }
+  }
+  __syncthreads();  // every thread has read the counter
+  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+}
+
 extern "C" __global__ void __launch_bounds__(512) fc_twoshot(FcArgs a) {
   fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
@@ -268,6 +389,12 @@ extern "C" __global__ void __launch_bounds__(512) fc_twoshot(FcArgs a) {
 extern "C" __global__ void __launch_bounds__(512) fc_oneshot(FcArgs a) {
   fc_oneshot_impl<FC_DT, FC_RS_BITS>(a);
 }
+
+#if FC_RS_BITS == 0
+extern "C" __global__ void __launch_bounds__(512) fc_ll_oneshot(FcArgs a) { fc_ll_oneshot_impl<FC_DT>(a); }
+
+extern "C" __global__ void __launch_bounds__(512) fc_ll_twoshot(FcArgs a) { fc_ll_twoshot_impl<FC_DT>(a); }
+#endif
 
 // Test entry points: one wire chunk of n elements (a multiple of the group
 // size) encoded from / decoded to float32, so tests can compare bytes with

@@ -203,6 +203,40 @@ __device__ __forceinline__ fc_v4 fc_ld_vec(const void* p, FcAccess access) {
   return access == FC_STREAM ? fc_ld_stream(p) : access == FC_PEER ? fc_ld_cg(p) : *reinterpret_cast<const fc_v4*>(p);
 }
 
+// The 16-byte vector of DT elements at `at` (element index `e`); elements at
+// or beyond `n` read as 0 and are never touched.
+template <int DT>
+__device__ __forceinline__ fc_v4 fc_ld_vec_upto(const typename FcElem<DT>::T* at, fc_i64 e, fc_i64 n,
+                                                FcAccess access) {
+  typedef typename FcElem<DT>::T T;
+  constexpr int PER = 16 / (int)sizeof(T);
+  if (e + PER <= n) return fc_ld_vec(at, access);
+  fc_v4 r = {0u, 0u, 0u, 0u};
+  T* t = reinterpret_cast<T*>(&r);
+#pragma unroll
+  for (int i = 0; i < PER; ++i)
+    if (e + i < n) t[i] = fc_ld_elem(at + i, access);
+  return r;
+}
+
+// Store the vector `x` of DT elements at `at` (element index `e`); elements at
+// or beyond `n` are not written.  `stream`: see fc_st_stream.
+template <int DT>
+__device__ __forceinline__ void fc_st_vec_upto(typename FcElem<DT>::T* at, fc_i64 e, fc_i64 n, const fc_v4& x,
+                                               bool stream) {
+  typedef typename FcElem<DT>::T T;
+  constexpr int PER = 16 / (int)sizeof(T);
+  if (e + PER <= n) {
+    if (stream) fc_st_stream(at, x);
+    else fc_st_v4(at, x);
+  } else {
+    const T* t = reinterpret_cast<const T*>(&x);
+#pragma unroll
+    for (int i = 0; i < PER; ++i)
+      if (e + i < n) at[i] = t[i];
+  }
+}
+
 // Load the lane's unit (FC_ELEMS elements from element `base`) as float32;
 // elements at or beyond `n` read as 0 (the zero padding of the reference)
 // and are never touched.
@@ -216,15 +250,7 @@ __device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i
   const T* p = reinterpret_cast<const T*>(src) + span;
   fc_v4 w[V];
   fc_warp_gather<V>(stage, [&](int q) -> fc_v4 {
-    const fc_i64 e = span + (fc_i64)q * PER;
-    const T* at = p + (fc_i64)q * PER;
-    if (e + PER <= n) return fc_ld_vec(at, access);
-    fc_v4 r = {0u, 0u, 0u, 0u};
-    T* t = reinterpret_cast<T*>(&r);
-#pragma unroll
-    for (int i = 0; i < PER; ++i)
-      if (e + i < n) t[i] = fc_ld_elem(at + i, access);
-    return r;
+    return fc_ld_vec_upto<DT>(p + (fc_i64)q * PER, span + (fc_i64)q * PER, n, access);
   }, w);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -252,16 +278,6 @@ __device__ __forceinline__ void fc_store_elems(void* dst, fc_i64 base, fc_i64 n,
     for (int i = 0; i < PER; ++i) e[i] = FcElem<DT>::from_f32(v[k * PER + i]);
   }
   fc_warp_scatter<V>(stage, w, [&](int q, const fc_v4& x) {
-    const fc_i64 e = span + (fc_i64)q * PER;
-    T* at = p + (fc_i64)q * PER;
-    if (e + PER <= n) {
-      if (stream) fc_st_stream(at, x);
-      else fc_st_v4(at, x);
-    } else {
-      const T* t = reinterpret_cast<const T*>(&x);
-#pragma unroll
-      for (int i = 0; i < PER; ++i)
-        if (e + i < n) at[i] = t[i];
-    }
+    fc_st_vec_upto<DT>(p + (fc_i64)q * PER, span + (fc_i64)q * PER, n, x, stream);
   });
 }

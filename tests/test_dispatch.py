@@ -30,6 +30,7 @@ def fake_backend(world=4, max_blocks=264, slot_bytes=48 << 10, table=TABLE):
     b.world_size = world
     b.max_threads = 512
     b.force_launch = None
+    b.protocol = "auto"
     b.table = tuning.TuningTable(table, "test")
     b.ws = types.SimpleNamespace(layout=WorkspaceLayout(world, max_blocks, slot_bytes))
     return b
@@ -102,3 +103,74 @@ def test_shipped_table_loads_and_covers_four_ranks():
     for row in t.rows[4]:
         assert row["quantized"]["algo"] in ("oneshot", "twoshot")
         assert row["lossless"]["algo"] in ("oneshot", "twoshot", "nccl")
+
+
+# ------------------------------------------------------------------ LL (data-as-signal) kernels
+LL_TABLE = {"worlds": {"4": [
+    {"max_bytes": 1 << 20, "lossless": {"algo": "oneshot", "threads": 256, "blocks": 0, "protocol": "ll"},
+     "quantized": {"algo": "oneshot", "threads": 128, "blocks": 32}},
+    {"max_bytes": 256 << 20, "lossless": {"algo": "twoshot", "threads": 512, "blocks": 0, "protocol": "ll"},
+     "quantized": {"algo": "twoshot", "threads": 512, "blocks": 132, "units": 4}},
+]}}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_every_ll_launch_fits_its_slots_and_gives_every_block_data(world):
+    b = fake_backend(world=world)
+    layout = b.ws.layout
+    slot_vecs = layout.ll_slot_bytes // 16
+    for n, itemsize, algo, threads, blocks in itertools.product(
+            [1, 7, 8, 9, 2048, 4099, 65537, 1 << 20, 3 << 20], (2, 4), ("oneshot", "twoshot"),
+            (64, 128, 256, 512), (0, 1, 8, 132, 264)):
+        choice = tuning.Choice(algo, threads, blocks, 1, "ll")
+        shape = b._ll_shape(choice, n, itemsize, Mode.make(None))
+        per = 16 // itemsize
+        vecs = -(-(n if algo == "oneshot" else -(-n // world)) // per)
+        resident = layout.max_blocks // (2 if threads > 256 else 1)
+        if shape is None:  # only when the message cannot fit the LL slots of all resident blocks
+            assert vecs > resident * slot_vecs
+            continue
+        t, nb, seg, tile = shape
+        assert seg == vecs * per and seg * (1 if algo == "oneshot" else world) >= n
+        assert 1 <= tile <= slot_vecs
+        assert 1 <= nb <= resident
+        assert nb * tile >= vecs  # the tiles cover the segment ...
+        assert (nb - 1) * tile < vecs  # ... and the last block's tile is not empty
+        assert t == min(max(threads, 64), 512)
+
+
+def test_ll_applies_to_lossless_calls_that_fit_and_falls_back_to_flags_otherwise():
+    b = fake_backend(table=LL_TABLE)
+    assert b.resolve_protocol(4096, Mode.make(None)) == "ll"
+    assert b.resolve_protocol(4096, Mode.make(4)) == "flag"  # quantized: flag kernels
+    assert b.resolve_protocol(4 << 20, Mode.make(None)) == "ll"  # two-shot: a quarter per owner
+    assert b.resolve_protocol(64 << 20, Mode.make(None)) == "flag"  # beyond the LL slots
+    assert b.resolve_protocol(4096, Mode.make(None, algo="nccl")) == ""
+    b.protocol = "flag"
+    assert b.resolve_protocol(4096, Mode.make(None)) == "flag"
+    b.protocol = "auto"
+    b.force_launch = (128, 16, 1, "ll")
+    assert b._choose(4096, Mode.make(None, algo="twoshot")) == tuning.Choice("twoshot", 128, 16, 1, "ll")
+
+
+def test_heuristic_and_table_protocols():
+    assert tuning.heuristic(4, 4096, True).protocol == "ll"
+    assert tuning.heuristic(4, 4096, False).protocol == "flag"
+    assert tuning.TuningTable(LL_TABLE, "x").choose(4, 100, True).protocol == "ll"
+    assert tuning.TuningTable(TABLE, "x").choose(4, 100, True).protocol == "flag"  # absent: flag
+    with pytest.raises(ValueError, match="protocol"):
+        tuning.Choice("oneshot", protocol="lamport")
+
+
+def test_workspace_layout_keeps_regions_apart():
+    for world, max_blocks in itertools.product((2, 4, 8), (8, 264)):
+        lay = WorkspaceLayout(world, max_blocks, 48 << 10)
+        # flags: three sets, the flag kernels' epochs, then the LL counters (fc_ll_epochs)
+        ll_counters_end = lay.flags_off + 3 * lay.flag_set_bytes + 2 * 4 * max_blocks
+        assert ll_counters_end <= lay.rs_off
+        assert lay.rs_off + lay.region_bytes <= lay.ag_off
+        assert lay.ag_off + lay.region_bytes <= lay.os_off
+        assert lay.os_off + 2 * lay.region_bytes <= lay.ll_off
+        assert lay.ll_bytes == 2 * 2 * world * max_blocks * lay.ll_slot_bytes
+        assert lay.ll_off + lay.ll_bytes <= lay.total
+        assert lay.ll_off % 16 == 0 and lay.ll_slot_bytes % 16 == 0

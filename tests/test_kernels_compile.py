@@ -84,3 +84,22 @@ def test_every_kernel_source_compiles(tmp_path):
     failed = [(cmd, log) for ok, cmd, log in results if not ok]
     assert not failed, f"{len(failed)} of {len(jobs)} compiles failed:\n" + "\n\n".join(
         f"nvcc {cmd}\n{log[-3000:]}" for cmd, log in failed[:5])
+
+
+def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
+    """``_kernels.ARGS_DTYPE`` (what the host fills) has FcArgs' exact field offsets and size."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy import _kernels
+    dt = _kernels.ARGS_DTYPE
+    device_name = {"in_ptr": "in", "out_ptr": "out"}
+    checks = [f'static_assert(__builtin_offsetof(FcArgs, {device_name.get(f, f)}) == {dt.fields[f][1]}, "{f}");'
+              for f in dt.names]
+    checks.append(f'static_assert(sizeof(FcArgs) == {dt.itemsize}, "sizeof(FcArgs)");')
+    src = tmp_path / "args_layout.cu"
+    src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
+    proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
+                           "-DFC_DT=0", "-DFC_RS_BITS=0", "-DFC_AG_BITS=0", "-o", str(tmp_path / "a.cubin"),
+                           str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

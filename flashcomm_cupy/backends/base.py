@@ -61,6 +61,10 @@ class Backend(abc.ABC):
     def resolve_algo(self, nbytes: int, mode: Mode) -> str:
         """The concrete algorithm ``mode.algo == "auto"`` picks for a message of ``nbytes``."""
 
+    def resolve_protocol(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
+        """How the chosen flash kernels signal ("flag" or "ll"); "" where that does not apply."""
+        return ""
+
     @abc.abstractmethod
     def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
         """Sum ``x`` over all ranks into ``out`` according to ``mode``; return ``out``.

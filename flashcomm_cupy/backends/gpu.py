@@ -7,6 +7,7 @@ when IPC or peer access is missing (:func:`make_gpu_backend`).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import warnings
 
@@ -34,14 +35,17 @@ class FlashGpuBackend(CudaBackend):
     (bound of every spin-wait; default ``$FLASHCOMM_TIMEOUT_S`` or 30),
     ``validate`` (all-gather sizes and modes before every call and raise on
     mismatch), ``max_blocks`` and ``max_threads`` (workspace shape),
-    ``tuning`` (path of a dispatch table).
+    ``tuning`` (path of a dispatch table), ``protocol`` ("auto" follows the
+    table; "flag" or "ll" forces that signalling protocol for lossless calls
+    wherever the LL kernels apply, see :mod:`flashcomm_cupy.tuning`; default
+    ``$FLASHCOMM_PROTOCOL`` or "auto").
     """
 
     name = "gpu"
     baseline_algo = "nccl"
 
     def __init__(self, comm, device=None, timeout_s=None, validate=False, max_blocks=None, max_threads=512,
-                 tuning_path=None, slot_bytes=48 << 10):
+                 tuning_path=None, slot_bytes=48 << 10, protocol=None):
         import cupy
         self.mpi_comm = comm
         self.rank = comm.Get_rank()
@@ -62,8 +66,13 @@ class FlashGpuBackend(CudaBackend):
             # once, since block b waits for block b of every peer.
             max_blocks = 2 * cupy.cuda.runtime.getDeviceProperties(self.device_id)["multiProcessorCount"]
         self.table = tuning.load(tuning_path)
-        #: (threads, blocks) forced on every flash launch; set only by tuning sweeps
+        #: (threads, blocks, units[, protocol]) forced on every flash launch; set only by tuning sweeps
         self.force_launch = None
+        protocol = protocol or os.environ.get("FLASHCOMM_PROTOCOL") or "auto"
+        if protocol not in ("auto",) + tuning.PROTOCOLS:
+            raise ValueError(f"protocol (or $FLASHCOMM_PROTOCOL) must be 'auto', 'flag' or 'll', got {protocol!r}")
+        #: "auto" (the table's choice), or "flag" / "ll" forced where they apply
+        self.protocol = protocol
         self._plans = {}
         self.nccl = NcclCommunicatorHandle(comm)
         try:
@@ -91,6 +100,7 @@ class FlashGpuBackend(CudaBackend):
         a["flags_off"] = layout.flags_off
         a["rs_off"], a["ag_off"], a["os_off"] = layout.rs_off, layout.ag_off, layout.os_off
         a["rank"], a["world"], a["max_blocks"] = self.rank, self.world_size, layout.max_blocks
+        a["ll_off"], a["ll_slot_bytes"] = layout.ll_off, layout.ll_slot_bytes
         a["timeout_ns"] = int(self.timeout_s * 1e9)
 
     def precompile(self, dtypes=("float16", "bfloat16", "float32"),
@@ -113,7 +123,21 @@ class FlashGpuBackend(CudaBackend):
     def resolve_algo(self, nbytes: int, mode: Mode) -> str:
         return self._choose(nbytes, mode).algo
 
+    def resolve_protocol(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
+        """"ll" or "flag" for the flash kernels that would run; "" when NCCL runs."""
+        choice = self._choose(nbytes, mode)
+        if choice.algo == "nccl":
+            return ""
+        n = max(1, nbytes // itemsize)
+        return "ll" if self._ll_shape(choice, n, itemsize, mode) is not None else "flag"
+
     def _choose(self, nbytes: int, mode: Mode) -> tuning.Choice:
+        choice = self._choose_table(nbytes, mode)
+        if self.protocol != "auto" and choice.protocol != self.protocol and choice.algo != "nccl":
+            choice = dataclasses.replace(choice, protocol=self.protocol)
+        return choice
+
+    def _choose_table(self, nbytes: int, mode: Mode) -> tuning.Choice:
         if self.force_launch is not None and mode.algo in ("oneshot", "twoshot"):
             return tuning.Choice(mode.algo, *self.force_launch)
         auto = self.table.choose(self.world_size, nbytes, mode.lossless)
@@ -125,7 +149,8 @@ class FlashGpuBackend(CudaBackend):
             raise ValueError("algo='mpi' is the CPU backend's baseline; use 'nccl' on GPUs")
         if mode.algo == auto.algo:
             return auto
-        return tuning.Choice(mode.algo, tuning.heuristic(self.world_size, nbytes, mode.lossless).threads, 0)
+        rule = tuning.heuristic(self.world_size, nbytes, mode.lossless)
+        return tuning.Choice(mode.algo, rule.threads, 0, 1, rule.protocol)
 
     def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
         import cupy
@@ -163,13 +188,23 @@ class FlashGpuBackend(CudaBackend):
         a few microseconds), so everything but the two array pointers is worked
         out once.  None means NCCL.
         """
-        key = (n, name, mode, self.force_launch)
+        key = (n, name, mode, self.force_launch, self.protocol)
         plan = self._plans.get(key, False)
         if plan is not False:
             return plan
-        choice = self._choose(n * np.dtype(name).itemsize, mode)
+        itemsize = np.dtype(name).itemsize
+        choice = self._choose(n * itemsize, mode)
+        ll = None if choice.algo == "nccl" else self._ll_shape(choice, n, itemsize, mode)
         if choice.algo == "nccl":
             plan = None
+        elif ll is not None:
+            threads, blocks, seg, tile = ll
+            args = self._args.copy()
+            a = args[0]
+            a["n"], a["seg_elems"], a["ll_tile"] = n, seg, tile
+            fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot",
+                                   KERNEL_DTYPE_CODE[name], 0, 0)
+            plan = (fn, (blocks,), (threads,), args, args.view(np.uint64))
         else:
             threads, blocks, seg, units = self._launch_shape(choice, n, name, mode)
             args = self._args.copy()
@@ -212,6 +247,32 @@ class FlashGpuBackend(CudaBackend):
         limit = resident if choice.blocks <= 0 else min(choice.blocks, resident)
         tiles = -(-seg // (threads * ELEMS_PER_THREAD * units))
         return threads, max(1, min(limit, tiles)), seg, units
+
+    def _ll_shape(self, choice, n, itemsize, mode):
+        """(threads, blocks, segment elements, vectors per block tile) of an LL launch, or None.
+
+        LL applies to lossless calls whose tiles fit the LL slots with every
+        block resident.  A segment (the whole message for one-shot, one
+        owner's share for two-shot) is whole 16-byte vectors; every launched
+        block gets a non-empty tile, so each block index exchanges data with
+        every peer in every call (the LL slot-reuse argument needs that).
+        """
+        if choice.protocol != "ll" or not mode.lossless:
+            return None
+        per = 16 // itemsize
+        share = n if choice.algo == "oneshot" else -(-n // self.world_size)
+        vecs = -(-share // per)
+        layout = self.ws.layout
+        threads = min(max(choice.threads, 64), self.max_threads)
+        resident = layout.max_blocks // (2 if threads > 256 else 1)
+        slot_vecs = layout.ll_slot_bytes // 16
+        fewest = -(-vecs // slot_vecs)
+        if fewest > resident:
+            return None
+        want = choice.blocks if choice.blocks > 0 else -(-vecs // threads)
+        blocks = max(fewest, min(want, resident, vecs))
+        tile = -(-vecs // blocks)
+        return threads, -(-vecs // tile), vecs * per, tile
 
     def _validate(self, n, name, mode):
         mine = (n, name, mode.bits_label, mode.group_size, mode.rotate, mode.symmetric, mode.algo)

@@ -6,10 +6,14 @@ Layout of one rank's workspace (bytes; all offsets 4 KiB aligned):
 canary                ``uint32[8]`` written by peers during the access check
 flags                 three flag sets (reduce-scatter, all-gather, one-shot),
                       each ``uint32[8 ranks][max_blocks]``, then this rank's
-                      per-block epochs ``uint32[max_blocks]``
+                      per-block epochs ``uint32[max_blocks]`` and per-block
+                      LL call counters ``uint32[max_blocks]``
 rs slots              ``[world][max_blocks]`` slots of ``slot_bytes``
 ag slots              ``[world][max_blocks]`` slots
 one-shot slots        ``[2 parities][world][max_blocks]`` slots
+LL slots              ``[2 parities][2 areas][world][max_blocks]`` slots of
+                      ``ll_slot_bytes``, filled with 0xFF bytes (the "empty"
+                      sentinel of kernels_cu/fc_ll.cuh) instead of zeros
 ====================  =====================================================
 
 Exported memory is freed only after every peer closed its handle to it
@@ -37,6 +41,7 @@ class WorkspaceLayout:
     world: int
     max_blocks: int
     slot_bytes: int
+    ll_slot_bytes: int = 8 << 10
 
     @property
     def canary_off(self) -> int:
@@ -52,7 +57,7 @@ class WorkspaceLayout:
 
     @property
     def rs_off(self) -> int:
-        return _up(self.flags_off + 3 * self.flag_set_bytes + 4 * self.max_blocks, _PAGE)
+        return _up(self.flags_off + 3 * self.flag_set_bytes + 2 * 4 * self.max_blocks, _PAGE)
 
     @property
     def region_bytes(self) -> int:
@@ -67,8 +72,16 @@ class WorkspaceLayout:
         return self.ag_off + self.region_bytes
 
     @property
+    def ll_off(self) -> int:
+        return self.os_off + 2 * self.region_bytes
+
+    @property
+    def ll_bytes(self) -> int:
+        return 2 * 2 * self.world * self.max_blocks * self.ll_slot_bytes
+
+    @property
     def total(self) -> int:
-        return _up(self.os_off + 2 * self.region_bytes, _ALLOC_ALIGN)
+        return _up(self.ll_off + self.ll_bytes, _ALLOC_ALIGN)
 
 
 _CANARY_SRC = r"""
@@ -120,7 +133,8 @@ class IpcWorkspace:
         failure = None
         try:
             self.ptr = rt.malloc(layout.total)
-            rt.memset(self.ptr, 0, layout.total)
+            rt.memset(self.ptr, 0, layout.ll_off)
+            rt.memset(self.ptr + layout.ll_off, 0xFF, layout.total - layout.ll_off)
             rt.deviceSynchronize()
             handle = bytes(rt.ipcGetMemHandle(self.ptr))
         except Exception as exc:

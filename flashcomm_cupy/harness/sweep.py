@@ -158,6 +158,8 @@ def _sweep_sizes(comm, config, modes, stream, progress) -> List[Row]:
             if mode.is_baseline:
                 baseline_s = t.primary_s
             row = _row(nbytes, count, dtype, mode, resolved, t, n, baseline_s, config.peer_bw_gbps)
+            if not mode.is_baseline:
+                row.protocol = backend.resolve_protocol(nbytes, mode, dtype.itemsize)
             if sizecheck is not None:
                 _apply_check(row, mode, dtype, sizecheck.run_and_check(mode, resolved, stream))
             rows.append(row)

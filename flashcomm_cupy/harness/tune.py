@@ -23,17 +23,25 @@ SMALL_BYTES = 1 << 20
 SMALL_SHAPES = [(t, b, 1) for t, b in itertools.product((128, 256), (8, 16, 32, 64))]
 LARGE_SHAPES = ([(512, 132, u) for u in (1, 2, 4)] +
                 [(256, b, u) for b in (132, 264) for u in (1, 2, 4, 8)])
+# LL kernels (lossless): blocks 0 = one 16-byte vector per thread, else a fixed spread.
+LL_SHAPES = [(t, b, 1) for t in (128, 256, 512) for b in (0, 32, 132)]
 
 
 def candidates(nbytes: int, lossless: bool, max_blocks: int):
-    """(algo, threads, blocks, units) to try for one message size and class."""
+    """(algo, threads, blocks, units, protocol) to try for one message size and class.
+
+    LL candidates the backend cannot run at this size are skipped by :func:`tune`.
+    """
     algos = ["twoshot"] + (["oneshot"] if nbytes <= ONESHOT_MAX_BYTES else [])
     shapes = SMALL_SHAPES if nbytes <= SMALL_BYTES else LARGE_SHAPES
     for algo in algos:
         for threads, blocks, units in shapes:
-            yield algo, threads, min(blocks, max_blocks), units
+            yield algo, threads, min(blocks, max_blocks), units, "flag"
+        if lossless:
+            for threads, blocks, units in LL_SHAPES:
+                yield algo, threads, min(blocks, max_blocks), units, "ll"
     if lossless:
-        yield "nccl", 0, 0, 0
+        yield "nccl", 0, 0, 0, "flag"
 
 
 def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int = 20, repeats: int = 5,
@@ -53,17 +61,20 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         row = {"max_bytes": int(nbytes)}
         for cls, bits in (("lossless", None), ("quantized", tune_bits)):
             best = None
-            for algo, threads, blocks, units in candidates(nbytes, bits is None, backend.ws.layout.max_blocks):
+            for algo, threads, blocks, units, protocol in candidates(nbytes, bits is None,
+                                                                     backend.ws.layout.max_blocks):
                 mode = Mode.make(bits, 128, algo=algo)
-                backend.force_launch = None if algo == "nccl" else (threads, blocks, units)
+                backend.force_launch = None if algo == "nccl" else (threads, blocks, units, protocol)
                 try:
+                    if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
+                        continue  # too large for the LL slots: the flag candidates cover it
                     t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
                                 warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
                 finally:
                     backend.force_launch = None
                 if best is None or t < best[0]:
                     best = (t, {"algo": algo, "threads": threads, "blocks": blocks, "units": units,
-                                "us": round(t * 1e6, 2)})
+                                "protocol": protocol, "us": round(t * 1e6, 2)})
             row[cls] = best[1]
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")

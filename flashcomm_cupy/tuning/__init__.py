@@ -2,9 +2,11 @@
 
 A table maps world size -> rows sorted by ``max_bytes``; the first row whose
 ``max_bytes`` is >= the message size applies.  Each row names, separately for
-lossless and quantized modes, the algorithm ("oneshot", "twoshot" or "nccl")
-and the launch shape (threads per block, blocks; 0 blocks = as many as the
-message has tiles, up to the workspace's ``max_blocks``).
+lossless and quantized modes, the algorithm ("oneshot", "twoshot" or "nccl"),
+the launch shape (threads per block, blocks; 0 blocks = as many as the
+message has tiles, up to the workspace's ``max_blocks``) and, for lossless
+rows, the signalling protocol: "flag" (default) or "ll", where the data is
+its own signal (``kernels_cu/fc_ll.cuh``; small and medium messages only).
 
 Where a table comes from, first match wins:
 
@@ -25,14 +27,27 @@ SHIPPED = Path(__file__).with_name("default.json")
 USER = Path(os.path.expanduser("~/.cache/flashcomm/tuning.json"))
 
 
+PROTOCOLS = ("flag", "ll")
+
+
 @dataclass(frozen=True)
 class Choice:
-    """Algorithm and launch shape; ``units`` = 32-element units per thread per tile."""
+    """Algorithm and launch shape; ``units`` = 32-element units per thread per tile.
+
+    ``protocol`` "ll" asks for the lossless data-as-signal kernels; the
+    backend falls back to "flag" where they do not apply (quantized modes,
+    messages larger than the LL slots).
+    """
 
     algo: str
     threads: int = 256
     blocks: int = 0
     units: int = 1
+    protocol: str = "flag"
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 
 
 def heuristic(world: int, nbytes: int, lossless: bool) -> Choice:
@@ -44,13 +59,14 @@ def heuristic(world: int, nbytes: int, lossless: bool) -> Choice:
     """
     cut = 512 * 1024 if world <= 4 else 256 * 1024
     if nbytes <= cut:
-        return Choice("oneshot", 128 if nbytes <= 64 * 1024 else 256, 0)
+        return Choice("oneshot", 128 if nbytes <= 64 * 1024 else 256, 0, 1, "ll" if lossless else "flag")
     # Large messages: several units per thread so each flag round trip moves more data.
     return Choice("twoshot", 512, 0, 4 if nbytes >= (16 << 20) else 1)
 
 
 def _choice(c: dict) -> Choice:
-    return Choice(c["algo"], int(c.get("threads", 256)), int(c.get("blocks", 0)), int(c.get("units", 1)))
+    return Choice(c["algo"], int(c.get("threads", 256)), int(c.get("blocks", 0)), int(c.get("units", 1)),
+                  str(c.get("protocol", "flag")))
 
 
 class TuningTable:

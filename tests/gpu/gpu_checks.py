@@ -274,6 +274,111 @@ class Checker:
             self.fail(f"graph replays: {wrong} wrong elements on rank {self.rank}")
         self.log(f"graphs: {replays} replays of {len(specs)} captured calls, all exact")
 
+    # ------------------------------------------------------------------ LL protocol
+    def check_ll(self, calls):
+        """The data-as-signal kernels: exact sums, sentinel-valued inputs, any grid in any order, graphs."""
+        import cupy
+        from flashcomm_cupy.backends.cuda_util import capture_graph
+        backend = self.comm.backend
+        backend.protocol = "ll"
+        ran_ll = 0
+        try:
+            # 1. exact against the reference (sizes around vector and slot boundaries)
+            seed = 23
+            for n in (1, 2, 7, 8, 9, 31, 127, 1000, 4099, 65_537, 1_000_003, 3_000_001):
+                for dtype in DTYPE_NAMES:
+                    x = to_device(host_input(seed, self.rank, n, dtype))
+                    for algo in ("oneshot", "twoshot"):
+                        mode = Mode.make(None, algo=algo)
+                        ran_ll += backend.resolve_protocol(x.nbytes, mode, x.itemsize) == "ll"
+                        out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
+                        backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+                        self.compare_with_reference(f"ll n={n} {dtype} {algo}", out, n, dtype, mode, seed, algo)
+            # 2. inputs equal to the sentinel's parts, signed zeros and infinities must not hang or leak
+            n = 4096
+            for dtype in DTYPE_NAMES:
+                ins = [host_input(31, r, n, dtype) for r in range(self.world)]
+                for r, a in enumerate(ins):
+                    bits = a.view(np.uint32 if dtype == "float32" else np.uint16)
+                    bits[r::7] = 0xFFFFFFFF if dtype == "float32" else 0xFFFF
+                    a[3 + r::11] = -0.0
+                    a[5::13] = np.inf if r == 0 else 1.0
+                for algo in ("oneshot", "twoshot"):
+                    mode = Mode.make(None, algo=algo)
+                    x = to_device(ins[self.rank])
+                    out = cupy.zeros_like(x)
+                    backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+                    self.compare_with_reference(f"ll sentinel-valued {dtype} {algo}", out, n, dtype, mode, 31, algo,
+                                                inputs=ins)
+            # 3. a random order of sizes, algorithms and grids, mixed with flag-protocol calls
+            rng = np.random.default_rng(5)
+            cases = []
+            for i, n in enumerate((3, 4096, 50_001, 262_144, 1_048_576)):
+                ins = [host_input(300 + i, r, n, "float16") for r in range(self.world)]
+                x = cupy.asarray(ins[self.rank])
+                for algo in ("oneshot", "twoshot"):
+                    ref = fc.flash_all_reduce_reference(ins, mode=Mode.make(None, algo=algo))[0]
+                    cases.append((x, cupy.empty_like(x), Mode.make(None, algo=algo), cupy.asarray(ref)))
+            flag_case = (cupy.asarray(host_input(399, self.rank, 65_536, "float16")), None, Mode.make(8, algo="oneshot"))
+            order = rng.integers(0, len(cases), size=calls)
+            shapes = rng.integers(0, 4, size=calls)
+            wrong = 0
+            for k in range(calls):
+                x, out, mode, ref = cases[order[k]]
+                threads, blocks = ((64, 1), (128, 0), (256, 16), (512, 0))[shapes[k]]
+                backend.force_launch = (threads, blocks, 1, "ll")
+                try:
+                    backend.all_reduce(x, out, mode, dtype=np.float16)
+                finally:
+                    backend.force_launch = None
+                if k % 17 == 0:
+                    backend.all_reduce(flag_case[0], cupy.empty_like(flag_case[0]), flag_case[2], dtype=np.float16)
+                wrong += int((out.view(cupy.uint16) != ref.view(cupy.uint16)).sum())
+            self.comm.synchronize()
+            if not self.agree(wrong == 0):
+                self.fail(f"ll mixed sequence: {wrong} wrong elements on rank {self.rank}")
+            # 4. graph replays of LL calls with fresh inputs each time
+            specs = [(4099, "oneshot"), (200_000, "twoshot"), (33_333, "oneshot")]
+            bufs = []
+            for j, (n, algo) in enumerate(specs):
+                sets = []
+                for s_ in range(3):
+                    ins = [host_input(400 + 10 * j + s_, r, n, "float16") for r in range(self.world)]
+                    ref = fc.flash_all_reduce_reference(ins, mode=Mode.make(None, algo=algo))[0]
+                    sets.append((cupy.asarray(ins[self.rank]), cupy.asarray(ref)))
+                x = cupy.empty(n, dtype=cupy.float16)
+                x[...] = sets[0][0]
+                bufs.append((x, cupy.empty_like(x), Mode.make(None, algo=algo), sets))
+                backend.all_reduce(x, bufs[-1][1], bufs[-1][2], dtype=np.float16)  # compile before capture
+            self.comm.synchronize()
+
+            def step():
+                for x, out, mode, _ in bufs:
+                    backend.all_reduce(x, out, mode, dtype=np.float16)
+
+            replay = capture_graph(step, 1)
+            gwrong = 0
+            replays = max(10, calls // 10)
+            for i in range(replays):
+                with replay.stream:
+                    for x, out, _, sets in bufs:
+                        x[...] = sets[i % 3][0]
+                        out.fill(0)
+                replay()
+                with replay.stream:
+                    for x, out, _, sets in bufs:
+                        gwrong += int((out.view(cupy.uint16) != sets[i % 3][1].view(cupy.uint16)).sum())
+            replay.stream.synchronize()
+            self.comm.synchronize()
+            if not self.agree(gwrong == 0):
+                self.fail(f"ll graph replays: {gwrong} wrong elements on rank {self.rank}")
+        finally:
+            backend.protocol = "auto"
+            backend.force_launch = None
+        if not self.agree(ran_ll > 0):
+            self.fail("ll: no call resolved to the LL kernels")
+        self.log(f"ll: {ran_ll} exact LL cases, {calls} mixed calls, {replays} graph replays")
+
     def check_large(self, nbytes):
         import cupy
         n = nbytes // 2
@@ -287,10 +392,10 @@ class Checker:
         self.log(f"large: {nbytes >> 20} MiB checked")
 
 
-def check_timeout(world_comm, bound_s=2.0):
+def check_timeout(world_comm, bound_s=2.0, protocol="flag"):
     """The last rank never calls all_reduce; the others must raise within the bound."""
     import cupy
-    comm = fc.Communicator(world_comm, backend="gpu", timeout_s=bound_s)
+    comm = fc.Communicator(world_comm, backend="gpu", timeout_s=bound_s, protocol=protocol)
     rank, last = comm.rank, comm.world_size - 1
     ok = True
     if comm.backend_name != "gpu":
@@ -299,7 +404,10 @@ def check_timeout(world_comm, bound_s=2.0):
     if rank != last:
         x = cupy.ones(1 << 16, dtype=cupy.float16)
         t0 = time.perf_counter()
-        comm.all_reduce(x, bits=8, algo="twoshot")
+        if protocol == "ll":
+            comm.all_reduce(x, bits=None, algo="oneshot")
+        else:
+            comm.all_reduce(x, bits=8, algo="twoshot")
         try:
             comm.synchronize()
             ok = False
@@ -341,6 +449,7 @@ def main(argv=None):
         ("many", lambda: ck.check_many_calls(args.calls if not args.quick else 1000)),
         ("graphs", lambda: ck.check_graph_replays(args.replays if not args.quick else 100)),
         ("large", lambda: ck.check_large(args.large_mib << 20)),
+        ("ll", lambda: ck.check_ll(2000 if not args.quick else 300)),
     ]
     t_all = time.perf_counter()
     for name, fn in plan:
@@ -355,13 +464,15 @@ def main(argv=None):
             MPI.COMM_WORLD.Abort(2)
         ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
     comm.close()
-    if not only or "timeout" in only:
-        ok, msg = check_timeout(MPI.COMM_WORLD)
+    for protocol in ("flag", "ll"):
+        if only and "timeout" not in only:
+            break
+        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol)
         ok = all(MPI.COMM_WORLD.allgather(ok))
         if ck.rank == 0:
-            print(("timeout: OK " if ok else "FAIL timeout: ") + msg, flush=True)
+            print((f"timeout ({protocol}): OK " if ok else f"FAIL timeout ({protocol}): ") + msg, flush=True)
         if not ok:
-            ck.failures.append("timeout")
+            ck.failures.append(f"timeout ({protocol})")
     failures = MPI.COMM_WORLD.allreduce(len(ck.failures))
     if ck.rank == 0:
         print(f"{'OK' if failures == 0 else 'FAILED'}: {ck.count} exactness cases, {failures} failures, "
