@@ -53,7 +53,7 @@ for stage in ${STAGES//,/ }; do
       run 200 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only ll,timeout ;;
     llab)  # lossless A/B of the signalling protocols, same harness, NCCL in each run
       for p in flag ll; do
-        run 150 env FLASHCOMM_PROTOCOL=$p $MPI "$NP" $FC bench -b 4K -e 8M -f 4 --bits none --algo oneshot,twoshot \
+        run 200 env FLASHCOMM_PROTOCOL=$p $MPI "$NP" $FC bench -b 4K -e 16M -f 4 --bits none,4,8 --algo oneshot,twoshot \
           --json "$OUT/llab-$p-${NP}x-$TAG.json"
       done ;;
     checks-fast)
@@ -64,7 +64,7 @@ for stage in ${STAGES//,/ }; do
       run 100 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
       [ "$NG" -ge 3 ] && run 100 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     tune)
-      run 120 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
+      run 300 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
       export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
     bench)
       run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \

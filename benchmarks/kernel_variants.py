@@ -27,14 +27,25 @@ import sys
 
 import numpy as np
 
-# (label, bytes, bits, algo, threads, blocks, units): the shapes the shipped table picks.
+# (label, bytes, bits, algo, threads, blocks, units, protocol): shapes the shipped table picks,
+# and the LL kernels (fc_ll.cuh) at the sizes they serve.
 CASES = [
-    ("int4 256M", 256 << 20, 4, "twoshot", 256, 264, 2),
-    ("int4 64M", 64 << 20, 4, "twoshot", 256, 264, 1),
-    ("int4 16M", 16 << 20, 4, "twoshot", 256, 264, 1),
-    ("int8 256M", 256 << 20, 8, "twoshot", 256, 264, 2),
-    ("int4 4M 1shot", 4 << 20, 4, "oneshot", 512, 132, 1),
-    ("lossless 4K 1shot", 4 << 10, None, "oneshot", 128, 8, 1),
+    ("int4 256M", 256 << 20, 4, "twoshot", 256, 264, 2, "flag"),
+    ("int4 64M", 64 << 20, 4, "twoshot", 256, 264, 1, "flag"),
+    ("int4 16M", 16 << 20, 4, "twoshot", 256, 264, 1, "flag"),
+    ("int8 256M", 256 << 20, 8, "twoshot", 256, 264, 2, "flag"),
+    ("int4 4M 1shot", 4 << 20, 4, "oneshot", 512, 132, 1, "flag"),
+    ("lossless 4K 1shot", 4 << 10, None, "oneshot", 128, 8, 1, "flag"),
+    ("lossless 4K 2shot", 4 << 10, None, "twoshot", 128, 1, 1, "flag"),
+    ("int4 4K 1shot", 4 << 10, 4, "oneshot", 128, 8, 1, "flag"),
+    ("ll 4K 1shot", 4 << 10, None, "oneshot", 128, 0, 1, "ll"),
+    ("ll 4K 2shot", 4 << 10, None, "twoshot", 128, 0, 1, "ll"),
+    ("ll 1M 2shot", 1 << 20, None, "twoshot", 256, 0, 1, "ll"),
+    ("llq int4 4K", 4 << 10, 4, "twoshot", 128, 0, 1, "ll"),
+    ("llq int4 1M", 1 << 20, 4, "twoshot", 64, 0, 1, "ll"),
+    ("llq int4 1M t128", 1 << 20, 4, "twoshot", 128, 0, 1, "ll"),
+    ("llq int4 4M", 4 << 20, 4, "twoshot", 64, 0, 1, "ll"),
+    ("llq int4 4M u2", 4 << 20, 4, "twoshot", 128, 0, 2, "ll"),
 ]
 VARIANTS = [
     ("full", None, ""),
@@ -50,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows here (rank 0)")
     ap.add_argument("--only", default="", help="comma list of case labels to run (default: all)")
     ap.add_argument("--variants", default="", help="comma list of variant labels (default: all)")
+    ap.add_argument("--define-sets", default="",
+                    help='extra variants "label=DEF DEF;label2=DEF" (compile-time switches of the full kernel)')
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
@@ -62,6 +75,9 @@ def main(argv=None):
     variants = list(VARIANTS)
     if args.base_dir:
         variants.insert(0, ("base", os.path.abspath(args.base_dir), ""))
+    for item in filter(None, args.define_sets.split(";")):
+        label, _, defines = item.partition("=")
+        variants.append((label.strip(), None, defines.strip()))
     if args.variants:
         keep = set(args.variants.split(","))
         variants = [v for v in variants if v[0] in keep]
@@ -78,17 +94,17 @@ def main(argv=None):
                 os.environ["FLASHCOMM_KERNEL_DIR"] = kdir
             os.environ["FLASHCOMM_KERNEL_DEFINES"] = defines
             backend._plans.clear()  # plans hold the compiled function
-            for clabel, nbytes, bits, algo, threads, blocks, units in cases:
+            for clabel, nbytes, bits, algo, threads, blocks, units, protocol in cases:
                 n = nbytes // 2
                 x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
                 out = cupy.empty_like(x)
                 mode = Mode.make(bits, 128, algo=algo)
-                backend.force_launch = (threads, blocks, units)
+                backend.force_launch = (threads, blocks, units, protocol)
                 t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=np.float16),
                             warmup=2, iters=args.iters, repeats=args.repeats, graph=True, eager=False).primary_s
                 backend.force_launch = None
                 row = {"variant": vlabel, "case": clabel, "bytes": nbytes, "us": round(t * 1e6, 2),
-                       "shape": [threads, blocks, units]}
+                       "shape": [threads, blocks, units], "protocol": protocol}
                 rows.append(row)
                 if rank == 0:
                     print(f"{vlabel:>14} {clabel:>18} {row['us']:10.1f} us", flush=True)

@@ -38,19 +38,20 @@ def kernel_sources() -> list:
     return sorted(p for p in d.iterdir() if p.suffix in (".cu", ".cuh"))
 
 
-# Mirror of `struct FcArgs` in fc_allreduce.cu (natural alignment, 144 bytes).
+# Mirror of `struct FcArgs` in fc_allreduce.cu (natural alignment, 200 bytes).
 _ARG_FIELDS = [
-    ("in_ptr", "<u8"), ("out_ptr", "<u8"), ("n", "<i8"), ("seg_elems", "<i8"), ("peers", "<u8"),
-    ("err", "<u8"), ("slot_bytes", "<i8"), ("flags_off", "<i8"), ("rs_off", "<i8"), ("ag_off", "<i8"),
-    ("os_off", "<i8"), ("timeout_ns", "<i8"), ("rank", "<i4"), ("world", "<i4"), ("group", "<i4"),
-    ("flags", "<i4"), ("max_blocks", "<i4"), ("rot_norm", "<f4"), ("units", "<i4"), ("ll_tile", "<i4"),
-    ("ll_off", "<i8"), ("ll_slot_bytes", "<i8"),
+    ("in_ptr", "<u8", 0), ("out_ptr", "<u8", 8), ("n", "<i8", 16), ("seg_elems", "<i8", 24), ("err", "<u8", 32),
+    ("slot_bytes", "<i8", 40), ("flags_off", "<i8", 48), ("rs_off", "<i8", 56), ("ag_off", "<i8", 64),
+    ("os_off", "<i8", 72), ("timeout_ns", "<i8", 80), ("rank", "<i4", 88), ("world", "<i4", 92),
+    ("group", "<i4", 96), ("flags", "<i4", 100), ("max_blocks", "<i4", 104), ("rot_norm", "<f4", 108),
+    ("units", "<i4", 112), ("ll_tile", "<i4", 116), ("ll_off", "<i8", 120), ("ll_slot_bytes", "<i8", 128),
+    ("peers", ("<u8", (8,)), 136),
 ]
 ARGS_DTYPE = np.dtype({
-    "names": [f for f, _ in _ARG_FIELDS],
-    "formats": [t for _, t in _ARG_FIELDS],
-    "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 100, 104, 108, 112, 116, 120, 124, 128, 136],
-    "itemsize": 144,
+    "names": [f for f, _, _ in _ARG_FIELDS],
+    "formats": [t for _, t, _ in _ARG_FIELDS],
+    "offsets": [o for _, _, o in _ARG_FIELDS],
+    "itemsize": 200,
 })
 
 FLAG_ROTATE = 1

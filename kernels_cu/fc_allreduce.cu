@@ -5,8 +5,8 @@
 //   FC_RS_BITS  reduce-scatter codec: 0 lossless, 4, 6, 8
 //   FC_AG_BITS  all-gather codec:     0 lossless, 4, 6, 8 (0 iff FC_RS_BITS is 0)
 // Runtime: group size, rotation, symmetric scaling, rank, world size.
-// LL entry points (fc_ll_oneshot, fc_ll_twoshot: lossless, data-as-signal, see
-// fc_ll.cuh) exist in the lossless modules only.
+// LL entry points (data-as-signal, see fc_ll.cuh): fc_ll_oneshot and
+// fc_ll_twoshot in the lossless modules, fc_llq_twoshot in the quantized ones.
 // Profiling only (wrong results, benchmarks/kernel_variants.py): FC_PROFILE_NO_WAIT
 // skips every wait for peers, FC_PROFILE_LOCAL_DATA keeps payload stores local.
 //
@@ -55,7 +55,6 @@ struct FcArgs {
   void* out;
   fc_i64 n;             // message length in elements
   fc_i64 seg_elems;     // two-shot: elements per owner segment; one-shot: padded length
-  const fc_u64* peers;  // workspace base of every rank (mine at [rank])
   FcError* err;         // host-mapped error record
   fc_i64 slot_bytes, flags_off, rs_off, ag_off, os_off, timeout_ns;
   int rank, world, group, flags, max_blocks;
@@ -63,6 +62,9 @@ struct FcArgs {
   int units;    // 32-element units per thread per tile: more data per synchronization
   int ll_tile;  // LL kernels: 16-byte vectors per block and segment (fits one LL slot)
   fc_i64 ll_off, ll_slot_bytes;
+  // Workspace base of every rank (mine at [rank]), by value: kernel parameters
+  // live in the constant bank, so no global load stands before the first store.
+  fc_u64 peers[FC_MAX_RANKS];
 };
 
 __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_ws, fc_i64 region, int parity,
@@ -336,14 +338,20 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
   const int par = e & 1;
   const fc_i64 first = (fc_i64)blockIdx.x * a.ll_tile;
   const int nvec = (int)min((fc_i64)a.ll_tile, a.seg_elems / PER - first);
-  // 1. reduce-scatter: my values of every other owner's tile, raw.
-  for (int k = 1; k < a.world; ++k) {
-    const int o = (a.rank + k) % a.world;
-    unsigned char* dst = fc_ll_slot(a, o, par, 0, a.rank);
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      const fc_i64 el = o * a.seg_elems + (first + i) * PER;
-      fc_st_v4(dst + (fc_i64)i * 16, fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED)));
+  // 1. reduce-scatter: my values of every other owner's tile, raw.  All loads
+  // first: a store between two loads would keep the second from overlapping.
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    fc_v4 x[FC_MAX_RANKS];
+#pragma unroll
+    for (int o = 0; o < FC_MAX_RANKS; ++o) {
+      if (o < a.world && o != a.rank) {
+        const fc_i64 el = o * a.seg_elems + (first + i) * PER;
+        x[o] = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED));
+      }
     }
+#pragma unroll
+    for (int o = 0; o < FC_MAX_RANKS; ++o)
+      if (o < a.world && o != a.rank) fc_st_v4(fc_ll_slot(a, o, par, 0, a.rank) + (fc_i64)i * 16, x[o]);
   }
   // 2. owner: sum in rank order, send the rounded sum to every peer, keep it.
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -382,6 +390,134 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
   if (threadIdx.x == 0) epochs[blockIdx.x] = e;
 }
 
+// Quantized LL two-shot: the flag two-shot's arithmetic, with units moved in
+// their LL form (fc_ll.cuh, FcLLq) instead of flags.  Block b handles tile b
+// (threads * 32 * units elements) of every owner segment, exactly one per call;
+// padding past n travels too, so every block exchanges with every peer.
+// Sources are polled FC_LLQ_BATCH at a time, so their L2 round trips overlap.
+#define FC_LLQ_BATCH 4
+#define FC_LLQ_THREADS 128  // flashcomm_cupy/backends/gpu.py: LLQ_MAX_THREADS
+#ifdef FC_LLQ_CACHED  // timing variant: cached instead of streamed caller input and output
+#define FC_LLQ_IN FC_CACHED
+#define FC_LLQ_OUT_STREAM false
+#else
+#define FC_LLQ_IN FC_STREAM
+#define FC_LLQ_OUT_STREAM true
+#endif
+
+template <int DT, int RSB, int AGB>
+__device__ void fc_llq_twoshot_impl(const FcArgs& a) {
+  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
+  fc_v4* const stage = fc_warp_stage(s_stage);
+  typedef FcCodec<DT, RSB> RS;
+  typedef FcCodec<DT, AGB> AG;
+  constexpr int B = FC_LLQ_BATCH;
+  const int t = threadIdx.x, nt = blockDim.x;
+  const int gl = a.group / FC_ELEMS, lig = t % gl;
+  const bool rot = a.flags & FC_FLAG_ROTATE, sym = a.flags & FC_FLAG_SYM;
+  fc_u32* epochs = fc_ll_epochs(a);
+  const fc_u32 e = epochs[blockIdx.x] + 1;
+  const int par = e & 1;
+  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
+  const fc_i64 toff = blockIdx.x * tile;
+  const fc_i64 nchunk = min(tile, a.seg_elems - toff);
+  float v[FC_ELEMS];
+
+  // 1. reduce-scatter: my contribution to every other owner's tile.
+  for (int k = 1; k < a.world; ++k) {
+    const int o = (a.rank + k) % a.world;
+    const fc_i64 start = o * a.seg_elems + toff;
+    const fc_i64 limit = min(a.n, start + nchunk);
+    unsigned char* dst = fc_ll_slot(a, o, par, 0, a.rank);
+    for (int u = 0; u < a.units; ++u) {
+      const int w = u * nt + t;
+      typename RS::Packed p;
+      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_LLQ_IN, rot, sym, gl, lig, v, p, stage);
+      if ((fc_i64)w * FC_ELEMS < nchunk) fc_llq_write<RSB>(dst + (fc_i64)w * FcLLq<RSB>::BYTES, p);
+    }
+  }
+
+  // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
+  const fc_i64 mine = a.rank * a.seg_elems + toff;
+  const fc_i64 mine_limit = min(a.n, mine + nchunk);
+  for (int u = 0; u < a.units; ++u) {
+    const int w = u * nt + t;
+    const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+    float acc[FC_ELEMS];
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+    for (int s0 = 0; s0 < a.world; s0 += B) {
+      unsigned char* slots[B];
+      bool use[B];
+      int src[B];
+      FcUnit<RSB> got[B];
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        src[j] = s0 + j;
+        use[j] = active && src[j] < a.world && src[j] != a.rank;
+        slots[j] = fc_ll_slot(a, a.rank, par, 0, min(src[j], a.world - 1)) + (fc_i64)w * FcLLq<RSB>::BYTES;
+      }
+      fc_llq_receive<RSB, B>(slots, use, got, a.err, a.timeout_ns, a.rank, src, e);
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        if (src[j] >= a.world) break;
+        if (src[j] == a.rank) {
+          fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_LLQ_IN, v, stage);
+          if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+        } else {
+          RS::unpack(got[j], sym, v);
+          if (!active) {
+#pragma unroll
+            for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+      }
+    }
+    typename AG::Packed p;
+    AG::pack(acc, gl, sym, p);
+    if (active) {
+      for (int k = 1; k < a.world; ++k)
+        fc_llq_write<AGB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 1, a.rank) + (fc_i64)w * FcLLq<AGB>::BYTES, p);
+    }
+    AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
+    if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+    fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, mine_limit, v, stage, FC_LLQ_OUT_STREAM);
+  }
+
+  // 3. all-gather: every other owner's reduced tile.
+  for (int u = 0; u < a.units; ++u) {
+    const int w = u * nt + t;
+    const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+    for (int s0 = 0; s0 < a.world; s0 += B) {
+      unsigned char* slots[B];
+      bool use[B];
+      int src[B];
+      FcUnit<AGB> got[B];
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        src[j] = s0 + j;
+        use[j] = active && src[j] < a.world && src[j] != a.rank;
+        slots[j] = fc_ll_slot(a, a.rank, par, 1, min(src[j], a.world - 1)) + (fc_i64)w * FcLLq<AGB>::BYTES;
+      }
+      fc_llq_receive<AGB, B>(slots, use, got, a.err, a.timeout_ns, a.rank, src, e);
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        if (src[j] >= a.world) break;
+        if (src[j] == a.rank) continue;
+        const fc_i64 start = src[j] * a.seg_elems + toff;
+        AG::unpack(got[j], sym, v);
+        if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+        fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), v, stage,
+                          FC_LLQ_OUT_STREAM);
+      }
+    }
+  }
+  __syncthreads();  // every thread has read the counter
+  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+}
+
 extern "C" __global__ void __launch_bounds__(512) fc_twoshot(FcArgs a) {
   fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
@@ -394,6 +530,12 @@ extern "C" __global__ void __launch_bounds__(512) fc_oneshot(FcArgs a) {
 extern "C" __global__ void __launch_bounds__(512) fc_ll_oneshot(FcArgs a) { fc_ll_oneshot_impl<FC_DT>(a); }
 
 extern "C" __global__ void __launch_bounds__(512) fc_ll_twoshot(FcArgs a) { fc_ll_twoshot_impl<FC_DT>(a); }
+#else
+// At most 128 threads: the batched receives need more than 128 registers, and
+// two 128-thread blocks per SM still fit (every block must be resident).
+extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_twoshot(FcArgs a) {
+  fc_llq_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
+}
 #endif
 
 // Test entry points: one wire chunk of n elements (a multiple of the group

@@ -24,6 +24,7 @@
 //   blocks only; all ranks launch the same grid for the same call.
 #pragma once
 #include "fc_common.cuh"
+#include "fc_quant.cuh"
 #include "fc_signal.cuh"
 
 #define FC_LL_EMPTY 0xFFFFFFFFu
@@ -92,6 +93,25 @@ __device__ __forceinline__ fc_v4 fc_ll_pick(bool is_mine, const fc_v4& mine, con
   return r;
 }
 
+// Called every 1024 polls: true when the wait must end (another wait gave up,
+// or this one passed `timeout_ns`, which it then records like fc_wait_flag).
+__device__ __noinline__ bool fc_ll_give_up(fc_u64 t0, volatile FcError* err, fc_i64 timeout_ns, int rank, int peer,
+                                           fc_u32 epoch) {
+  if (err->abort) return true;
+  if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
+  if (err->code == 0) {
+    err->rank = rank;
+    err->peer = peer;
+    err->block = blockIdx.x;
+    err->epoch = epoch;
+    __threadfence_system();
+    err->code = 1;
+  }
+  err->abort = 1;
+  __threadfence_system();
+  return true;
+}
+
 // Wait until the vector at each slots[s] (s < world, s != skip) has arrived,
 // return them in v[s] and empty the slots.  Polls every source at once, so
 // one L2 round trip covers all of them.  False on timeout or abort (recorded
@@ -107,6 +127,9 @@ __device__ __forceinline__ bool fc_ll_receive(unsigned char* const (&slots)[FC_M
       if (!fc_ll_arrived(v[s])) pending |= 1u << s;
     }
   }
+#ifdef FC_PROFILE_NO_WAIT  // timing variant only: use whatever is in the slot (wrong results)
+  pending = 0;
+#endif
   if (pending) {
     const fc_u64 t0 = fc_globaltimer();
     for (fc_u32 spins = 1; pending; ++spins) {
@@ -117,27 +140,126 @@ __device__ __forceinline__ bool fc_ll_receive(unsigned char* const (&slots)[FC_M
           if (fc_ll_arrived(v[s])) pending &= ~(1u << s);
         }
       }
-      if (pending && (spins & 1023u) == 0) {
-        if (err->abort) return false;
-        if ((fc_i64)(fc_globaltimer() - t0) > timeout_ns) {
-          if (err->code == 0) {
-            err->rank = rank;
-            err->peer = __ffs(pending) - 1;
-            err->block = blockIdx.x;
-            err->epoch = epoch;
-            __threadfence_system();
-            err->code = 1;
-          }
-          err->abort = 1;
-          __threadfence_system();
-          return false;
-        }
-      }
+      if (pending && (spins & 1023u) == 0 && fc_ll_give_up(t0, err, timeout_ns, rank, __ffs(pending) - 1, epoch))
+        return false;
     }
   }
   const fc_v4 empty = {FC_LL_EMPTY, FC_LL_EMPTY, FC_LL_EMPTY, FC_LL_EMPTY};
 #pragma unroll
   for (int s = 0; s < FC_MAX_RANKS; ++s)
     if (s < world && s != skip) fc_st_v4(slots[s], empty);
+  return true;
+}
+
+// ------------------------------------------------------------------ quantized units
+// The LL form of a quantized unit (FcUnit): every code word travels paired with
+// a metadata word (scale, min, scale, min, ...) as one 64-bit element, stored
+// and loaded with 64-bit element accesses (single-copy atomic), so the pair
+// arrives whole.  Metadata words are never the sentinel: the scale is a
+// non-negative finite float, the min finite, and a non-finite group carries
+// the canonical NaN 0x7fc00000 in both.  A pair has arrived when its
+// metadata word is not the sentinel; code words may take any value.
+template <int BITS>
+struct FcLLq {
+  static constexpr int WORDS = BITS == 8 ? 8 : BITS == 6 ? 6 : 4;  // code words per unit
+  static constexpr int VECS = WORDS / 2;                           // 16-byte vectors per unit
+  static constexpr int BYTES = 16 * VECS;
+};
+
+__device__ __forceinline__ void fc_st_v2_u64(void* p, fc_u64 a, fc_u64 b) {
+  asm volatile("st.global.v2.u64 [%0], {%1,%2};" ::"l"(p), "l"(a), "l"(b) : "memory");
+}
+__device__ __forceinline__ void fc_ld_volatile_v2_u64(const void* p, fc_u64& a, fc_u64& b) {
+  asm volatile("ld.volatile.global.v2.u64 {%0,%1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+}
+
+template <int BITS>
+__device__ __forceinline__ fc_u32 fc_llq_code_word(const FcUnit<BITS>& u, int k) {
+  constexpr int LO = BITS == 8 ? 8 : 4;
+  return k < LO ? u.lo[k] : u.hi[k - LO];
+}
+
+template <int BITS>
+__device__ __forceinline__ void fc_llq_write(unsigned char* dst, const FcUnit<BITS>& u) {
+  const fc_u64 s = (fc_u64)__float_as_uint(u.scale) << 32, m = (fc_u64)__float_as_uint(u.mn) << 32;
+#pragma unroll
+  for (int j = 0; j < FcLLq<BITS>::VECS; ++j)
+    fc_st_v2_u64(dst + 16 * j, s | fc_llq_code_word<BITS>(u, 2 * j), m | fc_llq_code_word<BITS>(u, 2 * j + 1));
+}
+
+template <int BITS>
+__device__ __forceinline__ bool fc_llq_arrived(const fc_u64 (&r)[FcLLq<BITS>::WORDS]) {
+  bool ok = true;
+#pragma unroll
+  for (int k = 0; k < FcLLq<BITS>::WORDS; ++k) ok &= (fc_u32)(r[k] >> 32) != FC_LL_EMPTY;
+  return ok;
+}
+
+template <int BITS>
+__device__ __forceinline__ void fc_llq_load(const unsigned char* src, fc_u64 (&r)[FcLLq<BITS>::WORDS]) {
+#pragma unroll
+  for (int j = 0; j < FcLLq<BITS>::VECS; ++j) fc_ld_volatile_v2_u64(src + 16 * j, r[2 * j], r[2 * j + 1]);
+}
+
+template <int BITS>
+__device__ __forceinline__ void fc_llq_unit(const fc_u64 (&r)[FcLLq<BITS>::WORDS], FcUnit<BITS>& u) {
+  constexpr int LO = BITS == 8 ? 8 : 4;
+#pragma unroll
+  for (int k = 0; k < FcLLq<BITS>::WORDS; ++k) {
+    if (k < LO) u.lo[k] = (fc_u32)r[k];
+    else u.hi[k - LO] = (fc_u32)r[k];
+  }
+  if (BITS != 6) u.hi[0] = u.hi[1] = 0;
+  u.scale = __uint_as_float((fc_u32)(r[0] >> 32));
+  u.mn = __uint_as_float((fc_u32)(r[1] >> 32));
+}
+
+// Receive the units at slots[j] for the batch's sources (use[j]) at once,
+// then empty those slots.  False on timeout or abort.
+template <int BITS, int B>
+__device__ __forceinline__ bool fc_llq_receive(unsigned char* const (&slots)[B], const bool (&use)[B],
+                                               FcUnit<BITS> (&u)[B], volatile FcError* err, fc_i64 timeout_ns,
+                                               int rank, const int (&src)[B], fc_u32 epoch) {
+  constexpr int W = FcLLq<BITS>::WORDS;
+  fc_u64 r[B][W];
+  fc_u32 pending = 0;
+#pragma unroll
+  for (int j = 0; j < B; ++j) {
+    if (use[j]) {
+      fc_llq_load<BITS>(slots[j], r[j]);
+      if (!fc_llq_arrived<BITS>(r[j])) pending |= 1u << j;
+    }
+  }
+#ifdef FC_PROFILE_NO_WAIT  // timing variant only: use whatever is in the slot (wrong results)
+  pending = 0;
+#endif
+  if (pending) {
+    const fc_u64 t0 = fc_globaltimer();
+    for (fc_u32 spins = 1; pending; ++spins) {
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        if (pending & (1u << j)) {
+          fc_llq_load<BITS>(slots[j], r[j]);
+          if (fc_llq_arrived<BITS>(r[j])) pending &= ~(1u << j);
+        }
+      }
+      if (pending && (spins & 1023u) == 0) {
+        int peer = 0;
+#pragma unroll
+        for (int j = B - 1; j >= 0; --j)
+          if (pending & (1u << j)) peer = src[j];
+        if (fc_ll_give_up(t0, err, timeout_ns, rank, peer, epoch)) return false;
+      }
+    }
+  }
+  const fc_u64 empty = ~0ull;
+#pragma unroll
+  for (int j = 0; j < B; ++j) {
+    if (use[j]) {
+      fc_llq_unit<BITS>(r[j], u[j]);
+#pragma unroll
+      for (int v = 0; v < FcLLq<BITS>::VECS; ++v) fc_st_v2_u64(slots[j] + 16 * v, empty, empty);
+    }
+  }
   return true;
 }

@@ -142,7 +142,7 @@ def test_every_ll_launch_fits_its_slots_and_gives_every_block_data(world):
 def test_ll_applies_to_lossless_calls_that_fit_and_falls_back_to_flags_otherwise():
     b = fake_backend(table=LL_TABLE)
     assert b.resolve_protocol(4096, Mode.make(None)) == "ll"
-    assert b.resolve_protocol(4096, Mode.make(4)) == "flag"  # quantized: flag kernels
+    assert b.resolve_protocol(4096, Mode.make(4)) == "flag"  # the table's quantized rows use flags
     assert b.resolve_protocol(4 << 20, Mode.make(None)) == "ll"  # two-shot: a quarter per owner
     assert b.resolve_protocol(64 << 20, Mode.make(None)) == "flag"  # beyond the LL slots
     assert b.resolve_protocol(4096, Mode.make(None, algo="nccl")) == ""
@@ -174,3 +174,50 @@ def test_workspace_layout_keeps_regions_apart():
         assert lay.ll_bytes == 2 * 2 * world * max_blocks * lay.ll_slot_bytes
         assert lay.ll_off + lay.ll_bytes <= lay.total
         assert lay.ll_off % 16 == 0 and lay.ll_slot_bytes % 16 == 0
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(world):
+    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES
+    b = fake_backend(world=world)
+    layout = b.ws.layout
+    for n, bits, g, threads, units in itertools.product(
+            [1, 127, 4099, 65537, 1 << 19, (1 << 21) + 5, 1 << 23], (4, 6, 8, (4, 8)), (32, 128, 1024),
+            (64, 128, 256, 512), (1, 2, 4)):
+        mode = Mode.make(bits, g)
+        shape = b._ll_shape(tuning.Choice("twoshot", threads, 0, units, "ll"), n, 2, mode)
+        if bits != 4:  # only INT4 units are smaller in LL form than fp16 data
+            assert shape is None
+            continue
+        wire = max(LLQ_UNIT_BYTES[mode.rs_bits], LLQ_UNIT_BYTES[mode.ag_bits])
+        seg = -(-(-(-n // g)) // world) * g  # whole groups per owner, as the reference
+        if shape is None:
+            assert -(-seg // (LLQ_MAX_THREADS * ELEMS_PER_THREAD * (layout.ll_slot_bytes // wire // 128))) \
+                > layout.max_blocks
+            continue
+        t, nb, s, u = shape
+        assert s == seg and t <= LLQ_MAX_THREADS
+        tile = t * ELEMS_PER_THREAD * u
+        assert tile % g == 0  # groups never straddle tiles
+        assert t * u * wire <= layout.ll_slot_bytes  # a tile's LL units fit one slot
+        assert 1 <= nb <= layout.max_blocks and nb * tile >= s and (nb - 1) * tile < s
+    assert b._ll_shape(tuning.Choice("oneshot", 128, 0, 1, "ll"), 4096, 2, Mode.make(4)) is None  # two-shot only
+
+
+def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():
+    table = {"worlds": {"4": [
+        {"max_bytes": 1 << 20,
+         "lossless": {"algo": "oneshot", "threads": 256, "blocks": 0, "protocol": "ll"},
+         "quantized": {"algo": "twoshot", "threads": 64, "blocks": 0, "units": 1, "protocol": "ll"},
+         "quantized_flag": {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag"}},
+    ]}}
+    b = fake_backend(table=table)
+    assert (b.resolve_algo(4096, Mode.make(4)), b.resolve_protocol(4096, Mode.make(4))) == ("twoshot", "ll")
+    # INT8 has no LL form: the row's best flag choice, not the LL row's algorithm with flags
+    assert (b.resolve_algo(4096, Mode.make(8)), b.resolve_protocol(4096, Mode.make(8))) == ("oneshot", "flag")
+    choice, ll = b._resolve(2048, 2, Mode.make(8))
+    assert ll is None and choice == tuning.Choice("oneshot", 128, 32, 1, "flag")
+    # a row without a recorded flag choice keeps its algorithm and shape, with flags
+    del table["worlds"]["4"][0]["quantized_flag"]
+    b = fake_backend(table=table)
+    assert b._resolve(2048, 2, Mode.make(8))[0] == tuning.Choice("twoshot", 64, 0, 1, "flag")

@@ -151,7 +151,7 @@ class ScriptedBackend(Backend):
     def supported_algos(self):
         return ("oneshot",)
 
-    def resolve_algo(self, nbytes, mode):
+    def resolve_algo(self, nbytes, mode, itemsize=2):
         return "oneshot"
 
     def all_reduce(self, x, out, mode, stream=None, dtype=None):
@@ -350,7 +350,7 @@ class ReferenceBackend(ScriptedBackend):
         self.corrupt_index = corrupt_index
         self.rank, self.world_size = 0, 1
 
-    def resolve_algo(self, nbytes, mode):
+    def resolve_algo(self, nbytes, mode, itemsize=2):
         return "twoshot" if mode.algo == "auto" else mode.algo
 
     def all_reduce(self, x, out, mode, stream=None, dtype=None):

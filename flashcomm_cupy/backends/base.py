@@ -58,8 +58,9 @@ class Backend(abc.ABC):
         """Concrete algorithms this backend runs (never "auto")."""
 
     @abc.abstractmethod
-    def resolve_algo(self, nbytes: int, mode: Mode) -> str:
-        """The concrete algorithm ``mode.algo == "auto"`` picks for a message of ``nbytes``."""
+    def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
+        """The concrete algorithm ``mode.algo == "auto"`` picks for a message of ``nbytes``
+        (``itemsize``-byte elements)."""
 
     def resolve_protocol(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
         """How the chosen flash kernels signal ("flag" or "ll"); "" where that does not apply."""

@@ -77,7 +77,7 @@ class CpuBackend(Backend):
     def supported_algos(self) -> Tuple[str, ...]:
         return _ALGOS
 
-    def resolve_algo(self, nbytes: int, mode: Mode) -> str:
+    def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
         """``auto`` -> ``twoshot`` at every size.
 
         Two-shot sends each rank ``2 (N-1)/N`` of the message; one-shot sends

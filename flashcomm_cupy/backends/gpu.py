@@ -22,6 +22,9 @@ from .nccl import NcclBackend, NcclCommunicatorHandle
 
 DEFAULT_TIMEOUT_S = 30.0
 ELEMS_PER_THREAD = 32  # FC_ELEMS in fc_common.cuh
+LLQ_MAX_THREADS = 128  # FC_LLQ_THREADS in fc_allreduce.cu
+#: bytes of one 32-element unit in the quantized LL form (FcLLq in fc_ll.cuh): code words paired with metadata
+LLQ_UNIT_BYTES = {4: 32, 6: 48, 8: 64}
 
 
 class FlashTimeoutError(RuntimeError):
@@ -94,7 +97,7 @@ class FlashGpuBackend(CudaBackend):
         self._err = (ctypes.c_uint32 * 8).from_address(self._err_ptr)
         self._args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
         a = self._args[0]
-        a["peers"] = self.ws.peer_table.data.ptr
+        a["peers"][: self.world_size] = self.ws.peer_ptrs
         a["err"] = self._err_ptr
         a["slot_bytes"] = layout.slot_bytes
         a["flags_off"] = layout.flags_off
@@ -120,27 +123,38 @@ class FlashGpuBackend(CudaBackend):
     def supported_algos(self):
         return ("oneshot", "twoshot", "nccl")
 
-    def resolve_algo(self, nbytes: int, mode: Mode) -> str:
-        return self._choose(nbytes, mode).algo
+    def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
+        return self._resolve(max(1, nbytes // itemsize), itemsize, mode)[0].algo
 
     def resolve_protocol(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
         """"ll" or "flag" for the flash kernels that would run; "" when NCCL runs."""
-        choice = self._choose(nbytes, mode)
+        choice, ll = self._resolve(max(1, nbytes // itemsize), itemsize, mode)
         if choice.algo == "nccl":
             return ""
-        n = max(1, nbytes // itemsize)
-        return "ll" if self._ll_shape(choice, n, itemsize, mode) is not None else "flag"
+        return "ll" if ll is not None else "flag"
 
-    def _choose(self, nbytes: int, mode: Mode) -> tuning.Choice:
-        choice = self._choose_table(nbytes, mode)
-        if self.protocol != "auto" and choice.protocol != self.protocol and choice.algo != "nccl":
+    def _resolve(self, n: int, itemsize: int, mode: Mode):
+        """(choice, LL launch or None) for n elements: an LL choice the LL kernels
+        cannot serve falls back to the table's best flag-protocol choice."""
+        choice = self._choose(n * itemsize, mode)
+        if choice.algo == "nccl":
+            return choice, None
+        ll = self._ll_shape(choice, n, itemsize, mode)
+        if ll is None and choice.protocol == "ll":
+            choice = self._choose(n * itemsize, mode, flag_only=True)
+        return choice, ll
+
+    def _choose(self, nbytes: int, mode: Mode, flag_only: bool = False) -> tuning.Choice:
+        choice = self._choose_table(nbytes, mode, flag_only)
+        if self.protocol != "auto" and choice.protocol != self.protocol and choice.algo != "nccl" and not flag_only:
             choice = dataclasses.replace(choice, protocol=self.protocol)
         return choice
 
-    def _choose_table(self, nbytes: int, mode: Mode) -> tuning.Choice:
+    def _choose_table(self, nbytes: int, mode: Mode, flag_only: bool = False) -> tuning.Choice:
         if self.force_launch is not None and mode.algo in ("oneshot", "twoshot"):
-            return tuning.Choice(mode.algo, *self.force_launch)
-        auto = self.table.choose(self.world_size, nbytes, mode.lossless)
+            return tuning.Choice(mode.algo, *self.force_launch[:3]) if flag_only else \
+                tuning.Choice(mode.algo, *self.force_launch)
+        auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only)
         if mode.algo == "auto":
             if auto.algo == "nccl" and not mode.lossless:
                 return tuning.heuristic(self.world_size, nbytes, False)
@@ -150,7 +164,7 @@ class FlashGpuBackend(CudaBackend):
         if mode.algo == auto.algo:
             return auto
         rule = tuning.heuristic(self.world_size, nbytes, mode.lossless)
-        return tuning.Choice(mode.algo, rule.threads, 0, 1, rule.protocol)
+        return tuning.Choice(mode.algo, rule.threads, 0, 1, "flag" if flag_only else rule.protocol)
 
     def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
         import cupy
@@ -192,18 +206,26 @@ class FlashGpuBackend(CudaBackend):
         plan = self._plans.get(key, False)
         if plan is not False:
             return plan
-        itemsize = np.dtype(name).itemsize
-        choice = self._choose(n * itemsize, mode)
-        ll = None if choice.algo == "nccl" else self._ll_shape(choice, n, itemsize, mode)
+        choice, ll = self._resolve(n, np.dtype(name).itemsize, mode)
         if choice.algo == "nccl":
             plan = None
-        elif ll is not None:
+        elif ll is not None and mode.lossless:
             threads, blocks, seg, tile = ll
             args = self._args.copy()
             a = args[0]
             a["n"], a["seg_elems"], a["ll_tile"] = n, seg, tile
             fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot",
                                    KERNEL_DTYPE_CODE[name], 0, 0)
+            plan = (fn, (blocks,), (threads,), args, args.view(np.uint64))
+        elif ll is not None:
+            threads, blocks, seg, units = ll
+            args = self._args.copy()
+            a = args[0]
+            a["n"], a["seg_elems"], a["units"] = n, seg, units
+            a["group"] = mode.group_size
+            a["flags"] = (_kernels.FLAG_ROTATE if mode.rotate else 0) | (_kernels.FLAG_SYM if mode.symmetric else 0)
+            a["rot_norm"] = np.float32(1.0 / np.sqrt(float(mode.group_size)))
+            fn = _kernels.function("fc_llq_twoshot", KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
             plan = (fn, (blocks,), (threads,), args, args.view(np.uint64))
         else:
             threads, blocks, seg, units = self._launch_shape(choice, n, name, mode)
@@ -249,16 +271,20 @@ class FlashGpuBackend(CudaBackend):
         return threads, max(1, min(limit, tiles)), seg, units
 
     def _ll_shape(self, choice, n, itemsize, mode):
-        """(threads, blocks, segment elements, vectors per block tile) of an LL launch, or None.
+        """The launch of the LL kernels for this call, or None where they do not apply.
 
-        LL applies to lossless calls whose tiles fit the LL slots with every
-        block resident.  A segment (the whole message for one-shot, one
-        owner's share for two-shot) is whole 16-byte vectors; every launched
-        block gets a non-empty tile, so each block index exchanges data with
-        every peer in every call (the LL slot-reuse argument needs that).
+        Lossless: (threads, blocks, segment elements, vectors per block tile).
+        A segment (the whole message for one-shot, one owner's share for
+        two-shot) is whole 16-byte vectors.  Quantized: see :meth:`_llq_shape`.
+        Either way every tile fits an LL slot, every block is resident, and
+        every launched block gets a non-empty tile, so each block index
+        exchanges data with every peer in every call (the LL slot-reuse
+        argument in fc_ll.cuh needs that).
         """
-        if choice.protocol != "ll" or not mode.lossless:
+        if choice.protocol != "ll":
             return None
+        if not mode.lossless:
+            return self._llq_shape(choice, n, mode)
         per = 16 // itemsize
         share = n if choice.algo == "oneshot" else -(-n // self.world_size)
         vecs = -(-share // per)
@@ -273,6 +299,32 @@ class FlashGpuBackend(CudaBackend):
         blocks = max(fewest, min(want, resident, vecs))
         tile = -(-vecs // blocks)
         return threads, -(-vecs // tile), vecs * per, tile
+
+    def _llq_shape(self, choice, n, mode):
+        """(threads, blocks, segment elements, units per thread) of the quantized LL two-shot, or None.
+
+        INT4 only (both steps).  Segments are whole groups, as in the flag two-shot (the reference's
+        SegmentLayout); block b handles tile b (threads x 32 x units elements)
+        of every segment, and only one tile per block and call exists.
+        """
+        if choice.algo != "twoshot" or (mode.rs_bits, mode.ag_bits) != (4, 4):
+            return None  # INT6/INT8 units in LL form are as large as fp16 data: lossless LL is the better deal
+        layout = self.ws.layout
+        wire = max(LLQ_UNIT_BYTES[mode.rs_bits], LLQ_UNIT_BYTES[mode.ag_bits])
+        slot_units = layout.ll_slot_bytes // wire
+        threads = min(max(choice.threads, 64), LLQ_MAX_THREADS)
+        if threads > slot_units:
+            return None
+        quantum = mode.group_size
+        seg = -(-(-(-n // quantum)) // self.world_size) * quantum
+        seg_units = seg // ELEMS_PER_THREAD
+        most = slot_units // threads
+        fewest = -(-seg_units // (threads * layout.max_blocks))  # more blocks than that cannot be resident
+        units = max(1, min(max(choice.units, fewest), most, -(-seg_units // threads)))
+        blocks = -(-seg_units // (threads * units))
+        if blocks > layout.max_blocks:  # <= 128 threads: max_blocks are resident
+            return None
+        return threads, blocks, seg, units
 
     def _validate(self, n, name, mode):
         mine = (n, name, mode.bits_label, mode.group_size, mode.rotate, mode.symmetric, mode.algo)

@@ -59,7 +59,7 @@ class NcclBackend(CudaBackend):
     def supported_algos(self):
         return ("nccl",)
 
-    def resolve_algo(self, nbytes, mode: Mode) -> str:
+    def resolve_algo(self, nbytes, mode: Mode, itemsize: int = 2) -> str:
         return "nccl"
 
     def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):

@@ -145,7 +145,7 @@ def _sweep_sizes(comm, config, modes, stream, progress) -> List[Row]:
                                config.reference_max_bytes, x=x, out=out) if config.check else None)
         baseline_s = None
         for mode in modes:
-            resolved = backend.resolve_algo(nbytes, mode) if not mode.is_baseline else mode.algo
+            resolved = backend.resolve_algo(nbytes, mode, dtype.itemsize) if not mode.is_baseline else mode.algo
 
             # stream=None: the backend launches on CuPy's current stream, which is
             # ours here and the capture stream inside backend.capture_graph.

@@ -25,6 +25,8 @@ LARGE_SHAPES = ([(512, 132, u) for u in (1, 2, 4)] +
                 [(256, b, u) for b in (132, 264) for u in (1, 2, 4, 8)])
 # LL kernels (lossless): blocks 0 = one 16-byte vector per thread, else a fixed spread.
 LL_SHAPES = [(t, b, 1) for t in (128, 256, 512) for b in (0, 32, 132)]
+# Quantized LL two-shot: one tile per block, so threads x units sets the spread.
+LLQ_SHAPES = [(t, 0, u) for t in (64, 128) for u in (1, 2)]
 
 
 def candidates(nbytes: int, lossless: bool, max_blocks: int):
@@ -40,6 +42,9 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
         if lossless:
             for threads, blocks, units in LL_SHAPES:
                 yield algo, threads, min(blocks, max_blocks), units, "ll"
+        elif algo == "twoshot":
+            for threads, blocks, units in LLQ_SHAPES:
+                yield algo, threads, blocks, units, "ll"
     if lossless:
         yield "nccl", 0, 0, 0, "flag"
 
@@ -60,7 +65,7 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         out = cupy.empty_like(x)
         row = {"max_bytes": int(nbytes)}
         for cls, bits in (("lossless", None), ("quantized", tune_bits)):
-            best = None
+            best = best_flag = None
             for algo, threads, blocks, units, protocol in candidates(nbytes, bits is None,
                                                                      backend.ws.layout.max_blocks):
                 mode = Mode.make(bits, 128, algo=algo)
@@ -72,10 +77,15 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                                 warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
                 finally:
                     backend.force_launch = None
+                entry = (t, {"algo": algo, "threads": threads, "blocks": blocks, "units": units,
+                             "protocol": protocol, "us": round(t * 1e6, 2)})
                 if best is None or t < best[0]:
-                    best = (t, {"algo": algo, "threads": threads, "blocks": blocks, "units": units,
-                                "protocol": protocol, "us": round(t * 1e6, 2)})
+                    best = entry
+                if protocol == "flag" and (best_flag is None or t < best_flag[0]):
+                    best_flag = entry
             row[cls] = best[1]
+            if best[1]["protocol"] == "ll" and best_flag is not None:
+                row[cls + "_flag"] = best_flag[1]  # for calls the LL kernels cannot serve
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
         rows.append(row)

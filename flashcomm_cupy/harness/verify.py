@@ -75,7 +75,7 @@ def run_verify(comm, dtypes: Sequence, counts: Sequence[int], modes: Sequence[Mo
                 sc = SizeCheck(backend, mpi_comm, count, dt, seed, reference_max_bytes=1 << 62)
                 for mode in all_modes:
                     nbytes = count * dt.itemsize
-                    resolved = mode.algo if mode.is_baseline else backend.resolve_algo(nbytes, mode)
+                    resolved = mode.algo if mode.is_baseline else backend.resolve_algo(nbytes, mode, dt.itemsize)
                     res = sc.run_and_check(mode, resolved, stream)
                     inplace_wrong = None
                     if inplace and not mode.is_baseline:

@@ -6,7 +6,10 @@ lossless and quantized modes, the algorithm ("oneshot", "twoshot" or "nccl"),
 the launch shape (threads per block, blocks; 0 blocks = as many as the
 message has tiles, up to the workspace's ``max_blocks``) and, for lossless
 rows, the signalling protocol: "flag" (default) or "ll", where the data is
-its own signal (``kernels_cu/fc_ll.cuh``; small and medium messages only).
+its own signal (``kernels_cu/fc_ll.cuh``; small and medium messages, INT4 for
+quantized ones).  Where a row's choice is LL, ``lossless_flag`` /
+``quantized_flag`` hold the best flag-protocol choice, for the calls LL
+cannot serve (another bit width, a message too large for the LL slots).
 
 Where a table comes from, first match wins:
 
@@ -78,15 +81,19 @@ class TuningTable:
         self.rows: Dict[int, List[dict]] = {
             int(w): sorted(rows, key=lambda r: r["max_bytes"]) for w, rows in data.get("worlds", {}).items()}
 
-    def choose(self, world: int, nbytes: int, lossless: bool) -> Choice:
+    def choose(self, world: int, nbytes: int, lossless: bool, flag_only: bool = False) -> Choice:
+        """The row's choice; ``flag_only``: its best flag-protocol choice (``<class>_flag``,
+        recorded by ``flashcomm tune`` when the best was LL), for calls LL cannot serve."""
         rows = self.rows.get(int(world))
         if not rows:
-            return heuristic(world, nbytes, lossless)
+            rule = heuristic(world, nbytes, lossless)
+            return Choice(rule.algo, rule.threads, rule.blocks, rule.units) if flag_only else rule
         key = "lossless" if lossless else "quantized"
-        for row in rows:
-            if nbytes <= row["max_bytes"]:
-                return _choice(row[key])
-        return _choice(rows[-1][key])
+        row = next((r for r in rows if nbytes <= r["max_bytes"]), rows[-1])
+        entry = row[key]
+        if flag_only and entry.get("protocol", "flag") == "ll":
+            entry = row.get(key + "_flag") or dict(entry, protocol="flag")
+        return _choice(entry)
 
     def describe(self) -> dict:
         return {"source": self.source, "card": self.data.get("card"), "measured": self.data.get("date"),

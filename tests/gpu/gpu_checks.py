@@ -294,6 +294,18 @@ class Checker:
                         out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
                         backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
                         self.compare_with_reference(f"ll n={n} {dtype} {algo}", out, n, dtype, mode, seed, algo)
+            # 1b. the quantized LL two-shot (INT4): same bits as the flag kernels and the reference
+            for n in (1, 127, 4099, 65_537, 1_000_003):
+                for dtype in DTYPE_NAMES:
+                    x = to_device(host_input(seed, self.rank, n, dtype))
+                    for bits in (4,):
+                        for rotate, sym in ((False, False), (True, False), (False, True)):
+                            mode = Mode.make(bits, 128, sym, rotate, "twoshot")
+                            ran_ll += backend.resolve_protocol(x.nbytes, mode, x.itemsize) == "ll"
+                            out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
+                            backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+                            self.compare_with_reference(f"ll n={n} {dtype} {mode.label}", out, n, dtype, mode,
+                                                        seed, "twoshot")
             # 2. inputs equal to the sentinel's parts, signed zeros and infinities must not hang or leak
             n = 4096
             for dtype in DTYPE_NAMES:
@@ -303,30 +315,33 @@ class Checker:
                     bits[r::7] = 0xFFFFFFFF if dtype == "float32" else 0xFFFF
                     a[3 + r::11] = -0.0
                     a[5::13] = np.inf if r == 0 else 1.0
-                for algo in ("oneshot", "twoshot"):
-                    mode = Mode.make(None, algo=algo)
+                for mode in (Mode.make(None, algo="oneshot"), Mode.make(None, algo="twoshot"),
+                             Mode.make(4, algo="twoshot"), Mode.make(4, rotate=True, symmetric=True, algo="twoshot")):
+                    algo = mode.algo
                     x = to_device(ins[self.rank])
                     out = cupy.zeros_like(x)
                     backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
-                    self.compare_with_reference(f"ll sentinel-valued {dtype} {algo}", out, n, dtype, mode, 31, algo,
-                                                inputs=ins)
+                    self.compare_with_reference(f"ll sentinel-valued {dtype} {mode.label}", out, n, dtype, mode, 31,
+                                                algo, inputs=ins)
             # 3. a random order of sizes, algorithms and grids, mixed with flag-protocol calls
             rng = np.random.default_rng(5)
             cases = []
             for i, n in enumerate((3, 4096, 50_001, 262_144, 1_048_576)):
                 ins = [host_input(300 + i, r, n, "float16") for r in range(self.world)]
                 x = cupy.asarray(ins[self.rank])
-                for algo in ("oneshot", "twoshot"):
-                    ref = fc.flash_all_reduce_reference(ins, mode=Mode.make(None, algo=algo))[0]
-                    cases.append((x, cupy.empty_like(x), Mode.make(None, algo=algo), cupy.asarray(ref)))
+                for mode in (Mode.make(None, algo="oneshot"), Mode.make(None, algo="twoshot"),
+                             Mode.make(4, algo="twoshot"), Mode.make(4, rotate=True, algo="twoshot"),
+                             Mode.make(8, algo="twoshot")):  # INT8: flags, between LL calls
+                    ref = fc.flash_all_reduce_reference(ins, mode=mode)[0]
+                    cases.append((x, cupy.empty_like(x), mode, cupy.asarray(ref)))
             flag_case = (cupy.asarray(host_input(399, self.rank, 65_536, "float16")), None, Mode.make(8, algo="oneshot"))
             order = rng.integers(0, len(cases), size=calls)
             shapes = rng.integers(0, 4, size=calls)
             wrong = 0
             for k in range(calls):
                 x, out, mode, ref = cases[order[k]]
-                threads, blocks = ((64, 1), (128, 0), (256, 16), (512, 0))[shapes[k]]
-                backend.force_launch = (threads, blocks, 1, "ll")
+                threads, blocks, units = ((64, 1, 2), (128, 0, 1), (256, 16, 1), (512, 0, 2))[shapes[k]]
+                backend.force_launch = (threads, blocks, units, "ll")
                 try:
                     backend.all_reduce(x, out, mode, dtype=np.float16)
                 finally:
@@ -392,7 +407,7 @@ class Checker:
         self.log(f"large: {nbytes >> 20} MiB checked")
 
 
-def check_timeout(world_comm, bound_s=2.0, protocol="flag"):
+def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8):
     """The last rank never calls all_reduce; the others must raise within the bound."""
     import cupy
     comm = fc.Communicator(world_comm, backend="gpu", timeout_s=bound_s, protocol=protocol)
@@ -404,10 +419,7 @@ def check_timeout(world_comm, bound_s=2.0, protocol="flag"):
     if rank != last:
         x = cupy.ones(1 << 16, dtype=cupy.float16)
         t0 = time.perf_counter()
-        if protocol == "ll":
-            comm.all_reduce(x, bits=None, algo="oneshot")
-        else:
-            comm.all_reduce(x, bits=8, algo="twoshot")
+        comm.all_reduce(x, bits=bits, algo="oneshot" if bits is None else "twoshot")
         try:
             comm.synchronize()
             ok = False
@@ -464,15 +476,16 @@ def main(argv=None):
             MPI.COMM_WORLD.Abort(2)
         ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
     comm.close()
-    for protocol in ("flag", "ll"):
+    for protocol, bits in (("flag", 8), ("ll", None), ("ll", 4)):
         if only and "timeout" not in only:
             break
-        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol)
+        what = f"{protocol}, bits {bits}"
+        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol, bits=bits)
         ok = all(MPI.COMM_WORLD.allgather(ok))
         if ck.rank == 0:
-            print((f"timeout ({protocol}): OK " if ok else f"FAIL timeout ({protocol}): ") + msg, flush=True)
+            print((f"timeout ({what}): OK " if ok else f"FAIL timeout ({what}): ") + msg, flush=True)
         if not ok:
-            ck.failures.append(f"timeout ({protocol})")
+            ck.failures.append(f"timeout ({what})")
     failures = MPI.COMM_WORLD.allreduce(len(ck.failures))
     if ck.rank == 0:
         print(f"{'OK' if failures == 0 else 'FAILED'}: {ck.count} exactness cases, {failures} failures, "
