@@ -6,9 +6,10 @@
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
 # ranks), checks-ll (LL protocol and timeouts only), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune, bench, verify,
-# accuracy, model, pytest (the pytest GPU wrapper), checks-quick, and the
+# accuracy, model, pytest (the pytest GPU wrapper), checks-quick, eager (host
+# cost per eager call by launch path, eager_host.py), and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
-# VARIANTS, CASES), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
+# VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
 # per-instruction source counters as CSV).  NP defaults to the GPU count.
@@ -83,6 +84,8 @@ for stage in ${STAGES//,/ }; do
     model)
       run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
         bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
+    eager)  # host cost per eager call by launch path (eager_host.py)
+      run 120 $MPI "$NP" python3 benchmarks/eager_host.py --json "$OUT/eager-${NP}x-$TAG.json" ;;
     variants)
       run 420 $MPI "$NP" python3 benchmarks/kernel_variants.py ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} \
         ${VARIANTS:+--variants "$VARIANTS"} ${CASES:+--only "$CASES"} --json "$OUT/variants-${NP}x-$TAG.json" ;;

@@ -27,6 +27,36 @@ LLQ_MAX_THREADS = 128  # FC_LLQ_THREADS in fc_allreduce.cu
 LLQ_UNIT_BYTES = {4: 32, 6: 48, 8: 64}
 
 
+try:  # cuLaunchKernel with a prebuilt parameter array: the eager path's host cost is the launch
+    from cupy_backends.cuda.api.driver import launchKernel as _launch_kernel
+except Exception:  # pragma: no cover - older CuPy: launch through RawKernel.__call__
+    _launch_kernel = None
+
+
+class _Plan:
+    """A prepared launch: kernel, grid, block and argument block (FcArgs bytes).
+
+    ``ptrs`` views the argument block as uint64 (in/out pointers at [0], [1]).
+    ``func`` (a CUfunction, or 0) and ``params`` (a one-entry kernelParams array
+    pointing at the argument block) let the eager path call cuLaunchKernel
+    directly instead of marshalling the arguments in Python on every call.
+    """
+
+    __slots__ = ("fn", "grid", "block", "args", "ptrs", "func", "params", "params_ptr")
+
+    def __init__(self, fn, blocks, threads, args):
+        self.fn, self.grid, self.block, self.args = fn, (blocks,), (threads,), args
+        self.ptrs = args.view(np.uint64)
+        self.func = 0
+        if _launch_kernel is not None:
+            try:
+                self.func = int(getattr(fn, "kernel", fn).ptr)
+            except Exception:
+                self.func = 0
+        self.params = np.array([args.ctypes.data], dtype=np.uintp)
+        self.params_ptr = int(self.params.ctypes.data)
+
+
 class FlashTimeoutError(RuntimeError):
     """A rank waited longer than the configured bound for a peer's signal."""
 
@@ -76,6 +106,8 @@ class FlashGpuBackend(CudaBackend):
             raise ValueError(f"protocol (or $FLASHCOMM_PROTOCOL) must be 'auto', 'flag' or 'll', got {protocol!r}")
         #: "auto" (the table's choice), or "flag" / "ll" forced where they apply
         self.protocol = protocol
+        #: "driver": cuLaunchKernel with the plan's prebuilt parameters; "cupy": RawKernel.__call__
+        self.launcher = "driver"
         self._plans = {}
         self.nccl = NcclCommunicatorHandle(comm)
         try:
@@ -187,10 +219,13 @@ class FlashGpuBackend(CudaBackend):
             src[...] = x
         if out.data.ptr % 16:
             dst = cupy.empty_like(out)
-        fn, grid, block, args, ptrs = plan
-        ptrs[0] = src.data.ptr
-        ptrs[1] = dst.data.ptr
-        fn(grid, block, (args,), stream=stream)  # the driver copies the arguments at launch
+        plan.ptrs[0] = src.data.ptr
+        plan.ptrs[1] = dst.data.ptr
+        # The driver copies the argument block at launch, so reusing it is safe.
+        if plan.func and self.launcher == "driver":
+            _launch_kernel(plan.func, plan.grid[0], 1, 1, plan.block[0], 1, 1, 0, stream.ptr, plan.params_ptr, 0)
+        else:
+            plan.fn(plan.grid, plan.block, (plan.args,), stream=stream)
         if dst is not out:
             out[...] = dst
         return out
@@ -216,7 +251,7 @@ class FlashGpuBackend(CudaBackend):
             a["n"], a["seg_elems"], a["ll_tile"] = n, seg, tile
             fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot",
                                    KERNEL_DTYPE_CODE[name], 0, 0)
-            plan = (fn, (blocks,), (threads,), args, args.view(np.uint64))
+            plan = _Plan(fn, blocks, threads, args)
         elif ll is not None:
             threads, blocks, seg, units = ll
             args = self._args.copy()
@@ -226,7 +261,7 @@ class FlashGpuBackend(CudaBackend):
             a["flags"] = (_kernels.FLAG_ROTATE if mode.rotate else 0) | (_kernels.FLAG_SYM if mode.symmetric else 0)
             a["rot_norm"] = np.float32(1.0 / np.sqrt(float(mode.group_size)))
             fn = _kernels.function("fc_llq_twoshot", KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
-            plan = (fn, (blocks,), (threads,), args, args.view(np.uint64))
+            plan = _Plan(fn, blocks, threads, args)
         else:
             threads, blocks, seg, units = self._launch_shape(choice, n, name, mode)
             args = self._args.copy()
@@ -238,7 +273,7 @@ class FlashGpuBackend(CudaBackend):
             a["units"] = units
             fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot",
                                    KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
-            plan = (fn, (blocks,), (threads,), args, args.view(np.uint64))  # ptrs[0], ptrs[1]: in, out
+            plan = _Plan(fn, blocks, threads, args)
         if len(self._plans) >= 1024:
             self._plans.clear()
         self._plans[key] = plan
