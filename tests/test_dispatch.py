@@ -221,3 +221,18 @@ def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():
     del table["worlds"]["4"][0]["quantized_flag"]
     b = fake_backend(table=table)
     assert b._resolve(2048, 2, Mode.make(8))[0] == tuning.Choice("twoshot", 64, 0, 1, "flag")
+
+
+def test_a_plan_hands_the_driver_a_pointer_to_its_own_argument_block():
+    from flashcomm_cupy import _kernels
+    from flashcomm_cupy.backends import gpu
+    fn = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=0xABC))
+    args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
+    plan = gpu._Plan(fn, 7, 128, args)
+    assert (plan.grid, plan.block) == ((7,), (128,))
+    assert plan.func == (0xABC if gpu._launch_kernel is not None else 0)
+    # kernelParams[0] is the address of the FcArgs bytes the driver copies at launch
+    params = np.frombuffer((np.ctypeslib.as_ctypes_type(np.uintp) * 1).from_address(plan.params_ptr), np.uintp)
+    assert int(params[0]) == args.ctypes.data
+    plan.ptrs[0], plan.ptrs[1] = 11, 22  # the per-call pointers land in the same bytes
+    assert (int(args[0]["in_ptr"]), int(args[0]["out_ptr"])) == (11, 22)
