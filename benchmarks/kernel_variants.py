@@ -15,6 +15,11 @@ differ only in compile-time switches:
 * ``base``: with ``--base-dir``, the ``full`` kernel from another source
   directory (``FLASHCOMM_KERNEL_DIR``), for an A/B of two versions in one run.
 
+LL cases (``protocol`` "ll") skip the ``local`` variants (LL readers poll the
+peers' slots, which local-only writers never fill); after a ``no-wait``
+variant the LL slots are refilled with the sentinel, since its readers empty
+slots before the peers' late payloads land.
+
 Only ``full`` and ``base`` compute correct results; nothing here checks them.
 Differences between rows are what to read (``benchmarks/NOTES.md``).
 """
@@ -95,6 +100,8 @@ def main(argv=None):
             os.environ["FLASHCOMM_KERNEL_DEFINES"] = defines
             backend._plans.clear()  # plans hold the compiled function
             for clabel, nbytes, bits, algo, threads, blocks, units, protocol in cases:
+                if protocol == "ll" and "FC_PROFILE_LOCAL_DATA" in defines:
+                    continue  # LL slots are always the peers': local-only LL readers would wait forever
                 n = nbytes // 2
                 x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
                 out = cupy.empty_like(x)
@@ -109,6 +116,8 @@ def main(argv=None):
                 if rank == 0:
                     print(f"{vlabel:>14} {clabel:>18} {row['us']:10.1f} us", flush=True)
                 del x, out
+            if "FC_PROFILE_NO_WAIT" in defines:
+                backend.reset_ll_slots()  # its LL readers left late payloads in the slots
     finally:
         os.environ.pop("FLASHCOMM_KERNEL_DEFINES", None)
         os.environ.pop("FLASHCOMM_KERNEL_DIR", None)

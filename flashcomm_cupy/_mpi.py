@@ -50,6 +50,22 @@ def local_size(comm=None) -> int:
         node.Free()
 
 
+def require_same_everywhere(comm, settings: dict, what: str) -> None:
+    """Raise ValueError on every rank unless all ranks hold equal ``settings`` (collective).
+
+    For settings that shape shared memory or pick kernels: ranks that
+    disagree would read each other's workspace at different offsets, or wait
+    for calls their peers never make.
+    """
+    everyone = comm.allgather(settings)
+    odd = [r for r, s in enumerate(everyone) if s != everyone[0]]
+    if odd:
+        keys = [k for k in settings if any(s.get(k) != everyone[0].get(k) for s in everyone)]
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={s.get(k)!r}" for r, s in enumerate(everyone))
+                           for k in keys)
+        raise ValueError(f"flashcomm: {what} differ between ranks ({detail})")
+
+
 def clean_version(text: str) -> str:
     """First line of a library's version string, without the NUL terminator Open MPI includes."""
     lines = text.replace("\x00", "").strip().splitlines()

@@ -284,6 +284,44 @@ __device__ __forceinline__ fc_u32* fc_ll_epochs(const FcArgs& a) {
                                    (3 * 4 * FC_MAX_RANKS + 4) * (fc_i64)a.max_blocks);
 }
 
+// A block's LL call: its counter and this call's number e (slot parity e & 1).
+struct FcLLCall {
+  fc_u32* counter;
+  fc_u32 e;
+};
+
+__device__ __forceinline__ FcLLCall fc_ll_begin(const FcArgs& a) {
+  fc_u32* counter = fc_ll_epochs(a) + blockIdx.x;
+  return FcLLCall{counter, *counter + 1};
+}
+
+__device__ __forceinline__ void fc_ll_end(const FcLLCall& c) {
+  __syncthreads();  // every thread has read the counter
+  if (threadIdx.x == 0) *c.counter = c.e;
+}
+
+// Vectors of this block's tile of a segment (one-shot: the message) in the lossless LL kernels.
+template <int PER>
+__device__ __forceinline__ int fc_ll_tile_vectors(const FcArgs& a) {
+  return (int)min((fc_i64)a.ll_tile, a.seg_elems / PER - (fc_i64)blockIdx.x * a.ll_tile);
+}
+
+// What both lossless LL kernels work out first: typed input and output, the
+// block's call (parity c.par) and its tile of c.nvec vectors from vector c.first.
+template <int DT>
+struct FcLLTile {
+  typedef typename FcElem<DT>::T T;
+  const T* in;
+  T* out;
+  FcLLCall call;
+  int par;
+  fc_i64 first;
+  int nvec;
+  __device__ __forceinline__ explicit FcLLTile(const FcArgs& a)
+      : in(reinterpret_cast<const T*>(a.in)), out(reinterpret_cast<T*>(a.out)), call(fc_ll_begin(a)),
+        par(call.e & 1), first((fc_i64)blockIdx.x * a.ll_tile), nvec(fc_ll_tile_vectors<16 / (int)sizeof(T)>(a)) {}
+};
+
 // My LL slots of one area for vector i, one per source.
 __device__ __forceinline__ void fc_ll_my_slots(const FcArgs& a, int parity, int area, int i,
                                                unsigned char* (&slots)[FC_MAX_RANKS]) {
@@ -291,103 +329,87 @@ __device__ __forceinline__ void fc_ll_my_slots(const FcArgs& a, int parity, int 
   for (int s = 0; s < FC_MAX_RANKS; ++s) slots[s] = fc_ll_slot(a, a.rank, parity, area, s) + (fc_i64)i * 16;
 }
 
+// Vector i of every other source from my LL slots (area 0) plus `mine`,
+// summed in float32 in rank order from +0 and rounded to DT.
+template <int DT>
+__device__ __forceinline__ fc_v4 fc_ll_reduce_vector(const FcArgs& a, int par, int i, const fc_v4& mine, fc_u32 e) {
+  constexpr int PER = 16 / (int)sizeof(typename FcElem<DT>::T);
+  unsigned char* slots[FC_MAX_RANKS];
+  fc_ll_my_slots(a, par, 0, i, slots);
+  fc_v4 v[FC_MAX_RANKS];
+  fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
+  float acc[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) acc[j] = 0.0f;
+#pragma unroll
+  for (int s = 0; s < FC_MAX_RANKS; ++s)
+    if (s < a.world) fc_ll_accumulate<DT>(acc, fc_ll_pick(s == a.rank, mine, v[s]));
+  return fc_ll_round<DT>(acc);
+}
+
 template <int DT>
 __device__ void fc_ll_oneshot_impl(const FcArgs& a) {
   typedef typename FcElem<DT>::T T;
   constexpr int PER = 16 / (int)sizeof(T);
-  const T* in = reinterpret_cast<const T*>(a.in);
-  T* out = reinterpret_cast<T*>(a.out);
-  fc_u32* epochs = fc_ll_epochs(a);
-  const fc_u32 e = epochs[blockIdx.x] + 1;
-  const int par = e & 1;
-  const fc_i64 first = (fc_i64)blockIdx.x * a.ll_tile;
-  const int nvec = (int)min((fc_i64)a.ll_tile, a.seg_elems / PER - first);
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const fc_i64 el = (first + i) * PER;
-    const fc_v4 x = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED));
+  const FcLLTile<DT> c(a);
+  for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
+    const fc_i64 el = (c.first + i) * PER;
+    const fc_v4 x = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(c.in + el, el, a.n, FC_CACHED));
     for (int k = 1; k < a.world; ++k)
-      fc_st_v4(fc_ll_slot(a, (a.rank + k) % a.world, par, 0, a.rank) + (fc_i64)i * 16, x);
+      fc_st_volatile(fc_ll_slot(a, (a.rank + k) % a.world, c.par, 0, a.rank) + (fc_i64)i * 16, x);
   }
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const fc_i64 el = (first + i) * PER;
-    const fc_v4 mine = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED));
-    unsigned char* slots[FC_MAX_RANKS];
-    fc_ll_my_slots(a, par, 0, i, slots);
-    fc_v4 v[FC_MAX_RANKS];
-    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
-    float acc[PER];
-#pragma unroll
-    for (int j = 0; j < PER; ++j) acc[j] = 0.0f;
-#pragma unroll
-    for (int s = 0; s < FC_MAX_RANKS; ++s)
-      if (s < a.world) fc_ll_accumulate<DT>(acc, fc_ll_pick(s == a.rank, mine, v[s]));
-    fc_st_vec_upto<DT>(out + el, el, a.n, fc_ll_round<DT>(acc), false);
+  for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
+    const fc_i64 el = (c.first + i) * PER;
+    const fc_v4 mine = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(c.in + el, el, a.n, FC_CACHED));
+    fc_st_vec_upto<DT>(c.out + el, el, a.n, fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e), false);
   }
-  __syncthreads();  // every thread has read the counter
-  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+  fc_ll_end(c.call);
 }
 
 template <int DT>
 __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
   typedef typename FcElem<DT>::T T;
   constexpr int PER = 16 / (int)sizeof(T);
-  const T* in = reinterpret_cast<const T*>(a.in);
-  T* out = reinterpret_cast<T*>(a.out);
-  fc_u32* epochs = fc_ll_epochs(a);
-  const fc_u32 e = epochs[blockIdx.x] + 1;
-  const int par = e & 1;
-  const fc_i64 first = (fc_i64)blockIdx.x * a.ll_tile;
-  const int nvec = (int)min((fc_i64)a.ll_tile, a.seg_elems / PER - first);
+  const FcLLTile<DT> c(a);
   // 1. reduce-scatter: my values of every other owner's tile, raw.  All loads
   // first: a store between two loads would keep the second from overlapping.
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+  for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
     fc_v4 x[FC_MAX_RANKS];
 #pragma unroll
     for (int o = 0; o < FC_MAX_RANKS; ++o) {
       if (o < a.world && o != a.rank) {
-        const fc_i64 el = o * a.seg_elems + (first + i) * PER;
-        x[o] = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED));
+        const fc_i64 el = o * a.seg_elems + (c.first + i) * PER;
+        x[o] = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(c.in + el, el, a.n, FC_CACHED));
       }
     }
 #pragma unroll
     for (int o = 0; o < FC_MAX_RANKS; ++o)
-      if (o < a.world && o != a.rank) fc_st_v4(fc_ll_slot(a, o, par, 0, a.rank) + (fc_i64)i * 16, x[o]);
+      if (o < a.world && o != a.rank) fc_st_volatile(fc_ll_slot(a, o, c.par, 0, a.rank) + (fc_i64)i * 16, x[o]);
   }
   // 2. owner: sum in rank order, send the rounded sum to every peer, keep it.
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const fc_i64 el = a.rank * a.seg_elems + (first + i) * PER;
-    const fc_v4 mine = fc_ld_vec_upto<DT>(in + el, el, a.n, FC_CACHED);
-    unsigned char* slots[FC_MAX_RANKS];
-    fc_ll_my_slots(a, par, 0, i, slots);
-    fc_v4 v[FC_MAX_RANKS];
-    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
-    float acc[PER];
-#pragma unroll
-    for (int j = 0; j < PER; ++j) acc[j] = 0.0f;
-#pragma unroll
-    for (int s = 0; s < FC_MAX_RANKS; ++s)
-      if (s < a.world) fc_ll_accumulate<DT>(acc, fc_ll_pick(s == a.rank, mine, v[s]));
-    const fc_v4 r = fc_ll_payload<DT>(fc_ll_round<DT>(acc));
+  for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
+    const fc_i64 el = a.rank * a.seg_elems + (c.first + i) * PER;
+    const fc_v4 mine = fc_ld_vec_upto<DT>(c.in + el, el, a.n, FC_CACHED);
+    const fc_v4 r = fc_ll_payload<DT>(fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e));
     for (int k = 1; k < a.world; ++k)
-      fc_st_v4(fc_ll_slot(a, (a.rank + k) % a.world, par, 1, a.rank) + (fc_i64)i * 16, r);
-    fc_st_vec_upto<DT>(out + el, el, a.n, r, false);
+      fc_st_volatile(fc_ll_slot(a, (a.rank + k) % a.world, c.par, 1, a.rank) + (fc_i64)i * 16, r);
+    fc_st_vec_upto<DT>(c.out + el, el, a.n, r, false);
   }
   // 3. all-gather: every other owner's sums.
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+  for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
     unsigned char* slots[FC_MAX_RANKS];
-    fc_ll_my_slots(a, par, 1, i, slots);
+    fc_ll_my_slots(a, c.par, 1, i, slots);
     fc_v4 v[FC_MAX_RANKS];
-    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
+    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, c.call.e);
 #pragma unroll
     for (int s = 0; s < FC_MAX_RANKS; ++s) {
       if (s < a.world && s != a.rank) {
-        const fc_i64 el = s * a.seg_elems + (first + i) * PER;
-        fc_st_vec_upto<DT>(out + el, el, a.n, v[s], false);
+        const fc_i64 el = s * a.seg_elems + (c.first + i) * PER;
+        fc_st_vec_upto<DT>(c.out + el, el, a.n, v[s], false);
       }
     }
   }
-  __syncthreads();  // every thread has read the counter
-  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+  fc_ll_end(c.call);
 }
 
 // Quantized LL two-shot: the flag two-shot's arithmetic, with units moved in
@@ -405,6 +427,21 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
 #define FC_LLQ_OUT_STREAM true
 #endif
 
+// Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
+// the lane is past its tile) from my LL slots of `area`: got[j] is source s0 + j's.
+template <int BITS, int B>
+__device__ __forceinline__ void fc_llq_receive_batch(const FcArgs& a, int par, int area, int s0, int w, bool active,
+                                                     FcUnit<BITS> (&got)[B], fc_u32 e) {
+  unsigned char* slots[B];
+  bool use[B];
+#pragma unroll
+  for (int j = 0; j < B; ++j) {
+    use[j] = active && s0 + j < a.world && s0 + j != a.rank;
+    slots[j] = fc_ll_slot(a, a.rank, par, area, min(s0 + j, a.world - 1)) + (fc_i64)w * FcLLq<BITS>::BYTES;
+  }
+  fc_llq_receive<BITS, B>(slots, use, got, a.err, a.timeout_ns, a.rank, s0, e);
+}
+
 template <int DT, int RSB, int AGB>
 __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
@@ -415,8 +452,8 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   const int t = threadIdx.x, nt = blockDim.x;
   const int gl = a.group / FC_ELEMS, lig = t % gl;
   const bool rot = a.flags & FC_FLAG_ROTATE, sym = a.flags & FC_FLAG_SYM;
-  fc_u32* epochs = fc_ll_epochs(a);
-  const fc_u32 e = epochs[blockIdx.x] + 1;
+  const FcLLCall call = fc_ll_begin(a);
+  const fc_u32 e = call.e;
   const int par = e & 1;
   const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 toff = blockIdx.x * tile;
@@ -447,21 +484,12 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
 #pragma unroll
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
     for (int s0 = 0; s0 < a.world; s0 += B) {
-      unsigned char* slots[B];
-      bool use[B];
-      int src[B];
       FcUnit<RSB> got[B];
+      fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active, got, e);
 #pragma unroll
       for (int j = 0; j < B; ++j) {
-        src[j] = s0 + j;
-        use[j] = active && src[j] < a.world && src[j] != a.rank;
-        slots[j] = fc_ll_slot(a, a.rank, par, 0, min(src[j], a.world - 1)) + (fc_i64)w * FcLLq<RSB>::BYTES;
-      }
-      fc_llq_receive<RSB, B>(slots, use, got, a.err, a.timeout_ns, a.rank, src, e);
-#pragma unroll
-      for (int j = 0; j < B; ++j) {
-        if (src[j] >= a.world) break;
-        if (src[j] == a.rank) {
+        if (s0 + j >= a.world) break;
+        if (s0 + j == a.rank) {
           fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_LLQ_IN, v, stage);
           if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
         } else {
@@ -491,22 +519,13 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     const int w = u * nt + t;
     const bool active = (fc_i64)w * FC_ELEMS < nchunk;
     for (int s0 = 0; s0 < a.world; s0 += B) {
-      unsigned char* slots[B];
-      bool use[B];
-      int src[B];
       FcUnit<AGB> got[B];
+      fc_llq_receive_batch<AGB, B>(a, par, 1, s0, w, active, got, e);
 #pragma unroll
       for (int j = 0; j < B; ++j) {
-        src[j] = s0 + j;
-        use[j] = active && src[j] < a.world && src[j] != a.rank;
-        slots[j] = fc_ll_slot(a, a.rank, par, 1, min(src[j], a.world - 1)) + (fc_i64)w * FcLLq<AGB>::BYTES;
-      }
-      fc_llq_receive<AGB, B>(slots, use, got, a.err, a.timeout_ns, a.rank, src, e);
-#pragma unroll
-      for (int j = 0; j < B; ++j) {
-        if (src[j] >= a.world) break;
-        if (src[j] == a.rank) continue;
-        const fc_i64 start = src[j] * a.seg_elems + toff;
+        if (s0 + j >= a.world) break;
+        if (s0 + j == a.rank) continue;
+        const fc_i64 start = (s0 + j) * a.seg_elems + toff;
         AG::unpack(got[j], sym, v);
         if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
         fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), v, stage,
@@ -514,8 +533,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  __syncthreads();  // every thread has read the counter
-  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+  fc_ll_end(call);
 }
 
 extern "C" __global__ void __launch_bounds__(512) fc_twoshot(FcArgs a) {

@@ -29,7 +29,16 @@
 
 #define FC_LL_EMPTY 0xFFFFFFFFu
 
-// Volatile 16-byte load: always goes to L2, where peers' stores land.
+// Every access to an LL slot is volatile (relaxed, system scope): the
+// payload stores, the polls and the sentinel stores race by design, and only
+// such "strong" accesses get PTX's guarantee that each 32-bit (or 64-bit)
+// element is seen whole.  Volatile loads also always go to L2, where peers'
+// stores land.
+__device__ __forceinline__ void fc_st_volatile(void* p, fc_v4 v) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 __device__ __forceinline__ fc_v4 fc_ld_volatile(const void* p) {
   fc_v4 v;
   asm volatile("ld.volatile.global.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -93,22 +102,26 @@ __device__ __forceinline__ fc_v4 fc_ll_pick(bool is_mine, const fc_v4& mine, con
   return r;
 }
 
-// Called every 1024 polls: true when the wait must end (another wait gave up,
-// or this one passed `timeout_ns`, which it then records like fc_wait_flag).
-__device__ __noinline__ bool fc_ll_give_up(fc_u64 t0, volatile FcError* err, fc_i64 timeout_ns, int rank, int peer,
-                                           fc_u32 epoch) {
-  if (err->abort) return true;
-  if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
-  if (err->code == 0) {
-    err->rank = rank;
-    err->peer = peer;
-    err->block = blockIdx.x;
-    err->epoch = epoch;
-    __threadfence_system();
-    err->code = 1;
+// Poll the items whose bits are set in `pending` until each has arrived:
+// reload(j) loads item j again and says whether it has.  Every 1024 rounds
+// fc_ll_give_up decides whether to stop; its record names peer_of(j) of the
+// first item still missing.  False on timeout or abort.
+template <int N, typename Reload, typename PeerOf>
+__device__ __forceinline__ bool fc_ll_poll(fc_u32 pending, Reload reload, PeerOf peer_of, volatile FcError* err,
+                                           fc_i64 timeout_ns, int rank, fc_u32 epoch) {
+#ifdef FC_PROFILE_NO_WAIT  // timing variant only: use whatever is in the slots (wrong results)
+  pending = 0;
+#endif
+  if (!pending) return true;
+  const fc_u64 t0 = fc_globaltimer();
+  for (fc_u32 spins = 1; pending; ++spins) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if ((pending & (1u << j)) && reload(j)) pending &= ~(1u << j);
+    if (pending && (spins & 1023u) == 0 &&
+        fc_wait_give_up(t0, err, timeout_ns, rank, peer_of(__ffs(pending) - 1), epoch))
+      return false;
   }
-  err->abort = 1;
-  __threadfence_system();
   return true;
 }
 
@@ -127,27 +140,14 @@ __device__ __forceinline__ bool fc_ll_receive(unsigned char* const (&slots)[FC_M
       if (!fc_ll_arrived(v[s])) pending |= 1u << s;
     }
   }
-#ifdef FC_PROFILE_NO_WAIT  // timing variant only: use whatever is in the slot (wrong results)
-  pending = 0;
-#endif
-  if (pending) {
-    const fc_u64 t0 = fc_globaltimer();
-    for (fc_u32 spins = 1; pending; ++spins) {
-#pragma unroll
-      for (int s = 0; s < FC_MAX_RANKS; ++s) {
-        if (pending & (1u << s)) {
-          v[s] = fc_ld_volatile(slots[s]);
-          if (fc_ll_arrived(v[s])) pending &= ~(1u << s);
-        }
-      }
-      if (pending && (spins & 1023u) == 0 && fc_ll_give_up(t0, err, timeout_ns, rank, __ffs(pending) - 1, epoch))
-        return false;
-    }
-  }
+  if (!fc_ll_poll<FC_MAX_RANKS>(
+          pending, [&](int s) { return fc_ll_arrived(v[s] = fc_ld_volatile(slots[s])); }, [](int s) { return s; },
+          err, timeout_ns, rank, epoch))
+    return false;
   const fc_v4 empty = {FC_LL_EMPTY, FC_LL_EMPTY, FC_LL_EMPTY, FC_LL_EMPTY};
 #pragma unroll
   for (int s = 0; s < FC_MAX_RANKS; ++s)
-    if (s < world && s != skip) fc_st_v4(slots[s], empty);
+    if (s < world && s != skip) fc_st_volatile(slots[s], empty);
   return true;
 }
 
@@ -166,8 +166,8 @@ struct FcLLq {
   static constexpr int BYTES = 16 * VECS;
 };
 
-__device__ __forceinline__ void fc_st_v2_u64(void* p, fc_u64 a, fc_u64 b) {
-  asm volatile("st.global.v2.u64 [%0], {%1,%2};" ::"l"(p), "l"(a), "l"(b) : "memory");
+__device__ __forceinline__ void fc_st_volatile_v2_u64(void* p, fc_u64 a, fc_u64 b) {
+  asm volatile("st.volatile.global.v2.u64 [%0], {%1,%2};" ::"l"(p), "l"(a), "l"(b) : "memory");
 }
 __device__ __forceinline__ void fc_ld_volatile_v2_u64(const void* p, fc_u64& a, fc_u64& b) {
   asm volatile("ld.volatile.global.v2.u64 {%0,%1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
@@ -184,7 +184,7 @@ __device__ __forceinline__ void fc_llq_write(unsigned char* dst, const FcUnit<BI
   const fc_u64 s = (fc_u64)__float_as_uint(u.scale) << 32, m = (fc_u64)__float_as_uint(u.mn) << 32;
 #pragma unroll
   for (int j = 0; j < FcLLq<BITS>::VECS; ++j)
-    fc_st_v2_u64(dst + 16 * j, s | fc_llq_code_word<BITS>(u, 2 * j), m | fc_llq_code_word<BITS>(u, 2 * j + 1));
+    fc_st_volatile_v2_u64(dst + 16 * j, s | fc_llq_code_word<BITS>(u, 2 * j), m | fc_llq_code_word<BITS>(u, 2 * j + 1));
 }
 
 template <int BITS>
@@ -214,12 +214,12 @@ __device__ __forceinline__ void fc_llq_unit(const fc_u64 (&r)[FcLLq<BITS>::WORDS
   u.mn = __uint_as_float((fc_u32)(r[1] >> 32));
 }
 
-// Receive the units at slots[j] for the batch's sources (use[j]) at once,
+// Receive the units at slots[j] of sources s0 + j (where use[j]) at once,
 // then empty those slots.  False on timeout or abort.
 template <int BITS, int B>
 __device__ __forceinline__ bool fc_llq_receive(unsigned char* const (&slots)[B], const bool (&use)[B],
                                                FcUnit<BITS> (&u)[B], volatile FcError* err, fc_i64 timeout_ns,
-                                               int rank, const int (&src)[B], fc_u32 epoch) {
+                                               int rank, int s0, fc_u32 epoch) {
   constexpr int W = FcLLq<BITS>::WORDS;
   fc_u64 r[B][W];
   fc_u32 pending = 0;
@@ -230,35 +230,17 @@ __device__ __forceinline__ bool fc_llq_receive(unsigned char* const (&slots)[B],
       if (!fc_llq_arrived<BITS>(r[j])) pending |= 1u << j;
     }
   }
-#ifdef FC_PROFILE_NO_WAIT  // timing variant only: use whatever is in the slot (wrong results)
-  pending = 0;
-#endif
-  if (pending) {
-    const fc_u64 t0 = fc_globaltimer();
-    for (fc_u32 spins = 1; pending; ++spins) {
-#pragma unroll
-      for (int j = 0; j < B; ++j) {
-        if (pending & (1u << j)) {
-          fc_llq_load<BITS>(slots[j], r[j]);
-          if (fc_llq_arrived<BITS>(r[j])) pending &= ~(1u << j);
-        }
-      }
-      if (pending && (spins & 1023u) == 0) {
-        int peer = 0;
-#pragma unroll
-        for (int j = B - 1; j >= 0; --j)
-          if (pending & (1u << j)) peer = src[j];
-        if (fc_ll_give_up(t0, err, timeout_ns, rank, peer, epoch)) return false;
-      }
-    }
-  }
+  if (!fc_ll_poll<B>(
+          pending, [&](int j) { fc_llq_load<BITS>(slots[j], r[j]); return fc_llq_arrived<BITS>(r[j]); },
+          [&](int j) { return s0 + j; }, err, timeout_ns, rank, epoch))
+    return false;
   const fc_u64 empty = ~0ull;
 #pragma unroll
   for (int j = 0; j < B; ++j) {
     if (use[j]) {
       fc_llq_unit<BITS>(r[j], u[j]);
 #pragma unroll
-      for (int v = 0; v < FcLLq<BITS>::VECS; ++v) fc_st_v2_u64(slots[j] + 16 * v, empty, empty);
+      for (int v = 0; v < FcLLq<BITS>::VECS; ++v) fc_st_volatile_v2_u64(slots[j] + 16 * v, empty, empty);
     }
   }
   return true;

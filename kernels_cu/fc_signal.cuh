@@ -42,6 +42,26 @@ __device__ __forceinline__ fc_u64 fc_globaltimer() {
   return t;
 }
 
+// Called every 1024 polls of any wait: true when the wait must end, because
+// another wait gave up (abort) or this one has run past `timeout_ns`, which it
+// then records (first timeout only) and turns into an abort for every wait.
+__device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, fc_i64 timeout_ns, int rank, int peer,
+                                             fc_u32 epoch) {
+  if (err->abort) return true;
+  if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
+  if (err->code == 0) {
+    err->rank = rank;
+    err->peer = peer;
+    err->block = blockIdx.x;
+    err->epoch = epoch;
+    __threadfence_system();
+    err->code = 1;
+  }
+  err->abort = 1;
+  __threadfence_system();
+  return true;
+}
+
 // Spin until *flag >= target (mod 2^32).  Returns false on timeout or abort.
 __device__ __noinline__ bool fc_wait_flag(const fc_u32* flag, fc_u32 target, volatile FcError* err,
                                           fc_i64 timeout_ns, int rank, int peer) {
@@ -49,22 +69,7 @@ __device__ __noinline__ bool fc_wait_flag(const fc_u32* flag, fc_u32 target, vol
   const fc_u64 t0 = fc_globaltimer();
   for (fc_u32 spins = 1;; ++spins) {
     if ((int)(fc_ld_acquire_sys(flag) - target) >= 0) return true;
-    if ((spins & 1023u) == 0) {
-      if (err->abort) return false;
-      if ((fc_i64)(fc_globaltimer() - t0) > timeout_ns) {
-        if (err->code == 0) {
-          err->rank = rank;
-          err->peer = peer;
-          err->block = blockIdx.x;
-          err->epoch = target;
-          __threadfence_system();
-          err->code = 1;
-        }
-        err->abort = 1;
-        __threadfence_system();
-        return false;
-      }
-    }
+    if ((spins & 1023u) == 0 && fc_wait_give_up(t0, err, timeout_ns, rank, peer, target)) return false;
   }
 }
 

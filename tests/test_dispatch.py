@@ -236,3 +236,33 @@ def test_a_plan_hands_the_driver_a_pointer_to_its_own_argument_block():
     assert int(params[0]) == args.ctypes.data
     plan.ptrs[0], plan.ptrs[1] = 11, 22  # the per-call pointers land in the same bytes
     assert (int(args[0]["in_ptr"]), int(args[0]["out_ptr"])) == (11, 22)
+
+
+def test_forcing_the_flag_protocol_runs_the_rows_best_flag_choice():
+    table = {"worlds": {"4": [
+        {"max_bytes": 1 << 20,
+         "lossless": {"algo": "twoshot", "threads": 256, "blocks": 32, "protocol": "ll"},
+         "lossless_flag": {"algo": "oneshot", "threads": 256, "blocks": 64, "protocol": "flag"},
+         "quantized": {"algo": "oneshot", "threads": 128, "blocks": 32}},
+    ]}}
+    b = fake_backend(table=table)
+    assert b._resolve(2048, 2, Mode.make(None))[0] == tuning.Choice("twoshot", 256, 32, 1, "ll")
+    b.protocol = "flag"
+    assert b._resolve(2048, 2, Mode.make(None)) == (tuning.Choice("oneshot", 256, 64, 1, "flag"), None)
+    assert b.resolve_protocol(4096, Mode.make(None)) == "flag"
+
+
+def test_backend_settings_must_agree_on_every_rank():
+    from flashcomm_cupy._mpi import require_same_everywhere
+
+    class FakeComm:
+        def __init__(self, others):
+            self.others = others
+
+        def allgather(self, mine):
+            return [mine] + self.others
+
+    same = {"max_blocks": 264, "protocol": "auto"}
+    require_same_everywhere(FakeComm([dict(same), dict(same)]), same, "settings")
+    with pytest.raises(ValueError, match=r"max_blocks: rank 0=264, rank 1=264, rank 2=228"):
+        require_same_everywhere(FakeComm([dict(same), dict(same, max_blocks=228)]), same, "settings")

@@ -69,9 +69,15 @@ class FlashGpuBackend(CudaBackend):
     ``validate`` (all-gather sizes and modes before every call and raise on
     mismatch), ``max_blocks`` and ``max_threads`` (workspace shape),
     ``tuning`` (path of a dispatch table), ``protocol`` ("auto" follows the
-    table; "flag" or "ll" forces that signalling protocol for lossless calls
-    wherever the LL kernels apply, see :mod:`flashcomm_cupy.tuning`; default
-    ``$FLASHCOMM_PROTOCOL`` or "auto").
+    table; "flag" or "ll" forces that signalling protocol wherever it applies:
+    LL serves lossless calls and INT4 two-shot, see :mod:`flashcomm_cupy.tuning`;
+    default ``$FLASHCOMM_PROTOCOL`` or "auto").
+
+    Every rank must build the backend with the same settings (checked at
+    construction) and make the same calls in the same order, each on one
+    stream after the previous one: a call's kernel must not start before the
+    previous call's kernel on that rank has finished (the slot-reuse argument
+    of the flag and LL protocols rests on it), as with NCCL communicators.
     """
 
     name = "gpu"
@@ -93,6 +99,8 @@ class FlashGpuBackend(CudaBackend):
                                else os.environ.get("FLASHCOMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         self.max_threads = int(max_threads)
         self.slot_bytes = int(slot_bytes)
+        if self.slot_bytes % 16:
+            raise ValueError(f"slot_bytes must be a multiple of 16 (16-byte vector accesses), got {slot_bytes}")
         if max_blocks is None:
             # Two co-resident 256-thread blocks per SM (<= 128 registers each): while one
             # waits for its peers the other computes.  All blocks must be resident at
@@ -108,6 +116,10 @@ class FlashGpuBackend(CudaBackend):
         self.protocol = protocol
         #: "driver": cuLaunchKernel with the plan's prebuilt parameters; "cupy": RawKernel.__call__
         self.launcher = "driver"
+        from .._mpi import require_same_everywhere
+        require_same_everywhere(comm, {"max_blocks": int(max_blocks), "max_threads": self.max_threads,
+                                       "slot_bytes": self.slot_bytes, "protocol": self.protocol,
+                                       "tuning table": self.table.digest()}, "flash backend settings")
         self._plans = {}
         self.nccl = NcclCommunicatorHandle(comm)
         try:
@@ -177,9 +189,11 @@ class FlashGpuBackend(CudaBackend):
         return choice, ll
 
     def _choose(self, nbytes: int, mode: Mode, flag_only: bool = False) -> tuning.Choice:
+        if self.protocol == "flag":
+            flag_only = True  # the table's best flag choice, not the LL row's shape with flags
         choice = self._choose_table(nbytes, mode, flag_only)
-        if self.protocol != "auto" and choice.protocol != self.protocol and choice.algo != "nccl" and not flag_only:
-            choice = dataclasses.replace(choice, protocol=self.protocol)
+        if self.protocol == "ll" and choice.protocol != "ll" and choice.algo != "nccl" and not flag_only:
+            choice = dataclasses.replace(choice, protocol="ll")
         return choice
 
     def _choose_table(self, nbytes: int, mode: Mode, flag_only: bool = False) -> tuning.Choice:
@@ -369,6 +383,21 @@ class FlashGpuBackend(CudaBackend):
             raise ValueError(
                 "all_reduce arguments differ between ranks: rank 0 has (n, dtype, bits, group, rotate, sym, algo)="
                 f"{everyone[0]}, " + ", ".join(f"rank {r} has {everyone[r]}" for r in odd))
+
+    def reset_ll_slots(self):
+        """Fill every LL slot with the sentinel again (collective).
+
+        Only for profiling builds (``FC_PROFILE_NO_WAIT``), whose readers empty
+        slots before the peers' data lands, leaving stale payloads behind.
+        """
+        import cupy
+        dev = cupy.cuda.Device(self.device_id)
+        dev.synchronize()
+        self.mpi_comm.Barrier()  # no peer is still writing into my slots
+        lay = self.ws.layout
+        cupy.cuda.runtime.memset(self.ws.ptr + lay.ll_off, 0xFF, lay.ll_bytes)
+        dev.synchronize()
+        self.mpi_comm.Barrier()
 
     def _raise_if_failed(self):
         if self._closed:

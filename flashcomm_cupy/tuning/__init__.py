@@ -95,6 +95,11 @@ class TuningTable:
             entry = row.get(key + "_flag") or dict(entry, protocol="flag")
         return _choice(entry)
 
+    def digest(self) -> str:
+        """Short hash of the table's rows: equal on ranks that dispatch alike."""
+        import hashlib
+        return hashlib.sha256(json.dumps(self.data.get("worlds", {}), sort_keys=True).encode()).hexdigest()[:12]
+
     def describe(self) -> dict:
         return {"source": self.source, "card": self.data.get("card"), "measured": self.data.get("date"),
                 "worlds": sorted(self.rows)}
