@@ -23,7 +23,7 @@ def collect_info(comm) -> dict:
     auto = {}
     for label, bits in (("lossless", None), ("int8", 8), ("int4", 4)):
         mode = Mode.make(bits, algo="auto")
-        auto[label] = {format_size(n): backend.resolve_algo(n, mode) for n in AUTO_PROBE_BYTES}
+        auto[label] = {format_size(n): _pick(backend, n, mode) for n in AUTO_PROBE_BYTES}
     return {
         "backend": backend.name,
         "baseline": backend.baseline_algo,
@@ -38,6 +38,12 @@ def collect_info(comm) -> dict:
         "tuning_table": d0.get("tuning_table"),
         "describe": descriptions,
     }
+
+
+def _pick(backend, nbytes: int, mode) -> str:
+    """The algorithm ``auto`` runs, with "/ll" where the data-as-signal kernels run it."""
+    algo = backend.resolve_algo(nbytes, mode)
+    return f"{algo}/ll" if backend.resolve_protocol(nbytes, mode) == "ll" else algo
 
 
 def render_info(console, info: dict) -> None:

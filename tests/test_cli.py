@@ -253,3 +253,17 @@ def test_version_flag():
     from flashcomm_cupy import __version__
     proc = _run(CLI + ["--version"], env=_without_launcher(), timeout=60)
     assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+def test_info_marks_the_auto_picks_that_run_the_ll_kernels():
+    import types
+    from cli.info import _pick
+    from flashcomm_cupy.backends.gpu import FlashGpuBackend
+    from flashcomm_cupy.config import Mode
+    from test_dispatch import LL_TABLE, fake_backend
+    b = fake_backend(table=LL_TABLE)
+    assert isinstance(b, FlashGpuBackend)
+    assert _pick(b, 4096, Mode.make(None)) == "oneshot/ll"
+    assert _pick(b, 4096, Mode.make(4)) == "oneshot"  # quantized rows of this table use flags
+    cpu = types.SimpleNamespace(resolve_algo=lambda n, m: "twoshot", resolve_protocol=lambda n, m: "")
+    assert _pick(cpu, 4096, Mode.make(4)) == "twoshot"
