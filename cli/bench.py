@@ -58,11 +58,14 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
               help="Write the result rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Plot latency and speedup vs size to a PNG (needs the 'plot' extra).")
+@click.option("--protocol", type=click.Choice(["auto", "flag", "ll"]), default=None,
+              help="GPU signalling protocol: the tuning table's choice (auto), or flag / ll forced wherever "
+                   "it applies (default: $FLASHCOMM_PROTOCOL or auto).")
 @mpi_launch
 @click.pass_context
 def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dtype, graph, eager, bits,
           group_size, algo, rotate, symmetric, backend, peer_bw, check_max_bytes, seed, json_path,
-          csv_path, plot_path):
+          csv_path, plot_path, protocol):
     """Time the all-reduce of every mode against the baseline over a sweep of sizes.
 
     The baseline (NCCL on GPUs, MPI_Allreduce on CPUs) is always measured
@@ -81,6 +84,12 @@ def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dt
     comm = open_communicator(backend)
     with comm:
         on_gpu = comm.backend.xp is not np
+        if protocol is not None:
+            if comm.backend_name == "gpu":
+                comm.backend.protocol = protocol
+            elif protocol != "auto":
+                raise click.ClickException(f"--protocol {protocol} needs the flash GPU backend, "
+                                           f"not {comm.backend_name}")
         d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
         pick = lambda value, key: d[key] if value is None else value  # noqa: E731
         lo, hi = pick(minbytes, "minbytes"), pick(maxbytes, "maxbytes")

@@ -113,6 +113,13 @@ def test_bench_graph_request_on_cpu_falls_back_to_eager_and_bf16_works():
     assert "bfloat16" in proc.stdout and "# OK" in proc.stdout
 
 
+def test_bench_protocol_flag_needs_the_gpu_backend():
+    proc = _mpirun(2, ["bench", "--backend", "cpu", "-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-r", "1",
+                       "--bits", "none", "--protocol", "ll"])
+    assert proc.returncode != 0
+    assert "--protocol ll needs the flash GPU backend" in proc.stdout + proc.stderr
+
+
 # ----------------------------------------------------------------------------- verify, info
 def test_verify_passes_on_three_ranks(tmp_path):
     path = tmp_path / "v.json"
