@@ -105,15 +105,31 @@ __device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n,
   }
 }
 
-// Quantize the lane's unit of my input from element `base` (elements at or
-// beyond `limit` read as 0), rotated first when the mode asks: what I send.
+// The lane's unit of my input from element `base` (elements at or beyond
+// `limit` read as 0), rotated when the mode asks: my exact contribution.
+template <int DT>
+__device__ __forceinline__ void fc_load_input(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access, bool rot,
+                                              int gl, int lig, float (&v)[FC_ELEMS], fc_v4* stage) {
+  fc_load_elems<DT>(a.in, base, limit, access, v, stage);
+  if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+}
+
+// That unit quantized: what I send.
 template <int DT, typename C>
 __device__ __forceinline__ void fc_pack_input(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access,
                                               bool rot, bool sym, int gl, int lig, float (&v)[FC_ELEMS],
                                               typename C::Packed& p, fc_v4* stage) {
-  fc_load_elems<DT>(a.in, base, limit, access, v, stage);
-  if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+  fc_load_input<DT>(a, base, limit, access, rot, gl, lig, v, stage);
   C::pack(v, gl, sym, p);
+}
+
+// Store the lane's unit of summed values (rotated back first when the mode
+// rotates) into my output from element `base`; elements >= limit stay untouched.
+template <int DT>
+__device__ __forceinline__ void fc_store_output(const FcArgs& a, fc_i64 base, fc_i64 limit, bool rot, int gl, int lig,
+                                                float (&v)[FC_ELEMS], fc_v4* stage, bool stream) {
+  if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+  fc_store_elems<DT>(a.out, base, limit, v, stage, stream);
 }
 
 template <int DT, int RSB, int AGB>
@@ -167,8 +183,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
         for (int s = 0; s < a.world; ++s) {
           if (s == a.rank) {
-            fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, v, stage);
-            if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, gl, lig, v, stage);
           } else {
             fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, active, gl, sym, v, stage);
           }
@@ -182,8 +197,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
           AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym, stage);
         }
         AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-        if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-        fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, limit, v, stage, true);
+        fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, rot, gl, lig, v, stage, true);
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
@@ -200,8 +214,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         const int w = u * nt + t;
         const bool active = (fc_i64)w * FC_ELEMS < nchunk;
         fc_receive<AG>(src, nchunk, w, active, gl, sym, v, stage);
-        if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-        fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, limit, v, stage, true);
+        fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, limit, rot, gl, lig, v, stage, true);
       }
     }
   }
@@ -260,8 +273,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
 #pragma unroll
         for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
       }
-      if (rot) fc_rotate_inv(acc, gl, lig, a.rot_norm);
-      fc_store_elems<DT>(a.out, base, limit, acc, stage, true);
+      fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
     }
   }
   fc_end(a, e);
@@ -490,8 +502,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
         if (s0 + j == a.rank) {
-          fc_load_elems<DT>(a.in, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_LLQ_IN, v, stage);
-          if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_LLQ_IN, rot, gl, lig, v, stage);
         } else {
           RS::unpack(got[j], sym, v);
           if (!active) {
@@ -510,8 +521,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
         fc_llq_write<AGB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 1, a.rank) + (fc_i64)w * FcLLq<AGB>::BYTES, p);
     }
     AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-    if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-    fc_store_elems<DT>(a.out, mine + (fc_i64)w * FC_ELEMS, mine_limit, v, stage, FC_LLQ_OUT_STREAM);
+    fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, rot, gl, lig, v, stage, FC_LLQ_OUT_STREAM);
   }
 
   // 3. all-gather: every other owner's reduced tile.
@@ -527,9 +537,8 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
         if (s0 + j == a.rank) continue;
         const fc_i64 start = (s0 + j) * a.seg_elems + toff;
         AG::unpack(got[j], sym, v);
-        if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
-        fc_store_elems<DT>(a.out, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), v, stage,
-                          FC_LLQ_OUT_STREAM);
+        fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), rot, gl, lig, v, stage,
+                            FC_LLQ_OUT_STREAM);
       }
     }
   }
