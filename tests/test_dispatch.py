@@ -266,3 +266,28 @@ def test_backend_settings_must_agree_on_every_rank():
     require_same_everywhere(FakeComm([dict(same), dict(same)]), same, "settings")
     with pytest.raises(ValueError, match=r"max_blocks: rank 0=264, rank 1=264, rank 2=228"):
         require_same_everywhere(FakeComm([dict(same), dict(same, max_blocks=228)]), same, "settings")
+
+
+def test_plans_fill_the_argument_block_for_each_kernel_family(monkeypatch):
+    from flashcomm_cupy import _kernels
+    monkeypatch.setattr(_kernels, "function", lambda name, *spec: types.SimpleNamespace(name=name, spec=spec))
+    b = fake_backend(table=LL_TABLE)
+    b._args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
+    b._plans = {}
+
+    def plan(n, mode):
+        p = b._plan(n, "float16", mode)
+        return p.fn.name, p.grid, p.block, p.args[0]
+
+    name, grid, block, a = plan(2048, Mode.make(None))  # lossless LL one-shot, one vector per thread
+    assert (name, block, int(a["n"]), int(a["seg_elems"])) == ("fc_ll_oneshot", (256,), 2048, 2048)
+    assert grid[0] * int(a["ll_tile"]) >= 256
+    b.protocol = "ll"  # the table's quantized rows use flags
+    name, grid, block, a = plan(1 << 21, Mode.make(4, rotate=True))  # INT4 LL two-shot
+    assert (name, block, int(a["seg_elems"]), int(a["group"])) == ("fc_llq_twoshot", (128,), 1 << 19, 128)
+    assert int(a["flags"]) == _kernels.FLAG_ROTATE and np.isclose(a["rot_norm"], 128 ** -0.5)
+    assert grid[0] * 128 * 32 * int(a["units"]) >= 1 << 19
+    name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # INT8 has no LL form: flag kernels
+    assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_twoshot", _kernels.FLAG_SYM, 1 << 18)
+    assert b._plan(1 << 20, "float16", Mode.make(8, symmetric=True)) is b._plan(1 << 20, "float16",
+                                                                                   Mode.make(8, symmetric=True))

@@ -258,35 +258,24 @@ class FlashGpuBackend(CudaBackend):
         choice, ll = self._resolve(n, np.dtype(name).itemsize, mode)
         if choice.algo == "nccl":
             plan = None
-        elif ll is not None and mode.lossless:
-            threads, blocks, seg, tile = ll
-            args = self._args.copy()
-            a = args[0]
-            a["n"], a["seg_elems"], a["ll_tile"] = n, seg, tile
-            fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot",
-                                   KERNEL_DTYPE_CODE[name], 0, 0)
-            plan = _Plan(fn, blocks, threads, args)
-        elif ll is not None:
-            threads, blocks, seg, units = ll
-            args = self._args.copy()
-            a = args[0]
-            a["n"], a["seg_elems"], a["units"] = n, seg, units
-            a["group"] = mode.group_size
-            a["flags"] = (_kernels.FLAG_ROTATE if mode.rotate else 0) | (_kernels.FLAG_SYM if mode.symmetric else 0)
-            a["rot_norm"] = np.float32(1.0 / np.sqrt(float(mode.group_size)))
-            fn = _kernels.function("fc_llq_twoshot", KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
-            plan = _Plan(fn, blocks, threads, args)
         else:
-            threads, blocks, seg, units = self._launch_shape(choice, n, name, mode)
             args = self._args.copy()
             a = args[0]
-            a["n"], a["seg_elems"] = n, seg
+            a["n"] = n
             a["group"] = mode.group_size
             a["flags"] = (_kernels.FLAG_ROTATE if mode.rotate else 0) | (_kernels.FLAG_SYM if mode.symmetric else 0)
             a["rot_norm"] = np.float32(1.0 / np.sqrt(float(mode.group_size)))
-            a["units"] = units
-            fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot",
-                                   KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
+            dt = KERNEL_DTYPE_CODE[name]
+            if ll is not None and mode.lossless:
+                threads, blocks, a["seg_elems"], a["ll_tile"] = ll
+                fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot", dt, 0, 0)
+            elif ll is not None:
+                threads, blocks, a["seg_elems"], a["units"] = ll
+                fn = _kernels.function("fc_llq_twoshot", dt, mode.rs_bits, mode.ag_bits)
+            else:
+                threads, blocks, a["seg_elems"], a["units"] = self._launch_shape(choice, n, name, mode)
+                fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot", dt,
+                                       mode.rs_bits, mode.ag_bits)
             plan = _Plan(fn, blocks, threads, args)
         if len(self._plans) >= 1024:
             self._plans.clear()
