@@ -52,9 +52,9 @@ for stage in ${STAGES//,/ }; do
       run 360 $MPI "$NP" python3 tests/gpu/gpu_checks.py ;;
     checks-ll)
       run 200 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only ll,timeout ;;
-    llab)  # lossless A/B of the signalling protocols, same harness, NCCL in each run
+    llab)  # A/B of the signalling protocols (flag, then LL), same harness, NCCL in each run
       for p in flag ll; do
-        run 200 env FLASHCOMM_PROTOCOL=$p $MPI "$NP" $FC bench -b 4K -e 16M -f 4 --bits none,4,8 --algo oneshot,twoshot \
+        run 200 $MPI "$NP" $FC bench -b 4K -e 16M -f 4 --bits none,4,8 --algo oneshot,twoshot --protocol $p \
           --json "$OUT/llab-$p-${NP}x-$TAG.json"
       done ;;
     checks-fast)

@@ -431,13 +431,6 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
 // Sources are polled FC_LLQ_BATCH at a time, so their L2 round trips overlap.
 #define FC_LLQ_BATCH 4
 #define FC_LLQ_THREADS 128  // flashcomm_cupy/backends/gpu.py: LLQ_MAX_THREADS
-#ifdef FC_LLQ_CACHED  // timing variant: cached instead of streamed caller input and output
-#define FC_LLQ_IN FC_CACHED
-#define FC_LLQ_OUT_STREAM false
-#else
-#define FC_LLQ_IN FC_STREAM
-#define FC_LLQ_OUT_STREAM true
-#endif
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
 // the lane is past its tile) from my LL slots of `area`: got[j] is source s0 + j's.
@@ -481,7 +474,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       typename RS::Packed p;
-      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_LLQ_IN, rot, sym, gl, lig, v, p, stage);
+      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, sym, gl, lig, v, p, stage);
       if ((fc_i64)w * FC_ELEMS < nchunk) fc_llq_write<RSB>(dst + (fc_i64)w * FcLLq<RSB>::BYTES, p);
     }
   }
@@ -502,7 +495,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
         if (s0 + j == a.rank) {
-          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_LLQ_IN, rot, gl, lig, v, stage);
+          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, v, stage);
         } else {
           RS::unpack(got[j], sym, v);
           if (!active) {
@@ -521,7 +514,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
         fc_llq_write<AGB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 1, a.rank) + (fc_i64)w * FcLLq<AGB>::BYTES, p);
     }
     AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-    fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, rot, gl, lig, v, stage, FC_LLQ_OUT_STREAM);
+    fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, rot, gl, lig, v, stage, true);
   }
 
   // 3. all-gather: every other owner's reduced tile.
@@ -538,7 +531,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
         const fc_i64 start = (s0 + j) * a.seg_elems + toff;
         AG::unpack(got[j], sym, v);
         fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), rot, gl, lig, v, stage,
-                            FC_LLQ_OUT_STREAM);
+                            true);
       }
     }
   }

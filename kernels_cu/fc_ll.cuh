@@ -104,7 +104,7 @@ __device__ __forceinline__ fc_v4 fc_ll_pick(bool is_mine, const fc_v4& mine, con
 
 // Poll the items whose bits are set in `pending` until each has arrived:
 // reload(j) loads item j again and says whether it has.  Every 1024 rounds
-// fc_ll_give_up decides whether to stop; its record names peer_of(j) of the
+// fc_wait_give_up decides whether to stop; its record names peer_of(j) of the
 // first item still missing.  False on timeout or abort.
 template <int N, typename Reload, typename PeerOf>
 __device__ __forceinline__ bool fc_ll_poll(fc_u32 pending, Reload reload, PeerOf peer_of, volatile FcError* err,

@@ -4,10 +4,9 @@ A table maps world size -> rows sorted by ``max_bytes``; the first row whose
 ``max_bytes`` is >= the message size applies.  Each row names, separately for
 lossless and quantized modes, the algorithm ("oneshot", "twoshot" or "nccl"),
 the launch shape (threads per block, blocks; 0 blocks = as many as the
-message has tiles, up to the workspace's ``max_blocks``) and, for lossless
-rows, the signalling protocol: "flag" (default) or "ll", where the data is
-its own signal (``kernels_cu/fc_ll.cuh``; small and medium messages, INT4 for
-quantized ones).  Where a row's choice is LL, ``lossless_flag`` /
+message has tiles, up to the workspace's ``max_blocks``) and the signalling
+protocol: "flag" (default) or "ll", where the data is its own signal
+(``kernels_cu/fc_ll.cuh``; small and medium messages, lossless or INT4).  Where a row's choice is LL, ``lossless_flag`` /
 ``quantized_flag`` hold the best flag-protocol choice, for the calls LL
 cannot serve (another bit width, a message too large for the LL slots).
 
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -37,9 +36,9 @@ PROTOCOLS = ("flag", "ll")
 class Choice:
     """Algorithm and launch shape; ``units`` = 32-element units per thread per tile.
 
-    ``protocol`` "ll" asks for the lossless data-as-signal kernels; the
-    backend falls back to "flag" where they do not apply (quantized modes,
-    messages larger than the LL slots).
+    ``protocol`` "ll" asks for the data-as-signal kernels; the backend falls
+    back to the row's flag choice where they do not apply (INT6/INT8 and
+    mixed bit widths, messages larger than the LL slots).
     """
 
     algo: str
@@ -87,7 +86,7 @@ class TuningTable:
         rows = self.rows.get(int(world))
         if not rows:
             rule = heuristic(world, nbytes, lossless)
-            return Choice(rule.algo, rule.threads, rule.blocks, rule.units) if flag_only else rule
+            return replace(rule, protocol="flag") if flag_only else rule
         key = "lossless" if lossless else "quantized"
         row = next((r for r in rows if nbytes <= r["max_bytes"]), rows[-1])
         entry = row[key]
