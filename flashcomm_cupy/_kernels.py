@@ -81,24 +81,36 @@ def profiling_defines() -> tuple:
     return tuple(f"-D{d}" for d in os.environ.get("FLASHCOMM_KERNEL_DEFINES", "").split())
 
 
+#: elements per thread and unit (FC_ELEMS in fc_common.cuh) unless a module asks for fewer
+DEFAULT_UNIT_ELEMS = 32
+#: unit sizes a module can be built with; a group of g elements needs g <= 32 * unit elements
+UNIT_ELEMS = (16, 32)
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(directory: Path, dtype_code: int, rs_bits: int, ag_bits: int, defines: tuple):
+def _compiled(directory: Path, dtype_code: int, rs_bits: int, ag_bits: int, elems: int, defines: tuple):
     import cupy
     options = ("-std=c++17", f"-I{directory}", f"-DFC_DT={int(dtype_code)}",
                f"-DFC_RS_BITS={int(rs_bits)}", f"-DFC_AG_BITS={int(ag_bits)}",
                f"-DFC_SOURCE_DIGEST=0x{source_digest(directory)}ull") + defines
+    if elems != DEFAULT_UNIT_ELEMS:
+        options += (f"-DFC_ELEMS={int(elems)}",)
     if os.environ.get("FLASHCOMM_KERNEL_LINEINFO"):
         options += ("-lineinfo",)
     return cupy.RawModule(code=(directory / KERNEL_SOURCE).read_text(), options=options)
 
 
-def module(dtype_code: int, rs_bits: int, ag_bits: int):
+def module(dtype_code: int, rs_bits: int, ag_bits: int, elems: int = DEFAULT_UNIT_ELEMS):
     """The compiled module for one specialisation (0 bits = lossless); cached per process.
 
-    CuPy also caches the binary on disk, so later processes skip NVRTC.
+    ``elems`` is the unit size (elements per thread and unit, FC_ELEMS); the
+    kernels of one module all use it.  CuPy also caches the binary on disk, so
+    later processes skip NVRTC.
     """
-    return _compiled(kernel_dir(), int(dtype_code), int(rs_bits), int(ag_bits), profiling_defines())
+    if elems not in UNIT_ELEMS:
+        raise ValueError(f"unit size {elems} is not one of {UNIT_ELEMS}")
+    return _compiled(kernel_dir(), int(dtype_code), int(rs_bits), int(ag_bits), int(elems), profiling_defines())
 
 
-def function(name: str, dtype_code: int, rs_bits, ag_bits):
-    return module(dtype_code, rs_bits or 0, ag_bits or 0).get_function(name)
+def function(name: str, dtype_code: int, rs_bits, ag_bits, elems: int = DEFAULT_UNIT_ELEMS):
+    return module(dtype_code, rs_bits or 0, ag_bits or 0, elems).get_function(name)

@@ -426,11 +426,17 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
 
 // Quantized LL two-shot: the flag two-shot's arithmetic, with units moved in
 // their LL form (fc_ll.cuh, FcLLq) instead of flags.  Block b handles tile b
-// (threads * 32 * units elements) of every owner segment, exactly one per call;
-// padding past n travels too, so every block exchanges with every peer.
-// Sources are polled FC_LLQ_BATCH at a time, so their L2 round trips overlap.
+// (threads * FC_ELEMS * units elements) of every owner segment, exactly one
+// per call; padding past n travels too, so every block exchanges with every
+// peer.  Sources are polled FC_LLQ_BATCH at a time, so their L2 round trips
+// overlap.  The host builds it with 16-element units where the group allows
+// (benchmarks/NOTES.md v17): a lane's dependent chain is half as long and
+// twice as many lanes share the work.
 #define FC_LLQ_BATCH 4
-#define FC_LLQ_THREADS 128  // flashcomm_cupy/backends/gpu.py: LLQ_MAX_THREADS
+// Threads per block (flashcomm_cupy/backends/gpu.py: LLQ_MAX_THREADS): two
+// blocks per SM must fit, for every block to be resident.  32-element units
+// need more than 128 registers (the batched receives), 16-element ones fit.
+#define FC_LLQ_THREADS (FC_ELEMS == 16 ? 256 : 128)
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
 // the lane is past its tile) from my LL slots of `area`: got[j] is source s0 + j's.
@@ -538,7 +544,15 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   fc_ll_end(call);
 }
 
-extern "C" __global__ void __launch_bounds__(512) fc_twoshot(FcArgs a) {
+// Occupancy experiments only (benchmarks/kernel_solo.py --define-sets): the
+// two-shot's launch bounds, e.g. FC_TWOSHOT_THREADS=256 FC_TWOSHOT_MINB=3 for
+// three 256-thread blocks per SM.
+#ifdef FC_TWOSHOT_MINB
+#define FC_TWOSHOT_BOUNDS __launch_bounds__(FC_TWOSHOT_THREADS, FC_TWOSHOT_MINB)
+#else
+#define FC_TWOSHOT_BOUNDS __launch_bounds__(512)
+#endif
+extern "C" __global__ void FC_TWOSHOT_BOUNDS fc_twoshot(FcArgs a) {
   fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
 
@@ -551,8 +565,6 @@ extern "C" __global__ void __launch_bounds__(512) fc_ll_oneshot(FcArgs a) { fc_l
 
 extern "C" __global__ void __launch_bounds__(512) fc_ll_twoshot(FcArgs a) { fc_ll_twoshot_impl<FC_DT>(a); }
 #else
-// At most 128 threads: the batched receives need more than 128 registers, and
-// two 128-thread blocks per SM still fit (every block must be resident).
 extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_twoshot(FcArgs a) {
   fc_llq_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }

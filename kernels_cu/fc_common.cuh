@@ -14,7 +14,11 @@ typedef unsigned long long fc_u64;
 typedef long long fc_i64;
 
 #define FC_MAX_RANKS 8
-#define FC_ELEMS 32  // elements per thread: one 16-byte INT4 store, one group lane
+// Elements per thread and unit: 32 (one 16-byte INT4 store), or 16 where the
+// host builds a module for it (flashcomm_cupy._kernels.UNIT_ELEMS).
+#ifndef FC_ELEMS
+#define FC_ELEMS 32
+#endif
 #define FC_FLT_MIN 1.17549435e-38f
 
 // ----------------------------------------------------------------- element types

@@ -161,7 +161,8 @@ __device__ __forceinline__ bool fc_ll_receive(unsigned char* const (&slots)[FC_M
 // metadata word is not the sentinel; code words may take any value.
 template <int BITS>
 struct FcLLq {
-  static constexpr int WORDS = BITS == 8 ? 8 : BITS == 6 ? 6 : 4;  // code words per unit
+  // code words per unit, rounded up to whole 16-byte vectors (pairs of pairs)
+  static constexpr int WORDS = (FcUnit<BITS>::LO + (BITS == 6 ? FcUnit<BITS>::HI : 0) + 1) & ~1;
   static constexpr int VECS = WORDS / 2;                           // 16-byte vectors per unit
   static constexpr int BYTES = 16 * VECS;
 };
@@ -175,8 +176,8 @@ __device__ __forceinline__ void fc_ld_volatile_v2_u64(const void* p, fc_u64& a, 
 
 template <int BITS>
 __device__ __forceinline__ fc_u32 fc_llq_code_word(const FcUnit<BITS>& u, int k) {
-  constexpr int LO = BITS == 8 ? 8 : 4;
-  return k < LO ? u.lo[k] : u.hi[k - LO];
+  constexpr int LO = FcUnit<BITS>::LO, HI = BITS == 6 ? FcUnit<BITS>::HI : 0;
+  return k < LO ? u.lo[k] : k < LO + HI ? u.hi[k - LO] : 0u;
 }
 
 template <int BITS>
@@ -203,13 +204,14 @@ __device__ __forceinline__ void fc_llq_load(const unsigned char* src, fc_u64 (&r
 
 template <int BITS>
 __device__ __forceinline__ void fc_llq_unit(const fc_u64 (&r)[FcLLq<BITS>::WORDS], FcUnit<BITS>& u) {
-  constexpr int LO = BITS == 8 ? 8 : 4;
+  constexpr int LO = FcUnit<BITS>::LO, HI = FcUnit<BITS>::HI;
+#pragma unroll
+  for (int k = 0; k < HI; ++k) u.hi[k] = 0;
 #pragma unroll
   for (int k = 0; k < FcLLq<BITS>::WORDS; ++k) {
     if (k < LO) u.lo[k] = (fc_u32)r[k];
-    else u.hi[k - LO] = (fc_u32)r[k];
+    else if (BITS == 6 && k < LO + HI) u.hi[k - LO] = (fc_u32)r[k];
   }
-  if (BITS != 6) u.hi[0] = u.hi[1] = 0;
   u.scale = __uint_as_float((fc_u32)(r[0] >> 32));
   u.mn = __uint_as_float((fc_u32)(r[1] >> 32));
 }

@@ -2,9 +2,11 @@
 //
 // The device twin of flashcomm_cupy/quant.py and hadamard.py; the NumPy code
 // is the spec and tests compare codes and bytes exactly.  A thread owns
-// FC_ELEMS = 32 consecutive elements (a "unit"); a group of g elements spans
-// gl = g/32 consecutive lanes of one warp (g <= 1024), so group reductions and
-// cross-lane butterflies are xor-shuffles that never leave the group.
+// FC_ELEMS (32, or 16 in the modules built for it) consecutive elements (a
+// "unit"); a group of g elements spans gl = g/FC_ELEMS consecutive lanes of one
+// warp (g <= 32 * FC_ELEMS), so group reductions and cross-lane butterflies are
+// xor-shuffles that never leave the group.  The wire bytes do not depend on
+// FC_ELEMS: a lane's codes are contiguous in the chunk.
 // Every thread of a warp must call these (shuffles use the full mask).
 #pragma once
 #include "fc_common.cuh"
@@ -84,13 +86,15 @@ __device__ __forceinline__ void fc_rotate_inv(float (&v)[FC_ELEMS], int gl, int 
 
 // ----------------------------------------------------------------- codes
 // A quantized unit: packed code words plus its group's metadata.
-//   BITS 4: lo[0..3]  (8 nibbles a word, element 8k+i at bits 4i)
-//   BITS 8: lo[0..7]  (4 bytes a word)
-//   BITS 6: lo[0..3] low nibbles as INT4, hi[0..1] 2-bit high parts (16 a word)
+//   BITS 4: lo[FC_ELEMS/8]  (8 nibbles a word, element 8k+i at bits 4i)
+//   BITS 8: lo[FC_ELEMS/4]  (4 bytes a word)
+//   BITS 6: lo[FC_ELEMS/8] low nibbles as INT4, hi[FC_ELEMS/16] 2-bit high parts (16 a word)
 template <int BITS>
 struct FcUnit {
-  fc_u32 lo[BITS == 8 ? 8 : 4];
-  fc_u32 hi[2];
+  static constexpr int LO = BITS == 8 ? FC_ELEMS / 4 : FC_ELEMS / 8;  // code words
+  static constexpr int HI = FC_ELEMS / 16;                            // INT6 high-part words
+  fc_u32 lo[LO];
+  fc_u32 hi[HI];
   float scale, mn;
 };
 
@@ -139,8 +143,9 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
   if (scale < FC_FLT_MIN) { scale = 0.0f; inv = 0.0f; }
   else inv = __frcp_rn(scale);
 #pragma unroll
-  for (int k = 0; k < (BITS == 8 ? 8 : 4); ++k) u.lo[k] = 0;
-  u.hi[0] = u.hi[1] = 0;
+  for (int k = 0; k < FcUnit<BITS>::LO; ++k) u.lo[k] = 0;
+#pragma unroll
+  for (int k = 0; k < FcUnit<BITS>::HI; ++k) u.hi[k] = 0;
   if (bad) {
     u.scale = __int_as_float(0x7fc00000);
     u.mn = u.scale;
@@ -201,14 +206,40 @@ __host__ __device__ __forceinline__ FcLayout fc_layout(fc_i64 n, int bits, int g
   return L;
 }
 
-// Write unit `w` (elements [32w, 32w+32) of a chunk of n elements); lane 0 of
-// each group writes the metadata.  Called by every lane of the warp (INT8 codes
-// move warp-transposed, see fc_warp_scatter); units at or past n write nothing.
+// A lane's W consecutive 32-bit words (W = 1, 2 or 4) as one access.
+template <int W>
+__device__ __forceinline__ void fc_st_words(void* p, const fc_u32 (&x)[W]) {
+  static_assert(W == 1 || W == 2 || W == 4, "one access");
+  if constexpr (W == 4) fc_st_v4(p, fc_v4{x[0], x[1], x[2], x[3]});
+  else if constexpr (W == 2) fc_st_v2(p, x[0], x[1]);
+  else fc_st_u32(p, x[0]);
+}
+// The same words loaded through L2 (fc_ld_cg), or zeros when !active.
+template <int W>
+__device__ __forceinline__ void fc_ld_cg_words(const void* p, bool active, fc_u32 (&x)[W]) {
+  static_assert(W == 1 || W == 2 || W == 4, "one access");
+  if constexpr (W == 4) {
+    const fc_v4 v = active ? fc_ld_cg(p) : fc_v4{0u, 0u, 0u, 0u};
+    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+  } else if constexpr (W == 2) {
+    x[0] = x[1] = 0u;
+    if (active) fc_ld_cg_v2(p, x[0], x[1]);
+  } else {
+    x[0] = active ? fc_ld_cg_u32(p) : 0u;
+  }
+}
+
+// Write unit `w` (elements [FC_ELEMS*w, FC_ELEMS*(w+1)) of a chunk of n
+// elements); lane 0 of each group writes the metadata.  Called by every lane
+// of the warp (32-byte INT8 units move warp-transposed, see fc_warp_scatter);
+// units at or past n write nothing.  A lane's codes are contiguous, so the
+// lanes of a warp store one contiguous span.
 template <int BITS>
 __device__ __forceinline__ void fc_write_unit(unsigned char* chunk, const FcLayout& L, fc_i64 n, int w, int gl,
                                               bool sym, const FcUnit<BITS>& u, fc_v4* stage) {
+  constexpr int LO = FcUnit<BITS>::LO, HI = FcUnit<BITS>::HI;
   const bool active = (fc_i64)w * FC_ELEMS < n;
-  if (BITS == 8) {
+  if constexpr (LO == 8) {
     const fc_v4 lo[2] = {fc_v4{u.lo[0], u.lo[1], u.lo[2], u.lo[3]}, fc_v4{u.lo[4], u.lo[5], u.lo[6], u.lo[7]}};
     unsigned char* span = chunk + L.lo + 32 * (fc_i64)(w - (int)(threadIdx.x & 31));
     const fc_i64 left = n - 32 * (fc_i64)(w - (int)(threadIdx.x & 31));  // code bytes of this span in the chunk
@@ -216,8 +247,8 @@ __device__ __forceinline__ void fc_write_unit(unsigned char* chunk, const FcLayo
       if (16 * (fc_i64)q < left) fc_st_v4(span + 16 * q, x);
     });
   } else if (active) {
-    fc_st_v4(chunk + L.lo + 16 * w, fc_v4{u.lo[0], u.lo[1], u.lo[2], u.lo[3]});
-    if (BITS == 6) fc_st_v2(chunk + L.hi + 8 * w, u.hi[0], u.hi[1]);
+    fc_st_words<LO>(chunk + L.lo + 4 * LO * w, u.lo);
+    if (BITS == 6) fc_st_words<HI>(chunk + L.hi + 4 * HI * w, u.hi);
   }
   if (active && w % gl == 0) {
     fc_st_u32(chunk + L.scales + 4 * (w / gl), __float_as_uint(u.scale));
@@ -230,9 +261,11 @@ __device__ __forceinline__ void fc_write_unit(unsigned char* chunk, const FcLayo
 template <int BITS>
 __device__ __forceinline__ void fc_read_unit(const unsigned char* chunk, const FcLayout& L, fc_i64 n, int w, int gl,
                                              bool sym, FcUnit<BITS>& u, fc_v4* stage) {
+  constexpr int LO = FcUnit<BITS>::LO, HI = FcUnit<BITS>::HI;
   const bool active = (fc_i64)w * FC_ELEMS < n;
-  u.hi[0] = u.hi[1] = 0;
-  if (BITS == 8) {
+#pragma unroll
+  for (int k = 0; k < HI; ++k) u.hi[k] = 0;
+  if constexpr (LO == 8) {
     const unsigned char* span = chunk + L.lo + 32 * (fc_i64)(w - (int)(threadIdx.x & 31));
     const fc_i64 left = n - 32 * (fc_i64)(w - (int)(threadIdx.x & 31));
     fc_v4 lo[2];
@@ -242,9 +275,8 @@ __device__ __forceinline__ void fc_read_unit(const unsigned char* chunk, const F
     u.lo[0] = lo[0].x; u.lo[1] = lo[0].y; u.lo[2] = lo[0].z; u.lo[3] = lo[0].w;
     u.lo[4] = lo[1].x; u.lo[5] = lo[1].y; u.lo[6] = lo[1].z; u.lo[7] = lo[1].w;
   } else {
-    fc_v4 a = active ? fc_ld_cg(chunk + L.lo + 16 * w) : fc_v4{0u, 0u, 0u, 0u};
-    u.lo[0] = a.x; u.lo[1] = a.y; u.lo[2] = a.z; u.lo[3] = a.w;
-    if (BITS == 6 && active) fc_ld_cg_v2(chunk + L.hi + 8 * w, u.hi[0], u.hi[1]);
+    fc_ld_cg_words<LO>(chunk + L.lo + 4 * LO * w, active, u.lo);
+    if (BITS == 6) fc_ld_cg_words<HI>(chunk + L.hi + 4 * HI * w, active, u.hi);
   }
   u.scale = active ? fc_ld_cg_f32(chunk + L.scales + 4 * (w / gl)) : 0.0f;
   u.mn = (active && !sym) ? fc_ld_cg_f32(chunk + L.mins + 4 * (w / gl)) : 0.0f;

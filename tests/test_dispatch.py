@@ -92,6 +92,13 @@ def test_tuning_table_rows_and_merge(tmp_path):
     path = tmp_path / "t.json"
     tuning.TuningTable(merged, "x").save(path)
     assert tuning.load(str(path)).choose(2, 100, False).algo == "oneshot"
+    # re-tuning some sizes replaces just those rows of that world size
+    rows = TABLE["worlds"]["4"]
+    retuned = dict(rows[0], quantized={"algo": "twoshot", "threads": 256, "blocks": 0, "units": 1, "protocol": "ll"})
+    again = merge(merged, {"worlds": {"4": [retuned]}})
+    assert again["worlds"]["4"] == [retuned] + rows[1:] and again["worlds"]["2"] == rows
+    extra = dict(rows[0], max_bytes=rows[-1]["max_bytes"] * 4)
+    assert merge(merged, {"worlds": {"4": [extra]}})["worlds"]["4"] == rows + [extra]  # kept sorted by size
 
 
 def test_shipped_table_loads_and_covers_four_ranks():
@@ -178,7 +185,7 @@ def test_workspace_layout_keeps_regions_apart():
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(world):
-    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES
+    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, llq_unit_elems
     b = fake_backend(world=world)
     layout = b.ws.layout
     for n, bits, g, threads, units in itertools.product(
@@ -189,15 +196,17 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
         if bits != 4:  # only INT4 units are smaller in LL form than fp16 data
             assert shape is None
             continue
-        wire = max(LLQ_UNIT_BYTES[mode.rs_bits], LLQ_UNIT_BYTES[mode.ag_bits])
+        elems = llq_unit_elems(g)
+        assert elems == (16 if g <= 512 else 32)  # a group spans at most one warp's units
+        wire = max(LLQ_UNIT_BYTES[elems, mode.rs_bits], LLQ_UNIT_BYTES[elems, mode.ag_bits])
         seg = -(-(-(-n // g)) // world) * g  # whole groups per owner, as the reference
-        if shape is None:
-            assert -(-seg // (LLQ_MAX_THREADS * ELEMS_PER_THREAD * (layout.ll_slot_bytes // wire // 128))) \
-                > layout.max_blocks
+        if shape is None:  # even the largest tiles would need more blocks than can be resident
+            most = LLQ_MAX_THREADS[elems] * elems * (layout.ll_slot_bytes // wire // LLQ_MAX_THREADS[elems])
+            assert -(-seg // most) > layout.max_blocks
             continue
         t, nb, s, u = shape
-        assert s == seg and t <= LLQ_MAX_THREADS
-        tile = t * ELEMS_PER_THREAD * u
+        assert s == seg and t <= LLQ_MAX_THREADS[elems]
+        tile = t * elems * u
         assert tile % g == 0  # groups never straddle tiles
         assert t * u * wire <= layout.ll_slot_bytes  # a tile's LL units fit one slot
         assert 1 <= nb <= layout.max_blocks and nb * tile >= s and (nb - 1) * tile < s
@@ -283,9 +292,14 @@ def test_plans_fill_the_argument_block_for_each_kernel_family(monkeypatch):
     assert (name, block, int(a["n"]), int(a["seg_elems"])) == ("fc_ll_oneshot", (256,), 2048, 2048)
     assert grid[0] * int(a["ll_tile"]) >= 256
     b.protocol = "ll"  # the table's quantized rows use flags
-    name, grid, block, a = plan(1 << 21, Mode.make(4, rotate=True))  # INT4 LL two-shot
-    assert (name, block, int(a["seg_elems"]), int(a["group"])) == ("fc_llq_twoshot", (128,), 1 << 19, 128)
+    name, grid, block, a = plan(1 << 21, Mode.make(4, rotate=True))  # INT4 LL two-shot, 16-element units
+    assert (name, block, int(a["seg_elems"]), int(a["group"])) == ("fc_llq_twoshot", (256,), 1 << 19, 128)
+    assert b._plan(1 << 21, "float16", Mode.make(4, rotate=True)).fn.spec == (0, 4, 4, 16)
     assert int(a["flags"]) == _kernels.FLAG_ROTATE and np.isclose(a["rot_norm"], 128 ** -0.5)
+    assert grid[0] * 256 * 16 * int(a["units"]) >= 1 << 19
+    name, grid, block, a = plan(1 << 21, Mode.make(4, 1024))  # a 1024-group spans 32 lanes of 32 elements
+    assert (name, block) == ("fc_llq_twoshot", (128,))
+    assert b._plan(1 << 21, "float16", Mode.make(4, 1024)).fn.spec == (0, 4, 4, 32)
     assert grid[0] * 128 * 32 * int(a["units"]) >= 1 << 19
     name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # INT8 has no LL form: flag kernels
     assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_twoshot", _kernels.FLAG_SYM, 1 << 18)

@@ -2,7 +2,7 @@
 
 At run time the kernels are built by NVRTC (through CuPy) once per
 specialisation (``FC_DT`` element type x ``FC_RS_BITS``/``FC_AG_BITS``
-codecs); this test builds the same specialisations ahead of time with nvcc,
+codecs, and ``FC_ELEMS`` unit size); this test builds the same specialisations ahead of time with nvcc,
 so a syntax or template error shows up in CI, which has nvcc but no GPU.
 Skipped when nvcc is absent.
 """
@@ -49,6 +49,10 @@ def _jobs():
         specs += [(DTYPE_CODES[0], pair) for pair in OTHER_BIT_PAIRS]
         for dt, (rs, ag) in specs:
             jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}")))
+        # 16-element units (the quantized LL two-shot's, flashcomm_cupy.backends.gpu.llq_unit_elems)
+        for dt, (rs, ag) in itertools.product(DTYPE_CODES, COMMON_BIT_PAIRS[1:]):
+            jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}",
+                                                    "FC_ELEMS=16")))
         # the leave-one-stage-out timing variants of benchmarks/kernel_variants.py
         jobs.append((src, SPECIALISATION_ARCH, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4",
                                                 "FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA")))

@@ -21,10 +21,20 @@ from .ipc import IpcWorkspace, PeerAccessError, WorkspaceLayout
 from .nccl import NcclBackend, NcclCommunicatorHandle
 
 DEFAULT_TIMEOUT_S = 30.0
-ELEMS_PER_THREAD = 32  # FC_ELEMS in fc_common.cuh
-LLQ_MAX_THREADS = 128  # FC_LLQ_THREADS in fc_allreduce.cu
-#: bytes of one 32-element unit in the quantized LL form (FcLLq in fc_ll.cuh): code words paired with metadata
-LLQ_UNIT_BYTES = {4: 32, 6: 48, 8: 64}
+ELEMS_PER_THREAD = _kernels.DEFAULT_UNIT_ELEMS  # FC_ELEMS of the flag and lossless LL kernels
+#: The quantized LL two-shot runs 16-element units wherever the group allows (g <= 32 x 16):
+#: half as long a chain per lane, twice the lanes (benchmarks/NOTES.md v17).
+LLQ_UNIT_ELEMS = 16
+#: threads per block of the quantized LL two-shot by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
+LLQ_MAX_THREADS = {16: 256, 32: 128}
+#: bytes of one unit in the quantized LL form (FcLLq in fc_ll.cuh), by (unit elements, bits): code
+#: words paired with metadata words, rounded up to whole 16-byte vectors
+LLQ_UNIT_BYTES = {(16, 4): 16, (16, 6): 32, (16, 8): 32, (32, 4): 32, (32, 6): 48, (32, 8): 64}
+
+
+def llq_unit_elems(group_size: int) -> int:
+    """Unit size of the quantized LL two-shot for this group size (a group spans at most a warp)."""
+    return LLQ_UNIT_ELEMS if group_size <= 32 * LLQ_UNIT_ELEMS else ELEMS_PER_THREAD
 
 
 try:  # cuLaunchKernel with a prebuilt parameter array: the eager path's host cost is the launch
@@ -157,7 +167,8 @@ class FlashGpuBackend(CudaBackend):
         CuPy caches binaries on disk, so each rank compiles 1/world of them
         and then loads the rest from the cache.
         """
-        jobs = [(KERNEL_DTYPE_CODE[d], rs or 0, ag or 0) for d in dtypes for rs, ag in bits]
+        jobs = [(KERNEL_DTYPE_CODE[d], rs or 0, ag or 0, _kernels.DEFAULT_UNIT_ELEMS) for d in dtypes for rs, ag in bits]
+        jobs += [(dt, 4, 4, LLQ_UNIT_ELEMS) for dt, rs, ag, _ in jobs if (rs, ag) == (4, 4)]  # the LL INT4 two-shot
         for i, job in enumerate(jobs):
             if i % self.world_size == self.rank:
                 _kernels.module(*job).get_function("fc_twoshot")
@@ -271,7 +282,8 @@ class FlashGpuBackend(CudaBackend):
                 fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot", dt, 0, 0)
             elif ll is not None:
                 threads, blocks, a["seg_elems"], a["units"] = ll
-                fn = _kernels.function("fc_llq_twoshot", dt, mode.rs_bits, mode.ag_bits)
+                fn = _kernels.function("fc_llq_twoshot", dt, mode.rs_bits, mode.ag_bits,
+                                       llq_unit_elems(mode.group_size))
             else:
                 threads, blocks, a["seg_elems"], a["units"] = self._launch_shape(choice, n, name, mode)
                 fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot", dt,
@@ -342,25 +354,26 @@ class FlashGpuBackend(CudaBackend):
         """(threads, blocks, segment elements, units per thread) of the quantized LL two-shot, or None.
 
         INT4 only (both steps).  Segments are whole groups, as in the flag two-shot (the reference's
-        SegmentLayout); block b handles tile b (threads x 32 x units elements)
-        of every segment, and only one tile per block and call exists.
+        SegmentLayout); block b handles tile b (threads x E x units elements, E =
+        :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
         """
         if choice.algo != "twoshot" or (mode.rs_bits, mode.ag_bits) != (4, 4):
             return None  # INT6/INT8 units in LL form are as large as fp16 data: lossless LL is the better deal
         layout = self.ws.layout
-        wire = max(LLQ_UNIT_BYTES[mode.rs_bits], LLQ_UNIT_BYTES[mode.ag_bits])
+        elems = llq_unit_elems(mode.group_size)
+        wire = max(LLQ_UNIT_BYTES[elems, mode.rs_bits], LLQ_UNIT_BYTES[elems, mode.ag_bits])
         slot_units = layout.ll_slot_bytes // wire
-        threads = min(max(choice.threads, 64), LLQ_MAX_THREADS)
+        threads = min(max(choice.threads, 64), LLQ_MAX_THREADS[elems])
         if threads > slot_units:
             return None
         quantum = mode.group_size
         seg = -(-(-(-n // quantum)) // self.world_size) * quantum
-        seg_units = seg // ELEMS_PER_THREAD
+        seg_units = seg // elems
         most = slot_units // threads
         fewest = -(-seg_units // (threads * layout.max_blocks))  # more blocks than that cannot be resident
         units = max(1, min(max(choice.units, fewest), most, -(-seg_units // threads)))
         blocks = -(-seg_units // (threads * units))
-        if blocks > layout.max_blocks:  # <= 128 threads: max_blocks are resident
+        if blocks > layout.max_blocks:  # two blocks of LLQ_MAX_THREADS fit an SM: max_blocks are resident
             return None
         return threads, blocks, seg, units
 

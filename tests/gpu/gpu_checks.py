@@ -120,7 +120,7 @@ class Checker:
         rng = np.random.default_rng(3)
         for bits in (4, 6, 8):
             for sym in (False, True):
-                for g in (32, 128, 1024):
+                for g, elems in ((32, 32), (128, 32), (1024, 32), (32, 16), (128, 16), (512, 16)):
                     for rotate in (False, True):
                         codec = Codec(bits, g, sym)
                         n = g * 37
@@ -128,17 +128,17 @@ class Checker:
                         x[5] = 1e30  # beyond the fp16 range: metadata must stay finite
                         want_in = hadamard.rotate(x, g) if rotate else x
                         want = quant.encode(want_in, codec)
-                        enc = _kernels.function("fc_encode_chunk", 2, bits, bits)
-                        dec = _kernels.function("fc_decode_chunk", 2, bits, bits)
+                        enc = _kernels.function("fc_encode_chunk", 2, bits, bits, elems)
+                        dec = _kernels.function("fc_decode_chunk", 2, bits, bits, elems)
                         buf = cupy.zeros(quant.wire_nbytes(n, codec) + 64, dtype=cupy.uint8)
                         flags = (_kernels.FLAG_ROTATE if rotate else 0) | (_kernels.FLAG_SYM if sym else 0)
                         norm = np.float32(1 / np.sqrt(g))
-                        units = n // 32
+                        units = n // elems
                         enc(((units + 127) // 128,), (128,), (cupy.asarray(x), buf, np.int64(n), np.int32(g),
                                                              np.int32(flags), norm))
                         got = buf.get()[:want.size]
                         self.count += 1
-                        label = f"codec int{bits} g{g} sym={sym} rot={rotate}"
+                        label = f"codec int{bits} g{g} sym={sym} rot={rotate} unit={elems}"
                         if not np.array_equal(got, want):
                             diff = np.flatnonzero(got != want)
                             self.fail(f"{label}: {diff.size} wire bytes differ, first at {diff[:4]}")
@@ -299,8 +299,11 @@ class Checker:
                 for dtype in DTYPE_NAMES:
                     x = to_device(host_input(seed, self.rank, n, dtype))
                     for bits in (4,):
-                        for rotate, sym in ((False, False), (True, False), (False, True)):
-                            mode = Mode.make(bits, 128, sym, rotate, "twoshot")
+                        # 16-element units up to 512-element groups, 32-element units for 1024
+                        for g, rotate, sym in ((128, False, False), (128, True, False), (128, False, True),
+                                               (32, False, False), (512, True, False), (1024, False, False),
+                                               (1024, True, True)):
+                            mode = Mode.make(bits, g, sym, rotate, "twoshot")
                             ran_ll += backend.resolve_protocol(x.nbytes, mode, x.itemsize) == "ll"
                             out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
                             backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
