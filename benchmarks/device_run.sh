@@ -5,7 +5,8 @@
 #
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
 # ranks), checks-ll (LL protocol and timeouts only), llab (lossless bench with
-# the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune, bench, verify,
+# the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
+# tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
 # accuracy, model, pytest (the pytest GPU wrapper), checks-quick, eager (host
 # cost per eager call by launch path, eager_host.py), and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
@@ -66,6 +67,10 @@ for stage in ${STAGES//,/ }; do
       [ "$NG" -ge 3 ] && run 100 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     tune)
       run 300 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
+      export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
+    tune-range)  # re-tune TUNE_MIN..TUNE_MAX into a copy of the shipped table (other rows kept)
+      cp flashcomm_cupy/tuning/default.json "$OUT/tuning.json"
+      run 300 $MPI "$NP" $FC tune -b "${TUNE_MIN:-256K}" -e "${TUNE_MAX:-16M}" -o "$OUT/tuning.json"
       export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
     bench)
       run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \

@@ -4,6 +4,7 @@ The library loads the saved table on the next start (``~/.cache/flashcomm/
 tuning.json`` by default, or ``$FLASHCOMM_TUNING``; see
 ``flashcomm_cupy.tuning``).  Tables for several world sizes merge into one
 file: run ``mpirun -n 2 flashcomm tune`` and ``mpirun -n 4 flashcomm tune``.
+Re-tuning a range (``-b 256K -e 16M``) replaces only those sizes' rows.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from .options import make_console, mpi_launch, open_communicator, parse_size_opt
 @click.option("-n", "--iters", default=20, type=click.IntRange(min=1), show_default=True)
 @click.option("--repeats", default=5, type=click.IntRange(min=1), show_default=True)
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Table to write (default ~/.cache/flashcomm/tuning.json, merged with what is there).")
+              help="Table to write (default ~/.cache/flashcomm/tuning.json); rows of the sizes tuned replace "
+                   "those in it, the rest stay.")
 @click.option("--backend", type=click.Choice(["gpu"]), default="gpu", hidden=True)
 @mpi_launch
 def tune(minbytes, maxbytes, stepfactor, tune_bits, iters, repeats, out_path, backend):

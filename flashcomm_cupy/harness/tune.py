@@ -26,7 +26,7 @@ LARGE_SHAPES = ([(512, 132, u) for u in (1, 2, 4)] +
 # LL kernels (lossless): blocks 0 = one 16-byte vector per thread, else a fixed spread.
 LL_SHAPES = [(t, b, 1) for t in (128, 256, 512) for b in (0, 32, 132)]
 # Quantized LL two-shot: one tile per block, so threads x units sets the spread.
-LLQ_SHAPES = [(t, 0, u) for t in (64, 128) for u in (1, 2)]
+LLQ_SHAPES = [(t, 0, u) for t in (64, 128, 256) for u in (1, 2)]
 
 
 def candidates(nbytes: int, lossless: bool, max_blocks: int):
@@ -96,10 +96,15 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
 
 
 def merge(base: dict, new: dict) -> dict:
-    """``base`` with ``new``'s world sizes replaced (a table can hold several world sizes)."""
+    """``base`` updated with ``new``: per world size, ``new``'s rows replace the rows of
+    the same ``max_bytes`` and the other rows stay, so re-tuning a range of sizes keeps
+    the rest of the table (a table can hold several world sizes)."""
     out = dict(base or {})
     worlds = dict(out.get("worlds", {}))
-    worlds.update(new.get("worlds", {}))
+    for world, rows in new.get("worlds", {}).items():
+        kept = {row["max_bytes"]: row for row in worlds.get(world, [])}
+        kept.update({row["max_bytes"]: row for row in rows})
+        worlds[world] = [kept[k] for k in sorted(kept)]
     out.update({k: v for k, v in new.items() if k != "worlds"})
     out["worlds"] = worlds
     return out
