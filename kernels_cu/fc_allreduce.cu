@@ -6,7 +6,8 @@
 //   FC_AG_BITS  all-gather codec:     0 lossless, 4, 6, 8 (0 iff FC_RS_BITS is 0)
 // Runtime: group size, rotation, symmetric scaling, rank, world size.
 // LL entry points (data-as-signal, see fc_ll.cuh): fc_ll_oneshot and
-// fc_ll_twoshot in the lossless modules, fc_llq_twoshot in the quantized ones.
+// fc_ll_twoshot in the lossless modules, fc_llq_oneshot and fc_llq_twoshot in
+// the quantized ones.
 // Profiling only (wrong results, benchmarks/kernel_variants.py): FC_PROFILE_NO_WAIT
 // skips every wait for peers, FC_PROFILE_LOCAL_DATA keeps payload stores local.
 //
@@ -544,6 +545,75 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   fc_ll_end(call);
 }
 
+// Quantized LL one-shot: the flag one-shot's arithmetic (every rank reduces
+// the whole message: each source's units decoded and summed in rank order,
+// mine as the peers decode it), with units moved in their LL form.  Block b
+// handles tile b (threads * FC_ELEMS * units elements) of the message,
+// exactly one per call, padding included, so every block exchanges with every
+// peer (the LL slot-reuse argument, fc_ll.cuh).
+template <int DT, int RSB>
+__device__ void fc_llq_oneshot_impl(const FcArgs& a) {
+  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
+  fc_v4* const stage = fc_warp_stage(s_stage);
+  typedef FcCodec<DT, RSB> RS;
+  constexpr int B = FC_LLQ_BATCH;
+  const int t = threadIdx.x, nt = blockDim.x;
+  const int gl = a.group / FC_ELEMS, lig = t % gl;
+  const bool rot = a.flags & FC_FLAG_ROTATE, sym = a.flags & FC_FLAG_SYM;
+  const FcLLCall call = fc_ll_begin(a);
+  const fc_u32 e = call.e;
+  const int par = e & 1;
+  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
+  const fc_i64 toff = blockIdx.x * tile;
+  const fc_i64 nchunk = min(tile, a.seg_elems - toff);
+  const fc_i64 limit = min(a.n, toff + nchunk);
+  float v[FC_ELEMS];
+
+  // 1. my tile, quantized, to every peer.
+  for (int u = 0; u < a.units; ++u) {
+    const int w = u * nt + t;
+    typename RS::Packed p;
+    fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
+    if ((fc_i64)w * FC_ELEMS < nchunk) {
+      for (int k = 1; k < a.world; ++k)
+        fc_llq_write<RSB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 0, a.rank) + (fc_i64)w * FcLLq<RSB>::BYTES, p);
+    }
+  }
+
+  // 2. every source's tile, summed in rank order.
+  for (int u = 0; u < a.units; ++u) {
+    const int w = u * nt + t;
+    const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+    const fc_i64 base = toff + (fc_i64)w * FC_ELEMS;
+    float acc[FC_ELEMS];
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+    for (int s0 = 0; s0 < a.world; s0 += B) {
+      FcUnit<RSB> got[B];
+      fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active, got, e);
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        if (s0 + j >= a.world) break;
+        if (s0 + j == a.rank) {  // mine exactly as the peers decode it (re-packed from my input)
+          typename RS::Packed p;
+          fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
+          RS::unpack(p, sym, v);
+        } else {
+          RS::unpack(got[j], sym, v);
+          if (!active) {  // nothing was received past the tile's end
+#pragma unroll
+            for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+      }
+    }
+    fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
+  }
+  fc_ll_end(call);
+}
+
 // Occupancy experiments only (benchmarks/kernel_solo.py --define-sets): the
 // two-shot's launch bounds, e.g. FC_TWOSHOT_THREADS=256 FC_TWOSHOT_MINB=3 for
 // three 256-thread blocks per SM.
@@ -567,6 +637,10 @@ extern "C" __global__ void __launch_bounds__(512) fc_ll_twoshot(FcArgs a) { fc_l
 #else
 extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_twoshot(FcArgs a) {
   fc_llq_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
+}
+
+extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_oneshot(FcArgs a) {
+  fc_llq_oneshot_impl<FC_DT, FC_RS_BITS>(a);
 }
 #endif
 

@@ -188,18 +188,20 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
     from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, llq_unit_elems
     b = fake_backend(world=world)
     layout = b.ws.layout
-    for n, bits, g, threads, units in itertools.product(
+    for n, bits, g, algo, threads, units in itertools.product(
             [1, 127, 4099, 65537, 1 << 19, (1 << 21) + 5, 1 << 23], (4, 6, 8, (4, 8)), (32, 128, 1024),
-            (64, 128, 256, 512), (1, 2, 4)):
+            ("oneshot", "twoshot"), (64, 128, 256, 512), (1, 2, 4)):
         mode = Mode.make(bits, g)
-        shape = b._ll_shape(tuning.Choice("twoshot", threads, 0, units, "ll"), n, 2, mode)
-        if bits != 4:  # only INT4 units are smaller in LL form than fp16 data
+        shape = b._ll_shape(tuning.Choice(algo, threads, 0, units, "ll"), n, 2, mode)
+        if algo == "twoshot" and bits != 4:  # two-shot: only INT4 units are smaller in LL form than fp16 data
             assert shape is None
             continue
         elems = llq_unit_elems(g)
         assert elems == (16 if g <= 512 else 32)  # a group spans at most one warp's units
-        wire = max(LLQ_UNIT_BYTES[elems, mode.rs_bits], LLQ_UNIT_BYTES[elems, mode.ag_bits])
-        seg = -(-(-(-n // g)) // world) * g  # whole groups per owner, as the reference
+        used = (mode.rs_bits,) if algo == "oneshot" else (mode.rs_bits, mode.ag_bits)
+        wire = max(LLQ_UNIT_BYTES[elems, b_] for b_ in used)
+        groups = -(-n // g)
+        seg = (groups if algo == "oneshot" else -(-groups // world)) * g  # whole groups, as the reference
         if shape is None:  # even the largest tiles would need more blocks than can be resident
             most = LLQ_MAX_THREADS[elems] * elems * (layout.ll_slot_bytes // wire // LLQ_MAX_THREADS[elems])
             assert -(-seg // most) > layout.max_blocks
@@ -210,7 +212,8 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
         assert tile % g == 0  # groups never straddle tiles
         assert t * u * wire <= layout.ll_slot_bytes  # a tile's LL units fit one slot
         assert 1 <= nb <= layout.max_blocks and nb * tile >= s and (nb - 1) * tile < s
-    assert b._ll_shape(tuning.Choice("oneshot", 128, 0, 1, "ll"), 4096, 2, Mode.make(4)) is None  # two-shot only
+    # the flag protocol never runs the LL kernels
+    assert b._ll_shape(tuning.Choice("oneshot", 128, 0, 1, "flag"), 4096, 2, Mode.make(4)) is None
 
 
 def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():
@@ -297,11 +300,15 @@ def test_plans_fill_the_argument_block_for_each_kernel_family(monkeypatch):
     assert b._plan(1 << 21, "float16", Mode.make(4, rotate=True)).fn.spec == (0, 4, 4, 16)
     assert int(a["flags"]) == _kernels.FLAG_ROTATE and np.isclose(a["rot_norm"], 128 ** -0.5)
     assert grid[0] * 256 * 16 * int(a["units"]) >= 1 << 19
+    name, grid, block, a = plan(3000, Mode.make(8, 64))  # quantized LL one-shot: the whole message, any codec
+    assert (name, block, int(a["seg_elems"]), int(a["group"])) == ("fc_llq_oneshot", (128,), 3008, 64)
+    assert b._plan(3000, "float16", Mode.make(8, 64)).fn.spec == (0, 8, 8, 16)
+    assert grid[0] * 128 * 16 * int(a["units"]) >= 3008
     name, grid, block, a = plan(1 << 21, Mode.make(4, 1024))  # a 1024-group spans 32 lanes of 32 elements
     assert (name, block) == ("fc_llq_twoshot", (128,))
     assert b._plan(1 << 21, "float16", Mode.make(4, 1024)).fn.spec == (0, 4, 4, 32)
     assert grid[0] * 128 * 32 * int(a["units"]) >= 1 << 19
-    name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # INT8 has no LL form: flag kernels
+    name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # INT8 has no LL two-shot: flag kernels
     assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_twoshot", _kernels.FLAG_SYM, 1 << 18)
     assert b._plan(1 << 20, "float16", Mode.make(8, symmetric=True)) is b._plan(1 << 20, "float16",
                                                                                    Mode.make(8, symmetric=True))

@@ -22,10 +22,10 @@ from .nccl import NcclBackend, NcclCommunicatorHandle
 
 DEFAULT_TIMEOUT_S = 30.0
 ELEMS_PER_THREAD = _kernels.DEFAULT_UNIT_ELEMS  # FC_ELEMS of the flag and lossless LL kernels
-#: The quantized LL two-shot runs 16-element units wherever the group allows (g <= 32 x 16):
+#: The quantized LL kernels run 16-element units wherever the group allows (g <= 32 x 16):
 #: half as long a chain per lane, twice the lanes (benchmarks/NOTES.md v17).
 LLQ_UNIT_ELEMS = 16
-#: threads per block of the quantized LL two-shot by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
+#: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
 LLQ_MAX_THREADS = {16: 256, 32: 128}
 #: bytes of one unit in the quantized LL form (FcLLq in fc_ll.cuh), by (unit elements, bits): code
 #: words paired with metadata words, rounded up to whole 16-byte vectors
@@ -33,7 +33,7 @@ LLQ_UNIT_BYTES = {(16, 4): 16, (16, 6): 32, (16, 8): 32, (32, 4): 32, (32, 6): 4
 
 
 def llq_unit_elems(group_size: int) -> int:
-    """Unit size of the quantized LL two-shot for this group size (a group spans at most a warp)."""
+    """Unit size of the quantized LL kernels for this group size (a group spans at most a warp)."""
     return LLQ_UNIT_ELEMS if group_size <= 32 * LLQ_UNIT_ELEMS else ELEMS_PER_THREAD
 
 
@@ -168,7 +168,7 @@ class FlashGpuBackend(CudaBackend):
         and then loads the rest from the cache.
         """
         jobs = [(KERNEL_DTYPE_CODE[d], rs or 0, ag or 0, _kernels.DEFAULT_UNIT_ELEMS) for d in dtypes for rs, ag in bits]
-        jobs += [(dt, 4, 4, LLQ_UNIT_ELEMS) for dt, rs, ag, _ in jobs if (rs, ag) == (4, 4)]  # the LL INT4 two-shot
+        jobs += [(dt, rs, ag, LLQ_UNIT_ELEMS) for dt, rs, ag, _ in jobs if rs]  # the quantized LL kernels
         for i, job in enumerate(jobs):
             if i % self.world_size == self.rank:
                 _kernels.module(*job).get_function("fc_twoshot")
@@ -282,8 +282,8 @@ class FlashGpuBackend(CudaBackend):
                 fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot", dt, 0, 0)
             elif ll is not None:
                 threads, blocks, a["seg_elems"], a["units"] = ll
-                fn = _kernels.function("fc_llq_twoshot", dt, mode.rs_bits, mode.ag_bits,
-                                       llq_unit_elems(mode.group_size))
+                fn = _kernels.function("fc_llq_oneshot" if choice.algo == "oneshot" else "fc_llq_twoshot", dt,
+                                       mode.rs_bits, mode.ag_bits, llq_unit_elems(mode.group_size))
             else:
                 threads, blocks, a["seg_elems"], a["units"] = self._launch_shape(choice, n, name, mode)
                 fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot", dt,
@@ -351,23 +351,26 @@ class FlashGpuBackend(CudaBackend):
         return threads, -(-vecs // tile), vecs * per, tile
 
     def _llq_shape(self, choice, n, mode):
-        """(threads, blocks, segment elements, units per thread) of the quantized LL two-shot, or None.
+        """(threads, blocks, segment elements, units per thread) of the quantized LL kernels, or None.
 
-        INT4 only (both steps).  Segments are whole groups, as in the flag two-shot (the reference's
-        SegmentLayout); block b handles tile b (threads x E x units elements, E =
-        :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
+        One-shot: any codec (only the reduce-scatter one is used), segment = the whole message.
+        Two-shot: INT4 both steps, segments of whole groups as in the flag two-shot (the
+        reference's SegmentLayout).  Block b handles tile b (threads x E x units elements,
+        E = :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
         """
-        if choice.algo != "twoshot" or (mode.rs_bits, mode.ag_bits) != (4, 4):
+        if choice.algo == "twoshot" and (mode.rs_bits, mode.ag_bits) != (4, 4):
             return None  # INT6/INT8 units in LL form are as large as fp16 data: lossless LL is the better deal
         layout = self.ws.layout
         elems = llq_unit_elems(mode.group_size)
-        wire = max(LLQ_UNIT_BYTES[elems, mode.rs_bits], LLQ_UNIT_BYTES[elems, mode.ag_bits])
+        bits = (mode.rs_bits,) if choice.algo == "oneshot" else (mode.rs_bits, mode.ag_bits)
+        wire = max(LLQ_UNIT_BYTES[elems, b] for b in bits)
         slot_units = layout.ll_slot_bytes // wire
         threads = min(max(choice.threads, 64), LLQ_MAX_THREADS[elems])
         if threads > slot_units:
             return None
         quantum = mode.group_size
-        seg = -(-(-(-n // quantum)) // self.world_size) * quantum
+        groups = -(-n // quantum)
+        seg = (groups if choice.algo == "oneshot" else -(-groups // self.world_size)) * quantum
         seg_units = seg // elems
         most = slot_units // threads
         fewest = -(-seg_units // (threads * layout.max_blocks))  # more blocks than that cannot be resident

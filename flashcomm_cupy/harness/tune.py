@@ -25,7 +25,7 @@ LARGE_SHAPES = ([(512, 132, u) for u in (1, 2, 4)] +
                 [(256, b, u) for b in (132, 264) for u in (1, 2, 4, 8)])
 # LL kernels (lossless): blocks 0 = one 16-byte vector per thread, else a fixed spread.
 LL_SHAPES = [(t, b, 1) for t in (128, 256, 512) for b in (0, 32, 132)]
-# Quantized LL two-shot: one tile per block, so threads x units sets the spread.
+# Quantized LL kernels: one tile per block, so threads x units sets the spread.
 LLQ_SHAPES = [(t, 0, u) for t in (64, 128, 256) for u in (1, 2)]
 
 
@@ -42,7 +42,7 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
         if lossless:
             for threads, blocks, units in LL_SHAPES:
                 yield algo, threads, min(blocks, max_blocks), units, "ll"
-        elif algo == "twoshot":
+        else:
             for threads, blocks, units in LLQ_SHAPES:
                 yield algo, threads, blocks, units, "ll"
     if lossless:

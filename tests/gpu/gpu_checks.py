@@ -294,21 +294,23 @@ class Checker:
                         out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
                         backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
                         self.compare_with_reference(f"ll n={n} {dtype} {algo}", out, n, dtype, mode, seed, algo)
-            # 1b. the quantized LL two-shot (INT4): same bits as the flag kernels and the reference
+            # 1b. the quantized LL kernels: same bits as the flag kernels and the reference.  Two-shot:
+            # INT4, 16-element units up to 512-element groups, 32-element units for 1024.  One-shot: any codec.
+            llq_cases = [("twoshot", 4, g, rotate, sym) for g, rotate, sym in (
+                (128, False, False), (128, True, False), (128, False, True), (32, False, False), (512, True, False),
+                (1024, False, False), (1024, True, True))]
+            llq_cases += [("oneshot", 4, 128, False, False), ("oneshot", 8, 128, True, False),
+                          ("oneshot", 4, 1024, True, False), ("oneshot", 8, 32, False, True)]
+            fp16_only = [("oneshot", 6, 64, False, True), ("oneshot", (4, 8), 128, False, False)]
             for n in (1, 127, 4099, 65_537, 1_000_003):
                 for dtype in DTYPE_NAMES:
                     x = to_device(host_input(seed, self.rank, n, dtype))
-                    for bits in (4,):
-                        # 16-element units up to 512-element groups, 32-element units for 1024
-                        for g, rotate, sym in ((128, False, False), (128, True, False), (128, False, True),
-                                               (32, False, False), (512, True, False), (1024, False, False),
-                                               (1024, True, True)):
-                            mode = Mode.make(bits, g, sym, rotate, "twoshot")
-                            ran_ll += backend.resolve_protocol(x.nbytes, mode, x.itemsize) == "ll"
-                            out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
-                            backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
-                            self.compare_with_reference(f"ll n={n} {dtype} {mode.label}", out, n, dtype, mode,
-                                                        seed, "twoshot")
+                    for algo, bits, g, rotate, sym in llq_cases + (fp16_only if dtype == "float16" else []):
+                        mode = Mode.make(bits, g, sym, rotate, algo)
+                        ran_ll += backend.resolve_protocol(x.nbytes, mode, x.itemsize) == "ll"
+                        out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
+                        backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+                        self.compare_with_reference(f"ll n={n} {dtype} {mode.label}", out, n, dtype, mode, seed, algo)
             # 2. inputs equal to the sentinel's parts, signed zeros and infinities must not hang or leak
             n = 4096
             for dtype in DTYPE_NAMES:
@@ -319,7 +321,8 @@ class Checker:
                     a[3 + r::11] = -0.0
                     a[5::13] = np.inf if r == 0 else 1.0
                 for mode in (Mode.make(None, algo="oneshot"), Mode.make(None, algo="twoshot"),
-                             Mode.make(4, algo="twoshot"), Mode.make(4, rotate=True, symmetric=True, algo="twoshot")):
+                             Mode.make(4, algo="twoshot"), Mode.make(4, rotate=True, symmetric=True, algo="twoshot"),
+                             Mode.make(4, algo="oneshot"), Mode.make(8, rotate=True, algo="oneshot")):
                     algo = mode.algo
                     x = to_device(ins[self.rank])
                     out = cupy.zeros_like(x)
@@ -334,7 +337,8 @@ class Checker:
                 x = cupy.asarray(ins[self.rank])
                 for mode in (Mode.make(None, algo="oneshot"), Mode.make(None, algo="twoshot"),
                              Mode.make(4, algo="twoshot"), Mode.make(4, rotate=True, algo="twoshot"),
-                             Mode.make(8, algo="twoshot")):  # INT8: flags, between LL calls
+                             Mode.make(4, algo="oneshot"), Mode.make(8, algo="oneshot"),
+                             Mode.make(8, algo="twoshot")):  # INT8 two-shot: flags, between LL calls
                     ref = fc.flash_all_reduce_reference(ins, mode=mode)[0]
                     cases.append((x, cupy.empty_like(x), mode, cupy.asarray(ref)))
             flag_case = (cupy.asarray(host_input(399, self.rank, 65_536, "float16")), None, Mode.make(8, algo="oneshot"))
@@ -410,7 +414,7 @@ class Checker:
         self.log(f"large: {nbytes >> 20} MiB checked")
 
 
-def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8):
+def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8, algo="twoshot"):
     """The last rank never calls all_reduce; the others must raise within the bound."""
     import cupy
     comm = fc.Communicator(world_comm, backend="gpu", timeout_s=bound_s, protocol=protocol)
@@ -422,7 +426,7 @@ def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8):
     if rank != last:
         x = cupy.ones(1 << 16, dtype=cupy.float16)
         t0 = time.perf_counter()
-        comm.all_reduce(x, bits=bits, algo="oneshot" if bits is None else "twoshot")
+        comm.all_reduce(x, bits=bits, algo=algo)
         try:
             comm.synchronize()
             ok = False
@@ -479,11 +483,12 @@ def main(argv=None):
             MPI.COMM_WORLD.Abort(2)
         ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
     comm.close()
-    for protocol, bits in (("flag", 8), ("ll", None), ("ll", 4)):
+    for protocol, bits, algo in (("flag", 8, "twoshot"), ("ll", None, "oneshot"), ("ll", 4, "twoshot"),
+                                 ("ll", 8, "oneshot")):
         if only and "timeout" not in only:
             break
-        what = f"{protocol}, bits {bits}"
-        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol, bits=bits)
+        what = f"{protocol}, bits {bits}, {algo}"
+        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol, bits=bits, algo=algo)
         ok = all(MPI.COMM_WORLD.allgather(ok))
         if ck.rank == 0:
             print((f"timeout ({what}): OK " if ok else f"FAIL timeout ({what}): ") + msg, flush=True)
