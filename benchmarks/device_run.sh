@@ -63,8 +63,9 @@ for stage in ${STAGES//,/ }; do
     checks-rest)
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only many,graphs,large,timeout ;;
     checks23)
-      run 100 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
-      [ "$NG" -ge 3 ] && run 100 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
+      # on a fresh machine two ranks compile every kernel module (~2 min) before checking
+      run 240 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
+      [ "$NG" -ge 3 ] && run 200 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     tune)
       run 300 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
       export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
