@@ -185,7 +185,7 @@ def test_workspace_layout_keeps_regions_apart():
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(world):
-    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, llq_unit_elems
+    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, LLQ_WIDE_MAX_BYTES, llq_unit_elems
     b = fake_backend(world=world)
     layout = b.ws.layout
     for n, bits, g, algo, threads, units in itertools.product(
@@ -193,8 +193,8 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
             ("oneshot", "twoshot"), (64, 128, 256, 512), (1, 2, 4)):
         mode = Mode.make(bits, g)
         shape = b._ll_shape(tuning.Choice(algo, threads, 0, units, "ll"), n, 2, mode)
-        if algo == "twoshot" and bits != 4:  # two-shot: only INT4 units are smaller in LL form than fp16 data
-            assert shape is None
+        if algo == "oneshot" and mode.rs_bits != 4 and -(-n // g) * g * 2 > LLQ_WIDE_MAX_BYTES:
+            assert shape is None  # INT6/INT8 LL units take 2 bytes an element: only small messages
             continue
         elems = llq_unit_elems(g)
         assert elems == (16 if g <= 512 else 32)  # a group spans at most one warp's units
@@ -216,23 +216,42 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
     assert b._ll_shape(tuning.Choice("oneshot", 128, 0, 1, "flag"), 4096, 2, Mode.make(4)) is None
 
 
+def test_an_int4_tuned_ll_one_shot_row_serves_int8_only_for_small_messages():
+    table = {"worlds": {"2": [
+        {"max_bytes": 4 << 20,
+         "lossless": {"algo": "oneshot", "threads": 256, "blocks": 0, "protocol": "ll"},
+         "quantized": {"algo": "oneshot", "threads": 256, "blocks": 0, "units": 1, "protocol": "ll"},
+         "quantized_flag": {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag"}},
+    ]}}
+    b = fake_backend(world=2, table=table)
+    for bits in (4, 8, 6, (4, 8)):
+        assert b.resolve_protocol(256 << 10, Mode.make(bits), 2) == "ll"
+    assert b.resolve_protocol(1 << 20, Mode.make(4), 2) == "ll"
+    assert b.resolve_protocol(1 << 20, Mode.make((4, 8)), 2) == "ll"  # one-shot sends the INT4 step only
+    assert b.resolve_protocol(1 << 20, Mode.make(8), 2) == "flag"
+    assert b.resolve_protocol(1 << 20, Mode.make(6), 2) == "flag"
+
+
 def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():
     table = {"worlds": {"4": [
-        {"max_bytes": 1 << 20,
+        {"max_bytes": 256 << 20,
          "lossless": {"algo": "oneshot", "threads": 256, "blocks": 0, "protocol": "ll"},
          "quantized": {"algo": "twoshot", "threads": 64, "blocks": 0, "units": 1, "protocol": "ll"},
          "quantized_flag": {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag"}},
     ]}}
     b = fake_backend(table=table)
     assert (b.resolve_algo(4096, Mode.make(4)), b.resolve_protocol(4096, Mode.make(4))) == ("twoshot", "ll")
-    # INT8 has no LL form: the row's best flag choice, not the LL row's algorithm with flags
-    assert (b.resolve_algo(4096, Mode.make(8)), b.resolve_protocol(4096, Mode.make(8))) == ("oneshot", "flag")
-    choice, ll = b._resolve(2048, 2, Mode.make(8))
+    assert (b.resolve_algo(4096, Mode.make(8)), b.resolve_protocol(4096, Mode.make(8))) == ("twoshot", "ll")
+    # 64 MB would need more LL tiles than blocks can be resident: the row's best flag choice,
+    # not the LL row's algorithm with flags
+    big = 64 << 20
+    assert (b.resolve_algo(big, Mode.make(4)), b.resolve_protocol(big, Mode.make(4))) == ("oneshot", "flag")
+    choice, ll = b._resolve(big // 2, 2, Mode.make(4))
     assert ll is None and choice == tuning.Choice("oneshot", 128, 32, 1, "flag")
     # a row without a recorded flag choice keeps its algorithm and shape, with flags
     del table["worlds"]["4"][0]["quantized_flag"]
     b = fake_backend(table=table)
-    assert b._resolve(2048, 2, Mode.make(8))[0] == tuning.Choice("twoshot", 64, 0, 1, "flag")
+    assert b._resolve(big // 2, 2, Mode.make(4))[0] == tuning.Choice("twoshot", 64, 0, 1, "flag")
 
 
 def test_a_plan_hands_the_driver_a_pointer_to_its_own_argument_block():
@@ -308,7 +327,11 @@ def test_plans_fill_the_argument_block_for_each_kernel_family(monkeypatch):
     assert (name, block) == ("fc_llq_twoshot", (128,))
     assert b._plan(1 << 21, "float16", Mode.make(4, 1024)).fn.spec == (0, 4, 4, 32)
     assert grid[0] * 128 * 32 * int(a["units"]) >= 1 << 19
-    name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # INT8 has no LL two-shot: flag kernels
+    name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # INT8 LL two-shot: 32-byte units
+    assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_llq_twoshot", _kernels.FLAG_SYM, 1 << 18)
+    assert grid[0] * 256 * 16 * int(a["units"]) >= 1 << 18 and 256 * int(a["units"]) * 32 <= 8 << 10
+    b.protocol = "flag"
+    name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # the flag kernels on request
     assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_twoshot", _kernels.FLAG_SYM, 1 << 18)
     assert b._plan(1 << 20, "float16", Mode.make(8, symmetric=True)) is b._plan(1 << 20, "float16",
                                                                                    Mode.make(8, symmetric=True))

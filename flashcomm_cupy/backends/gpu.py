@@ -32,6 +32,13 @@ LLQ_MAX_THREADS = {16: 256, 32: 128}
 LLQ_UNIT_BYTES = {(16, 4): 16, (16, 6): 32, (16, 8): 32, (32, 4): 32, (32, 6): 48, (32, 8): 64}
 
 
+#: The quantized rows of the tuning table are measured on INT4.  INT6/INT8 units in LL form are
+#: twice as large (2 bytes an element), so an LL one-shot row serves them only while the message in
+#: that form stays this small; past it the row's flag choice runs (1 MB fp16 INT8 at 2 ranks: LL
+#: one-shot 12.4 us, flag one-shot 10.4; 256 KB: 7.4 vs 8.9; 4 ranks 256 KB: 9.2 vs 11.6).
+LLQ_WIDE_MAX_BYTES = 512 << 10
+
+
 def llq_unit_elems(group_size: int) -> int:
     """Unit size of the quantized LL kernels for this group size (a group spans at most a warp)."""
     return LLQ_UNIT_ELEMS if group_size <= 32 * LLQ_UNIT_ELEMS else ELEMS_PER_THREAD
@@ -353,13 +360,13 @@ class FlashGpuBackend(CudaBackend):
     def _llq_shape(self, choice, n, mode):
         """(threads, blocks, segment elements, units per thread) of the quantized LL kernels, or None.
 
-        One-shot: any codec (only the reduce-scatter one is used), segment = the whole message.
-        Two-shot: INT4 both steps, segments of whole groups as in the flag two-shot (the
-        reference's SegmentLayout).  Block b handles tile b (threads x E x units elements,
+        One-shot: segment = the whole message (only the reduce-scatter codec is used).
+        Two-shot: segments of whole groups as in the flag two-shot (the reference's
+        SegmentLayout).  Any codec: INT6/INT8 units in LL form take as many bytes as fp16
+        data, yet at the sizes the table sends to LL they still beat the flag kernels'
+        fence-and-flag round trips.  Block b handles tile b (threads x E x units elements,
         E = :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
         """
-        if choice.algo == "twoshot" and (mode.rs_bits, mode.ag_bits) != (4, 4):
-            return None  # INT6/INT8 units in LL form are as large as fp16 data: lossless LL is the better deal
         layout = self.ws.layout
         elems = llq_unit_elems(mode.group_size)
         bits = (mode.rs_bits,) if choice.algo == "oneshot" else (mode.rs_bits, mode.ag_bits)
@@ -372,6 +379,8 @@ class FlashGpuBackend(CudaBackend):
         groups = -(-n // quantum)
         seg = (groups if choice.algo == "oneshot" else -(-groups // self.world_size)) * quantum
         seg_units = seg // elems
+        if choice.algo == "oneshot" and mode.rs_bits != 4 and seg_units * wire > LLQ_WIDE_MAX_BYTES:
+            return None
         most = slot_units // threads
         fewest = -(-seg_units // (threads * layout.max_blocks))  # more blocks than that cannot be resident
         units = max(1, min(max(choice.units, fewest), most, -(-seg_units // threads)))

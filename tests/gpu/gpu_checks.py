@@ -294,14 +294,16 @@ class Checker:
                         out = cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
                         backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
                         self.compare_with_reference(f"ll n={n} {dtype} {algo}", out, n, dtype, mode, seed, algo)
-            # 1b. the quantized LL kernels: same bits as the flag kernels and the reference.  Two-shot:
-            # INT4, 16-element units up to 512-element groups, 32-element units for 1024.  One-shot: any codec.
+            # 1b. the quantized LL kernels: same bits as the flag kernels and the reference, every codec;
+            # 16-element units up to 512-element groups, 32-element units for 1024.
             llq_cases = [("twoshot", 4, g, rotate, sym) for g, rotate, sym in (
                 (128, False, False), (128, True, False), (128, False, True), (32, False, False), (512, True, False),
                 (1024, False, False), (1024, True, True))]
-            llq_cases += [("oneshot", 4, 128, False, False), ("oneshot", 8, 128, True, False),
+            llq_cases += [("twoshot", 8, 128, False, False), ("twoshot", (4, 8), 128, True, False),
+                          ("oneshot", 4, 128, False, False), ("oneshot", 8, 128, True, False),
                           ("oneshot", 4, 1024, True, False), ("oneshot", 8, 32, False, True)]
-            fp16_only = [("oneshot", 6, 64, False, True), ("oneshot", (4, 8), 128, False, False)]
+            fp16_only = [("oneshot", 6, 64, False, True), ("oneshot", (4, 8), 128, False, False),
+                         ("twoshot", 6, 256, False, True)]
             for n in (1, 127, 4099, 65_537, 1_000_003):
                 for dtype in DTYPE_NAMES:
                     x = to_device(host_input(seed, self.rank, n, dtype))
@@ -322,7 +324,8 @@ class Checker:
                     a[5::13] = np.inf if r == 0 else 1.0
                 for mode in (Mode.make(None, algo="oneshot"), Mode.make(None, algo="twoshot"),
                              Mode.make(4, algo="twoshot"), Mode.make(4, rotate=True, symmetric=True, algo="twoshot"),
-                             Mode.make(4, algo="oneshot"), Mode.make(8, rotate=True, algo="oneshot")):
+                             Mode.make(4, algo="oneshot"), Mode.make(8, rotate=True, algo="oneshot"),
+                             Mode.make(8, algo="twoshot")):
                     algo = mode.algo
                     x = to_device(ins[self.rank])
                     out = cupy.zeros_like(x)
@@ -338,7 +341,7 @@ class Checker:
                 for mode in (Mode.make(None, algo="oneshot"), Mode.make(None, algo="twoshot"),
                              Mode.make(4, algo="twoshot"), Mode.make(4, rotate=True, algo="twoshot"),
                              Mode.make(4, algo="oneshot"), Mode.make(8, algo="oneshot"),
-                             Mode.make(8, algo="twoshot")):  # INT8 two-shot: flags, between LL calls
+                             Mode.make(8, algo="twoshot")):
                     ref = fc.flash_all_reduce_reference(ins, mode=mode)[0]
                     cases.append((x, cupy.empty_like(x), mode, cupy.asarray(ref)))
             flag_case = (cupy.asarray(host_input(399, self.rank, 65_536, "float16")), None, Mode.make(8, algo="oneshot"))
@@ -353,8 +356,13 @@ class Checker:
                     backend.all_reduce(x, out, mode, dtype=np.float16)
                 finally:
                     backend.force_launch = None
-                if k % 17 == 0:
-                    backend.all_reduce(flag_case[0], cupy.empty_like(flag_case[0]), flag_case[2], dtype=np.float16)
+                if k % 17 == 0:  # a flag-protocol call between LL calls
+                    backend.protocol = "flag"
+                    try:
+                        backend.all_reduce(flag_case[0], cupy.empty_like(flag_case[0]), flag_case[2],
+                                           dtype=np.float16)
+                    finally:
+                        backend.protocol = "ll"
                 wrong += int((out.view(cupy.uint16) != ref.view(cupy.uint16)).sum())
             self.comm.synchronize()
             if not self.agree(wrong == 0):
