@@ -185,7 +185,7 @@ def test_workspace_layout_keeps_regions_apart():
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(world):
-    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, LLQ_WIDE_MAX_BYTES, llq_unit_elems
+    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, llq_unit_elems
     b = fake_backend(world=world)
     layout = b.ws.layout
     for n, bits, g, algo, threads, units in itertools.product(
@@ -193,9 +193,6 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
             ("oneshot", "twoshot"), (64, 128, 256, 512), (1, 2, 4)):
         mode = Mode.make(bits, g)
         shape = b._ll_shape(tuning.Choice(algo, threads, 0, units, "ll"), n, 2, mode)
-        if algo == "oneshot" and mode.rs_bits != 4 and -(-n // g) * g * 2 > LLQ_WIDE_MAX_BYTES:
-            assert shape is None  # INT6/INT8 LL units take 2 bytes an element: only small messages
-            continue
         elems = llq_unit_elems(g)
         assert elems == (16 if g <= 512 else 32)  # a group spans at most one warp's units
         used = (mode.rs_bits,) if algo == "oneshot" else (mode.rs_bits, mode.ag_bits)
@@ -216,20 +213,35 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
     assert b._ll_shape(tuning.Choice("oneshot", 128, 0, 1, "flag"), 4096, 2, Mode.make(4)) is None
 
 
-def test_an_int4_tuned_ll_one_shot_row_serves_int8_only_for_small_messages():
+def test_modes_with_an_int6_or_int8_step_use_the_rows_wide_entry_where_it_has_one():
+    ll = {"algo": "oneshot", "threads": 256, "blocks": 0, "units": 1, "protocol": "ll"}
+    flag = {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag"}
     table = {"worlds": {"2": [
-        {"max_bytes": 4 << 20,
-         "lossless": {"algo": "oneshot", "threads": 256, "blocks": 0, "protocol": "ll"},
-         "quantized": {"algo": "oneshot", "threads": 256, "blocks": 0, "units": 1, "protocol": "ll"},
-         "quantized_flag": {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag"}},
+        {"max_bytes": 256 << 10, "lossless": ll, "quantized": ll, "quantized_flag": flag,
+         "quantized_wide": ll, "quantized_wide_flag": flag},
+        {"max_bytes": 1 << 20, "lossless": ll, "quantized": ll, "quantized_flag": flag, "quantized_wide": flag},
+        {"max_bytes": 4 << 20, "lossless": ll, "quantized": ll, "quantized_flag": flag},  # an older table's row
     ]}}
     b = fake_backend(world=2, table=table)
     for bits in (4, 8, 6, (4, 8)):
         assert b.resolve_protocol(256 << 10, Mode.make(bits), 2) == "ll"
     assert b.resolve_protocol(1 << 20, Mode.make(4), 2) == "ll"
-    assert b.resolve_protocol(1 << 20, Mode.make((4, 8)), 2) == "ll"  # one-shot sends the INT4 step only
-    assert b.resolve_protocol(1 << 20, Mode.make(8), 2) == "flag"
-    assert b.resolve_protocol(1 << 20, Mode.make(6), 2) == "flag"
+    for bits in (8, 6, (4, 8)):
+        assert b.resolve_protocol(1 << 20, Mode.make(bits), 2) == "flag"
+        assert b.resolve_protocol(2 << 20, Mode.make(bits), 2) == "ll"  # no wide entry: the INT4 choice
+    t = tuning.TuningTable(table, "x")
+    assert t.choose(2, 1000, False, flag_only=True, wide=True) == tuning.Choice("oneshot", 128, 32, 1, "flag")
+    assert t.choose(2, 1000, True, wide=True).protocol == "ll"  # lossless ignores it
+
+
+def test_tune_keeps_ll_for_int8_only_where_int8_measured_faster_with_it():
+    from flashcomm_cupy.harness.tune import wide_entries
+    ll = {"algo": "twoshot", "threads": 64, "blocks": 0, "units": 1, "protocol": "ll", "us": 10.0}
+    flag = {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag", "us": 14.0}
+    faster_ll = wide_entries(ll, flag, lambda e: 12e-6 if e is ll else 13e-6)
+    assert faster_ll == {"quantized_wide": dict(ll, us=12.0), "quantized_wide_flag": flag}
+    assert wide_entries(ll, flag, lambda e: 12e-6 if e is ll else 11e-6) == {"quantized_wide": dict(flag, us=11.0)}
+    assert wide_entries(ll, flag, lambda e: None if e is ll else 11e-6) == {"quantized_wide": dict(flag, us=11.0)}
 
 
 def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():

@@ -32,13 +32,6 @@ LLQ_MAX_THREADS = {16: 256, 32: 128}
 LLQ_UNIT_BYTES = {(16, 4): 16, (16, 6): 32, (16, 8): 32, (32, 4): 32, (32, 6): 48, (32, 8): 64}
 
 
-#: The quantized rows of the tuning table are measured on INT4.  INT6/INT8 units in LL form are
-#: twice as large (2 bytes an element), so an LL one-shot row serves them only while the message in
-#: that form stays this small; past it the row's flag choice runs (1 MB fp16 INT8 at 2 ranks: LL
-#: one-shot 12.4 us, flag one-shot 10.4; 256 KB: 7.4 vs 8.9; 4 ranks 256 KB: 9.2 vs 11.6).
-LLQ_WIDE_MAX_BYTES = 512 << 10
-
-
 def llq_unit_elems(group_size: int) -> int:
     """Unit size of the quantized LL kernels for this group size (a group spans at most a warp)."""
     return LLQ_UNIT_ELEMS if group_size <= 32 * LLQ_UNIT_ELEMS else ELEMS_PER_THREAD
@@ -218,7 +211,8 @@ class FlashGpuBackend(CudaBackend):
         if self.force_launch is not None and mode.algo in ("oneshot", "twoshot"):
             return tuning.Choice(mode.algo, *self.force_launch[:3]) if flag_only else \
                 tuning.Choice(mode.algo, *self.force_launch)
-        auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only)
+        wide = not mode.lossless and max(mode.rs_bits, mode.ag_bits) > 4
+        auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only, wide)
         if mode.algo == "auto":
             if auto.algo == "nccl" and not mode.lossless:
                 return tuning.heuristic(self.world_size, nbytes, False)
@@ -362,9 +356,9 @@ class FlashGpuBackend(CudaBackend):
 
         One-shot: segment = the whole message (only the reduce-scatter codec is used).
         Two-shot: segments of whole groups as in the flag two-shot (the reference's
-        SegmentLayout).  Any codec: INT6/INT8 units in LL form take as many bytes as fp16
-        data, yet at the sizes the table sends to LL they still beat the flag kernels'
-        fence-and-flag round trips.  Block b handles tile b (threads x E x units elements,
+        SegmentLayout).  Any codec: INT6/INT8 units take twice the bytes of INT4 in LL form
+        (as many as fp16 data), so the table's ``quantized_wide`` entry decides where they
+        run LL.  Block b handles tile b (threads x E x units elements,
         E = :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
         """
         layout = self.ws.layout
@@ -379,8 +373,6 @@ class FlashGpuBackend(CudaBackend):
         groups = -(-n // quantum)
         seg = (groups if choice.algo == "oneshot" else -(-groups // self.world_size)) * quantum
         seg_units = seg // elems
-        if choice.algo == "oneshot" and mode.rs_bits != 4 and seg_units * wire > LLQ_WIDE_MAX_BYTES:
-            return None
         most = slot_units // threads
         fewest = -(-seg_units // (threads * layout.max_blocks))  # more blocks than that cannot be resident
         units = max(1, min(max(choice.units, fewest), most, -(-seg_units // threads)))

@@ -4,7 +4,8 @@ For each message size, every candidate (algorithm x threads x blocks) runs
 the same graph-timed loop as ``flashcomm bench`` (:func:`.timing.measure`);
 the fastest per size and class (lossless, quantized) becomes a row of a
 :class:`flashcomm_cupy.tuning.TuningTable`.  Quantized rows are tuned on
-``tune_bits`` (INT4 by default) and serve every bit width.
+``tune_bits`` (INT4 by default); where INT4 runs LL, INT8 is timed on the LL
+and the flag choice too (:func:`wide_entries`), for the modes with a wider step.
 """
 from __future__ import annotations
 
@@ -49,8 +50,21 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
         yield "nccl", 0, 0, 0, "flag"
 
 
+def wide_entries(ll_entry: dict, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
+    """The ``quantized_wide`` (and ``quantized_wide_flag``) entries of a row whose INT4 best is LL.
+
+    INT6/INT8 units take twice the bytes of INT4 in LL form, so INT8 is timed
+    (``time_wide``: seconds, or None where LL cannot serve it) with the INT4
+    winner's LL shape and with the best flag choice; the faster serves them.
+    """
+    t_ll, t_flag = time_wide(ll_entry), time_wide(flag_entry)
+    if t_ll is not None and (t_flag is None or t_ll < t_flag):
+        return {"quantized_wide": dict(ll_entry, us=round(t_ll * 1e6, 2)), "quantized_wide_flag": flag_entry}
+    return {"quantized_wide": dict(flag_entry, us=round(t_flag * 1e6, 2))} if t_flag is not None else {}
+
+
 def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int = 20, repeats: int = 5,
-         progress: Optional[Callable[[str], None]] = None) -> dict:
+         progress: Optional[Callable[[str], None]] = None, wide_bits: int = 8) -> dict:
     """Measure and return a tuning-table dict for this world size (collective)."""
     import cupy
     backend = comm.backend
@@ -63,20 +77,27 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         n = max(1, nbytes // item)
         x = cupy.asarray(np.random.default_rng([comm.rank, n]).standard_normal(n).astype(dtype))
         out = cupy.empty_like(x)
+
+        def time_choice(algo, threads, blocks, units, protocol, bits):
+            """Graph-timed seconds of one call with this launch, or None where LL cannot serve it."""
+            mode = Mode.make(bits, 128, algo=algo)
+            backend.force_launch = None if algo == "nccl" else (threads, blocks, units, protocol)
+            try:
+                if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
+                    return None  # too large for the LL slots: the flag candidates cover it
+                return measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
+                               warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
+            finally:
+                backend.force_launch = None
+
         row = {"max_bytes": int(nbytes)}
         for cls, bits in (("lossless", None), ("quantized", tune_bits)):
             best = best_flag = None
             for algo, threads, blocks, units, protocol in candidates(nbytes, bits is None,
                                                                      backend.ws.layout.max_blocks):
-                mode = Mode.make(bits, 128, algo=algo)
-                backend.force_launch = None if algo == "nccl" else (threads, blocks, units, protocol)
-                try:
-                    if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
-                        continue  # too large for the LL slots: the flag candidates cover it
-                    t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
-                                warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
-                finally:
-                    backend.force_launch = None
+                t = time_choice(algo, threads, blocks, units, protocol, bits)
+                if t is None:
+                    continue
                 entry = (t, {"algo": algo, "threads": threads, "blocks": blocks, "units": units,
                              "protocol": protocol, "us": round(t * 1e6, 2)})
                 if best is None or t < best[0]:
@@ -86,13 +107,18 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
             row[cls] = best[1]
             if best[1]["protocol"] == "ll" and best_flag is not None:
                 row[cls + "_flag"] = best_flag[1]  # for calls the LL kernels cannot serve
+                if cls == "quantized" and wide_bits:
+                    row.update(wide_entries(best[1], best_flag[1], lambda e: time_choice(
+                        e["algo"], e["threads"], e["blocks"], e["units"], e["protocol"], wide_bits)))
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
+                if cls == "quantized" and "quantized_wide" in row:
+                    progress(f"{nbytes:>11} B {'int' + str(wide_bits):9} -> {row['quantized_wide']}")
         rows.append(row)
         del x, out
     info = backend.describe()
     return {"card": info.get("gpu"), "date": datetime.date.today().isoformat(), "dtype": np.dtype(dtype).name,
-            "tuned_bits": tune_bits, "worlds": {str(world): rows}}
+            "tuned_bits": tune_bits, "wide_bits": wide_bits, "worlds": {str(world): rows}}
 
 
 def merge(base: dict, new: dict) -> dict:

@@ -6,9 +6,13 @@ lossless and quantized modes, the algorithm ("oneshot", "twoshot" or "nccl"),
 the launch shape (threads per block, blocks; 0 blocks = as many as the
 message has tiles, up to the workspace's ``max_blocks``) and the signalling
 protocol: "flag" (default) or "ll", where the data is its own signal
-(``kernels_cu/fc_ll.cuh``; small and medium messages, lossless or INT4).  Where a row's choice is LL, ``lossless_flag`` /
-``quantized_flag`` hold the best flag-protocol choice, for the calls LL
-cannot serve (another bit width, a message too large for the LL slots).
+(``kernels_cu/fc_ll.cuh``; small and medium messages).  Where a row's choice
+is LL, ``lossless_flag`` / ``quantized_flag`` hold the best flag-protocol
+choice, for the calls LL cannot serve (a message too large for the LL slots).
+Quantized rows are measured on INT4; where INT4 picks LL, ``quantized_wide``
+holds what INT8 measured faster with (the LL shape or the flag choice: INT6/INT8
+units are twice as large in LL form) and serves every mode with a step wider
+than 4 bits, with ``quantized_wide_flag`` as its flag fallback.
 
 Where a table comes from, first match wins:
 
@@ -34,11 +38,11 @@ PROTOCOLS = ("flag", "ll")
 
 @dataclass(frozen=True)
 class Choice:
-    """Algorithm and launch shape; ``units`` = 32-element units per thread per tile.
+    """Algorithm and launch shape; ``units`` = units (of the kernel's unit size) per thread per tile.
 
     ``protocol`` "ll" asks for the data-as-signal kernels; the backend falls
-    back to the row's flag choice where they do not apply (INT6/INT8 and
-    mixed bit widths, messages larger than the LL slots).
+    back to the row's flag choice where they do not apply (messages larger
+    than the LL slots).
     """
 
     algo: str
@@ -80,15 +84,17 @@ class TuningTable:
         self.rows: Dict[int, List[dict]] = {
             int(w): sorted(rows, key=lambda r: r["max_bytes"]) for w, rows in data.get("worlds", {}).items()}
 
-    def choose(self, world: int, nbytes: int, lossless: bool, flag_only: bool = False) -> Choice:
+    def choose(self, world: int, nbytes: int, lossless: bool, flag_only: bool = False,
+               wide: bool = False) -> Choice:
         """The row's choice; ``flag_only``: its best flag-protocol choice (``<class>_flag``,
-        recorded by ``flashcomm tune`` when the best was LL), for calls LL cannot serve."""
+        recorded by ``flashcomm tune`` when the best was LL), for calls LL cannot serve.
+        ``wide``: a quantized mode with an INT6/INT8 step (``quantized_wide`` where the row has it)."""
         rows = self.rows.get(int(world))
         if not rows:
             rule = heuristic(world, nbytes, lossless)
             return replace(rule, protocol="flag") if flag_only else rule
-        key = "lossless" if lossless else "quantized"
         row = next((r for r in rows if nbytes <= r["max_bytes"]), rows[-1])
+        key = "lossless" if lossless else "quantized_wide" if wide and "quantized_wide" in row else "quantized"
         entry = row[key]
         if flag_only and entry.get("protocol", "flag") == "ll":
             entry = row.get(key + "_flag") or dict(entry, protocol="flag")
