@@ -236,12 +236,16 @@ def test_modes_with_an_int6_or_int8_step_use_the_rows_wide_entry_where_it_has_on
 
 def test_tune_keeps_ll_for_int8_only_where_int8_measured_faster_with_it():
     from flashcomm_cupy.harness.tune import wide_entries
-    ll = {"algo": "twoshot", "threads": 64, "blocks": 0, "units": 1, "protocol": "ll", "us": 10.0}
+    ll64 = {"algo": "oneshot", "threads": 64, "blocks": 0, "units": 1, "protocol": "ll"}
+    ll128 = dict(ll64, threads=128)
+    ll_two = dict(ll64, algo="twoshot")
     flag = {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag", "us": 14.0}
-    faster_ll = wide_entries(ll, flag, lambda e: 12e-6 if e is ll else 13e-6)
-    assert faster_ll == {"quantized_wide": dict(ll, us=12.0), "quantized_wide_flag": flag}
-    assert wide_entries(ll, flag, lambda e: 12e-6 if e is ll else 11e-6) == {"quantized_wide": dict(flag, us=11.0)}
-    assert wide_entries(ll, flag, lambda e: None if e is ll else 11e-6) == {"quantized_wide": dict(flag, us=11.0)}
+    times = {id(ll64): 12e-6, id(ll128): 10e-6, id(ll_two): None, id(flag): 13e-6}
+    assert wide_entries([ll64, ll128, ll_two], flag, lambda e: times[id(e)]) == \
+        {"quantized_wide": dict(ll128, us=10.0), "quantized_wide_flag": flag}  # INT8's own best LL shape
+    times[id(flag)] = 9e-6
+    assert wide_entries([ll64, ll128, ll_two], flag, lambda e: times[id(e)]) == {"quantized_wide": dict(flag, us=9.0)}
+    assert wide_entries([ll_two], flag, lambda e: times[id(e)]) == {"quantized_wide": dict(flag, us=9.0)}
 
 
 def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():

@@ -5,7 +5,7 @@ the same graph-timed loop as ``flashcomm bench`` (:func:`.timing.measure`);
 the fastest per size and class (lossless, quantized) becomes a row of a
 :class:`flashcomm_cupy.tuning.TuningTable`.  Quantized rows are tuned on
 ``tune_bits`` (INT4 by default); where INT4 runs LL, INT8 is timed on the LL
-and the flag choice too (:func:`wide_entries`), for the modes with a wider step.
+candidates and the best flag choice too (:func:`wide_entries`), for the modes with a wider step.
 """
 from __future__ import annotations
 
@@ -50,16 +50,22 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
         yield "nccl", 0, 0, 0, "flag"
 
 
-def wide_entries(ll_entry: dict, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
+def wide_entries(ll_entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
     """The ``quantized_wide`` (and ``quantized_wide_flag``) entries of a row whose INT4 best is LL.
 
-    INT6/INT8 units take twice the bytes of INT4 in LL form, so INT8 is timed
-    (``time_wide``: seconds, or None where LL cannot serve it) with the INT4
-    winner's LL shape and with the best flag choice; the faster serves them.
+    INT6/INT8 units take twice the bytes of INT4 in LL form and fill an LL slot
+    with half as many elements, so INT8 gets its own search: ``time_wide``
+    (seconds, or None where LL cannot serve it) times it with every LL
+    candidate and with the best flag choice; the fastest serves those modes.
     """
-    t_ll, t_flag = time_wide(ll_entry), time_wide(flag_entry)
-    if t_ll is not None and (t_flag is None or t_ll < t_flag):
-        return {"quantized_wide": dict(ll_entry, us=round(t_ll * 1e6, 2)), "quantized_wide_flag": flag_entry}
+    t_flag = time_wide(flag_entry)
+    best = None
+    for entry in ll_entries:
+        t = time_wide(entry)
+        if t is not None and (best is None or t < best[0]):
+            best = (t, entry)
+    if best is not None and (t_flag is None or best[0] < t_flag):
+        return {"quantized_wide": dict(best[1], us=round(best[0] * 1e6, 2)), "quantized_wide_flag": flag_entry}
     return {"quantized_wide": dict(flag_entry, us=round(t_flag * 1e6, 2))} if t_flag is not None else {}
 
 
@@ -93,13 +99,16 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         row = {"max_bytes": int(nbytes)}
         for cls, bits in (("lossless", None), ("quantized", tune_bits)):
             best = best_flag = None
+            ll_entries = []
             for algo, threads, blocks, units, protocol in candidates(nbytes, bits is None,
                                                                      backend.ws.layout.max_blocks):
+                shape = {"algo": algo, "threads": threads, "blocks": blocks, "units": units, "protocol": protocol}
+                if protocol == "ll":
+                    ll_entries.append(shape)
                 t = time_choice(algo, threads, blocks, units, protocol, bits)
                 if t is None:
                     continue
-                entry = (t, {"algo": algo, "threads": threads, "blocks": blocks, "units": units,
-                             "protocol": protocol, "us": round(t * 1e6, 2)})
+                entry = (t, dict(shape, us=round(t * 1e6, 2)))
                 if best is None or t < best[0]:
                     best = entry
                 if protocol == "flag" and (best_flag is None or t < best_flag[0]):
@@ -108,7 +117,7 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
             if best[1]["protocol"] == "ll" and best_flag is not None:
                 row[cls + "_flag"] = best_flag[1]  # for calls the LL kernels cannot serve
                 if cls == "quantized" and wide_bits:
-                    row.update(wide_entries(best[1], best_flag[1], lambda e: time_choice(
+                    row.update(wide_entries(ll_entries, best_flag[1], lambda e: time_choice(
                         e["algo"], e["threads"], e["blocks"], e["units"], e["protocol"], wide_bits)))
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
