@@ -60,7 +60,7 @@ struct FcArgs {
   fc_i64 slot_bytes, flags_off, rs_off, ag_off, os_off, timeout_ns;
   int rank, world, group, flags, max_blocks;
   float rot_norm;
-  int units;    // 32-element units per thread per tile: more data per synchronization
+  int units;    // FC_ELEMS-element units per thread per tile: more data per synchronization
   int ll_tile;  // LL kernels: 16-byte vectors per block and segment (fits one LL slot)
   fc_i64 ll_off, ll_slot_bytes;
   // Workspace base of every rank (mine at [rank]), by value: kernel parameters

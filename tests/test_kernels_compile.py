@@ -49,7 +49,7 @@ def _jobs():
         specs += [(DTYPE_CODES[0], pair) for pair in OTHER_BIT_PAIRS]
         for dt, (rs, ag) in specs:
             jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}")))
-        # 16-element units (the quantized LL two-shot's, flashcomm_cupy.backends.gpu.llq_unit_elems)
+        # 16-element units (the quantized LL kernels', flashcomm_cupy.backends.gpu.llq_unit_elems)
         for dt, (rs, ag) in itertools.product(DTYPE_CODES, COMMON_BIT_PAIRS[1:]):
             jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}",
                                                     "FC_ELEMS=16")))

@@ -80,7 +80,7 @@ class FlashGpuBackend(CudaBackend):
     mismatch), ``max_blocks`` and ``max_threads`` (workspace shape),
     ``tuning`` (path of a dispatch table), ``protocol`` ("auto" follows the
     table; "flag" or "ll" forces that signalling protocol wherever it applies:
-    LL serves lossless calls and INT4 two-shot, see :mod:`flashcomm_cupy.tuning`;
+    LL serves every mode while the message fits the LL slots, see :mod:`flashcomm_cupy.tuning`;
     default ``$FLASHCOMM_PROTOCOL`` or "auto").
 
     Every rank must build the backend with the same settings (checked at
@@ -299,8 +299,9 @@ class FlashGpuBackend(CudaBackend):
         """(threads, blocks, segment elements, units per thread) for one call.
 
         Segments are whole groups (32-element units when lossless); a tile of
-        threads x 32 x units elements must fit one workspace slot, and a
-        512-thread block fills an SM, so only half as many of those are resident.
+        threads x 32 x units elements (the flag kernels' unit size) must fit one
+        workspace slot, and a 512-thread block fills an SM, so only half as many
+        of those are resident.
         """
         quantum = ELEMS_PER_THREAD if mode.lossless else mode.group_size
         quanta = -(-n // quantum)
