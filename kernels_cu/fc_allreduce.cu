@@ -11,7 +11,7 @@
 // Profiling only (wrong results, benchmarks/kernel_variants.py): FC_PROFILE_NO_WAIT
 // skips every wait for peers, FC_PROFILE_LOCAL_DATA keeps payload stores local.
 //
-// Work split: a tile is blockDim.x * 32 * units elements; thread t owns units
+// Work split: a tile is blockDim.x * FC_ELEMS * units elements; thread t owns units
 // t, t + blockDim.x, ... (each unit-round is coalesced across the block).
 // Global memory moves warp-transposed through a per-warp shared-memory stage
 // (fc_warp_gather / fc_warp_scatter in fc_common.cuh): every warp instruction
@@ -431,12 +431,14 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
 // per call; padding past n travels too, so every block exchanges with every
 // peer.  Sources are polled FC_LLQ_BATCH at a time, so their L2 round trips
 // overlap.  The host builds it with 16-element units where the group allows
-// (benchmarks/NOTES.md v17): a lane's dependent chain is half as long and
+// (benchmarks/NOTES.md v18): a lane's dependent chain is half as long and
 // twice as many lanes share the work.
 #define FC_LLQ_BATCH 4
-// Threads per block (flashcomm_cupy/backends/gpu.py: LLQ_MAX_THREADS): two
-// blocks per SM must fit, for every block to be resident.  32-element units
-// need more than 128 registers (the batched receives), 16-element ones fit.
+// Most threads per block (flashcomm_cupy/backends/gpu.py: LLQ_MAX_THREADS).
+// Two blocks per SM must fit, for every block to be resident: 32-element
+// units need more than 128 registers (the batched receives), so 128 threads;
+// 16-element builds fit 128 registers at 256 threads, except the float32
+// two-shot with an INT8 step, which the host runs at 128 (llq_threads).
 #define FC_LLQ_THREADS (FC_ELEMS == 16 ? 256 : 128)
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when

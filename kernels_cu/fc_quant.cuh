@@ -45,8 +45,9 @@ __device__ __forceinline__ float fc_rotation_sign(fc_u32 j) {
   return (h >> 31) ? -1.0f : 1.0f;
 }
 
-// Unnormalised FWHT over a group: stages h = 1..16 inside the thread, then
-// h = 32..g/2 across lanes; (a, b) -> (a + b, a - b) with a the lower index.
+// Unnormalised FWHT over a group: stages h = 1..FC_ELEMS/2 inside the thread,
+// then h = FC_ELEMS..g/2 across lanes; (a, b) -> (a + b, a - b) with a the
+// lower index.
 __device__ __forceinline__ void fc_fwht(float (&v)[FC_ELEMS], int gl, int lig) {
 #pragma unroll
   for (int h = 1; h < FC_ELEMS; h <<= 1) {

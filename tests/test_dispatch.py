@@ -99,17 +99,27 @@ def test_tuning_table_rows_and_merge(tmp_path):
     assert again["worlds"]["4"] == [retuned] + rows[1:] and again["worlds"]["2"] == rows
     extra = dict(rows[0], max_bytes=rows[-1]["max_bytes"] * 4)
     assert merge(merged, {"worlds": {"4": [extra]}})["worlds"]["4"] == rows + [extra]  # kept sorted by size
+    # rows inside the re-tuned range go even when the new grid skips their sizes
+    a, b = dict(rows[0], max_bytes=rows[0]["max_bytes"] // 2), dict(rows[-1], max_bytes=rows[-1]["max_bytes"] * 2)
+    assert merge(merged, {"worlds": {"4": [a, b]}})["worlds"]["4"] == [a, b]
+    assert merge(merged, {"worlds": {"4": []}})["worlds"]["4"] == rows
 
 
-def test_shipped_table_loads_and_covers_four_ranks():
+def test_shipped_table_loads_and_covers_two_and_four_ranks():
     t = tuning.TuningTable(__import__("json").loads(tuning.SHIPPED.read_text()), str(tuning.SHIPPED)) \
         if tuning.SHIPPED.is_file() else None
     if t is None:
         pytest.skip("no shipped table yet")
-    assert 4 in t.rows
-    for row in t.rows[4]:
-        assert row["quantized"]["algo"] in ("oneshot", "twoshot")
-        assert row["lossless"]["algo"] in ("oneshot", "twoshot", "nccl")
+    assert 4 in t.rows and 2 in t.rows
+    for rows in t.rows.values():
+        for row in rows:
+            assert row["quantized"]["algo"] in ("oneshot", "twoshot")
+            assert row["lossless"]["algo"] in ("oneshot", "twoshot", "nccl")
+            for cls in ("lossless", "quantized"):
+                if row[cls].get("protocol") == "ll":  # LL rows say what runs where LL cannot
+                    assert row[cls + "_flag"]["protocol"] == "flag"
+            if row["quantized"].get("protocol") == "ll":  # and INT6/INT8 were measured on their own
+                assert row["quantized_wide"]["algo"] in ("oneshot", "twoshot")
 
 
 # ------------------------------------------------------------------ LL (data-as-signal) kernels
@@ -185,7 +195,7 @@ def test_workspace_layout_keeps_regions_apart():
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(world):
-    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, llq_unit_elems
+    from flashcomm_cupy.backends.gpu import LLQ_UNIT_BYTES, llq_threads, llq_unit_elems
     b = fake_backend(world=world)
     layout = b.ws.layout
     for n, bits, g, algo, threads, units in itertools.product(
@@ -199,16 +209,23 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
         wire = max(LLQ_UNIT_BYTES[elems, b_] for b_ in used)
         groups = -(-n // g)
         seg = (groups if algo == "oneshot" else -(-groups // world)) * g  # whole groups, as the reference
+        cap = llq_threads(elems, 2, algo, mode.rs_bits, mode.ag_bits)
         if shape is None:  # even the largest tiles would need more blocks than can be resident
-            most = LLQ_MAX_THREADS[elems] * elems * (layout.ll_slot_bytes // wire // LLQ_MAX_THREADS[elems])
+            most = cap * elems * (layout.ll_slot_bytes // wire // cap)
             assert -(-seg // most) > layout.max_blocks
             continue
         t, nb, s, u = shape
-        assert s == seg and t <= LLQ_MAX_THREADS[elems]
+        assert s == seg and t <= cap
         tile = t * elems * u
         assert tile % g == 0  # groups never straddle tiles
         assert t * u * wire <= layout.ll_slot_bytes  # a tile's LL units fit one slot
         assert 1 <= nb <= layout.max_blocks and nb * tile >= s and (nb - 1) * tile < s
+    # float32 two-shots with an INT8 step need more than 128 registers at 16-element units: 128 threads
+    for bits, algo, want in (((8, 8), "twoshot", 128), ((4, 8), "twoshot", 128), ((6, 6), "twoshot", 256),
+                             ((8, 8), "oneshot", 256), ((4, 4), "twoshot", 256)):
+        shape = b._ll_shape(tuning.Choice(algo, 512, 0, 1, "ll"), 1 << 16, 4, Mode.make(bits, 128))
+        assert shape[0] == want, (bits, algo)
+        assert b._ll_shape(tuning.Choice(algo, 512, 0, 1, "ll"), 1 << 16, 2, Mode.make(bits, 128))[0] == 256
     # the flag protocol never runs the LL kernels
     assert b._ll_shape(tuning.Choice("oneshot", 128, 0, 1, "flag"), 4096, 2, Mode.make(4)) is None
 
@@ -228,7 +245,10 @@ def test_modes_with_an_int6_or_int8_step_use_the_rows_wide_entry_where_it_has_on
     assert b.resolve_protocol(1 << 20, Mode.make(4), 2) == "ll"
     for bits in (8, 6, (4, 8)):
         assert b.resolve_protocol(1 << 20, Mode.make(bits), 2) == "flag"
-        assert b.resolve_protocol(2 << 20, Mode.make(bits), 2) == "ll"  # no wide entry: the INT4 choice
+        # a row from before INT8 was timed: INT4's LL shape is no guide, the row's flag choice runs
+        assert b.resolve_protocol(2 << 20, Mode.make(bits), 2) == "flag"
+        assert b._resolve((2 << 20) // 2, 2, Mode.make(bits))[0] == tuning.Choice("oneshot", 128, 32, 1, "flag")
+    assert b.resolve_protocol(2 << 20, Mode.make(4), 2) == "ll"
     t = tuning.TuningTable(table, "x")
     assert t.choose(2, 1000, False, flag_only=True, wide=True) == tuning.Choice("oneshot", 128, 32, 1, "flag")
     assert t.choose(2, 1000, True, wide=True).protocol == "ll"  # lossless ignores it
@@ -257,7 +277,8 @@ def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():
     ]}}
     b = fake_backend(table=table)
     assert (b.resolve_algo(4096, Mode.make(4)), b.resolve_protocol(4096, Mode.make(4))) == ("twoshot", "ll")
-    assert (b.resolve_algo(4096, Mode.make(8)), b.resolve_protocol(4096, Mode.make(8))) == ("twoshot", "ll")
+    # no quantized_wide entry in this row: INT8 takes the row's flag choice
+    assert (b.resolve_algo(4096, Mode.make(8)), b.resolve_protocol(4096, Mode.make(8))) == ("oneshot", "flag")
     # 64 MB would need more LL tiles than blocks can be resident: the row's best flag choice,
     # not the LL row's algorithm with flags
     big = 64 << 20

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -107,3 +108,67 @@ def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
                            "-DFC_DT=0", "-DFC_RS_BITS=0", "-DFC_AG_BITS=0", "-o", str(tmp_path / "a.cubin"),
                            str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
+    """LLQ_UNIT_BYTES and LLQ_MAX_THREADS (what the host tiles by) are FcLLq's and FC_LLQ_THREADS."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES
+    for elems in (16, 32):
+        checks = [f'static_assert(FcLLq<{bits}>::BYTES == {LLQ_UNIT_BYTES[elems, bits]}, "unit bytes {bits}");'
+                  for bits in (4, 6, 8)]
+        checks.append(f'static_assert(FC_LLQ_THREADS == {LLQ_MAX_THREADS[elems]}, "threads");')
+        src = tmp_path / f"llq_{elems}.cu"
+        src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
+        proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
+                               "-DFC_DT=0", "-DFC_RS_BITS=4", "-DFC_AG_BITS=4", f"-DFC_ELEMS={elems}",
+                               "-o", str(tmp_path / f"llq_{elems}.cubin"), str(src)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _registers(ptxas_log: str) -> dict:
+    """{kernel: registers per thread} from ``-Xptxas -v`` output."""
+    regs, current = {}, None
+    for line in ptxas_log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            regs[current] = int(m.group(1))
+    return regs
+
+
+def test_every_quantized_ll_launch_fits_two_blocks_per_sm(tmp_path):
+    """The LL slot-reuse argument needs every launched block resident: at the host's thread cap
+    (``llq_threads``) two blocks of each quantized LL kernel must fit an SM's registers."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy.backends.gpu import SM_REGISTERS, llq_threads
+    specs = [(e, dt, pair) for e in (16, 32) for dt in DTYPE_CODES for pair in COMMON_BIT_PAIRS[1:]]
+    specs += [(e, 2, pair) for e in (16, 32) for pair in OTHER_BIT_PAIRS]  # float32: the most registers
+
+    def registers(index_spec):
+        index, (elems, dt, (rs, ag)) = index_spec
+        proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
+                               f"-DFC_DT={dt}", f"-DFC_RS_BITS={rs}", f"-DFC_AG_BITS={ag}", f"-DFC_ELEMS={elems}",
+                               "-Xptxas", "-v", "-o", str(tmp_path / f"r{index}.cubin"),
+                               str(KERNEL_DIR / "fc_allreduce.cu")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return _registers(proc.stdout + proc.stderr)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        found = list(pool.map(registers, enumerate(specs)))
+    over = []
+    for (elems, dt, (rs, ag)), regs in zip(specs, found):
+        itemsize = 4 if dt == 2 else 2
+        for algo in ("oneshot", "twoshot"):
+            used = regs[f"fc_llq_{algo}"]
+            threads = llq_threads(elems, itemsize, algo, rs, ag)
+            if 2 * threads * (-(-used // 8) * 8) > SM_REGISTERS:  # registers go to threads in steps of 8
+                over.append(f"FC_ELEMS={elems} dt={dt} {rs}/{ag} {algo}: {used} registers x {threads} threads")
+    assert not over, "two blocks do not fit an SM:\n" + "\n".join(over)

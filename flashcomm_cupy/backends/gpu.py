@@ -23,13 +23,28 @@ from .nccl import NcclBackend, NcclCommunicatorHandle
 DEFAULT_TIMEOUT_S = 30.0
 ELEMS_PER_THREAD = _kernels.DEFAULT_UNIT_ELEMS  # FC_ELEMS of the flag and lossless LL kernels
 #: The quantized LL kernels run 16-element units wherever the group allows (g <= 32 x 16):
-#: half as long a chain per lane, twice the lanes (benchmarks/NOTES.md v17).
+#: half as long a chain per lane, twice the lanes (benchmarks/NOTES.md v18).
 LLQ_UNIT_ELEMS = 16
 #: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
 LLQ_MAX_THREADS = {16: 256, 32: 128}
+#: registers of one SM (sm_70 to sm_90): every launched LL block must be resident, two per SM
+SM_REGISTERS = 65536
 #: bytes of one unit in the quantized LL form (FcLLq in fc_ll.cuh), by (unit elements, bits): code
 #: words paired with metadata words, rounded up to whole 16-byte vectors
 LLQ_UNIT_BYTES = {(16, 4): 16, (16, 6): 32, (16, 8): 32, (32, 4): 32, (32, 6): 48, (32, 8): 64}
+
+
+def llq_threads(elems: int, itemsize: int, algo: str, rs_bits: int, ag_bits: int) -> int:
+    """Most threads per block of a quantized LL kernel such that two blocks fit an SM.
+
+    The launch bounds allow up to LLQ_MAX_THREADS; ptxas keeps every 16-element
+    build at <= 128 registers except the float32 two-shot with an INT8 step
+    (157-159), of which only one 256-thread block fits an SM, so that one runs
+    128 threads.  tests/test_kernels_compile.py checks this against ptxas.
+    """
+    if elems == 16 and itemsize == 4 and algo == "twoshot" and 8 in (rs_bits, ag_bits):
+        return 128
+    return LLQ_MAX_THREADS[elems]
 
 
 def llq_unit_elems(group_size: int) -> int:
@@ -336,7 +351,7 @@ class FlashGpuBackend(CudaBackend):
         if choice.protocol != "ll":
             return None
         if not mode.lossless:
-            return self._llq_shape(choice, n, mode)
+            return self._llq_shape(choice, n, mode, itemsize)
         per = 16 // itemsize
         share = n if choice.algo == "oneshot" else -(-n // self.world_size)
         vecs = -(-share // per)
@@ -352,14 +367,14 @@ class FlashGpuBackend(CudaBackend):
         tile = -(-vecs // blocks)
         return threads, -(-vecs // tile), vecs * per, tile
 
-    def _llq_shape(self, choice, n, mode):
+    def _llq_shape(self, choice, n, mode, itemsize: int = 2):
         """(threads, blocks, segment elements, units per thread) of the quantized LL kernels, or None.
 
         One-shot: segment = the whole message (only the reduce-scatter codec is used).
         Two-shot: segments of whole groups as in the flag two-shot (the reference's
-        SegmentLayout).  Any codec: INT6/INT8 units take twice the bytes of INT4 in LL form
-        (as many as fp16 data), so the table's ``quantized_wide`` entry decides where they
-        run LL.  Block b handles tile b (threads x E x units elements,
+        SegmentLayout).  Any codec: INT6/INT8 units take 1.5-2x the bytes of INT4 in LL form
+        (2 bytes an element with 16-element units), so the table's ``quantized_wide`` entry
+        decides where they run LL.  Block b handles tile b (threads x E x units elements,
         E = :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
         """
         layout = self.ws.layout
@@ -367,7 +382,7 @@ class FlashGpuBackend(CudaBackend):
         bits = (mode.rs_bits,) if choice.algo == "oneshot" else (mode.rs_bits, mode.ag_bits)
         wire = max(LLQ_UNIT_BYTES[elems, b] for b in bits)
         slot_units = layout.ll_slot_bytes // wire
-        threads = min(max(choice.threads, 64), LLQ_MAX_THREADS[elems])
+        threads = min(max(choice.threads, 64), llq_threads(elems, itemsize, choice.algo, mode.rs_bits, mode.ag_bits))
         if threads > slot_units:
             return None
         quantum = mode.group_size
@@ -378,7 +393,7 @@ class FlashGpuBackend(CudaBackend):
         fewest = -(-seg_units // (threads * layout.max_blocks))  # more blocks than that cannot be resident
         units = max(1, min(max(choice.units, fewest), most, -(-seg_units // threads)))
         blocks = -(-seg_units // (threads * units))
-        if blocks > layout.max_blocks:  # two blocks of LLQ_MAX_THREADS fit an SM: max_blocks are resident
+        if blocks > layout.max_blocks:  # two blocks of llq_threads() fit an SM: max_blocks are resident
             return None
         return threads, blocks, seg, units
 

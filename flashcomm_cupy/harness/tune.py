@@ -53,8 +53,8 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
 def wide_entries(ll_entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
     """The ``quantized_wide`` (and ``quantized_wide_flag``) entries of a row whose INT4 best is LL.
 
-    INT6/INT8 units take twice the bytes of INT4 in LL form and fill an LL slot
-    with half as many elements, so INT8 gets its own search: ``time_wide``
+    INT6/INT8 units take 1.5-2x the bytes of INT4 in LL form and fill an LL slot
+    with fewer elements, so INT8 gets its own search: ``time_wide``
     (seconds, or None where LL cannot serve it) times it with every LL
     candidate and with the best flag choice; the fastest serves those modes.
     """
@@ -131,13 +131,18 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
 
 
 def merge(base: dict, new: dict) -> dict:
-    """``base`` updated with ``new``: per world size, ``new``'s rows replace the rows of
-    the same ``max_bytes`` and the other rows stay, so re-tuning a range of sizes keeps
-    the rest of the table (a table can hold several world sizes)."""
+    """``base`` updated with ``new``: per world size, ``new``'s rows replace the rows
+    within their size range and the rows outside it stay, so re-tuning a range of sizes
+    keeps the rest of the table (a table can hold several world sizes).  The table's
+    card, date and note become ``new``'s."""
     out = dict(base or {})
     worlds = dict(out.get("worlds", {}))
     for world, rows in new.get("worlds", {}).items():
-        kept = {row["max_bytes"]: row for row in worlds.get(world, [])}
+        if not rows:
+            continue
+        lo, hi = min(r["max_bytes"] for r in rows), max(r["max_bytes"] for r in rows)
+        # old rows inside the re-tuned range go, even off the new size grid (another -f)
+        kept = {row["max_bytes"]: row for row in worlds.get(world, []) if not lo <= row["max_bytes"] <= hi}
         kept.update({row["max_bytes"]: row for row in rows})
         worlds[world] = [kept[k] for k in sorted(kept)]
     out.update({k: v for k, v in new.items() if k != "worlds"})

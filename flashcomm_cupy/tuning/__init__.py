@@ -10,9 +10,10 @@ protocol: "flag" (default) or "ll", where the data is its own signal
 is LL, ``lossless_flag`` / ``quantized_flag`` hold the best flag-protocol
 choice, for the calls LL cannot serve (a message too large for the LL slots).
 Quantized rows are measured on INT4; where INT4 picks LL, ``quantized_wide``
-holds what INT8 measured faster with (the LL shape or the flag choice: INT6/INT8
-units are twice as large in LL form) and serves every mode with a step wider
-than 4 bits, with ``quantized_wide_flag`` as its flag fallback.
+holds what INT8 measured fastest with (an LL shape or the flag choice: INT6/INT8
+units are 1.5-2x as large in LL form) and serves every mode with a step wider
+than 4 bits, with ``quantized_wide_flag`` as its flag fallback; rows without it
+send those modes to their flag choice.
 
 Where a table comes from, first match wins:
 
@@ -88,13 +89,16 @@ class TuningTable:
                wide: bool = False) -> Choice:
         """The row's choice; ``flag_only``: its best flag-protocol choice (``<class>_flag``,
         recorded by ``flashcomm tune`` when the best was LL), for calls LL cannot serve.
-        ``wide``: a quantized mode with an INT6/INT8 step (``quantized_wide`` where the row has it)."""
+        ``wide``: a quantized mode with an INT6/INT8 step: ``quantized_wide`` where the row has
+        it, else the row's flag choice."""
         rows = self.rows.get(int(world))
         if not rows:
             rule = heuristic(world, nbytes, lossless)
             return replace(rule, protocol="flag") if flag_only else rule
         row = next((r for r in rows if nbytes <= r["max_bytes"]), rows[-1])
         key = "lossless" if lossless else "quantized_wide" if wide and "quantized_wide" in row else "quantized"
+        if wide and key == "quantized":
+            flag_only = True  # a row from before INT8 was timed: INT4's LL shape is no guide for wider units
         entry = row[key]
         if flag_only and entry.get("protocol", "flag") == "ll":
             entry = row.get(key + "_flag") or dict(entry, protocol="flag")
