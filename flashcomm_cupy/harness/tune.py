@@ -84,10 +84,13 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         x = cupy.asarray(np.random.default_rng([comm.rank, n]).standard_normal(n).astype(dtype))
         out = cupy.empty_like(x)
 
-        def time_choice(algo, threads, blocks, units, protocol, bits):
-            """Graph-timed seconds of one call with this launch, or None where LL cannot serve it."""
+        def time_choice(launch: dict, bits):
+            """Graph-timed seconds of one call with this launch (a table entry), or None where LL
+            cannot serve it."""
+            algo, protocol = launch["algo"], launch["protocol"]
             mode = Mode.make(bits, 128, algo=algo)
-            backend.force_launch = None if algo == "nccl" else (threads, blocks, units, protocol)
+            backend.force_launch = None if algo == "nccl" else (launch["threads"], launch["blocks"],
+                                                                launch["units"], protocol)
             try:
                 if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
                     return None  # too large for the LL slots: the flag candidates cover it
@@ -105,7 +108,7 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                 shape = {"algo": algo, "threads": threads, "blocks": blocks, "units": units, "protocol": protocol}
                 if protocol == "ll":
                     ll_entries.append(shape)
-                t = time_choice(algo, threads, blocks, units, protocol, bits)
+                t = time_choice(shape, bits)
                 if t is None:
                     continue
                 entry = (t, dict(shape, us=round(t * 1e6, 2)))
@@ -117,8 +120,7 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
             if best[1]["protocol"] == "ll" and best_flag is not None:
                 row[cls + "_flag"] = best_flag[1]  # for calls the LL kernels cannot serve
                 if cls == "quantized" and wide_bits:
-                    row.update(wide_entries(ll_entries, best_flag[1], lambda e: time_choice(
-                        e["algo"], e["threads"], e["blocks"], e["units"], e["protocol"], wide_bits)))
+                    row.update(wide_entries(ll_entries, best_flag[1], lambda e: time_choice(e, wide_bits)))
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
                 if cls == "quantized" and "quantized_wide" in row:
