@@ -4,14 +4,14 @@
 #   bash benchmarks/device_run.sh STAGES [NP]
 #
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
-# ranks), checks-ll (LL protocol and timeouts only), llab (lossless bench with
+# ranks), checks-ll (LL protocol and timeouts only), checks-staged (the staged two-shot), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
 # accuracy, model, pytest (the pytest GPU wrapper), checks-quick, eager (host
 # cost per eager call by launch path, eager_host.py), and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
-# SOLO_SHAPE, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
+# SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
 # per-instruction source counters as CSV).  NP defaults to the GPU count.
 # Logs and JSON land in $OUT (the device tool brings them back).
@@ -58,6 +58,8 @@ for stage in ${STAGES//,/ }; do
         run 200 $MPI "$NP" $FC bench -b 4K -e 16M -f 4 --bits none,4,8 --algo oneshot,twoshot --protocol $p \
           --json "$OUT/llab-$p-${NP}x-$TAG.json"
       done ;;
+    checks-staged)  # the staged two-shot (exactness, mixed with the plain kernel, timeout) plus the quick exact sweep
+      run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only staged,exact,groups,timeout ;;
     checks-fast)
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only codec,exact,groups,api ;;
     checks-rest)
@@ -97,6 +99,7 @@ for stage in ${STAGES//,/ }; do
         ${VARIANTS:+--variants "$VARIANTS"} ${CASES:+--only "$CASES"} --json "$OUT/variants-${NP}x-$TAG.json" ;;
     solo)  # one GPU: compute + HBM side of the kernels (kernel_solo.py), A/B against BASE_KERNELS
       run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
+        --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" \
         --shape "${SOLO_SHAPE:-256,264,2}" --max-blocks "${SOLO_MAX_BLOCKS:-264}" --slot-kib "${SOLO_SLOT_KIB:-48}" \
         ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} ${SOLO_DEFINE_SETS:+--define-sets "$SOLO_DEFINE_SETS"} ;;
     ncu)  # Nsight Compute on the solo kernel (details into the log)

@@ -42,6 +42,8 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     from flashcomm_cupy.config import Mode
     from flashcomm_cupy.dtypes import KERNEL_DTYPE_CODE
 
+    staged = algo == "staged"  # the staged flag two-shot (quantized 16-bit modes)
+    algo = "twoshot" if staged else algo
     mode = Mode.make(bits, 128, algo=algo)
     layout = WorkspaceLayout(world, max_blocks, slot_bytes)
     ws = cupy.zeros(layout.total, dtype=cupy.uint8)
@@ -61,21 +63,26 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     a["timeout_ns"] = 10 ** 10
     a["rank"], a["world"], a["group"], a["flags"] = rank, world, mode.group_size, 0
     a["max_blocks"], a["rot_norm"], a["units"] = max_blocks, np.float32(1 / np.sqrt(128.0)), units
-    fn = _kernels.function("fc_twoshot" if algo == "twoshot" else "fc_oneshot", KERNEL_DTYPE_CODE[dtype_name],
-                           mode.rs_bits, mode.ag_bits)
-    return fn, (blocks,), (threads,), args, (ws, err, x, out), (threads, blocks, units)
+    names = {"twoshot": "fc_twoshot", "oneshot": "fc_oneshot", "staged": "fc_twoshot_staged"}
+    fn = _kernels.function(names["staged" if staged else algo], KERNEL_DTYPE_CODE[dtype_name], mode.rs_bits, mode.ag_bits)
+    smem = 0
+    if staged:
+        from flashcomm_cupy.backends.gpu import staged_twoshot_smem
+        smem = staged_twoshot_smem(np.dtype(dtype_name).itemsize, mode.rs_bits, mode.ag_bits, world, threads)
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn, (blocks,), (threads,), args, (ws, err, x, out), (threads, blocks, units, smem)
 
 
-def time_launch(fn, grid, block, args, iters):
+def time_launch(fn, grid, block, args, iters, smem=0):
     import cupy
     for _ in range(2):
-        fn(grid, block, (args,))
+        fn(grid, block, (args,), shared_mem=smem)
     cupy.cuda.Device().synchronize()
     times = []
     for _ in range(iters):
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
-        fn(grid, block, (args,))
+        fn(grid, block, (args,), shared_mem=smem)
         stop.record()
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
@@ -87,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--bytes", default="256M", help="comma list of message sizes")
     ap.add_argument("--bits", default="4", help="comma list: 4, 8, none")
-    ap.add_argument("--algo", default="twoshot")
+    ap.add_argument("--algo", default="twoshot", help="comma list: twoshot, oneshot, staged (staged two-shot)")
     ap.add_argument("--shape", default="256,264,2", help="threads,blocks,units; ';'-separated list to compare")
     ap.add_argument("--max-blocks", type=int, default=264, help="workspace blocks (slots per source)")
     ap.add_argument("--slot-kib", type=int, default=48, help="workspace slot size")
@@ -108,14 +115,14 @@ def main(argv=None):
         if kdir:
             os.environ["FLASHCOMM_KERNEL_DIR"] = kdir
         os.environ["FLASHCOMM_KERNEL_DEFINES"] = f"{PROFILE_DEFINES} {defines}"
-        for size in args.bytes.split(","):
+        for size, algo in ((sz, al) for sz in args.bytes.split(",") for al in args.algo.split(",")):
             for bits, shape in ((b, sh) for b in args.bits.split(",") for sh in shapes):
                 b = None if bits == "none" else int(bits)
-                fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, args.algo, shape,
+                fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, algo, shape,
                                                                   max_blocks=args.max_blocks,
                                                                   slot_bytes=args.slot_kib << 10)
-                us = time_launch(fn, grid, block, kargs, args.iters)
-                print(f"solo {label:>4} world={args.world} {args.algo} {size:>5} bits={bits:>4} "
+                us = time_launch(fn, grid, block, kargs, args.iters, used[-1])
+                print(f"solo {label:>4} world={args.world} {algo} {size:>5} bits={bits:>4} "
                       f"shape={used}: {us:9.1f} us", flush=True)
                 del keep
     return 0

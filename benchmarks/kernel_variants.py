@@ -33,8 +33,14 @@ import sys
 import numpy as np
 
 # (label, bytes, bits, algo, threads, blocks, units, protocol): shapes the shipped table picks,
-# and the LL kernels (fc_ll.cuh) at the sizes they serve.
+# the LL kernels (fc_ll.cuh) at the sizes they serve, and the staged two-shot (protocol "staged":
+# the flag protocol with fc_twoshot_staged).
 CASES = [
+    ("int4 256M staged", 256 << 20, 4, "twoshot", 256, 264, 8, "staged"),
+    ("int4 256M u8", 256 << 20, 4, "twoshot", 256, 264, 8, "flag"),
+    ("int4 64M staged", 64 << 20, 4, "twoshot", 256, 264, 8, "staged"),
+    ("int4 64M u8", 64 << 20, 4, "twoshot", 256, 264, 8, "flag"),
+    ("int8 256M staged", 256 << 20, 8, "twoshot", 256, 264, 8, "staged"),
     ("int4 256M", 256 << 20, 4, "twoshot", 256, 264, 2, "flag"),
     ("int4 64M", 64 << 20, 4, "twoshot", 256, 264, 1, "flag"),
     ("int4 16M", 16 << 20, 4, "twoshot", 256, 264, 1, "flag"),
@@ -106,7 +112,8 @@ def main(argv=None):
                 x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
                 out = cupy.empty_like(x)
                 mode = Mode.make(bits, 128, algo=algo)
-                backend.force_launch = (threads, blocks, units, protocol)
+                backend.force_launch = ((threads, blocks, units, "flag", True) if protocol == "staged"
+                                        else (threads, blocks, units, protocol))
                 t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=np.float16),
                             warmup=2, iters=args.iters, repeats=args.repeats, graph=True, eager=False).primary_s
                 backend.force_launch = None

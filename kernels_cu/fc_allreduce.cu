@@ -37,6 +37,7 @@
 #include "fc_quant.cuh"
 #include "fc_signal.cuh"
 #include "fc_ll.cuh"
+#include "fc_async.cuh"
 
 #ifndef FC_DT
 #define FC_DT 0
@@ -217,6 +218,177 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         fc_receive<AG>(src, nchunk, w, active, gl, sym, v, stage);
         fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, limit, rot, gl, lig, v, stage, true);
       }
+    }
+  }
+  fc_end(a, e);
+}
+
+// ------------------------------------------------------------------ staged two-shot
+// The same three steps, slots, signals and sums as fc_twoshot_impl, with every
+// global read moved through shared memory by cp.async (fc_async.cuh) and
+// software-pipelined one job ahead: while a warp decodes and adds job i, the
+// bytes of job i+1 (step 1: one owner's unit of my input; step 2: my input and
+// every source's unit; step 3: every owner's unit) are already on their way,
+// and holding them costs no registers (NOTES v21).  Each warp has its
+// fc_warp_gather stage and two such buffers in dynamic shared memory,
+// FcStagedTwoshot::warp_chunks(world) vectors: the host passes warps x that x
+// 16 bytes (flashcomm_cupy.backends.gpu.staged_twoshot_smem) and launches no
+// more blocks than fit the SMs at once with it.
+template <int DT, int RSB, int AGB>
+struct FcStagedTwoshot {
+  static constexpr int IN = FcStagedElems<DT>::CHUNKS;
+  static constexpr int SRC = FcStaged<RSB>::CHUNKS > FcStaged<AGB>::CHUNKS ? FcStaged<RSB>::CHUNKS
+                                                                          : FcStaged<AGB>::CHUNKS;
+  static constexpr __host__ __device__ int buffer_chunks(int world) { return IN + (world - 1) * SRC; }
+  static constexpr __host__ __device__ int warp_chunks(int world) { return FC_STAGE_VECS + 2 * buffer_chunks(world); }
+};
+
+template <int DT, int RSB, int AGB>
+__device__ void fc_twoshot_staged_impl(const FcArgs& a) {
+  __shared__ fc_u32 s_epoch;
+  extern __shared__ fc_v4 s_dyn[];
+  typedef FcCodec<DT, RSB> RS;
+  typedef FcCodec<DT, AGB> AG;
+  typedef FcStagedTwoshot<DT, RSB, AGB> SH;
+  const int t = threadIdx.x, nt = blockDim.x;
+  const int group = a.group;
+  const int gl = group / FC_ELEMS, lig = t % gl, gs = __ffs(gl) - 1;
+  const bool rot = a.flags & FC_FLAG_ROTATE, sym = a.flags & FC_FLAG_SYM;
+  const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
+  unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
+  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
+  const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
+  const int nsrc = a.world - 1;
+  const int buf_chunks = SH::buffer_chunks(a.world);
+  // per warp: the fc_warp_gather/scatter stage, then two buffers
+  fc_v4* const stage = s_dyn + (t >> 5) * SH::warp_chunks(a.world);
+  fc_v4* const wbuf = stage + FC_STAGE_VECS;
+  // buffer b: my input's unit, then one unit per other rank (j-th other rank)
+  auto in_area = [&](int b) { return wbuf + b * buf_chunks; };
+  auto src_area = [&](int b, int j) { return wbuf + b * buf_chunks + SH::IN + j * SH::SRC; };
+  fc_u32 e = fc_begin(a, &s_epoch);
+  float v[FC_ELEMS];
+
+  for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
+    ++e;
+    const fc_i64 toff = ti * tile;
+    const fc_i64 nchunk = min(tile, a.seg_elems - toff);
+    const FcLayout rs_layout = fc_layout(nchunk, RSB, group, sym), ag_layout = fc_layout(nchunk, AGB, group, sym);
+
+    // 1. reduce-scatter; job i = (owner k = 1 + i / units, unit i % units).
+    const int jobs1 = nsrc * a.units;
+    auto fetch1 = [&](int i) {
+      const int o = (a.rank + 1 + i / a.units) % a.world;
+      const fc_i64 start = o * a.seg_elems + toff;
+      if (start < a.n)
+        fc_fetch_elems<DT, true>(a.in, start + (fc_i64)((i % a.units) * nt + t) * FC_ELEMS, min(a.n, start + nchunk),
+                                 in_area(i & 1));
+    };
+    fetch1(0);
+    fc_cp_async_commit();
+    for (int i = 0; i < jobs1; ++i) {
+      if (i + 1 < jobs1) fetch1(i + 1);
+      fc_cp_async_commit();
+      fc_cp_async_wait<1>();
+      const int o = (a.rank + 1 + i / a.units) % a.world;
+      const fc_i64 start = o * a.seg_elems + toff;
+      if (start < a.n) {  // all padding: nothing sent, nothing read
+        const int w = (i % a.units) * nt + t;
+        fc_staged_elems<DT>(in_area(i & 1), v);
+        if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+        typename RS::Packed p;
+        RS::pack(v, gl, sym, p);
+        RS::write(p, fc_slot(a, o, a.rs_off, 0, a.rank), nchunk, w, gl, sym, stage);
+      }
+      __syncwarp();  // buffer i & 1 is refilled next round
+    }
+    fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.flags_off, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+
+    // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
+    const fc_i64 mine = a.rank * a.seg_elems + toff;
+    if (mine < a.n) {
+      const fc_i64 limit = min(a.n, mine + nchunk);
+      auto fetch2 = [&](int u) {
+        const int w = u * nt + t;
+        fc_fetch_elems<DT, true>(a.in, mine + (fc_i64)w * FC_ELEMS, limit, in_area(u & 1));
+        for (int j = 0; j < nsrc; ++j) {
+          const int s = j < a.rank ? j : j + 1;
+          fc_fetch_unit<RSB>(fc_slot(a, a.rank, a.rs_off, 0, s), rs_layout, (int)nchunk, w, gs, sym, src_area(u & 1, j));
+        }
+      };
+      fetch2(0);
+      fc_cp_async_commit();
+      for (int u = 0; u < a.units; ++u) {
+        if (u + 1 < a.units) fetch2(u + 1);
+        fc_cp_async_commit();
+        fc_cp_async_wait<1>();
+        const int w = u * nt + t;
+        const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+        float acc[FC_ELEMS];
+#pragma unroll
+        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+        for (int s = 0; s < a.world; ++s) {
+          if (s == a.rank) {
+            fc_staged_elems<DT>(in_area(u & 1), v);
+            if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+          } else {
+            typename RS::Packed p;
+            fc_staged_unit<RSB>(src_area(u & 1, s < a.rank ? s : s - 1), w, gs, sym, p);
+            RS::unpack(p, sym, v);
+            if (!active) {
+#pragma unroll
+              for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+        }
+        typename AG::Packed p;
+        AG::pack(acc, gl, sym, p);
+        for (int k = 1; k < a.world; ++k) {
+          const int q = (a.rank + k) % a.world;
+          AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym, stage);
+        }
+        AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
+        fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, rot, gl, lig, v, stage, true);
+        __syncwarp();
+      }
+    }
+    fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+
+    // 3. all-gather: every other owner's reduced tile, one unit of each per job.
+    auto fetch3 = [&](int u) {
+      for (int k = 1; k < a.world; ++k) {
+        const int o = (a.rank + k) % a.world;
+        if (o * a.seg_elems + toff < a.n)
+          fc_fetch_unit<AGB>(fc_slot(a, a.rank, a.ag_off, 0, o), ag_layout, (int)nchunk, u * nt + t, gs, sym,
+                             src_area(u & 1, k - 1));
+      }
+    };
+    fetch3(0);
+    fc_cp_async_commit();
+    for (int u = 0; u < a.units; ++u) {
+      if (u + 1 < a.units) fetch3(u + 1);
+      fc_cp_async_commit();
+      fc_cp_async_wait<1>();
+      const int w = u * nt + t;
+      const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+      for (int k = 1; k < a.world; ++k) {
+        const int o = (a.rank + k) % a.world;
+        const fc_i64 start = o * a.seg_elems + toff;
+        if (start >= a.n) continue;
+        typename AG::Packed p;
+        fc_staged_unit<AGB>(src_area(u & 1, k - 1), w, gs, sym, p);
+        AG::unpack(p, sym, v);
+        if (!active) {
+#pragma unroll
+          for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
+        }
+        fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), rot, gl, lig, v, stage, true);
+      }
+      __syncwarp();
     }
   }
   fc_end(a, e);
@@ -627,6 +799,13 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
 extern "C" __global__ void FC_TWOSHOT_BOUNDS fc_twoshot(FcArgs a) {
   fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
+
+#if FC_RS_BITS != 0 && FC_DT != 2
+// Quantized 16-bit modes only: a float32 unit would need twice the shared memory.
+extern "C" __global__ void __launch_bounds__(512) fc_twoshot_staged(FcArgs a) {
+  fc_twoshot_staged_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(512) fc_oneshot(FcArgs a) {
   fc_oneshot_impl<FC_DT, FC_RS_BITS>(a);

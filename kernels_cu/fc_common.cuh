@@ -19,6 +19,7 @@ typedef long long fc_i64;
 #ifndef FC_ELEMS
 #define FC_ELEMS 32
 #endif
+#define FC_ELEMS_LOG2 (FC_ELEMS == 32 ? 5 : 4)
 #define FC_FLT_MIN 1.17549435e-38f
 
 // ----------------------------------------------------------------- element types

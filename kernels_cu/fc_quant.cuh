@@ -10,6 +10,7 @@
 // Every thread of a warp must call these (shuffles use the full mask).
 #pragma once
 #include "fc_common.cuh"
+#include "fc_async.cuh"
 
 #define FC_FULL_MASK 0xffffffffu
 
@@ -281,6 +282,94 @@ __device__ __forceinline__ void fc_read_unit(const unsigned char* chunk, const F
   }
   u.scale = active ? fc_ld_cg_f32(chunk + L.scales + 4 * (w / gl)) : 0.0f;
   u.mn = (active && !sym) ? fc_ld_cg_f32(chunk + L.mins + 4 * (w / gl)) : 0.0f;
+}
+
+// ----------------------------------------------------------------- staged reads
+// fc_read_unit in two halves (see fc_async.cuh): fc_fetch_unit starts the copy
+// of the warp's 32 units into a shared-memory area of FcStaged<BITS>::CHUNKS
+// vectors; after fc_cp_async_wait_all, fc_staged_unit takes the lane's unit
+// from it.  Units at or past n read as all-zero codes and metadata, as in
+// fc_read_unit.
+template <int BITS>
+struct FcStaged {
+  static constexpr int LO_W = FcUnit<BITS>::LO;                 // code words per lane
+  static constexpr int HI_W = BITS == 6 ? FcUnit<BITS>::HI : 0;  // INT6 high-part words per lane
+  static constexpr int LO_CH = 8 * LO_W, HI_CH = 8 * HI_W;      // 16-byte chunks of the warp's span
+  static constexpr int HI_AT = LO_CH + LO_CH / 8;               // padded as fc_stage_index
+  static constexpr int META_AT = HI_AT + HI_CH + HI_CH / 8;
+  static constexpr int META_CH = 8;  // a warp's units cover at most 32 groups: 32 floats
+  static constexpr int CHUNKS = META_AT + 2 * META_CH;
+};
+
+// `L` is fc_layout(n, BITS, group, sym), `gs` = log2(group / FC_ELEMS) (lanes per group).
+template <int BITS>
+__device__ __forceinline__ void fc_fetch_unit(const unsigned char* chunk, const FcLayout& L, int n, int w, int gs,
+                                              bool sym, fc_v4* area) {
+  typedef FcStaged<BITS> S;
+  const int lane = threadIdx.x & 31;
+  const int wb = w - lane;  // the warp's first unit
+  fc_fetch_chunks<S::LO_CH, false>(area, chunk + L.lo + 4 * S::LO_W * wb, (BITS == 8 ? n : n / 2) - 4 * S::LO_W * wb);
+  if constexpr (S::HI_CH > 0)
+    fc_fetch_chunks<S::HI_CH, false>(area + S::HI_AT, chunk + L.hi + 4 * S::HI_W * wb, n / 4 - 4 * S::HI_W * wb);
+  // Metadata: the 16-byte chunks holding the floats of groups wb/gl .. (wb+31)/gl;
+  // lanes 0-7 fetch scales, lanes 8-15 minimums.
+  const int c0 = (wb >> gs) >> 2, nc = ((wb + 31) >> gs >> 2) - c0 + 1;
+  const int c = lane & 7;
+  if (c < nc && (lane < 8 || (lane < 16 && !sym))) {
+    const int left = 4 * (n >> (gs + FC_ELEMS_LOG2)) - 16 * (c0 + c);
+    const int bytes = left >= 16 ? 16 : left > 0 ? left : 0;
+    fc_cp_async16(area + S::META_AT + (lane < 8 ? 0 : S::META_CH) + c,
+                  chunk + (lane < 8 ? L.scales : L.mins) + 16 * (c0 + c), bytes);
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ void fc_staged_unit(const fc_v4* area, int w, int gs, bool sym, FcUnit<BITS>& u) {
+  typedef FcStaged<BITS> S;
+  fc_staged_words<S::LO_W>(area, u.lo);
+  if constexpr (S::HI_W > 0) {
+    fc_staged_words<S::HI_W>(area + S::HI_AT, u.hi);
+  } else {
+#pragma unroll
+    for (int k = 0; k < FcUnit<BITS>::HI; ++k) u.hi[k] = 0;
+  }
+  const int wb = w - (int)(threadIdx.x & 31);
+  const int at = (w >> gs) - 4 * ((wb >> gs) >> 2);
+  const float* meta = reinterpret_cast<const float*>(area + S::META_AT);
+  u.scale = meta[at];
+  u.mn = sym ? 0.0f : meta[4 * S::META_CH + at];
+}
+
+// The same for a lane's unit of DT elements (the caller's input, or lossless
+// slots): FC_ELEMS elements from element `base`, elements >= n read as 0.
+template <int DT>
+struct FcStagedElems {
+  static constexpr int PER = 16 / (int)sizeof(typename FcElem<DT>::T);
+  static constexpr int V = FC_ELEMS / PER;  // vectors per lane
+  static constexpr int CH = 32 * V;
+  static constexpr int CHUNKS = CH + CH / 8;
+};
+
+template <int DT, bool STREAM>
+__device__ __forceinline__ void fc_fetch_elems(const void* src, fc_i64 base, fc_i64 n, fc_v4* area) {
+  typedef typename FcElem<DT>::T T;
+  const fc_i64 span = base - (fc_i64)(threadIdx.x & 31) * FC_ELEMS;
+  fc_fetch_chunks<FcStagedElems<DT>::CH, STREAM>(
+      area, reinterpret_cast<const unsigned char*>(reinterpret_cast<const T*>(src) + span), (n - span) * (fc_i64)sizeof(T));
+}
+
+template <int DT>
+__device__ __forceinline__ void fc_staged_elems(const fc_v4* area, float (&v)[FC_ELEMS]) {
+  typedef typename FcElem<DT>::T T;
+  typedef FcStagedElems<DT> S;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int k = 0; k < S::V; ++k) {
+    const fc_v4 x = area[fc_stage_index(lane * S::V + k)];
+    const T* e = reinterpret_cast<const T*>(&x);
+#pragma unroll
+    for (int i = 0; i < S::PER; ++i) v[k * S::PER + i] = FcElem<DT>::to_f32(e[i]);
+  }
 }
 
 // ----------------------------------------------------------------- codecs

@@ -372,3 +372,58 @@ def test_plans_fill_the_argument_block_for_each_kernel_family(monkeypatch):
     assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_twoshot", _kernels.FLAG_SYM, 1 << 18)
     assert b._plan(1 << 20, "float16", Mode.make(8, symmetric=True)) is b._plan(1 << 20, "float16",
                                                                                    Mode.make(8, symmetric=True))
+
+
+def test_staged_entries_and_forced_launches_carry_the_staged_kernel():
+    table = {"worlds": {"4": [{"max_bytes": 1 << 30, "lossless": {"algo": "nccl"},
+                               "quantized": {"algo": "twoshot", "threads": 256, "blocks": 264, "units": 4,
+                                             "staged": True}}]}}
+    b = fake_backend(table=table)
+    assert b._choose(64 << 20, Mode.make(4)).staged
+    assert not tuning.TuningTable(TABLE, "x").choose(4, 64 << 20, False).staged  # tables before it: plain
+    b.force_launch = (256, 264, 2, "ll", True)
+    assert b._choose(64 << 20, Mode.make(4, algo="twoshot"), flag_only=True) == \
+        tuning.Choice("twoshot", 256, 264, 2, "flag", True)
+
+
+def test_the_staged_kernel_serves_only_quantized_16_bit_two_shots_that_fit_an_sm(monkeypatch):
+    from flashcomm_cupy.backends import gpu
+    occupancy = {"blocks": 2}
+    monkeypatch.setattr(gpu._kernels, "function", lambda name, *a: name)
+    monkeypatch.setattr(gpu, "_resident_blocks", lambda fn, threads, smem: occupancy["blocks"])
+    b = fake_backend(world=4)
+    staged = tuning.Choice("twoshot", 256, 264, 2, "flag", True)
+    assert b._staged_launch(staged, "float16", Mode.make(4), 256) == (
+        "fc_twoshot_staged", 2, gpu.staged_twoshot_smem(2, 4, 4, 4, 256))
+    assert b._staged_launch(staged, "bfloat16", Mode.make((4, 8)), 128)[2] == gpu.staged_twoshot_smem(2, 4, 8, 4, 128)
+    for choice, name, mode in ((staged, "float32", Mode.make(4)), (staged, "float16", Mode.make(None)),
+                               (tuning.Choice("twoshot", 256, 264, 2), "float16", Mode.make(4)),
+                               (tuning.Choice("oneshot", 256, 264, 2, "flag", True), "float16", Mode.make(4))):
+        assert b._staged_launch(choice, name, mode, 256) is None
+    occupancy["blocks"] = 0  # not one block fits an SM: the plain kernel runs
+    assert b._staged_launch(staged, "float16", Mode.make(8), 512) is None
+
+
+def test_staged_shared_memory_grows_with_world_and_codec():
+    from flashcomm_cupy.backends.gpu import staged_twoshot_smem
+    # 4 ranks, INT4, fp16, 256 threads: two blocks fit an H100 SM's 228 KiB
+    assert 2 * (staged_twoshot_smem(2, 4, 4, 4, 256) + 1024) <= 228 << 10
+    assert staged_twoshot_smem(2, 8, 8, 4, 256) > staged_twoshot_smem(2, 4, 4, 4, 256)
+    assert staged_twoshot_smem(2, 4, 4, 8, 256) > staged_twoshot_smem(2, 4, 4, 2, 256)
+    assert staged_twoshot_smem(2, 4, 8, 4, 256) == staged_twoshot_smem(2, 8, 8, 4, 256)  # the wider codec sizes it
+
+
+def test_a_staged_plan_passes_its_shared_memory_and_launches_only_resident_blocks(monkeypatch):
+    from flashcomm_cupy import _kernels
+    from flashcomm_cupy.backends import gpu
+    monkeypatch.setattr(_kernels, "function", lambda name, *spec: types.SimpleNamespace(name=name, spec=spec))
+    monkeypatch.setattr(gpu, "_resident_blocks", lambda fn, threads, smem: 1)  # e.g. INT8: one block per SM
+    b = fake_backend(world=4)
+    b._args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
+    b._plans = {}
+    b.force_launch = (256, 264, 1, "flag", True)
+    p = b._plan(64 << 20, "float16", Mode.make(8, algo="twoshot"))
+    assert (p.fn.name, p.block, p.smem) == ("fc_twoshot_staged", (256,), gpu.staged_twoshot_smem(2, 8, 8, 4, 256))
+    assert p.grid[0] == b.ws.layout.max_blocks // 2  # one per SM, though 264 were asked for
+    p = b._plan(64 << 20, "float32", Mode.make(8, algo="twoshot"))  # float32: the plain kernel
+    assert (p.fn.name, p.smem, p.grid[0]) == ("fc_twoshot", 0, 264)

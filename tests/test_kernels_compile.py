@@ -129,6 +129,29 @@ def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_hosts_staged_shared_memory_matches_the_kernel(tmp_path):
+    """staged_twoshot_smem (the dynamic shared memory the host passes the staged two-shot)
+    is FcStagedTwoshot's per-warp size for every codec pair, world size and block size."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy.backends.gpu import STAGE_VECS, staged_twoshot_smem, staged_unit_chunks
+    checks = [f'static_assert(FC_STAGE_VECS == {STAGE_VECS}, "stage");']
+    checks += [f'static_assert(FcStaged<{bits}>::CHUNKS == {staged_unit_chunks(bits)}, "unit {bits}");'
+               for bits in (4, 6, 8)]
+    for dt, (rs, ag), world, threads in itertools.product((0, 1), COMMON_BIT_PAIRS[1:] + OTHER_BIT_PAIRS,
+                                                          range(2, 9), (64, 128, 256, 512)):
+        want = staged_twoshot_smem(2, rs, ag, world, threads)
+        checks.append(f'static_assert(FcStagedTwoshot<{dt}, {rs}, {ag}>::warp_chunks({world}) * 16 * {threads // 32}'
+                      f' == {want}, "smem {dt} {rs}/{ag} world {world} threads {threads}");')
+    src = tmp_path / "staged.cu"
+    src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
+    proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
+                           "-DFC_DT=0", "-DFC_RS_BITS=4", "-DFC_AG_BITS=4", "-o", str(tmp_path / "staged.cubin"),
+                           str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def _registers(ptxas_log: str) -> dict:
     """{kernel: registers per thread} from ``-Xptxas -v`` output."""
     regs, current = {}, None

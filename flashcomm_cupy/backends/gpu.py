@@ -52,10 +52,50 @@ def llq_unit_elems(group_size: int) -> int:
     return LLQ_UNIT_ELEMS if group_size <= 32 * LLQ_UNIT_ELEMS else ELEMS_PER_THREAD
 
 
+#: fc_warp_gather's per-warp stage, in 16-byte vectors (FC_STAGE_VECS in fc_common.cuh)
+STAGE_VECS = 144
+
+
+def _padded(chunks: int) -> int:
+    return chunks + chunks // 8  # one pad vector every eight (fc_stage_index)
+
+
+def staged_unit_chunks(bits: int, elems: int = ELEMS_PER_THREAD) -> int:
+    """16-byte vectors of a warp's staged quantized unit (FcStaged<BITS>::CHUNKS in fc_quant.cuh)."""
+    lo_words = elems // 4 if bits == 8 else elems // 8
+    hi_words = elems // 16 if bits == 6 else 0
+    return _padded(8 * lo_words) + _padded(8 * hi_words) + 16
+
+
+def staged_twoshot_smem(itemsize: int, rs_bits: int, ag_bits: int, world: int, threads: int,
+                        elems: int = ELEMS_PER_THREAD) -> int:
+    """Dynamic shared memory (bytes) of the staged flag two-shot: per warp, the stage and
+    two buffers of my input's unit plus one unit per other rank (FcStagedTwoshot in fc_allreduce.cu)."""
+    own = _padded(32 * elems * itemsize // 16)
+    src = max(staged_unit_chunks(rs_bits, elems), staged_unit_chunks(ag_bits, elems))
+    return threads // 32 * (STAGE_VECS + 2 * (own + (world - 1) * src)) * 16
+
+
 try:  # cuLaunchKernel with a prebuilt parameter array: the eager path's host cost is the launch
     from cupy_backends.cuda.api.driver import launchKernel as _launch_kernel
 except Exception:  # pragma: no cover - older CuPy: launch through RawKernel.__call__
     _launch_kernel = None
+
+
+def _resident_blocks(fn, threads: int, smem: int) -> int:
+    """Blocks of ``fn`` that fit one SM at once with ``smem`` dynamic shared bytes (0: none fit).
+
+    Raises the kernel's dynamic shared memory limit to ``smem`` first (past 48 KiB
+    it must be asked for); a device that cannot give that much yields 0.
+    """
+    from cupy_backends.cuda.api import driver
+    try:
+        if fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        return int(driver.occupancyMaxActiveBlocksPerMultiprocessor(int(getattr(fn, "kernel", fn).ptr), threads,
+                                                                     smem))
+    except Exception:  # more than the device allows
+        return 0
 
 
 class _Plan:
@@ -67,10 +107,11 @@ class _Plan:
     directly instead of marshalling the arguments in Python on every call.
     """
 
-    __slots__ = ("fn", "grid", "block", "args", "ptrs", "func", "params", "params_ptr")
+    __slots__ = ("fn", "grid", "block", "args", "ptrs", "func", "params", "params_ptr", "smem")
 
-    def __init__(self, fn, blocks, threads, args):
+    def __init__(self, fn, blocks, threads, args, smem=0):
         self.fn, self.grid, self.block, self.args = fn, (blocks,), (threads,), args
+        self.smem = int(smem)  # dynamic shared memory bytes (the staged two-shot)
         self.ptrs = args.view(np.uint64)
         self.func = 0
         if _launch_kernel is not None:
@@ -132,7 +173,7 @@ class FlashGpuBackend(CudaBackend):
             # once, since block b waits for block b of every peer.
             max_blocks = 2 * cupy.cuda.runtime.getDeviceProperties(self.device_id)["multiProcessorCount"]
         self.table = tuning.load(tuning_path)
-        #: (threads, blocks, units[, protocol]) forced on every flash launch; set only by tuning sweeps
+        #: (threads, blocks, units[, protocol[, staged]]) forced on every flash launch; set only by tuning sweeps
         self.force_launch = None
         protocol = protocol or os.environ.get("FLASHCOMM_PROTOCOL") or "auto"
         if protocol not in ("auto",) + tuning.PROTOCOLS:
@@ -224,8 +265,8 @@ class FlashGpuBackend(CudaBackend):
 
     def _choose_table(self, nbytes: int, mode: Mode, flag_only: bool = False) -> tuning.Choice:
         if self.force_launch is not None and mode.algo in ("oneshot", "twoshot"):
-            return tuning.Choice(mode.algo, *self.force_launch[:3]) if flag_only else \
-                tuning.Choice(mode.algo, *self.force_launch)
+            forced = tuning.Choice(mode.algo, *self.force_launch)
+            return dataclasses.replace(forced, protocol="flag") if flag_only else forced
         wide = not mode.lossless and max(mode.rs_bits, mode.ag_bits) > 4
         auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only, wide)
         if mode.algo == "auto":
@@ -264,9 +305,10 @@ class FlashGpuBackend(CudaBackend):
         plan.ptrs[1] = dst.data.ptr
         # The driver copies the argument block at launch, so reusing it is safe.
         if plan.func and self.launcher == "driver":
-            _launch_kernel(plan.func, plan.grid[0], 1, 1, plan.block[0], 1, 1, 0, stream.ptr, plan.params_ptr, 0)
+            _launch_kernel(plan.func, plan.grid[0], 1, 1, plan.block[0], 1, 1, plan.smem, stream.ptr,
+                           plan.params_ptr, 0)
         else:
-            plan.fn(plan.grid, plan.block, (plan.args,), stream=stream)
+            plan.fn(plan.grid, plan.block, (plan.args,), stream=stream, shared_mem=plan.smem)
         if dst is not out:
             out[...] = dst
         return out
@@ -293,6 +335,7 @@ class FlashGpuBackend(CudaBackend):
             a["flags"] = (_kernels.FLAG_ROTATE if mode.rotate else 0) | (_kernels.FLAG_SYM if mode.symmetric else 0)
             a["rot_norm"] = np.float32(1.0 / np.sqrt(float(mode.group_size)))
             dt = KERNEL_DTYPE_CODE[name]
+            smem = 0
             if ll is not None and mode.lossless:
                 threads, blocks, a["seg_elems"], a["ll_tile"] = ll
                 fn = _kernels.function("fc_ll_oneshot" if choice.algo == "oneshot" else "fc_ll_twoshot", dt, 0, 0)
@@ -302,13 +345,37 @@ class FlashGpuBackend(CudaBackend):
                                        mode.rs_bits, mode.ag_bits, llq_unit_elems(mode.group_size))
             else:
                 threads, blocks, a["seg_elems"], a["units"] = self._launch_shape(choice, n, name, mode)
-                fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot", dt,
-                                       mode.rs_bits, mode.ag_bits)
-            plan = _Plan(fn, blocks, threads, args)
+                staged = self._staged_launch(choice, name, mode, threads)
+                if staged is not None:
+                    fn, per_sm, smem = staged
+                    blocks = min(blocks, self.ws.layout.max_blocks // 2 * per_sm)  # max_blocks is two per SM
+                else:
+                    fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot", dt,
+                                           mode.rs_bits, mode.ag_bits)
+            plan = _Plan(fn, blocks, threads, args, smem)
         if len(self._plans) >= 1024:
             self._plans.clear()
         self._plans[key] = plan
         return plan
+
+    def _staged_launch(self, choice, name, mode, threads):
+        """(kernel, blocks per SM, dynamic shared bytes) of the staged flag two-shot at
+        ``threads`` per block, or None where it does not apply (not asked for, lossless,
+        float32, or not even one block fits an SM): the plain flag two-shot runs then.
+
+        Its shared memory grows with the world size and the codec, so how many
+        blocks fit an SM at once comes from the occupancy calculator: every
+        launched block must be resident (block b waits for block b of every peer).
+        """
+        itemsize = np.dtype(name).itemsize
+        if not (choice.staged and choice.algo == "twoshot" and not mode.lossless and itemsize == 2):
+            return None
+        fn = _kernels.function("fc_twoshot_staged", KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
+        smem = staged_twoshot_smem(itemsize, mode.rs_bits, mode.ag_bits, self.world_size, threads)
+        per_sm = _resident_blocks(fn, threads, smem)
+        if per_sm < 1:
+            return None
+        return fn, per_sm, smem
 
     def _launch_shape(self, choice, n, name, mode):
         """(threads, blocks, segment elements, units per thread) for one call.

@@ -5,7 +5,8 @@ the same graph-timed loop as ``flashcomm bench`` (:func:`.timing.measure`);
 the fastest per size and class (lossless, quantized) becomes a row of a
 :class:`flashcomm_cupy.tuning.TuningTable`.  Quantized rows are tuned on
 ``tune_bits`` (INT4 by default); where INT4 runs LL, INT8 is timed on the LL
-candidates and the best flag choice too (:func:`wide_entries`), for the modes with a wider step.
+candidates and the best flag choice too (:func:`wide_entries`), for the modes with a wider step;
+where INT4 runs the staged two-shot, INT8 is timed on it and on the best plain flag choice.
 """
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ LARGE_SHAPES = ([(512, 132, u) for u in (1, 2, 4)] +
 LL_SHAPES = [(t, b, 1) for t in (128, 256, 512) for b in (0, 32, 132)]
 # Quantized LL kernels: one tile per block, so threads x units sets the spread.
 LLQ_SHAPES = [(t, 0, u) for t in (64, 128, 256) for u in (1, 2)]
+# The staged flag two-shot (quantized, large messages): its shared memory allows at most
+# two 256-thread blocks per SM, and fewer with wide codecs or many ranks (the backend caps blocks).
+STAGED_SHAPES = [(256, b, u) for b in (132, 264) for u in (1, 2, 4, 8)]
 
 
 def candidates(nbytes: int, lossless: bool, max_blocks: int):
-    """(algo, threads, blocks, units, protocol) to try for one message size and class.
+    """(algo, threads, blocks, units, protocol, staged) to try for one message size and class.
 
     LL candidates the backend cannot run at this size are skipped by :func:`tune`.
     """
@@ -39,28 +43,32 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
     shapes = SMALL_SHAPES if nbytes <= SMALL_BYTES else LARGE_SHAPES
     for algo in algos:
         for threads, blocks, units in shapes:
-            yield algo, threads, min(blocks, max_blocks), units, "flag"
+            yield algo, threads, min(blocks, max_blocks), units, "flag", False
         if lossless:
             for threads, blocks, units in LL_SHAPES:
-                yield algo, threads, min(blocks, max_blocks), units, "ll"
+                yield algo, threads, min(blocks, max_blocks), units, "ll", False
         else:
             for threads, blocks, units in LLQ_SHAPES:
-                yield algo, threads, blocks, units, "ll"
+                yield algo, threads, blocks, units, "ll", False
+    if not lossless and nbytes > SMALL_BYTES:
+        for threads, blocks, units in STAGED_SHAPES:
+            yield "twoshot", threads, min(blocks, max_blocks), units, "flag", True
     if lossless:
-        yield "nccl", 0, 0, 0, "flag"
+        yield "nccl", 0, 0, 0, "flag", False
 
 
-def wide_entries(ll_entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
-    """The ``quantized_wide`` (and ``quantized_wide_flag``) entries of a row whose INT4 best is LL.
+def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
+    """The ``quantized_wide`` (and ``quantized_wide_flag``) entries of a row whose INT4 best is LL
+    (``entries``: every LL candidate) or the staged two-shot (``entries``: that choice).
 
     INT6/INT8 units take 1.5-2x the bytes of INT4 in LL form and fill an LL slot
-    with fewer elements, so INT8 gets its own search: ``time_wide``
-    (seconds, or None where LL cannot serve it) times it with every LL
-    candidate and with the best flag choice; the fastest serves those modes.
+    (or a staging buffer) with fewer elements, so INT8 gets its own search: ``time_wide``
+    (seconds, or None where LL cannot serve it) times it with every entry
+    and with the best (plain) flag choice; the fastest serves those modes.
     """
     t_flag = time_wide(flag_entry)
     best = None
-    for entry in ll_entries:
+    for entry in entries:
         t = time_wide(entry)
         if t is not None and (best is None or t < best[0]):
             best = (t, entry)
@@ -90,7 +98,8 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
             algo, protocol = launch["algo"], launch["protocol"]
             mode = Mode.make(bits, 128, algo=algo)
             backend.force_launch = None if algo == "nccl" else (launch["threads"], launch["blocks"],
-                                                                launch["units"], protocol)
+                                                                launch["units"], protocol,
+                                                                bool(launch.get("staged", False)))
             try:
                 if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
                     return None  # too large for the LL slots: the flag candidates cover it
@@ -101,11 +110,13 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
 
         row = {"max_bytes": int(nbytes)}
         for cls, bits in (("lossless", None), ("quantized", tune_bits)):
-            best = best_flag = None
+            best = best_flag = best_plain = None
             ll_entries = []
-            for algo, threads, blocks, units, protocol in candidates(nbytes, bits is None,
-                                                                     backend.ws.layout.max_blocks):
+            for algo, threads, blocks, units, protocol, staged in candidates(nbytes, bits is None,
+                                                                             backend.ws.layout.max_blocks):
                 shape = {"algo": algo, "threads": threads, "blocks": blocks, "units": units, "protocol": protocol}
+                if staged:
+                    shape["staged"] = True
                 if protocol == "ll":
                     ll_entries.append(shape)
                 t = time_choice(shape, bits)
@@ -116,11 +127,18 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                     best = entry
                 if protocol == "flag" and (best_flag is None or t < best_flag[0]):
                     best_flag = entry
+                if protocol == "flag" and not staged and (best_plain is None or t < best_plain[0]):
+                    best_plain = entry
             row[cls] = best[1]
             if best[1]["protocol"] == "ll" and best_flag is not None:
                 row[cls + "_flag"] = best_flag[1]  # for calls the LL kernels cannot serve
                 if cls == "quantized" and wide_bits:
                     row.update(wide_entries(ll_entries, best_flag[1], lambda e: time_choice(e, wide_bits)))
+            elif best[1].get("staged") and cls == "quantized" and wide_bits and best_plain is not None:
+                # INT8 takes more shared memory per unit (fewer blocks per SM): it may prefer the plain kernel
+                wide = wide_entries([best[1]], best_plain[1], lambda e: time_choice(e, wide_bits))
+                wide.pop("quantized_wide_flag", None)  # an LL fallback; both choices here are flag kernels
+                row.update(wide)
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
                 if cls == "quantized" and "quantized_wide" in row:

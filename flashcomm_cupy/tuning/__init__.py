@@ -13,7 +13,11 @@ Quantized rows are measured on INT4; where INT4 picks LL, ``quantized_wide``
 holds what INT8 measured fastest with (an LL shape or the flag choice: INT6/INT8
 units are 1.5-2x as large in LL form) and serves every mode with a step wider
 than 4 bits, with ``quantized_wide_flag`` as its flag fallback; rows without it
-send those modes to their flag choice.
+send those modes to their flag choice.  An entry with ``"staged": true`` runs
+the staged flag two-shot (reads through shared memory, pipelined one unit ahead:
+``kernels_cu/fc_allreduce.cu``) for quantized modes on 16-bit data; where such a
+row's INT4 choice is staged, ``quantized_wide`` holds INT8's faster of the
+staged and the best plain flag choice.
 
 Where a table comes from, first match wins:
 
@@ -43,7 +47,9 @@ class Choice:
 
     ``protocol`` "ll" asks for the data-as-signal kernels; the backend falls
     back to the row's flag choice where they do not apply (messages larger
-    than the LL slots).
+    than the LL slots).  ``staged`` asks for the flag two-shot that stages its
+    reads in shared memory (``fc_twoshot_staged``); it serves quantized modes
+    on 16-bit data, and the backend runs the plain flag two-shot elsewhere.
     """
 
     algo: str
@@ -51,6 +57,7 @@ class Choice:
     blocks: int = 0
     units: int = 1
     protocol: str = "flag"
+    staged: bool = False
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -73,7 +80,7 @@ def heuristic(world: int, nbytes: int, lossless: bool) -> Choice:
 
 def _choice(c: dict) -> Choice:
     return Choice(c["algo"], int(c.get("threads", 256)), int(c.get("blocks", 0)), int(c.get("units", 1)),
-                  str(c.get("protocol", "flag")))
+                  str(c.get("protocol", "flag")), bool(c.get("staged", False)))
 
 
 class TuningTable:

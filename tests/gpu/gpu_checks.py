@@ -409,6 +409,83 @@ class Checker:
             self.fail("ll: no call resolved to the LL kernels")
         self.log(f"ll: {ran_ll} exact LL cases, {calls} mixed calls, {replays} graph replays")
 
+    def check_staged(self, calls):
+        """The staged flag two-shot (fc_twoshot_staged) against the reference: every quantized
+        codec pair, both 16-bit dtypes, group sizes, launch shapes that give a block one or
+        many tiles, then a random sequence mixing it with the plain flag two-shot."""
+        import cupy
+        backend = self.comm.backend
+        ran = 0
+
+        def run(x, out, mode, dtype, shape):
+            nonlocal ran
+            backend.force_launch = shape + ("flag", True)
+            try:
+                backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+                plan = backend._plan(int(x.size), dtype, mode)
+                ran += int(plan is not None and plan.smem > 0)
+            finally:
+                backend.force_launch = None
+
+        shapes = ((256, 264, 2), (128, 16, 1), (512, 132, 4), (64, 8, 3))
+        for n in (1, 127, 4099, 65_537, 1_000_003):
+            for dtype in ("float16", "bfloat16"):
+                x = to_device(host_input(21, self.rank, n, dtype))
+                for k, bits in enumerate((4, 6, 8, (4, 8), (8, 4), (6, 4))):
+                    for rotate, sym in ((False, False), (True, False), (False, True)):
+                        mode = Mode.make(bits, 128, sym, rotate, "twoshot")
+                        shape = shapes[(k + n) % len(shapes)]
+                        out = cupy.full_like(x, 0x7E00)
+                        run(x, out, mode, dtype, shape)
+                        self.compare_with_reference(f"staged {shape} n={n} {dtype} {mode.label}", out, n, dtype,
+                                                    mode, 21, "twoshot")
+        x = to_device(host_input(22, self.rank, 300_007, "float16"))
+        for g in (32, 64, 256, 512, 1024):
+            for shape in shapes:
+                mode = Mode.make((4, 8), g, False, True, "twoshot")
+                out = cupy.empty_like(x)
+                run(x, out, mode, "float16", shape)
+                self.compare_with_reference(f"staged group {g} {shape} {mode.label}", out, 300_007, "float16",
+                                            mode, 22, "twoshot")
+        n = 32 << 20  # 64 MiB: many tiles per block
+        x = to_device(host_input(23, self.rank, n, "float16"))
+        out = cupy.empty_like(x)
+        run(x, out, Mode.make(4, algo="twoshot"), "float16", (256, 264, 4))
+        self.compare_with_reference("staged 64 MiB int4", out, n, "float16", Mode.make(4, algo="twoshot"), 23,
+                                    "twoshot")
+        del x, out
+        # a random sequence of staged and plain two-shot calls (they share slots and epochs)
+        rng = np.random.default_rng(7)
+        cases = []
+        for i, n in enumerate((5000, 262_144, 1_048_576)):
+            ins = [host_input(500 + i, r, n, "float16") for r in range(self.world)]
+            for bits in (4, 8, (4, 8)):
+                mode = Mode.make(bits, algo="twoshot")
+                ref = fc.flash_all_reduce_reference(ins, mode=mode)[0]
+                cases.append((cupy.asarray(ins[self.rank]), mode, cupy.asarray(ref)))
+        order = rng.integers(0, len(cases), size=calls)
+        pick = rng.integers(0, 2 * len(shapes), size=calls)
+        wrong = 0
+        for k in range(calls):
+            x, mode, ref = cases[order[k]]
+            out = cupy.empty_like(x)
+            shape = shapes[pick[k] % len(shapes)]
+            if pick[k] < len(shapes):
+                run(x, out, mode, "float16", shape)
+            else:
+                backend.force_launch = shape + ("flag", False)
+                try:
+                    backend.all_reduce(x, out, mode, dtype=np.float16)
+                finally:
+                    backend.force_launch = None
+            wrong += int((out.view(cupy.uint16) != ref.view(cupy.uint16)).sum())
+        self.comm.synchronize()
+        if not self.agree(wrong == 0):
+            self.fail(f"staged mixed sequence: {wrong} wrong elements on rank {self.rank}")
+        if not self.agree(ran > 0):
+            self.fail("staged: no call resolved to the staged kernel")
+        self.log(f"staged: {ran} calls ran the staged kernel, {calls} mixed calls")
+
     def check_large(self, nbytes):
         import cupy
         n = nbytes // 2
@@ -422,7 +499,7 @@ class Checker:
         self.log(f"large: {nbytes >> 20} MiB checked")
 
 
-def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8, algo="twoshot"):
+def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8, algo="twoshot", staged=False):
     """The last rank never calls all_reduce; the others must raise within the bound."""
     import cupy
     comm = fc.Communicator(world_comm, backend="gpu", timeout_s=bound_s, protocol=protocol)
@@ -430,6 +507,8 @@ def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8, algo="twosho
     ok = True
     if comm.backend_name != "gpu":
         return True, "skipped (no flash backend)"
+    if staged:
+        comm.backend.force_launch = (256, 264, 1, "flag", True)
     msg = ""
     if rank != last:
         x = cupy.ones(1 << 16, dtype=cupy.float16)
@@ -477,6 +556,7 @@ def main(argv=None):
         ("graphs", lambda: ck.check_graph_replays(args.replays if not args.quick else 100)),
         ("large", lambda: ck.check_large(args.large_mib << 20)),
         ("ll", lambda: ck.check_ll(2000 if not args.quick else 300)),
+        ("staged", lambda: ck.check_staged(1000 if not args.quick else 200)),
     ]
     t_all = time.perf_counter()
     for name, fn in plan:
@@ -491,12 +571,13 @@ def main(argv=None):
             MPI.COMM_WORLD.Abort(2)
         ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
     comm.close()
-    for protocol, bits, algo in (("flag", 8, "twoshot"), ("ll", None, "oneshot"), ("ll", 4, "twoshot"),
-                                 ("ll", 8, "oneshot")):
+    for protocol, bits, algo, staged in (("flag", 8, "twoshot", False), ("ll", None, "oneshot", False),
+                                         ("ll", 4, "twoshot", False), ("ll", 8, "oneshot", False),
+                                         ("flag", 4, "twoshot", True)):
         if only and "timeout" not in only:
             break
-        what = f"{protocol}, bits {bits}, {algo}"
-        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol, bits=bits, algo=algo)
+        what = f"{protocol}{' staged' if staged else ''}, bits {bits}, {algo}"
+        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol, bits=bits, algo=algo, staged=staged)
         ok = all(MPI.COMM_WORLD.allgather(ok))
         if ck.rank == 0:
             print((f"timeout ({what}): OK " if ok else f"FAIL timeout ({what}): ") + msg, flush=True)
