@@ -23,16 +23,33 @@
 
 __device__ __forceinline__ bool fc_isfinite(float x) { return fabsf(x) <= 3.402823466e38f; }
 
-__device__ __forceinline__ float fc_group_max(float v, int gl) {
-  for (int m = 1; m < gl; m <<= 1) v = fmaxf(v, __shfl_xor_sync(FC_FULL_MASK, v, m));
+// max/min that return NaN when either operand is NaN (fmaxf/fminf return the
+// other operand), so a group's range is NaN or infinite iff the group holds a
+// NaN or an infinity: the quantizer needs no separate probe of every element.
+__device__ __forceinline__ float fc_max_nan(float a, float b) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+#endif
+}
+__device__ __forceinline__ float fc_min_nan(float a, float b) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b);
+#endif
+}
+__device__ __forceinline__ float fc_group_max_nan(float v, int gl) {
+  for (int m = 1; m < gl; m <<= 1) v = fc_max_nan(v, __shfl_xor_sync(FC_FULL_MASK, v, m));
   return v;
 }
-__device__ __forceinline__ float fc_group_min(float v, int gl) {
-  for (int m = 1; m < gl; m <<= 1) v = fminf(v, __shfl_xor_sync(FC_FULL_MASK, v, m));
-  return v;
-}
-__device__ __forceinline__ int fc_group_any(int v, int gl) {
-  for (int m = 1; m < gl; m <<= 1) v |= __shfl_xor_sync(FC_FULL_MASK, v, m);
+__device__ __forceinline__ float fc_group_min_nan(float v, int gl) {
+  for (int m = 1; m < gl; m <<= 1) v = fc_min_nan(v, __shfl_xor_sync(FC_FULL_MASK, v, m));
   return v;
 }
 
@@ -121,25 +138,25 @@ __device__ __forceinline__ fc_u32 fc_unpack_code(const FcUnit<BITS>& u, int i) {
 // Quantize one unit (see quant.quantize for the exact rules).
 template <int BITS>
 __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, bool sym, FcUnit<BITS>& u) {
-  // x * 0 is NaN exactly for NaN and +-Inf: one FMA per element flags a non-finite group.
-  float probe = 0.0f;
-#pragma unroll
-  for (int i = 0; i < FC_ELEMS; ++i) probe = __fmaf_rn(v[i], 0.0f, probe);
-  int bad = fc_group_any(probe != probe, gl);
+  // A group is bad (all-NaN metadata) iff it holds a NaN or an infinity, or its
+  // range overflows: with NaN-propagating max/min all three show as a
+  // non-finite range (asymmetric) or absolute maximum (symmetric).
   float scale, mn = 0.0f, inv;
+  bool bad;
   if (sym) {
     float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    amax = fc_group_max(amax, gl);
+    for (int i = 0; i < FC_ELEMS; ++i) amax = fc_max_nan(amax, fabsf(v[i]));
+    amax = fc_group_max_nan(amax, gl);
+    bad = !fc_isfinite(amax);
     scale = __fdiv_rn(amax, (float)((1 << (BITS - 1)) - 1));
   } else {
     float lo = v[0], hi = v[0];
 #pragma unroll
-    for (int i = 1; i < FC_ELEMS; ++i) { lo = fminf(lo, v[i]); hi = fmaxf(hi, v[i]); }
-    mn = fc_group_min(lo, gl);
-    const float rng = __fsub_rn(fc_group_max(hi, gl), mn);
-    bad |= !fc_isfinite(rng);
+    for (int i = 1; i < FC_ELEMS; ++i) { lo = fc_min_nan(lo, v[i]); hi = fc_max_nan(hi, v[i]); }
+    mn = fc_group_min_nan(lo, gl);
+    const float rng = __fsub_rn(fc_group_max_nan(hi, gl), mn);
+    bad = !fc_isfinite(rng);
     scale = __fdiv_rn(rng, (float)((1 << BITS) - 1));
   }
   if (scale < FC_FLT_MIN) { scale = 0.0f; inv = 0.0f; }
@@ -154,21 +171,33 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
     return;
   }
   // rint + clamp in the magic-biased domain (see FC_MAGIC): no conversion-pipe
-  // instructions.  Asymmetric codes need no lower clamp: v >= mn, so x >= 0.
+  // instructions; q's bit pattern is `base` + the code.  Asymmetric codes need
+  // no lower clamp: v >= mn, so x >= 0.
+  const fc_u32 base = sym ? FC_MAGIC_BITS - (1u << (BITS - 1)) : FC_MAGIC_BITS;
+  float q[FC_ELEMS];
   if (sym) {
     const float qs = (float)((1 << (BITS - 1)) - 1);
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) {
-      const float q = fminf(fmaxf(__fadd_rn(__fmul_rn(v[i], inv), FC_MAGIC), FC_MAGIC - qs), FC_MAGIC + qs);
-      fc_pack_code(u, i, __float_as_uint(q) - (FC_MAGIC_BITS - (1u << (BITS - 1))));
-    }
+    for (int i = 0; i < FC_ELEMS; ++i)
+      q[i] = fminf(fmaxf(__fadd_rn(__fmul_rn(v[i], inv), FC_MAGIC), FC_MAGIC - qs), FC_MAGIC + qs);
   } else {
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) {
-      const float x = __fmul_rn(__fsub_rn(v[i], mn), inv);
-      const float q = fminf(__fadd_rn(x, FC_MAGIC), FC_MAGIC + (float)((1 << BITS) - 1));
-      fc_pack_code(u, i, __float_as_uint(q) - FC_MAGIC_BITS);
-    }
+    for (int i = 0; i < FC_ELEMS; ++i)
+      q[i] = fminf(__fadd_rn(__fmul_rn(__fsub_rn(v[i], mn), inv), FC_MAGIC), FC_MAGIC + (float)((1 << BITS) - 1));
+  }
+  if constexpr (BITS == 6) {
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) fc_pack_code(u, i, __float_as_uint(q[i]) - base);
+  } else {
+    // INT4/INT8: a word's codes do not overlap, so adding the shifted bit
+    // patterns (one IMAD/LEA each) and then subtracting the shifted bases once
+    // per word, all modulo 2^32, leaves exactly the packed codes.
+    constexpr int S = BITS, PER = 32 / BITS;
+    constexpr fc_u32 SPREAD = BITS == 8 ? 0x01010101u : 0x11111111u;  // sum of 1 << (S * j), j < PER
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) u.lo[i / PER] += __float_as_uint(q[i]) << (S * (i % PER));
+#pragma unroll
+    for (int k = 0; k < FcUnit<BITS>::LO; ++k) u.lo[k] -= base * SPREAD;
   }
   u.scale = scale;
   u.mn = mn;
