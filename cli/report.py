@@ -19,8 +19,10 @@ DASH = "-"
 # ----------------------------------------------------------------------------- numbers
 
 def algo_text(row) -> str:
-    """What ran: the algorithm, with "/ll" when the data-as-signal kernels ran."""
-    return f"{row.algo_resolved}/ll" if getattr(row, "protocol", "") == "ll" else row.algo_resolved
+    """What ran: the algorithm, with "/ll" when the data-as-signal kernels ran and "/staged"
+    when the two-shot staged its reads in shared memory."""
+    protocol = getattr(row, "protocol", "")
+    return f"{row.algo_resolved}/{protocol}" if protocol in ("ll", "staged") else row.algo_resolved
 
 def fmt_num(value: Optional[float], digits: int = 3) -> str:
     """Fixed-width friendly number: 3 significant digits, '-' for None."""

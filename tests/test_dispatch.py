@@ -427,3 +427,7 @@ def test_a_staged_plan_passes_its_shared_memory_and_launches_only_resident_block
     assert p.grid[0] == b.ws.layout.max_blocks // 2  # one per SM, though 264 were asked for
     p = b._plan(64 << 20, "float32", Mode.make(8, algo="twoshot"))  # float32: the plain kernel
     assert (p.fn.name, p.smem, p.grid[0]) == ("fc_twoshot", 0, 264)
+    # what bench rows report
+    assert b.resolve_protocol(64 << 20, Mode.make(8, algo="twoshot")) == "staged"
+    assert b.resolve_protocol(64 << 20, Mode.make(8, algo="twoshot"), itemsize=4) == "flag"
+    assert b.resolve_protocol(64 << 20, Mode.make(None, algo="twoshot")) == "flag"  # lossless: plain

@@ -709,3 +709,12 @@ def test_mpi_library_version_is_one_clean_line():
         "Open MPI v4.1.6, ident: 4.1.6, Sep 30, 2023"
     assert _mpi.clean_version("MPICH Version: 4.2\nMPICH Release date: ...\n") == "MPICH Version: 4.2"
     assert _mpi.clean_version("") == ""
+
+
+def test_the_table_names_the_kernels_that_ran():
+    import types
+    from flashcomm_cupy.cli.report import algo_text
+    assert algo_text(types.SimpleNamespace(algo_resolved="twoshot", protocol="staged")) == "twoshot/staged"
+    assert algo_text(types.SimpleNamespace(algo_resolved="oneshot", protocol="ll")) == "oneshot/ll"
+    assert algo_text(types.SimpleNamespace(algo_resolved="twoshot", protocol="flag")) == "twoshot"
+    assert algo_text(types.SimpleNamespace(algo_resolved="nccl", protocol="")) == "nccl"

@@ -63,7 +63,8 @@ class Backend(abc.ABC):
         (``itemsize``-byte elements)."""
 
     def resolve_protocol(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
-        """How the chosen flash kernels signal ("flag" or "ll"); "" where that does not apply."""
+        """How the chosen flash kernels signal ("flag" or "ll"; "staged": the flag two-shot that
+        stages its reads in shared memory); "" where that does not apply."""
         return ""
 
     @abc.abstractmethod

@@ -238,11 +238,17 @@ class FlashGpuBackend(CudaBackend):
         return self._resolve(max(1, nbytes // itemsize), itemsize, mode)[0].algo
 
     def resolve_protocol(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
-        """"ll" or "flag" for the flash kernels that would run; "" when NCCL runs."""
-        choice, ll = self._resolve(max(1, nbytes // itemsize), itemsize, mode)
+        """"ll", "flag" or "staged" (the flag two-shot staging its reads) for the flash
+        kernels that would run; "" when NCCL runs."""
+        n = max(1, nbytes // itemsize)
+        choice, ll = self._resolve(n, itemsize, mode)
         if choice.algo == "nccl":
             return ""
-        return "ll" if ll is not None else "flag"
+        if ll is not None:
+            return "ll"
+        if choice.staged and itemsize == 2:  # float16 and bfloat16 plans alike
+            return "staged" if self._plan(n, "float16", mode).smem else "flag"
+        return "flag"
 
     def _resolve(self, n: int, itemsize: int, mode: Mode):
         """(choice, LL launch or None) for n elements: an LL choice the LL kernels

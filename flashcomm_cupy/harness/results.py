@@ -56,7 +56,7 @@ class Row:
     bound: Optional[float] = None        # rel-RMS bound applied
     ok: bool = True
     failure: str = ""
-    protocol: str = ""                   # flash kernels' signalling: "flag", "ll"; "" for baselines
+    protocol: str = ""                   # flash kernels' signalling: "flag", "ll", "staged"; "" for baselines
 
 
 _ROW_FIELDS = [f.name for f in dataclasses.fields(Row)]
