@@ -108,14 +108,16 @@ for stage in ${STAGES//,/ }; do
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section ComputeWorkloadAnalysis \
         --section InstructionStats --section SourceCounters \
-        python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" ;;
+        python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" \
+        --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" ;;
     ncu-src)  # per-SASS-instruction source counters of the solo kernel, as CSV
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       log "ncu source page -> $OUT/ncu-source.csv"
       timeout -k 10 300 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 --section SourceCounters \
         --page source --csv --print-source sass \
         python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" \
-        --shape "${SOLO_SHAPE:-256,264,2}" > "$OUT/ncu-source.csv" 2>>"$LOG"
+        --shape "${SOLO_SHAPE:-256,264,2}" --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" \
+        > "$OUT/ncu-source.csv" 2>>"$LOG"
       log "rc=$? ($(wc -l < "$OUT/ncu-source.csv") lines)" ;;
     checks-quick)
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
