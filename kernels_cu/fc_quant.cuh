@@ -23,33 +23,25 @@
 
 __device__ __forceinline__ bool fc_isfinite(float x) { return fabsf(x) <= 3.402823466e38f; }
 
-// max/min that return NaN when either operand is NaN (fmaxf/fminf return the
-// other operand), so a group's range is NaN or infinite iff the group holds a
-// NaN or an infinity: the quantizer needs no separate probe of every element.
-__device__ __forceinline__ float fc_max_nan(float a, float b) {
+// max (MAX) or min that returns NaN when either operand is NaN (fmaxf/fminf
+// return the other operand), so a group's range is NaN or infinite iff the
+// group holds a NaN or an infinity: the quantizer needs no separate probe of
+// every element.
+template <bool MAX>
+__device__ __forceinline__ float fc_minmax_nan(float a, float b) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  if (MAX) asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  else asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
 #else
-  return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+  return (a != a || b != b) ? __int_as_float(0x7fc00000) : MAX ? fmaxf(a, b) : fminf(a, b);
 #endif
 }
-__device__ __forceinline__ float fc_min_nan(float a, float b) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  float r;
-  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b);
-#endif
-}
-__device__ __forceinline__ float fc_group_max_nan(float v, int gl) {
-  for (int m = 1; m < gl; m <<= 1) v = fc_max_nan(v, __shfl_xor_sync(FC_FULL_MASK, v, m));
-  return v;
-}
-__device__ __forceinline__ float fc_group_min_nan(float v, int gl) {
-  for (int m = 1; m < gl; m <<= 1) v = fc_min_nan(v, __shfl_xor_sync(FC_FULL_MASK, v, m));
+// The same over the gl lanes of a group.
+template <bool MAX>
+__device__ __forceinline__ float fc_group_minmax_nan(float v, int gl) {
+  for (int m = 1; m < gl; m <<= 1) v = fc_minmax_nan<MAX>(v, __shfl_xor_sync(FC_FULL_MASK, v, m));
   return v;
 }
 
@@ -146,16 +138,16 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
   if (sym) {
     float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) amax = fc_max_nan(amax, fabsf(v[i]));
-    amax = fc_group_max_nan(amax, gl);
+    for (int i = 0; i < FC_ELEMS; ++i) amax = fc_minmax_nan<true>(amax, fabsf(v[i]));
+    amax = fc_group_minmax_nan<true>(amax, gl);
     bad = !fc_isfinite(amax);
     scale = __fdiv_rn(amax, (float)((1 << (BITS - 1)) - 1));
   } else {
     float lo = v[0], hi = v[0];
 #pragma unroll
-    for (int i = 1; i < FC_ELEMS; ++i) { lo = fc_min_nan(lo, v[i]); hi = fc_max_nan(hi, v[i]); }
-    mn = fc_group_min_nan(lo, gl);
-    const float rng = __fsub_rn(fc_group_max_nan(hi, gl), mn);
+    for (int i = 1; i < FC_ELEMS; ++i) { lo = fc_minmax_nan<false>(lo, v[i]); hi = fc_minmax_nan<true>(hi, v[i]); }
+    mn = fc_group_minmax_nan<false>(lo, gl);
+    const float rng = __fsub_rn(fc_group_minmax_nan<true>(hi, gl), mn);
     bad = !fc_isfinite(rng);
     scale = __fdiv_rn(rng, (float)((1 << BITS) - 1));
   }

@@ -91,6 +91,16 @@ def test_every_kernel_source_compiles(tmp_path):
         f"nvcc {cmd}\n{log[-3000:]}" for cmd, log in failed[:5])
 
 
+def _assert_compiles_with(tmp_path, name, checks, defines):
+    """Compile fc_allreduce.cu plus ``checks`` (static_asserts) with ``defines``; fail with nvcc's log."""
+    src = tmp_path / f"{name}.cu"
+    src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
+    proc = subprocess.run([_nvcc(), "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
+                           *(f"-D{d}" for d in defines), "-o", str(tmp_path / f"{name}.cubin"), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
     """``_kernels.ARGS_DTYPE`` (what the host fills) has FcArgs' exact field offsets and size."""
     nvcc = _nvcc()
@@ -102,12 +112,7 @@ def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
     checks = [f'static_assert(__builtin_offsetof(FcArgs, {device_name.get(f, f)}) == {dt.fields[f][1]}, "{f}");'
               for f in dt.names]
     checks.append(f'static_assert(sizeof(FcArgs) == {dt.itemsize}, "sizeof(FcArgs)");')
-    src = tmp_path / "args_layout.cu"
-    src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
-    proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
-                           "-DFC_DT=0", "-DFC_RS_BITS=0", "-DFC_AG_BITS=0", "-o", str(tmp_path / "a.cubin"),
-                           str(src)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_compiles_with(tmp_path, "args_layout", checks, ("FC_DT=0", "FC_RS_BITS=0", "FC_AG_BITS=0"))
 
 
 def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
@@ -120,13 +125,8 @@ def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
         checks = [f'static_assert(FcLLq<{bits}>::BYTES == {LLQ_UNIT_BYTES[elems, bits]}, "unit bytes {bits}");'
                   for bits in (4, 6, 8)]
         checks.append(f'static_assert(FC_LLQ_THREADS == {LLQ_MAX_THREADS[elems]}, "threads");')
-        src = tmp_path / f"llq_{elems}.cu"
-        src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
-        proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
-                               "-DFC_DT=0", "-DFC_RS_BITS=4", "-DFC_AG_BITS=4", f"-DFC_ELEMS={elems}",
-                               "-o", str(tmp_path / f"llq_{elems}.cubin"), str(src)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        _assert_compiles_with(tmp_path, f"llq_{elems}", checks,
+                              ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4", f"FC_ELEMS={elems}"))
 
 
 def test_the_hosts_staged_shared_memory_matches_the_kernel(tmp_path):
@@ -144,12 +144,7 @@ def test_the_hosts_staged_shared_memory_matches_the_kernel(tmp_path):
         want = staged_twoshot_smem(2, rs, ag, world, threads)
         checks.append(f'static_assert(FcStagedTwoshot<{dt}, {rs}, {ag}>::warp_chunks({world}) * 16 * {threads // 32}'
                       f' == {want}, "smem {dt} {rs}/{ag} world {world} threads {threads}");')
-    src = tmp_path / "staged.cu"
-    src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
-    proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
-                           "-DFC_DT=0", "-DFC_RS_BITS=4", "-DFC_AG_BITS=4", "-o", str(tmp_path / "staged.cubin"),
-                           str(src)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_compiles_with(tmp_path, "staged", checks, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4"))
 
 
 def _registers(ptxas_log: str) -> dict:
