@@ -66,10 +66,14 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     names = {"twoshot": "fc_twoshot", "oneshot": "fc_oneshot", "staged": "fc_twoshot_staged"}
     fn = _kernels.function(names["staged" if staged else algo], KERNEL_DTYPE_CODE[dtype_name], mode.rs_bits, mode.ag_bits)
     smem = 0
-    if staged:
-        from flashcomm_cupy.backends.gpu import staged_twoshot_smem
+    if staged:  # the grid the backend would launch: no more blocks than fit the SMs at once
+        from flashcomm_cupy.backends.gpu import _resident_blocks, staged_twoshot_smem
         smem = staged_twoshot_smem(np.dtype(dtype_name).itemsize, mode.rs_bits, mode.ag_bits, world, threads)
-        fn.max_dynamic_shared_size_bytes = smem
+        per_sm = _resident_blocks(fn, threads, smem)
+        if per_sm < 1:
+            raise SystemExit(f"staged: {smem} bytes of shared memory do not fit an SM")
+        sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
+        blocks = min(blocks, sms * per_sm)
     return fn, (blocks,), (threads,), args, (ws, err, x, out), (threads, blocks, units, smem)
 
 

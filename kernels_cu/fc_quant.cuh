@@ -308,7 +308,7 @@ __device__ __forceinline__ void fc_read_unit(const unsigned char* chunk, const F
 // ----------------------------------------------------------------- staged reads
 // fc_read_unit in two halves (see fc_async.cuh): fc_fetch_unit starts the copy
 // of the warp's 32 units into a shared-memory area of FcStaged<BITS>::CHUNKS
-// vectors; after fc_cp_async_wait_all, fc_staged_unit takes the lane's unit
+// vectors; once fc_cp_async_wait has seen it complete, fc_staged_unit takes the lane's unit
 // from it.  Units at or past n read as all-zero codes and metadata, as in
 // fc_read_unit.
 template <int BITS>

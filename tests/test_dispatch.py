@@ -33,6 +33,7 @@ def fake_backend(world=4, max_blocks=264, slot_bytes=48 << 10, table=TABLE):
     b.protocol = "auto"
     b.table = tuning.TuningTable(table, "test")
     b.ws = types.SimpleNamespace(layout=WorkspaceLayout(world, max_blocks, slot_bytes))
+    b.sm_count, b.staged_ok = 132, True
     return b
 
 
@@ -402,6 +403,9 @@ def test_the_staged_kernel_serves_only_quantized_16_bit_two_shots_that_fit_an_sm
         assert b._staged_launch(choice, name, mode, 256) is None
     occupancy["blocks"] = 0  # not one block fits an SM: the plain kernel runs
     assert b._staged_launch(staged, "float16", Mode.make(8), 512) is None
+    occupancy["blocks"] = 2
+    b.staged_ok = False  # ranks on different kinds of GPU could size different grids: plain kernel
+    assert b._staged_launch(staged, "float16", Mode.make(4), 256) is None
 
 
 def test_staged_shared_memory_grows_with_world_and_codec():
@@ -424,7 +428,11 @@ def test_a_staged_plan_passes_its_shared_memory_and_launches_only_resident_block
     b.force_launch = (256, 264, 1, "flag", True)
     p = b._plan(64 << 20, "float16", Mode.make(8, algo="twoshot"))
     assert (p.fn.name, p.block, p.smem) == ("fc_twoshot_staged", (256,), gpu.staged_twoshot_smem(2, 8, 8, 4, 256))
-    assert p.grid[0] == b.ws.layout.max_blocks // 2  # one per SM, though 264 were asked for
+    assert p.grid[0] == b.sm_count  # one per SM, though 264 were asked for
+    big = fake_backend(world=4, max_blocks=528)  # a larger workspace than two blocks per SM
+    big._args, big._plans = b._args, {}
+    big.force_launch = (256, 528, 1, "flag", True)
+    assert big._plan(64 << 20, "float16", Mode.make(8, algo="twoshot")).grid[0] == big.sm_count
     p = b._plan(64 << 20, "float32", Mode.make(8, algo="twoshot"))  # float32: the plain kernel
     assert (p.fn.name, p.smem, p.grid[0]) == ("fc_twoshot", 0, 264)
     # what bench rows report

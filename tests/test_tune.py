@@ -43,8 +43,11 @@ class SimulatedBackend:
         self.last = None
 
     def resolve_protocol(self, nbytes, mode, itemsize=2):
-        ll = self.force_launch is not None and self.force_launch[3] == "ll" and nbytes <= LL_MAX_BYTES
-        return "ll" if ll else "flag"
+        force = self.force_launch
+        if force is not None and force[3] == "ll" and nbytes <= LL_MAX_BYTES:
+            return "ll"
+        staged = force is not None and len(force) > 4 and force[4] and itemsize == 2 and not mode.lossless
+        return "staged" if staged else "flag"
 
     def all_reduce(self, x, out, mode, dtype=None):
         self.last = (x.nbytes, None if mode.lossless else mode.rs_bits, mode.algo, self.force_launch)
@@ -93,6 +96,22 @@ def test_staged_is_a_candidate_only_for_large_quantized_messages():
     assert not staged(1 << 20, False) and not staged(64 << 20, True)
     big = staged(64 << 20, False)
     assert big and all(c[0] == "twoshot" and c[4] == "flag" for c in big)
+
+
+def test_staged_shapes_the_backend_would_not_stage_are_not_timed(monkeypatch):
+    # float32: the backend runs the plain kernel for a staged request, so no row may claim staging
+    backend = SimulatedBackend()
+
+    def staged_looks_fastest(backend_, mpi_comm, fn, **kwargs):
+        fn()
+        force = backend_.last[3]
+        return types.SimpleNamespace(primary_s=0.5e-6 if force and len(force) > 4 and force[4] else 1e-6)
+
+    monkeypatch.setattr(harness_tune, "measure", staged_looks_fastest)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(asarray=np.asarray, empty_like=np.empty_like))
+    comm = types.SimpleNamespace(backend=backend, mpi_comm=None, rank=0, world_size=4)
+    rows = harness_tune.tune(comm, [64 << 20], dtype=np.float32)["worlds"]["4"]
+    assert not any(entry.get("staged") for row in rows for entry in row.values() if isinstance(entry, dict))
 
 
 def test_int8_keeps_the_plain_two_shot_where_staging_slows_it(monkeypatch):

@@ -167,11 +167,18 @@ class FlashGpuBackend(CudaBackend):
         self.slot_bytes = int(slot_bytes)
         if self.slot_bytes % 16:
             raise ValueError(f"slot_bytes must be a multiple of 16 (16-byte vector accesses), got {slot_bytes}")
+        props = cupy.cuda.runtime.getDeviceProperties(self.device_id)
+        self.sm_count = int(props["multiProcessorCount"])
         if max_blocks is None:
             # Two co-resident 256-thread blocks per SM (<= 128 registers each): while one
             # waits for its peers the other computes.  All blocks must be resident at
             # once, since block b waits for block b of every peer.
-            max_blocks = 2 * cupy.cuda.runtime.getDeviceProperties(self.device_id)["multiProcessorCount"]
+            max_blocks = 2 * self.sm_count
+        # The staged two-shot sizes its grid by an occupancy query on this GPU, and every
+        # rank must launch the same grid: it runs only where all ranks have the same GPU.
+        device_kind = tuple(props.get(k) for k in ("name", "major", "minor", "multiProcessorCount",
+                                                    "sharedMemPerMultiprocessor", "regsPerMultiprocessor"))
+        self.staged_ok = len(set(comm.allgather(device_kind))) == 1
         self.table = tuning.load(tuning_path)
         #: (threads, blocks, units[, protocol[, staged]]) forced on every flash launch; set only by tuning sweeps
         self.force_launch = None
@@ -354,7 +361,7 @@ class FlashGpuBackend(CudaBackend):
                 staged = self._staged_launch(choice, name, mode, threads)
                 if staged is not None:
                     fn, per_sm, smem = staged
-                    blocks = min(blocks, self.ws.layout.max_blocks // 2 * per_sm)  # max_blocks is two per SM
+                    blocks = min(blocks, self.sm_count * per_sm)
                 else:
                     fn = _kernels.function("fc_twoshot" if choice.algo == "twoshot" else "fc_oneshot", dt,
                                            mode.rs_bits, mode.ag_bits)
@@ -367,14 +374,16 @@ class FlashGpuBackend(CudaBackend):
     def _staged_launch(self, choice, name, mode, threads):
         """(kernel, blocks per SM, dynamic shared bytes) of the staged flag two-shot at
         ``threads`` per block, or None where it does not apply (not asked for, lossless,
-        float32, or not even one block fits an SM): the plain flag two-shot runs then.
+        float32, ranks on different kinds of GPU, or not even one block fits an SM): the plain
+        flag two-shot runs then.
 
         Its shared memory grows with the world size and the codec, so how many
         blocks fit an SM at once comes from the occupancy calculator: every
         launched block must be resident (block b waits for block b of every peer).
         """
         itemsize = np.dtype(name).itemsize
-        if not (choice.staged and choice.algo == "twoshot" and not mode.lossless and itemsize == 2):
+        if not (choice.staged and choice.algo == "twoshot" and not mode.lossless and itemsize == 2
+                and self.staged_ok):
             return None
         fn = _kernels.function("fc_twoshot_staged", KERNEL_DTYPE_CODE[name], mode.rs_bits, mode.ag_bits)
         smem = staged_twoshot_smem(itemsize, mode.rs_bits, mode.ag_bits, self.world_size, threads)

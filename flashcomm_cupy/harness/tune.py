@@ -93,8 +93,8 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         out = cupy.empty_like(x)
 
         def time_choice(launch: dict, bits):
-            """Graph-timed seconds of one call with this launch (a table entry), or None where LL
-            cannot serve it."""
+            """Graph-timed seconds of one call with this launch (a table entry), or None where the
+            LL or staged kernels it asks for cannot serve it."""
             algo, protocol = launch["algo"], launch["protocol"]
             mode = Mode.make(bits, 128, algo=algo)
             backend.force_launch = None if algo == "nccl" else (launch["threads"], launch["blocks"],
@@ -103,6 +103,8 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
             try:
                 if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
                     return None  # too large for the LL slots: the flag candidates cover it
+                if launch.get("staged") and backend.resolve_protocol(nbytes, mode, item) != "staged":
+                    return None  # float32, or too little shared memory: the plain kernel would run
                 return measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
                                warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
             finally:

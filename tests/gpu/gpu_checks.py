@@ -414,8 +414,11 @@ class Checker:
         codec pair, both 16-bit dtypes, group sizes, launch shapes that give a block one or
         many tiles, then a random sequence mixing it with the plain flag two-shot."""
         import cupy
+        from flashcomm_cupy.backends.gpu import staged_twoshot_smem
         backend = self.comm.backend
+        optin = cupy.cuda.runtime.getDeviceProperties(backend.device_id)["sharedMemPerBlockOptin"]
         ran = 0
+        wrong_kernel = []
 
         def run(x, out, mode, dtype, shape):
             nonlocal ran
@@ -423,9 +426,15 @@ class Checker:
             try:
                 backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
                 plan = backend._plan(int(x.size), dtype, mode)
-                ran += int(plan is not None and plan.smem > 0)
             finally:
                 backend.force_launch = None
+            staged = plan is not None and plan.smem > 0
+            ran += int(staged)
+            # it must run wherever its shared memory fits a block (threads as launched)
+            threads = plan.block[0] if plan is not None else shape[0]
+            fits = staged_twoshot_smem(2, mode.rs_bits, mode.ag_bits, self.world, threads) <= optin
+            if staged != fits:
+                wrong_kernel.append(f"{shape} {dtype} {mode.label}: staged={staged}, fits={fits}")
 
         shapes = ((256, 264, 2), (128, 16, 1), (512, 132, 4), (64, 8, 3))
         for n in (1, 127, 4099, 65_537, 1_000_003):
@@ -447,6 +456,25 @@ class Checker:
                 run(x, out, mode, "float16", shape)
                 self.compare_with_reference(f"staged group {g} {shape} {mode.label}", out, 300_007, "float16",
                                             mode, 22, "twoshot")
+        # non-finite inputs and a bfloat16 range that overflows float32: those groups go NaN, as in the reference
+        for dtype in ("float16", "bfloat16"):
+            n = 70_001
+            ins = [host_input(24, r, n, dtype) for r in range(self.world)]
+            ins[0][5] = np.nan
+            ins[-1][300] = np.inf
+            ins[self.world // 2][1000] = -np.inf
+            for x_ in ins:
+                x_[2048:2176] = -np.inf  # a whole group of -inf on every rank
+            if dtype == "bfloat16":
+                ins[0][4096], ins[0][4097] = 3e38, -3e38
+            x = to_device(ins[self.rank])
+            for bits in (4, 8, (4, 8)):
+                for sym in (False, True):
+                    mode = Mode.make(bits, 128, sym, False, "twoshot")
+                    out = cupy.empty_like(x)
+                    run(x, out, mode, dtype, (256, 264, 2))
+                    self.compare_with_reference(f"staged non-finite {dtype} {mode.label}", out, n, dtype, mode, 24,
+                                                "twoshot", inputs=ins)
         n = 32 << 20  # 64 MiB: many tiles per block
         x = to_device(host_input(23, self.rank, n, "float16"))
         out = cupy.empty_like(x)
@@ -484,6 +512,8 @@ class Checker:
             self.fail(f"staged mixed sequence: {wrong} wrong elements on rank {self.rank}")
         if not self.agree(ran > 0):
             self.fail("staged: no call resolved to the staged kernel")
+        if not self.agree(not wrong_kernel):
+            self.fail("staged: kernel choice does not follow the shared memory: " + "; ".join(wrong_kernel[:5]))
         self.log(f"staged: {ran} calls ran the staged kernel, {calls} mixed calls")
 
     def check_large(self, nbytes):
