@@ -242,6 +242,20 @@ __device__ __forceinline__ void fc_st_vec_upto(typename FcElem<DT>::T* at, fc_i6
   }
 }
 
+// A lane's unit of DT elements, held as 16-byte vectors, widened to float32 (exact).
+template <int DT, int V>
+__device__ __forceinline__ void fc_widen_elems(const fc_v4 (&w)[V], float (&v)[FC_ELEMS]) {
+  typedef typename FcElem<DT>::T T;
+  constexpr int PER = 16 / (int)sizeof(T);
+  static_assert(V * PER == FC_ELEMS, "one unit");
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const T* e = reinterpret_cast<const T*>(&w[k]);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) v[k * PER + i] = FcElem<DT>::to_f32(e[i]);
+  }
+}
+
 // Load the lane's unit (FC_ELEMS elements from element `base`) as float32;
 // elements at or beyond `n` read as 0 (the zero padding of the reference)
 // and are never touched.
@@ -257,12 +271,7 @@ __device__ __forceinline__ void fc_load_elems(const void* src, fc_i64 base, fc_i
   fc_warp_gather<V>(stage, [&](int q) -> fc_v4 {
     return fc_ld_vec_upto<DT>(p + (fc_i64)q * PER, span + (fc_i64)q * PER, n, access);
   }, w);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const T* e = reinterpret_cast<const T*>(&w[k]);
-#pragma unroll
-    for (int i = 0; i < PER; ++i) v[k * PER + i] = FcElem<DT>::to_f32(e[i]);
-  }
+  fc_widen_elems<DT>(w, v);
 }
 
 // Store the lane's unit rounded to DT at element `base`; elements >= n are not

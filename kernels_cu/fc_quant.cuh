@@ -381,16 +381,12 @@ __device__ __forceinline__ void fc_fetch_elems(const void* src, fc_i64 base, fc_
 
 template <int DT>
 __device__ __forceinline__ void fc_staged_elems(const fc_v4* area, float (&v)[FC_ELEMS]) {
-  typedef typename FcElem<DT>::T T;
   typedef FcStagedElems<DT> S;
   const int lane = threadIdx.x & 31;
+  fc_v4 w[S::V];
 #pragma unroll
-  for (int k = 0; k < S::V; ++k) {
-    const fc_v4 x = area[fc_stage_index(lane * S::V + k)];
-    const T* e = reinterpret_cast<const T*>(&x);
-#pragma unroll
-    for (int i = 0; i < S::PER; ++i) v[k * S::PER + i] = FcElem<DT>::to_f32(e[i]);
-  }
+  for (int k = 0; k < S::V; ++k) w[k] = area[fc_stage_index(lane * S::V + k)];
+  fc_widen_elems<DT>(w, v);
 }
 
 // ----------------------------------------------------------------- codecs
