@@ -58,8 +58,8 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
 
 
 def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
-    """The ``quantized_wide`` (and ``quantized_wide_flag``) entries of a row whose INT4 best is LL
-    (``entries``: every LL candidate) or the staged two-shot (``entries``: that choice).
+    """The ``quantized_wide`` entry (plus ``quantized_wide_flag`` where it is LL) of a row whose
+    INT4 best is LL (``entries``: every LL candidate) or the staged two-shot (``entries``: that choice).
 
     INT6/INT8 units take 1.5-2x the bytes of INT4 in LL form and fill an LL slot
     (or a staging buffer) with fewer elements, so INT8 gets its own search: ``time_wide``
@@ -73,7 +73,10 @@ def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Op
         if t is not None and (best is None or t < best[0]):
             best = (t, entry)
     if best is not None and (t_flag is None or best[0] < t_flag):
-        return {"quantized_wide": dict(best[1], us=round(best[0] * 1e6, 2)), "quantized_wide_flag": flag_entry}
+        wide = {"quantized_wide": dict(best[1], us=round(best[0] * 1e6, 2))}
+        if best[1]["protocol"] == "ll":
+            wide["quantized_wide_flag"] = flag_entry  # for the calls the LL kernels cannot serve
+        return wide
     return {"quantized_wide": dict(flag_entry, us=round(t_flag * 1e6, 2))} if t_flag is not None else {}
 
 
@@ -138,9 +141,7 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                     row.update(wide_entries(ll_entries, best_flag[1], lambda e: time_choice(e, wide_bits)))
             elif best[1].get("staged") and cls == "quantized" and wide_bits and best_plain is not None:
                 # INT8 takes more shared memory per unit (fewer blocks per SM): it may prefer the plain kernel
-                wide = wide_entries([best[1]], best_plain[1], lambda e: time_choice(e, wide_bits))
-                wide.pop("quantized_wide_flag", None)  # an LL fallback; both choices here are flag kernels
-                row.update(wide)
+                row.update(wide_entries([best[1]], best_plain[1], lambda e: time_choice(e, wide_bits)))
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
                 if cls == "quantized" and "quantized_wide" in row:
