@@ -7,7 +7,7 @@
 # ranks), checks-ll (LL protocol and timeouts only), checks-staged (the staged two-shot), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
-# accuracy, model, pytest (the pytest GPU wrapper), checks-quick, eager (host
+# accuracy, model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call by launch path, eager_host.py), and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
@@ -60,6 +60,8 @@ for stage in ${STAGES//,/ }; do
       done ;;
     checks-staged)  # the staged two-shot (exactness, mixed with the plain kernel, timeout) plus the quick exact sweep
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only staged,exact,groups,timeout ;;
+    faults)  # the fault matrix of docs/reliability.md (late/dead peers, graphs, epochs, subnormals, ...)
+      run 420 $MPI "$NP" python3 tests/gpu/fault_checks.py ${FAULTS:+--only "$FAULTS"} ;;
     checks-fast)
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only codec,exact,groups,api ;;
     checks-rest)

@@ -19,7 +19,8 @@ if _os.path.isdir(_os.path.join(_checkout, "cli")) and not _os.path.isdir(
 
 from .config import ALGOS, Codec, Mode, parse_bits  # noqa: E402
 from .communicator import Communicator, as_numpy, gpu_available  # noqa: E402
+from .errors import FlashTimeoutError  # noqa: E402
 from .reference import error_stats, exact_sum, flash_all_reduce_reference  # noqa: E402
 
-__all__ = ["ALGOS", "Codec", "Communicator", "Mode", "__version__", "as_numpy", "error_stats",
+__all__ = ["ALGOS", "Codec", "Communicator", "FlashTimeoutError", "Mode", "__version__", "as_numpy", "error_stats",
            "exact_sum", "flash_all_reduce_reference", "gpu_available", "parse_bits"]

@@ -194,13 +194,13 @@ def _run_device(backend, x, out, mode, stream):
             raise ValueError("out must have x's shape and dtype")
     backend.all_reduce(xv.arr, ov.arr, mode, stream=cs, dtype=xv.dtype)
     if isinstance(out, np.ndarray):
-        cs.synchronize()
+        backend.wait(cs)  # bounded; raises on this call if it failed
         np.copyto(out, _back_to_numpy(ov.arr, ov.dtype))
         return out
     if isinstance(x, np.ndarray) and out is None:
-        cs.synchronize()
+        backend.wait(cs)  # bounded; raises on this call if it failed
     if isinstance(x, np.ndarray) and out is x:
-        cs.synchronize()
+        backend.wait(cs)  # bounded; raises on this call if it failed
         np.copyto(x, _back_to_numpy(ov.arr, ov.dtype))
         return x
     if out is not None and not isinstance(out, np.ndarray):

@@ -7,6 +7,7 @@ and validates them.  Backends live in :mod:`flashcomm_cupy.backends`.
 from __future__ import annotations
 
 import atexit
+import itertools
 import weakref
 
 import numpy as np
@@ -16,7 +17,11 @@ from .config import Mode
 
 BACKENDS = ("auto", "cpu", "gpu", "nccl")
 
-_open = weakref.WeakSet()
+#: open communicators by creation number.  Construction is collective, so every rank
+#: numbers the same communicators alike, and closing them in reverse creation
+#: order at exit pairs each rank's close barrier with its peers' for the same one.
+_open = weakref.WeakValueDictionary()
+_created = itertools.count()
 
 
 def gpu_available() -> bool:
@@ -70,7 +75,7 @@ class Communicator:
         self.mpi_comm = _mpi.get_comm(comm)
         self._backend = _make_backend(backend, self.mpi_comm, options)
         self._closed = False
-        _open.add(self)
+        _open[next(_created)] = self
 
     # ------------------------------------------------------------------ properties
     @property
@@ -120,6 +125,17 @@ class Communicator:
         self._check_open()
         self._backend.synchronize()
 
+    def check(self) -> None:
+        """Raise :class:`~flashcomm_cupy.FlashTimeoutError` if an earlier call of this communicator
+        failed (on this rank, or on a peer that gave up), without waiting for queued work.
+
+        GPU calls return before their kernels finish, so a failure inside a kernel (or a CUDA
+        graph replay) surfaces here, in :meth:`synchronize`, or when the next call starts;
+        its outputs hold NaN meanwhile (docs/reliability.md).
+        """
+        self._check_open()
+        self._backend.check()
+
     def barrier(self) -> None:
         self._check_open()
         self._backend.barrier()
@@ -157,7 +173,10 @@ class Communicator:
 
 @atexit.register
 def _close_all():  # pragma: no cover - runs at interpreter exit
-    for c in list(_open):
+    for key in sorted(_open.keys(), reverse=True):
+        c = _open.get(key)
+        if c is None:
+            continue
         try:
             c.close()
         except Exception:

@@ -67,7 +67,16 @@ struct FcArgs {
   // Workspace base of every rank (mine at [rank]), by value: kernel parameters
   // live in the constant bank, so no global load stands before the first store.
   fc_u64 peers[FC_MAX_RANKS];
+  // Offsets in my workspace (flashcomm_cupy.backends.ipc.WorkspaceLayout):
+  // per-block epochs of the two-shot and the one-shot flag sets, per-block LL
+  // call counters, and the poison words [source rank] (fc_signal.cuh).
+  fc_i64 ts_epoch_off, os_epoch_off, ll_epoch_off, poison_off;
 };
+
+__device__ __forceinline__ FcWait fc_wait_ctx(const FcArgs& a) {
+  return FcWait{a.err, reinterpret_cast<const fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.poison_off),
+                a.timeout_ns, a.rank, a.world};
+}
 
 __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_ws, fc_i64 region, int parity,
                                                   int src) {
@@ -79,18 +88,36 @@ __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_w
   return ws + region + idx * a.slot_bytes;
 }
 
-__device__ __forceinline__ fc_u32 fc_begin(const FcArgs& a, fc_u32* s_epoch) {
-  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.flags_off +
-                                             3 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks);
+// A flag kernel's start: this block's epoch of the flag sets at `epoch_off`
+// into *e, and whether my workspace is poisoned (then the block must take
+// fc_flag_fail and stop).  The poison words are read by threads < world
+// alongside the epoch, under the barrier the epoch needs anyway.
+__device__ __forceinline__ bool fc_begin(const FcArgs& a, const FcWait& w, fc_i64 epoch_off, fc_u32* s_epoch,
+                                         fc_u32& e) {
+  const fc_u32* epochs = reinterpret_cast<const fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + epoch_off);
   if (threadIdx.x == 0) *s_epoch = epochs[blockIdx.x];
-  __syncthreads();
-  return *s_epoch;
+  const bool poisoned = threadIdx.x < a.world && fc_ld_volatile_u32(w.poison + threadIdx.x) != 0;
+  const bool any = __syncthreads_or(poisoned);
+  e = *s_epoch;
+  return any;
 }
 
-__device__ __forceinline__ void fc_end(const FcArgs& a, fc_u32 e) {
-  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.flags_off +
-                                             3 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks);
+__device__ __forceinline__ void fc_end(const FcArgs& a, fc_i64 epoch_off, fc_u32 e) {
+  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + epoch_off);
   if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+}
+
+// The failure path of a flag kernel's block (block-uniform): record who
+// poisoned us when the block started poisoned, poison every rank, and write
+// NaN over every tile this block handles in this call (nseg segments of
+// a.seg_elems: the world for two-shot, 1 for one-shot); then the block exits.
+template <int DT>
+__device__ __forceinline__ __attribute__((noreturn)) void fc_flag_fail(const FcArgs& a, bool at_start, int nseg, fc_i64 tile) {
+  if (threadIdx.x == 0) {
+    if (at_start) fc_record_poisoned(a.err, fc_wait_ctx(a).poison, a.rank, a.world);
+    fc_poison_all(a.peers, a.poison_off, fc_wait_ctx(a));
+  }
+  fc_fill_nan_tiles_and_exit<DT>(a.out, a.n, a.seg_elems, nseg, tile);
 }
 
 // Decode `chunk` unit w into v, or zeros for a lane past the chunk's end.
@@ -149,7 +176,8 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
   unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
   const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
-  fc_u32 e = fc_begin(a, &s_epoch);
+  fc_u32 e;
+  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, true, a.world, tile);
   float v[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -171,7 +199,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+    if (fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a))) return fc_flag_fail<DT>(a, false, a.world, tile);
 
     // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
     const fc_i64 mine = a.rank * a.seg_elems + toff;
@@ -203,7 +231,8 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+    if (fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a)))
+      return fc_flag_fail<DT>(a, false, a.world, tile);
 
     // 3. all-gather: every other owner's reduced tile.
     for (int k = 1; k < a.world; ++k) {
@@ -220,7 +249,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  fc_end(a, e);
+  fc_end(a, a.ts_epoch_off, e);
 }
 
 // ------------------------------------------------------------------ staged two-shot
@@ -266,7 +295,8 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
   // buffer b: my input's unit, then one unit per other rank (j-th other rank)
   auto in_area = [&](int b) { return wbuf + b * buf_chunks; };
   auto src_area = [&](int b, int j) { return wbuf + b * buf_chunks + SH::IN + j * SH::SRC; };
-  fc_u32 e = fc_begin(a, &s_epoch);
+  fc_u32 e;
+  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, true, a.world, tile);
   float v[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -303,7 +333,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       __syncwarp();  // buffer i & 1 is refilled next round
     }
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+    if (fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a))) return fc_flag_fail<DT>(a, false, a.world, tile);
 
     // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
     const fc_i64 mine = a.rank * a.seg_elems + toff;
@@ -356,7 +386,8 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+    if (fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a)))
+      return fc_flag_fail<DT>(a, false, a.world, tile);
 
     // 3. all-gather: every other owner's reduced tile, one unit of each per job.
     auto fetch3 = [&](int u) {
@@ -391,7 +422,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       __syncwarp();
     }
   }
-  fc_end(a, e);
+  fc_end(a, a.ts_epoch_off, e);
 }
 
 template <int DT, int RSB>
@@ -408,7 +439,8 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
   const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
-  fc_u32 e = fc_begin(a, &s_epoch);
+  fc_u32 e;
+  if (fc_begin(a, fc_wait_ctx(a), a.os_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, true, 1, tile);
   float v[FC_ELEMS], acc[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -427,7 +459,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e, a.err, a.timeout_ns);
+    if (fc_wait_peers(my_ws, a.flags_off + os_set, a.max_blocks, e, fc_wait_ctx(a))) return fc_flag_fail<DT>(a, false, 1, tile);
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       const bool active = (fc_i64)w * FC_ELEMS < nchunk;
@@ -449,7 +481,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
     }
   }
-  fc_end(a, e);
+  fc_end(a, a.os_epoch_off, e);
 }
 
 // ------------------------------------------------------------------ LL protocol (lossless)
@@ -463,26 +495,48 @@ __device__ __forceinline__ unsigned char* fc_ll_slot(const FcArgs& a, int rank_o
   return ws + a.ll_off + idx * a.ll_slot_bytes;
 }
 
-// This rank's per-block LL call counters (after the flag kernels' epochs).
-__device__ __forceinline__ fc_u32* fc_ll_epochs(const FcArgs& a) {
-  return reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.flags_off +
-                                   (3 * 4 * FC_MAX_RANKS + 4) * (fc_i64)a.max_blocks);
-}
-
-// A block's LL call: its counter and this call's number e (slot parity e & 1).
+// A block's LL call: its counter, this call's number e (slot parity e & 1),
+// and whether this thread saw my workspace poisoned when the call started
+// (threads < world read one poison word each; acted on in fc_ll_end, so the
+// load's latency hides behind the whole call).
 struct FcLLCall {
   fc_u32* counter;
   fc_u32 e;
+  bool poisoned;
 };
 
 __device__ __forceinline__ FcLLCall fc_ll_begin(const FcArgs& a) {
-  fc_u32* counter = fc_ll_epochs(a) + blockIdx.x;
-  return FcLLCall{counter, *counter + 1};
+  const FcWait w = fc_wait_ctx(a);
+  fc_u32* counter = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.ll_epoch_off) +
+                    blockIdx.x;
+  const bool poisoned = threadIdx.x < a.world && fc_ld_volatile_u32(w.poison + threadIdx.x) != 0;
+  return FcLLCall{counter, *counter + 1, poisoned};
 }
 
-__device__ __forceinline__ void fc_ll_end(const FcLLCall& c) {
-  __syncthreads();  // every thread has read the counter
+// A thread of an LL kernel whose receive failed: it poisons every rank at once
+// (so peers waiting for what it will no longer send give up now), sends and
+// receives nothing more, and its block writes NaN at the end (fc_ll_end).
+__device__ __forceinline__ void fc_ll_fail(const FcArgs& a, bool& failed) {
+  const FcWait w = fc_wait_ctx(a);
+  fc_poison_all(a.peers, a.poison_off, w);
+  failed = true;
+}
+
+// The end of a block's LL call.  True when any thread of the block failed or
+// started poisoned: the caller then writes NaN over the block's whole tile
+// (the counter is left behind: the communicator is poisoned for good).
+__device__ __forceinline__ bool fc_ll_end(const FcArgs& a, const FcLLCall& c, bool failed) {
+  const FcWait w = fc_wait_ctx(a);
+  // every thread has read the counter before it moves on
+  if (__syncthreads_or(failed || c.poisoned)) {
+    if (threadIdx.x == 0) {
+      fc_record_poisoned(w.err, w.poison, w.rank, w.world);
+      fc_poison_all(a.peers, a.poison_off, w);
+    }
+    return true;
+  }
   if (threadIdx.x == 0) *c.counter = c.e;
+  return false;
 }
 
 // Vectors of this block's tile of a segment (one-shot: the message) in the lossless LL kernels.
@@ -515,14 +569,16 @@ __device__ __forceinline__ void fc_ll_my_slots(const FcArgs& a, int parity, int 
 }
 
 // Vector i of every other source from my LL slots (area 0) plus `mine`,
-// summed in float32 in rank order from +0 and rounded to DT.
+// summed in float32 in rank order from +0 and rounded to DT.  ok = false when
+// the receive failed (the result is then meaningless).
 template <int DT>
-__device__ __forceinline__ fc_v4 fc_ll_reduce_vector(const FcArgs& a, int par, int i, const fc_v4& mine, fc_u32 e) {
+__device__ __forceinline__ fc_v4 fc_ll_reduce_vector(const FcArgs& a, int par, int i,
+                                                     const fc_v4& mine, fc_u32 e, bool& ok) {
   constexpr int PER = 16 / (int)sizeof(typename FcElem<DT>::T);
   unsigned char* slots[FC_MAX_RANKS];
   fc_ll_my_slots(a, par, 0, i, slots);
   fc_v4 v[FC_MAX_RANKS];
-  fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, e);
+  ok = fc_ll_receive(slots, a.world, a.rank, v, fc_wait_ctx(a), e);
   float acc[PER];
 #pragma unroll
   for (int j = 0; j < PER; ++j) acc[j] = 0.0f;
@@ -537,18 +593,22 @@ __device__ void fc_ll_oneshot_impl(const FcArgs& a) {
   typedef typename FcElem<DT>::T T;
   constexpr int PER = 16 / (int)sizeof(T);
   const FcLLTile<DT> c(a);
+  bool failed = false;
   for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
     const fc_i64 el = (c.first + i) * PER;
     const fc_v4 x = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(c.in + el, el, a.n, FC_CACHED));
     for (int k = 1; k < a.world; ++k)
       fc_st_volatile(fc_ll_slot(a, (a.rank + k) % a.world, c.par, 0, a.rank) + (fc_i64)i * 16, x);
   }
-  for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
+  for (int i = threadIdx.x; i < c.nvec && !failed; i += blockDim.x) {
     const fc_i64 el = (c.first + i) * PER;
     const fc_v4 mine = fc_ll_payload<DT>(fc_ld_vec_upto<DT>(c.in + el, el, a.n, FC_CACHED));
-    fc_st_vec_upto<DT>(c.out + el, el, a.n, fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e), false);
+    bool ok;
+    const fc_v4 r = fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e, ok);
+    if (ok) fc_st_vec_upto<DT>(c.out + el, el, a.n, r, false);
+    else fc_ll_fail(a, failed);
   }
-  fc_ll_end(c.call);
+  if (fc_ll_end(a, c.call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, 1, c.first * PER, (fc_i64)c.nvec * PER);
 }
 
 template <int DT>
@@ -556,6 +616,7 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
   typedef typename FcElem<DT>::T T;
   constexpr int PER = 16 / (int)sizeof(T);
   const FcLLTile<DT> c(a);
+  bool failed = false;
   // 1. reduce-scatter: my values of every other owner's tile, raw.  All loads
   // first: a store between two loads would keep the second from overlapping.
   for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
@@ -575,17 +636,25 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
   for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
     const fc_i64 el = a.rank * a.seg_elems + (c.first + i) * PER;
     const fc_v4 mine = fc_ld_vec_upto<DT>(c.in + el, el, a.n, FC_CACHED);
-    const fc_v4 r = fc_ll_payload<DT>(fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e));
+    bool ok;
+    const fc_v4 r = fc_ll_payload<DT>(fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e, ok));
+    if (!ok) {  // send no sum built from what never arrived
+      fc_ll_fail(a, failed);
+      break;
+    }
     for (int k = 1; k < a.world; ++k)
       fc_st_volatile(fc_ll_slot(a, (a.rank + k) % a.world, c.par, 1, a.rank) + (fc_i64)i * 16, r);
     fc_st_vec_upto<DT>(c.out + el, el, a.n, r, false);
   }
   // 3. all-gather: every other owner's sums.
-  for (int i = threadIdx.x; i < c.nvec; i += blockDim.x) {
+  for (int i = threadIdx.x; i < c.nvec && !failed; i += blockDim.x) {
     unsigned char* slots[FC_MAX_RANKS];
     fc_ll_my_slots(a, c.par, 1, i, slots);
     fc_v4 v[FC_MAX_RANKS];
-    fc_ll_receive(slots, a.world, a.rank, v, a.err, a.timeout_ns, a.rank, c.call.e);
+    if (!fc_ll_receive(slots, a.world, a.rank, v, fc_wait_ctx(a), c.call.e)) {
+      fc_ll_fail(a, failed);
+      break;
+    }
 #pragma unroll
     for (int s = 0; s < FC_MAX_RANKS; ++s) {
       if (s < a.world && s != a.rank) {
@@ -594,7 +663,8 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  fc_ll_end(c.call);
+  if (fc_ll_end(a, c.call, failed))
+    fc_fill_nan<DT>(a.out, a.n, a.seg_elems, a.world, c.first * PER, (fc_i64)c.nvec * PER);
 }
 
 // Quantized LL two-shot: the flag two-shot's arithmetic, with units moved in
@@ -615,9 +685,10 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
 // the lane is past its tile) from my LL slots of `area`: got[j] is source s0 + j's.
+// False when the receive failed.
 template <int BITS, int B>
-__device__ __forceinline__ void fc_llq_receive_batch(const FcArgs& a, int par, int area, int s0, int w, bool active,
-                                                     FcUnit<BITS> (&got)[B], fc_u32 e) {
+__device__ __forceinline__ bool fc_llq_receive_batch(const FcArgs& a, int par, int area, int s0,
+                                                     int w, bool active, FcUnit<BITS> (&got)[B], fc_u32 e) {
   unsigned char* slots[B];
   bool use[B];
 #pragma unroll
@@ -625,7 +696,7 @@ __device__ __forceinline__ void fc_llq_receive_batch(const FcArgs& a, int par, i
     use[j] = active && s0 + j < a.world && s0 + j != a.rank;
     slots[j] = fc_ll_slot(a, a.rank, par, area, min(s0 + j, a.world - 1)) + (fc_i64)w * FcLLq<BITS>::BYTES;
   }
-  fc_llq_receive<BITS, B>(slots, use, got, a.err, a.timeout_ns, a.rank, s0, e);
+  return fc_llq_receive<BITS, B>(slots, use, got, fc_wait_ctx(a), s0, e);
 }
 
 template <int DT, int RSB, int AGB>
@@ -645,6 +716,10 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   const fc_i64 toff = blockIdx.x * tile;
   const fc_i64 nchunk = min(tile, a.seg_elems - toff);
   float v[FC_ELEMS];
+  // A lane whose receive failed keeps computing with its warp (the codec's
+  // shuffles and the warp-transposed stores need every lane) but receives and
+  // sends nothing more; its block writes NaN at the end.
+  bool failed = false;
 
   // 1. reduce-scatter: my contribution to every other owner's tile.
   for (int k = 1; k < a.world; ++k) {
@@ -671,7 +746,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
     for (int s0 = 0; s0 < a.world; s0 += B) {
       FcUnit<RSB> got[B];
-      fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active, got, e);
+      if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) fc_ll_fail(a, failed);
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
@@ -690,7 +765,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     }
     typename AG::Packed p;
     AG::pack(acc, gl, sym, p);
-    if (active) {
+    if (active && !failed) {
       for (int k = 1; k < a.world; ++k)
         fc_llq_write<AGB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 1, a.rank) + (fc_i64)w * FcLLq<AGB>::BYTES, p);
     }
@@ -704,7 +779,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     const bool active = (fc_i64)w * FC_ELEMS < nchunk;
     for (int s0 = 0; s0 < a.world; s0 += B) {
       FcUnit<AGB> got[B];
-      fc_llq_receive_batch<AGB, B>(a, par, 1, s0, w, active, got, e);
+      if (!fc_llq_receive_batch<AGB, B>(a, par, 1, s0, w, active && !failed, got, e)) fc_ll_fail(a, failed);
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
@@ -716,7 +791,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  fc_ll_end(call);
+  if (fc_ll_end(a, call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, a.world, toff, nchunk);
 }
 
 // Quantized LL one-shot: the flag one-shot's arithmetic (every rank reduces
@@ -742,6 +817,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   const fc_i64 nchunk = min(tile, a.seg_elems - toff);
   const fc_i64 limit = min(a.n, toff + nchunk);
   float v[FC_ELEMS];
+  bool failed = false;  // as in fc_llq_twoshot_impl
 
   // 1. my tile, quantized, to every peer.
   for (int u = 0; u < a.units; ++u) {
@@ -764,7 +840,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
     for (int s0 = 0; s0 < a.world; s0 += B) {
       FcUnit<RSB> got[B];
-      fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active, got, e);
+      if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) fc_ll_fail(a, failed);
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
@@ -785,7 +861,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
     }
     fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
   }
-  fc_ll_end(call);
+  if (fc_ll_end(a, call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, 1, toff, nchunk);
 }
 
 // Occupancy experiments only (benchmarks/kernel_solo.py --define-sets): the

@@ -107,8 +107,8 @@ __device__ __forceinline__ fc_v4 fc_ll_pick(bool is_mine, const fc_v4& mine, con
 // fc_wait_give_up decides whether to stop; its record names peer_of(j) of the
 // first item still missing.  False on timeout or abort.
 template <int N, typename Reload, typename PeerOf>
-__device__ __forceinline__ bool fc_ll_poll(fc_u32 pending, Reload reload, PeerOf peer_of, volatile FcError* err,
-                                           fc_i64 timeout_ns, int rank, fc_u32 epoch) {
+__device__ __forceinline__ bool fc_ll_poll(fc_u32 pending, Reload reload, PeerOf peer_of, const FcWait& w,
+                                           fc_u32 epoch) {
 #ifdef FC_PROFILE_NO_WAIT  // timing variant only: use whatever is in the slots (wrong results)
   pending = 0;
 #endif
@@ -119,7 +119,7 @@ __device__ __forceinline__ bool fc_ll_poll(fc_u32 pending, Reload reload, PeerOf
     for (int j = 0; j < N; ++j)
       if ((pending & (1u << j)) && reload(j)) pending &= ~(1u << j);
     if (pending && (spins & 1023u) == 0 &&
-        fc_wait_give_up(t0, err, timeout_ns, rank, peer_of(__ffs(pending) - 1), epoch))
+        fc_wait_give_up(t0, w, peer_of(__ffs(pending) - 1), epoch))
       return false;
   }
   return true;
@@ -128,10 +128,9 @@ __device__ __forceinline__ bool fc_ll_poll(fc_u32 pending, Reload reload, PeerOf
 // Wait until the vector at each slots[s] (s < world, s != skip) has arrived,
 // return them in v[s] and empty the slots.  Polls every source at once, so
 // one L2 round trip covers all of them.  False on timeout or abort (recorded
-// in `err` like fc_wait_flag); v is then meaningless.
+// like fc_wait_flag); v is then meaningless and the slots are left as they are.
 __device__ __forceinline__ bool fc_ll_receive(unsigned char* const (&slots)[FC_MAX_RANKS], int world, int skip,
-                                              fc_v4 (&v)[FC_MAX_RANKS], volatile FcError* err,
-                                              fc_i64 timeout_ns, int rank, fc_u32 epoch) {
+                                              fc_v4 (&v)[FC_MAX_RANKS], const FcWait& w, fc_u32 epoch) {
   fc_u32 pending = 0;
 #pragma unroll
   for (int s = 0; s < FC_MAX_RANKS; ++s) {
@@ -141,8 +140,8 @@ __device__ __forceinline__ bool fc_ll_receive(unsigned char* const (&slots)[FC_M
     }
   }
   if (!fc_ll_poll<FC_MAX_RANKS>(
-          pending, [&](int s) { return fc_ll_arrived(v[s] = fc_ld_volatile(slots[s])); }, [](int s) { return s; },
-          err, timeout_ns, rank, epoch))
+          pending, [&](int s) { return fc_ll_arrived(v[s] = fc_ld_volatile(slots[s])); }, [](int s) { return s; }, w,
+          epoch))
     return false;
   const fc_v4 empty = {FC_LL_EMPTY, FC_LL_EMPTY, FC_LL_EMPTY, FC_LL_EMPTY};
 #pragma unroll
@@ -220,8 +219,7 @@ __device__ __forceinline__ void fc_llq_unit(const fc_u64 (&r)[FcLLq<BITS>::WORDS
 // then empty those slots.  False on timeout or abort.
 template <int BITS, int B>
 __device__ __forceinline__ bool fc_llq_receive(unsigned char* const (&slots)[B], const bool (&use)[B],
-                                               FcUnit<BITS> (&u)[B], volatile FcError* err, fc_i64 timeout_ns,
-                                               int rank, int s0, fc_u32 epoch) {
+                                               FcUnit<BITS> (&u)[B], const FcWait& w, int s0, fc_u32 epoch) {
   constexpr int W = FcLLq<BITS>::WORDS;
   fc_u64 r[B][W];
   fc_u32 pending = 0;
@@ -234,7 +232,7 @@ __device__ __forceinline__ bool fc_llq_receive(unsigned char* const (&slots)[B],
   }
   if (!fc_ll_poll<B>(
           pending, [&](int j) { fc_llq_load<BITS>(slots[j], r[j]); return fc_llq_arrived<BITS>(r[j]); },
-          [&](int j) { return s0 + j; }, err, timeout_ns, rank, epoch))
+          [&](int j) { return s0 + j; }, w, epoch))
     return false;
   const fc_u64 empty = ~0ull;
 #pragma unroll

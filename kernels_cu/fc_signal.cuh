@@ -1,4 +1,4 @@
-// flashcomm: cross-GPU signals and bounded waits.
+// flashcomm: cross-GPU signals, bounded waits and the poison protocol.
 //
 // Protocol (after vLLM's custom all-reduce, PR #2760): every block index b
 // keeps a uint32 epoch in device memory that only ever increases (never a
@@ -11,21 +11,50 @@
 // use two separate flag sets (RS, AG), one-shot rounds a third with data slots
 // alternating by epoch parity, so a fast peer never overwrites a flag or a
 // slot that a slow peer still needs (see fc_allreduce.cu for the argument).
+// The two-shot (RS, AG) and the one-shot sets count their rounds with separate
+// per-block epochs, so neither set can fall 2^31 rounds behind its counter
+// however long the other algorithm runs alone.
 //
-// Waits are bounded: after `timeout_ns` a wait records which peer did not
-// arrive in host-mapped memory, raises `abort` so every later wait returns at
-// once, and gives up.  The host turns the record into a Python exception.
+// Waits are bounded, and a failure poisons the communicator (docs/reliability.md):
+// * after `timeout_ns` a wait records which peer did not arrive in host-mapped
+//   memory (FC_ERR_TIMEOUT) and raises `abort`, so every later wait of this
+//   rank gives up at its next check;
+// * the kernel that failed stops sending and stores a poison word into every
+//   rank's workspace (fc_poison_all): each peer's pending wait gives up at its
+//   next check (every 1024 polls) and records FC_ERR_POISON, and every later
+//   call on any rank sees the poison when it starts;
+// * a block whose wait failed, or that started poisoned, writes NaN over every
+//   output element it is responsible for (fc_fill_nan): a failed call never
+//   leaves plausible numbers behind, in eager calls and graph replays alike.
+// The host turns the record into a Python exception; only closing the
+// communicator clears the poison.
 #pragma once
 #include "fc_common.cuh"
 
+// Error record codes (mirrored by flashcomm_cupy.backends.gpu.ERR_*).
+#define FC_ERR_TIMEOUT 1u  // this rank waited past the bound for `peer`
+#define FC_ERR_POISON 2u   // rank `peer` gave up and poisoned this rank
+// A poison word: FC_POISON | the rank the first failure waited for.  Never 0.
+#define FC_POISON 0x100u
+
 struct FcError {
-  fc_u32 code;   // 0 ok, 1 timeout
-  fc_u32 rank;   // the rank that timed out
-  fc_u32 peer;   // the rank it was waiting for
+  fc_u32 code;   // 0 ok, FC_ERR_TIMEOUT or FC_ERR_POISON
+  fc_u32 rank;   // this rank
+  fc_u32 peer;   // TIMEOUT: the rank it waited for; POISON: the rank that gave up
   fc_u32 block;  // block index
   fc_u32 epoch;  // round it waited for
   fc_u32 abort;  // set once: every later wait returns immediately
-  fc_u32 pad[2];
+  fc_u32 late;   // the rank the first failure of the communicator waited for
+  fc_u32 pad;
+};
+
+// What every bounded wait needs: the error record, this rank's poison words
+// (one per source rank, in its own workspace) and the bound.
+struct FcWait {
+  volatile FcError* err;
+  const fc_u32* poison;
+  fc_i64 timeout_ns;
+  int rank, world;
 };
 
 __device__ __forceinline__ void fc_st_release_sys(fc_u32* p, fc_u32 v) {
@@ -36,40 +65,77 @@ __device__ __forceinline__ fc_u32 fc_ld_acquire_sys(const fc_u32* p) {
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+// Relaxed, system scope, never from L1: poison words are stored by peers.
+__device__ __forceinline__ fc_u32 fc_ld_volatile_u32(const fc_u32* p) {
+  fc_u32 v;
+  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 __device__ __forceinline__ fc_u64 fc_globaltimer() {
   fc_u64 t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
 
-// Called every 1024 polls of any wait: true when the wait must end, because
-// another wait gave up (abort) or this one has run past `timeout_ns`, which it
-// then records (first timeout only) and turns into an abort for every wait.
-__device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, fc_i64 timeout_ns, int rank, int peer,
-                                             fc_u32 epoch) {
-  if (err->abort) return true;
-  if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
+// The first poison word set in this rank's workspace, or 0.  Its source is
+// written to *src (this rank's own word is set once it aborted itself).
+__device__ __forceinline__ fc_u32 fc_first_poison(const fc_u32* poison, int world, int* src) {
+  for (int k = 0; k < world; ++k) {
+    const fc_u32 p = fc_ld_volatile_u32(poison + k);
+    if (p) {
+      *src = k;
+      return p;
+    }
+  }
+  return 0;
+}
+
+// Record a failure (the first one only) and abort every later wait of this rank.
+__device__ __noinline__ void fc_record(volatile FcError* err, int rank, fc_u32 code, int peer, fc_u32 late,
+                                       fc_u32 epoch) {
   if (err->code == 0) {
     err->rank = rank;
     err->peer = peer;
     err->block = blockIdx.x;
     err->epoch = epoch;
+    err->late = late;
     __threadfence_system();
-    err->code = 1;
+    err->code = code;
   }
   err->abort = 1;
   __threadfence_system();
+}
+
+// Called every 1024 polls of any wait: true when the wait must end, because
+// this rank already gave up (abort), a peer poisoned it, or this wait has run
+// past `timeout_ns`; the last two are recorded.  (Out-of-line functions take
+// scalars only: an aggregate argument would travel through local memory.)
+__device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, const fc_u32* poison,
+                                             fc_i64 timeout_ns, int rank, int world, int peer, fc_u32 epoch) {
+  if (err->abort) return true;
+  int src = 0;
+  const fc_u32 p = fc_first_poison(poison, world, &src);
+  if (p) {
+    fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, epoch);
+    return true;
+  }
+  if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
+  fc_record(err, rank, FC_ERR_TIMEOUT, peer, (fc_u32)peer, epoch);
   return true;
 }
 
-// Spin until *flag >= target (mod 2^32).  Returns false on timeout or abort.
+__device__ __forceinline__ bool fc_wait_give_up(fc_u64 t0, const FcWait& w, int peer, fc_u32 epoch) {
+  return fc_wait_give_up(t0, w.err, w.poison, w.timeout_ns, w.rank, w.world, peer, epoch);
+}
+
+// Spin until *flag >= target (mod 2^32).  Returns false on timeout, poison or abort.
 __device__ __noinline__ bool fc_wait_flag(const fc_u32* flag, fc_u32 target, volatile FcError* err,
-                                          fc_i64 timeout_ns, int rank, int peer) {
+                                          const fc_u32* poison, fc_i64 timeout_ns, int rank, int world, int peer) {
   if ((int)(fc_ld_acquire_sys(flag) - target) >= 0) return true;
   const fc_u64 t0 = fc_globaltimer();
   for (fc_u32 spins = 1;; ++spins) {
     if ((int)(fc_ld_acquire_sys(flag) - target) >= 0) return true;
-    if ((spins & 1023u) == 0 && fc_wait_give_up(t0, err, timeout_ns, rank, peer, target)) return false;
+    if ((spins & 1023u) == 0 && fc_wait_give_up(t0, err, poison, timeout_ns, rank, world, peer, target)) return false;
   }
 }
 
@@ -87,15 +153,70 @@ __device__ __forceinline__ void fc_signal_peers(const fc_u64* peers, fc_i64 set_
     fc_st_release_sys(fc_flag(reinterpret_cast<unsigned char*>(peers[k]), set_off, rank, blockIdx.x, max_blocks), e);
 }
 
-// Wait until every peer has signalled round `e` for this block.
-__device__ __forceinline__ void fc_wait_peers(unsigned char* my_ws, fc_i64 set_off, int rank, int world,
-                                              int max_blocks, fc_u32 e, volatile FcError* err, fc_i64 timeout_ns) {
+// Wait until every peer has signalled round `e` for this block.  True when
+// any thread's wait failed (the whole block then takes the failure path).
+__device__ __forceinline__ bool fc_wait_peers(unsigned char* my_ws, fc_i64 set_off, int max_blocks, fc_u32 e,
+                                              const FcWait& w) {
 #ifdef FC_PROFILE_NO_WAIT  // timing variant only (benchmarks/kernel_variants.py): results are wrong
   __syncthreads();
-  return;
+  return false;
 #endif
   const int k = threadIdx.x;
-  if (k < world && k != rank)
-    fc_wait_flag(fc_flag(my_ws, set_off, k, blockIdx.x, max_blocks), e, err, timeout_ns, rank, k);
-  __syncthreads();
+  bool ok = true;
+  if (k < w.world && k != w.rank)
+    ok = fc_wait_flag(fc_flag(my_ws, set_off, k, blockIdx.x, max_blocks), e, w.err, w.poison, w.timeout_ns, w.rank,
+                      w.world, k);
+  return __syncthreads_or(!ok);
+}
+
+// Store this rank's poison word into every rank's workspace (its own too), so
+// every pending and later wait of the communicator fails.  Any thread may call
+// it, any number of times.  The word names the rank the first failure of this
+// rank waited for, as recorded in `err` (the failure was recorded first).
+__device__ __forceinline__ void fc_poison_all(const fc_u64* peers, fc_i64 poison_off, const FcWait& w) {
+  const fc_u32 word = FC_POISON | (w.err->late & 0xFFu);
+  for (int k = 0; k < w.world; ++k)
+    fc_st_release_sys(reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(peers[k]) + poison_off) + w.rank,
+                      word);
+}
+
+// Called by one thread of a block that found its workspace poisoned at its
+// start: record who gave up (nothing new if this rank aborted itself).
+__device__ __noinline__ void fc_record_poisoned(volatile FcError* err, const fc_u32* poison, int rank, int world) {
+  int src = 0;
+  const fc_u32 p = fc_first_poison(poison, world, &src);
+  if (p) fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, 0);
+}
+
+// NaN over out[o * seg + off, min(n, o * seg + off + len)) for o < nseg: the
+// output elements of one block tile in every segment (nseg = 1: the message).
+template <int DT>
+__device__ __forceinline__ void fc_fill_nan(void* out, fc_i64 n, fc_i64 seg, int nseg, fc_i64 off, fc_i64 len) {
+  typedef typename FcElem<DT>::T T;
+  T nan;
+  if constexpr (DT == 2) {
+    nan = __uint_as_float(0x7FC00000u);
+  } else {
+    nan = (T)(DT == 0 ? 0x7E00u : 0x7FC0u);
+  }
+  T* o = reinterpret_cast<T*>(out);
+  for (int s = 0; s < nseg; ++s) {
+    const fc_i64 start = (fc_i64)s * seg + off;
+    const fc_i64 end = min(n, start + len);
+    for (fc_i64 i = start + threadIdx.x; i < end; i += blockDim.x) o[i] = nan;
+  }
+}
+
+// NaN over every tile (of `tile` elements, in each of nseg segments) that
+// this block handles in a flag kernel's call (tiles b, b + grid, ...), then
+// the thread exits.  It never returns, so a kernel's failure branches keep no
+// value alive and cost its hot loop no registers.
+template <int DT>
+__device__ __noinline__ __attribute__((noreturn)) void fc_fill_nan_tiles_and_exit(void* out, fc_i64 n, fc_i64 seg,
+                                                                                  int nseg, fc_i64 tile) {
+  const fc_i64 ntiles = (seg + tile - 1) / tile;
+  for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x)
+    fc_fill_nan<DT>(out, n, seg, nseg, ti * tile, min(tile, seg - ti * tile));
+  asm volatile("exit;");
+  __builtin_unreachable();
 }

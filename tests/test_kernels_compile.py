@@ -115,6 +115,22 @@ def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
     _assert_compiles_with(tmp_path, "args_layout", checks, ("FC_DT=0", "FC_RS_BITS=0", "FC_AG_BITS=0"))
 
 
+def test_the_error_record_and_its_codes_match_the_host_mirror(tmp_path):
+    """``_kernels.ERROR_FIELDS`` / ``ERR_*`` (what the host reads after a failed wait) are FcError's
+    words in order and fc_signal.cuh's codes, and the poison word can never be 0."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy import _kernels
+    checks = [f'static_assert(__builtin_offsetof(FcError, {f}) == {4 * i}, "{f}");'
+              for i, f in enumerate(_kernels.ERROR_FIELDS)]
+    checks += [f'static_assert(sizeof(FcError) == {4 * len(_kernels.ERROR_FIELDS)}, "sizeof(FcError)");',
+               f'static_assert(FC_ERR_TIMEOUT == {_kernels.ERR_TIMEOUT}u, "timeout code");',
+               f'static_assert(FC_ERR_POISON == {_kernels.ERR_POISON}u, "poison code");',
+               'static_assert((FC_POISON & 0xFFu) == 0 && FC_POISON != 0, "poison word names a rank in its low byte");']
+    _assert_compiles_with(tmp_path, "error_record", checks, ("FC_DT=0", "FC_RS_BITS=0", "FC_AG_BITS=0"))
+
+
 def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
     """LLQ_UNIT_BYTES and LLQ_MAX_THREADS (what the host tiles by) are FcLLq's and FC_LLQ_THREADS."""
     nvcc = _nvcc()

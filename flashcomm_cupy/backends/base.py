@@ -81,6 +81,15 @@ class Backend(abc.ABC):
     def synchronize(self) -> None:
         """Wait for queued work; raise if a previous call recorded an error."""
 
+    def check(self) -> None:
+        """Raise the error a previous call recorded (a timeout, a peer that gave up), without waiting."""
+
+    def wait(self, stream) -> None:
+        """Wait, within the communicator's bound, until the work queued on ``stream`` has finished,
+        then :meth:`check`.  Host-synchronous calls (NumPy arrays) end with it, so they raise on
+        the call that failed."""
+        self.synchronize()
+
     def close(self) -> None:
         """Release resources; idempotent."""
 

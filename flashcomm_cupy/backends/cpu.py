@@ -18,23 +18,46 @@ Algorithms:
   to the input dtype.  fp16 and bf16 have no portable MPI datatype, so every
   dtype is reduced as float32; the summation order is MPI's, so the baseline
   is *not* bit-identical to the reference -- only close to the exact sum.
+
+Every wait is bounded (``timeout_s``, see :mod:`flashcomm_cupy.errors`): each
+call starts with every rank sending the others a short description of the
+call (size, dtype, mode), so ranks that disagree all raise ValueError naming
+what differs, and a rank that never comes is named by the others when the
+bound runs out.  All MPI traffic is non-blocking and polled; a rank that gives
+up sends every peer an abort message, which makes their pending and later
+calls raise too (the CPU twin of the GPU kernels' poison, docs/reliability.md).
 """
 from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Tuple
 
 import numpy as np
 
 from .. import _mpi, quant, reference
 from ..config import Mode
-from ..dtypes import dtype_name, from_f32, resolve_dtype, to_f32
+from ..dtypes import DTYPES, dtype_name, from_f32, resolve_dtype, to_f32
+from ..errors import FlashTimeoutError, resolve_timeout
 from .base import Backend
 
 F32 = np.float32
 
 _ALGOS = ("oneshot", "twoshot", "mpi")
+_DTYPE_NAMES = tuple(DTYPES)
+#: point-to-point tags on the backend's own (duplicated) communicator
+_TAG_CALL, _TAG_ABORT = 0x0FC1, 0x0FC2
+#: fields of the per-call description every rank sends the others
+_CALL_FIELDS = ("call", "elements", "dtype", "rs_bits", "ag_bits", "group_size", "symmetric", "rotate", "algo")
+
+
+def _show_call(desc) -> str:
+    """A call's description as a person reads it: ``1000 x float32, int4 g128 [twoshot]``."""
+    v = dict(zip(_CALL_FIELDS, (int(x) for x in desc)))
+    bits = None if v["rs_bits"] == 0 else (v["rs_bits"], v["ag_bits"])
+    mode = Mode.make(bits, v["group_size"], bool(v["symmetric"]), bool(v["rotate"]), _ALGOS[v["algo"]])
+    return f"{v['elements']} x {_DTYPE_NAMES[v['dtype']]}, {mode.label}"
 
 
 class CpuBackend(Backend):
@@ -46,9 +69,12 @@ class CpuBackend(Backend):
         The ranks taking part; the backend works on a duplicate so its
         messages never mix with the caller's.
     validate : bool, default False
-        When True, every call first all-gathers each rank's element count,
-        dtype and mode and raises :class:`ValueError` on every rank, naming
-        the ranks that differ, instead of failing inside MPI.
+        Kept for compatibility: every call now checks that all ranks pass
+        the same element count, dtype and mode, and raises
+        :class:`ValueError` on every rank, naming the ranks that differ.
+    timeout_s : float, optional
+        Bound of every wait for a peer (default ``$FLASHCOMM_TIMEOUT_S`` or
+        30 s); past it the call raises :class:`FlashTimeoutError` on every rank.
 
     Any other keyword raises :class:`TypeError`.
     """
@@ -56,10 +82,11 @@ class CpuBackend(Backend):
     name = "cpu"
     baseline_algo = "mpi"
 
-    def __init__(self, comm, validate: bool = False, **unknown):
+    def __init__(self, comm, validate: bool = False, timeout_s=None, **unknown):
         if unknown:
             raise TypeError(f"CpuBackend got unexpected option(s): {', '.join(sorted(unknown))}"
-                            " (the CPU backend accepts only validate=)")
+                            " (the CPU backend accepts validate= and timeout_s=)")
+        self.timeout_s = resolve_timeout(timeout_s)
         if comm is None:
             comm = _mpi.get_comm()
         self._MPI = _mpi.mpi()
@@ -68,6 +95,9 @@ class CpuBackend(Backend):
         self.world_size = self._comm.Get_size()
         self.validate = bool(validate)
         self._closed = False
+        self._calls = 0
+        #: the error every call raises once this communicator gave up or was told a peer did
+        self._aborted = None
 
     # ------------------------------------------------------------------ interface
     @property
@@ -105,8 +135,7 @@ class CpuBackend(Backend):
         if x.dtype != dt:
             x = x.view(dt)
         algo = self.resolve_algo(x.nbytes, mode)
-        if self.validate:
-            self._validate(x.size, dt, mode)
+        self._agree_on_call(x.size, dt, mode, algo)
         if algo == "mpi":
             result = self._baseline(x, dt)
         else:
@@ -124,18 +153,22 @@ class CpuBackend(Backend):
 
     def barrier(self) -> None:
         self._check_open()
-        self._comm.Barrier()
+        self._wait([self._comm.Ibarrier()], "barrier")
 
     def synchronize(self) -> None:
         """Nothing is ever queued: calls complete before they return."""
+        self._check_open()
+
+    def check(self) -> None:
         self._check_open()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        # Freeing after MPI_Finalize (interpreter exit) would abort the process.
-        if not self._MPI.Is_finalized():
+        # Freeing after MPI_Finalize (interpreter exit) would abort the process; after an
+        # abort, collectives may still be pending on the communicator: leave it to exit.
+        if not self._MPI.Is_finalized() and self._aborted is None:
             self._comm.Free()
 
     def describe(self) -> dict:
@@ -179,7 +212,7 @@ class CpuBackend(Backend):
         chunk = self._chunk_nbytes(n, mode, dt)
         send = self._bytes_of(prepared, mode, dt)
         recv = np.empty(self.world_size * chunk, dtype=np.uint8)
-        self._comm.Allgather(send, recv)
+        self._wait([self._comm.Iallgather(send, recv)], "the one-shot all-gather")
         acc = np.zeros(n, dtype=F32)
         for s in range(self.world_size):
             part = self._decode(recv[s * chunk:(s + 1) * chunk], n, mode, dt)
@@ -199,7 +232,7 @@ class CpuBackend(Backend):
                 send[owner * rs_chunk:(owner + 1) * rs_chunk] = \
                     self._bytes_of(prepared[layout.segment(owner)], mode, dt)
         recv = np.empty_like(send)
-        self._comm.Alltoall(send, recv)
+        self._wait([self._comm.Ialltoall(send, recv)], "the reduce-scatter (all-to-all)")
         # Same float32 rank-order sum as reference.reduce_owner_segment.
         acc = np.zeros(seg_n, dtype=F32)
         for s in range(world):
@@ -214,7 +247,7 @@ class CpuBackend(Backend):
         mine = (np.ascontiguousarray(from_f32(acc, dt)).view(np.uint8) if mode.lossless
                 else quant.encode(acc, ag_codec))
         gathered = np.empty(world * ag_chunk, dtype=np.uint8)
-        self._comm.Allgather(mine, gathered)
+        self._wait([self._comm.Iallgather(mine, gathered)], "the all-gather")
         full = np.empty(layout.padded_length, dtype=F32)
         for owner in range(world):
             full[layout.segment(owner)] = self._decode(
@@ -225,22 +258,91 @@ class CpuBackend(Backend):
         """``MPI_Allreduce(SUM)`` in float32 (MPI has no fp16/bf16), rounded back to ``dt``."""
         x32 = to_f32(x).copy()
         total = np.empty_like(x32)
-        self._comm.Allreduce(x32, total, op=self._MPI.SUM)
+        self._wait([self._comm.Iallreduce(x32, total, op=self._MPI.SUM)], "MPI_Allreduce")
         return from_f32(total, dt)
 
-    # ------------------------------------------------------------------ checks
-    def _validate(self, size: int, dt, mode: Mode) -> None:
-        """Raise ValueError on every rank when ranks disagree on size, dtype or mode."""
-        mine = (int(size), dtype_name(dt), mode.label, mode.algo)
-        everyone = self._comm.allgather(mine)
-        differ = [r for r, v in enumerate(everyone) if v != everyone[0]]
-        if differ:
-            lines = [f"rank {r}: {v[0]} x {v[1]}, mode {v[2]!r}"
-                     for r, v in enumerate(everyone) if r == 0 or r in differ]
+    # ------------------------------------------------------------------ agreement and bounded waits
+    def _describe_call(self, size: int, dt, mode: Mode, algo: str) -> np.ndarray:
+        return np.array([self._calls, size, _DTYPE_NAMES.index(dtype_name(dt)), mode.rs_bits or 0,
+                         mode.ag_bits or 0, mode.group_size, int(mode.symmetric), int(mode.rotate),
+                         _ALGOS.index(algo)], dtype=np.int64)
+
+    def _agree_on_call(self, size: int, dt, mode: Mode, algo: str) -> None:
+        """Exchange this call's description with every peer (bounded); raise ValueError on every
+        rank when they differ, naming the ranks and fields, and FlashTimeoutError naming the
+        ranks that never sent theirs."""
+        self._calls += 1
+        mine = self._describe_call(size, dt, mode, algo)
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        got = {r: np.empty_like(mine) for r in peers}
+        recvs = [self._comm.Irecv(got[r], source=r, tag=_TAG_CALL) for r in peers]
+        sends = [self._comm.Isend(mine, dest=r, tag=_TAG_CALL) for r in peers]
+        self._wait(recvs, f"call {self._calls}",
+                   late=lambda: [r for r, q in zip(peers, recvs) if not q.Test()])
+        self._wait(sends, f"call {self._calls}")
+        everyone = [got[r] if r != self.rank else mine for r in range(self.world_size)]
+        fields = [f for i, f in enumerate(_CALL_FIELDS) if len({int(v[i]) for v in everyone}) > 1]
+        if fields:
+            differ = [r for r in range(self.world_size) if not np.array_equal(everyone[r], everyone[0])]
             raise ValueError(
-                f"all_reduce arguments differ across ranks (ranks {differ} differ from rank 0): "
-                + "; ".join(lines))
+                f"flashcomm: all_reduce arguments differ between ranks (ranks {differ} differ from rank 0 in "
+                + ", ".join(fields) + "): "
+                + "; ".join(f"rank {r}: {_show_call(everyone[r])}" for r in range(self.world_size)
+                            if r == 0 or r in differ))
+
+    def _wait(self, requests, what: str, late=None) -> None:
+        """Complete ``requests`` within the bound, watching for a peer's abort message.
+
+        Past the bound this rank gives up: it tells every peer (abort message)
+        and raises FlashTimeoutError naming ``late()`` (the ranks still
+        missing) where known.  A peer's abort message raises at once.
+        """
+        self._raise_if_aborted()
+        test_all = self._MPI.Request.Testall
+        deadline = time.monotonic() + self.timeout_s
+        polls = 0
+        while not test_all(requests):
+            polls += 1
+            if polls % 64 == 0:
+                self._receive_abort()
+                if time.monotonic() > deadline:
+                    missing = late() if late is not None else []
+                    who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {missing}") if missing \
+                        else "a peer"
+                    self._give_up(f"flashcomm: rank {self.rank} timed out after {self.timeout_s:g} s waiting for "
+                                  f"{who} ({what}): it did not call all_reduce in time, or called it with a "
+                                  "different size or mode", missing[0] if missing else -1)
+            if polls > 256:
+                time.sleep(1e-5 if polls < 4096 else 1e-4)  # ranks may outnumber cores: yield
+
+    def _give_up(self, message: str, late: int):
+        """Abort this communicator: tell every peer (rank ``late`` was the one waited for) and raise."""
+        note = np.array([self.rank, late], dtype=np.int32)
+        for r in range(self.world_size):
+            if r != self.rank:
+                self._comm.Isend(note, dest=r, tag=_TAG_ABORT).Free()
+        self._aborted = message + ". Every rank raises; close this communicator and create a new one."
+        raise FlashTimeoutError(self._aborted, late=late if late >= 0 else None)
+
+    def _receive_abort(self) -> None:
+        """Raise if a peer sent an abort message (it gave up on a call)."""
+        status = self._MPI.Status()
+        if not self._comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=_TAG_ABORT, status=status):
+            return
+        note = np.empty(2, dtype=np.int32)
+        self._comm.Recv(note, source=status.Get_source(), tag=_TAG_ABORT)
+        src, late = int(note[0]), int(note[1])
+        waited = f"rank {late}" if late >= 0 else "a peer"
+        self._aborted = (f"flashcomm: rank {self.rank}: rank {src} gave up on a call after {self.timeout_s:g} s "
+                         f"waiting for {waited}. Every rank raises; close this communicator and create a new one.")
+        raise FlashTimeoutError(self._aborted, late=late if late >= 0 else None)
+
+    def _raise_if_aborted(self) -> None:
+        if self._aborted is not None:
+            raise FlashTimeoutError(self._aborted)
+        self._receive_abort()
 
     def _check_open(self):
         if self._closed:
             raise RuntimeError("this CpuBackend is closed")
+        self._raise_if_aborted()

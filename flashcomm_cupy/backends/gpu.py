@@ -16,11 +16,11 @@ import numpy as np
 from .. import _kernels, tuning
 from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
+from ..errors import DEFAULT_TIMEOUT_S, FlashTimeoutError, resolve_timeout  # noqa: F401  (re-exported)
 from .cuda_util import CudaBackend, select_device
 from .ipc import IpcWorkspace, PeerAccessError, WorkspaceLayout
 from .nccl import NcclBackend, NcclCommunicatorHandle
 
-DEFAULT_TIMEOUT_S = 30.0
 ELEMS_PER_THREAD = _kernels.DEFAULT_UNIT_ELEMS  # FC_ELEMS of the flag and lossless LL kernels
 #: The quantized LL kernels run 16-element units wherever the group allows (g <= 32 x 16):
 #: half as long a chain per lane, twice the lanes (benchmarks/NOTES.md v18).
@@ -123,10 +123,6 @@ class _Plan:
         self.params_ptr = int(self.params.ctypes.data)
 
 
-class FlashTimeoutError(RuntimeError):
-    """A rank waited longer than the configured bound for a peer's signal."""
-
-
 class FlashGpuBackend(CudaBackend):
     """Flash All-Reduce on the GPUs of one host, one process per GPU.
 
@@ -161,8 +157,7 @@ class FlashGpuBackend(CudaBackend):
             raise ValueError("max_threads must be 64, 128, 256 or 512")
         self.device_id = select_device(comm, device)
         self.validate = bool(validate)
-        self.timeout_s = float(timeout_s if timeout_s is not None
-                               else os.environ.get("FLASHCOMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        self.timeout_s = resolve_timeout(timeout_s)
         self.max_threads = int(max_threads)
         self.slot_bytes = int(slot_bytes)
         if self.slot_bytes % 16:
@@ -194,11 +189,14 @@ class FlashGpuBackend(CudaBackend):
                                        "slot_bytes": self.slot_bytes, "protocol": self.protocol,
                                        "tuning table": self.table.digest()}, "flash backend settings")
         self._plans = {}
+        self._closed = True  # until every resource below exists
+        self.ws = None
+        self._err_ptr = 0
         self.nccl = NcclCommunicatorHandle(comm)
         try:
             self._init_workspace(comm, max_blocks)
-        except PeerAccessError:
-            self.nccl.close()
+        except BaseException:  # IPC refused, out of memory, a peer's failure: leave nothing behind
+            self._release()
             raise
         self._closed = False
 
@@ -208,10 +206,10 @@ class FlashGpuBackend(CudaBackend):
         # 48 KiB x 264 blocks x 4 regions is 200 MB per rank at 4 ranks.
         layout = WorkspaceLayout(self.world_size, int(max_blocks),
                                  max(self.slot_bytes, 2 * ELEMS_PER_THREAD * 128 + 256))
-        self.ws = IpcWorkspace(comm, layout, self.device_id)
         self._err_ptr = cupy.cuda.runtime.hostAlloc(64, 0x3)  # portable | mapped
         ctypes.memset(self._err_ptr, 0, 64)
-        self._err = (ctypes.c_uint32 * 8).from_address(self._err_ptr)
+        self._err = (ctypes.c_uint32 * len(_kernels.ERROR_FIELDS)).from_address(self._err_ptr)
+        self.ws = IpcWorkspace(comm, layout, self.device_id)
         self._args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
         a = self._args[0]
         a["peers"][: self.world_size] = self.ws.peer_ptrs
@@ -221,6 +219,8 @@ class FlashGpuBackend(CudaBackend):
         a["rs_off"], a["ag_off"], a["os_off"] = layout.rs_off, layout.ag_off, layout.os_off
         a["rank"], a["world"], a["max_blocks"] = self.rank, self.world_size, layout.max_blocks
         a["ll_off"], a["ll_slot_bytes"] = layout.ll_off, layout.ll_slot_bytes
+        a["ts_epoch_off"], a["os_epoch_off"] = layout.ts_epoch_off, layout.os_epoch_off
+        a["ll_epoch_off"], a["poison_off"] = layout.ll_epoch_off, layout.poison_off
         a["timeout_ns"] = int(self.timeout_s * 1e9)
 
     def precompile(self, dtypes=("float16", "bfloat16", "float32"),
@@ -507,14 +507,20 @@ class FlashGpuBackend(CudaBackend):
         if self._closed:
             raise RuntimeError("this flashcomm GPU backend is closed")
         if self._err[0]:
-            code, rank, peer, block, epoch = list(self._err)[:5]
-            raise FlashTimeoutError(
-                f"flashcomm: rank {rank} timed out after {self.timeout_s:g} s waiting for rank {peer} "
-                f"(block {block}, round {epoch}): rank {peer} did not call all_reduce, or called it with a "
-                "different size or mode. This communicator is now unusable; close it and create a new one.")
+            raise error_from_record(dict(zip(_kernels.ERROR_FIELDS, self._err)), self.timeout_s)
+
+    def check(self):
+        """Raise the recorded error, if a call of this communicator failed (no synchronization)."""
+        self._raise_if_failed()
+
+    def wait(self, stream):
+        """Wait (bounded) until the work queued on ``stream`` finished, then :meth:`check`."""
+        self.nccl.wait_streams([stream.ptr], self.timeout_s)
+        self._raise_if_failed()
 
     def synchronize(self):
         import cupy
+        self.nccl.wait_streams(None, self.timeout_s)  # NCCL-routed calls, bounded (aborts NCCL past it)
         cupy.cuda.Device(self.device_id).synchronize()
         self._raise_if_failed()
 
@@ -522,14 +528,24 @@ class FlashGpuBackend(CudaBackend):
         if self._closed:
             return
         self._closed = True
+        self._release()
+
+    def _release(self):
+        """Free whatever exists of the workspace, the NCCL communicator and the error record."""
         import cupy
         try:
             cupy.cuda.Device(self.device_id).synchronize()
         except Exception:
             pass
-        self.ws.close()
-        self.nccl.close()
-        cupy.cuda.runtime.freeHost(self._err_ptr)
+        if self.ws is not None:
+            self.ws.close()
+            self.ws = None
+        if self.nccl is not None:
+            self.nccl.close()
+        if self._err_ptr:
+            cupy.cuda.runtime.freeHost(self._err_ptr)
+            self._err_ptr = 0
+            self._err = (ctypes.c_uint32 * len(_kernels.ERROR_FIELDS))()  # no dangling view of freed memory
 
     def describe(self):
         info = super().describe()
@@ -537,6 +553,21 @@ class FlashGpuBackend(CudaBackend):
         info.update(workspace_bytes=self.ws.layout.total, max_blocks=self.ws.layout.max_blocks,
                     timeout_s=self.timeout_s, tuning_table=self.table.describe(), peer_access=peers)
         return info
+
+
+def error_from_record(rec: dict, timeout_s: float) -> FlashTimeoutError:
+    """The exception for a non-empty error record (``_kernels.ERROR_FIELDS`` -> values)."""
+    me, peer, late = rec["rank"], rec["peer"], rec["late"]
+    tail = (" Every rank of this communicator raises this error (its workspace is poisoned) and every later call"
+            " writes NaN; close it and create a new one.")
+    if rec["code"] == _kernels.ERR_POISON:
+        return FlashTimeoutError(
+            f"flashcomm: rank {me}: rank {peer} gave up on a call after {timeout_s:g} s waiting for rank {late}: "
+            f"rank {late} was late, gone, or called all_reduce with a different size or mode.{tail}", late=late)
+    return FlashTimeoutError(
+        f"flashcomm: rank {me} timed out after {timeout_s:g} s waiting for rank {peer} (block {rec['block']}, "
+        f"round {rec['epoch']}): rank {peer} did not call all_reduce in time, or called it with a different size "
+        f"or mode.{tail}", late=peer)
 
 
 _warned = False

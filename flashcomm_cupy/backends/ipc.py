@@ -6,8 +6,10 @@ Layout of one rank's workspace (bytes; all offsets 4 KiB aligned):
 canary                ``uint32[8]`` written by peers during the access check
 flags                 three flag sets (reduce-scatter, all-gather, one-shot),
                       each ``uint32[8 ranks][max_blocks]``, then this rank's
-                      per-block epochs ``uint32[max_blocks]`` and per-block
-                      LL call counters ``uint32[max_blocks]``
+                      per-block epochs of the two-shot and of the one-shot
+                      sets and per-block LL call counters (each
+                      ``uint32[max_blocks]``), then the poison words
+                      ``uint32[8 ranks]`` (kernels_cu/fc_signal.cuh)
 rs slots              ``[world][max_blocks]`` slots of ``slot_bytes``
 ag slots              ``[world][max_blocks]`` slots
 one-shot slots        ``[2 parities][world][max_blocks]`` slots
@@ -56,8 +58,28 @@ class WorkspaceLayout:
         return 4 * MAX_RANKS * self.max_blocks
 
     @property
+    def ts_epoch_off(self) -> int:
+        """Per-block epochs of the two-shot's reduce-scatter and all-gather flag sets."""
+        return self.flags_off + 3 * self.flag_set_bytes
+
+    @property
+    def os_epoch_off(self) -> int:
+        """Per-block epochs of the one-shot flag set (counted apart: see fc_signal.cuh)."""
+        return self.ts_epoch_off + 4 * self.max_blocks
+
+    @property
+    def ll_epoch_off(self) -> int:
+        """Per-block LL call counters."""
+        return self.os_epoch_off + 4 * self.max_blocks
+
+    @property
+    def poison_off(self) -> int:
+        """Poison words, one per source rank: non-zero once that rank gave up (fc_signal.cuh)."""
+        return self.ll_epoch_off + 4 * self.max_blocks
+
+    @property
     def rs_off(self) -> int:
-        return _up(self.flags_off + 3 * self.flag_set_bytes + 2 * 4 * self.max_blocks, _PAGE)
+        return _up(self.poison_off + 4 * MAX_RANKS, _PAGE)
 
     @property
     def region_bytes(self) -> int:
@@ -175,11 +197,23 @@ class IpcWorkspace:
         return None
 
     def _check_canaries(self):
-        """Store a canary through every peer pointer from a kernel, load it back, then check arrivals."""
+        """Store a canary through every peer pointer from a kernel, load it back, then check arrivals.
+
+        Collective whatever happens locally: a rank whose own stores failed
+        still joins the barrier, and the caller agrees on the first failure,
+        so one rank's failure never leaves the others waiting.
+        """
+        failure = self._store_canaries()
+        self.comm.Barrier()
+        if failure is not None:
+            return failure
+        return self._read_canaries()
+
+    def _store_canaries(self):
         import cupy
-        kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
-        back = cupy.zeros(1, dtype=cupy.uint32)
         try:
+            kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
+            back = cupy.zeros(1, dtype=cupy.uint32)
             for r, p in enumerate(self.peer_ptrs):
                 if r == self.rank:
                     continue
@@ -191,9 +225,15 @@ class IpcWorkspace:
             cupy.cuda.Device().synchronize()
         except Exception as exc:
             return f"rank {self.rank}: peer stores failed ({exc})"
-        self.comm.Barrier()
+        return None
+
+    def _read_canaries(self):
+        import cupy
         mine = np.empty(MAX_RANKS, dtype=np.uint32)
-        cupy.cuda.runtime.memcpy(mine.ctypes.data, self.ptr, mine.nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
+        try:
+            cupy.cuda.runtime.memcpy(mine.ctypes.data, self.ptr, mine.nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
+        except Exception as exc:
+            return f"rank {self.rank}: cannot read its canaries ({exc})"
         for r in range(self.world):
             want = 0 if r == self.rank else 0xFC000000 | (r << 8) | self.rank
             if int(mine[r]) != want:

@@ -1,10 +1,13 @@
 """NCCL through ``cupy.cuda.nccl``: the baseline every flashcomm number is compared with."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..config import Mode
 from ..dtypes import dtype_name
+from ..errors import FlashTimeoutError, resolve_timeout
 from .cuda_util import CudaBackend, select_device
 
 # ncclDataType_t values (nccl.h): float16 6, float32 7, bfloat16 9.
@@ -30,9 +33,58 @@ class NcclCommunicatorHandle:
         uid = mpi_comm.bcast(nccl_unique_id_roundtrip(uid) if uid is not None else None, root=0)
         self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
         self.version = nccl.get_version()
+        #: streams with NCCL calls queued since they were last waited for
+        self._pending = set()
+        self.aborted = None
 
     def all_reduce(self, x_ptr: int, out_ptr: int, count: int, dtype: str, stream_ptr: int):
+        if self.aborted:
+            raise FlashTimeoutError(self.aborted)
         self.comm.allReduce(x_ptr, out_ptr, count, _NCCL_DTYPE[dtype], _NCCL_SUM, stream_ptr)
+        self._pending.add(stream_ptr)
+
+    def wait_streams(self, stream_ptrs, timeout_s: float) -> None:
+        """Wait until everything queued on ``stream_ptrs`` (None: every stream with NCCL calls
+        since the last wait) has finished.
+
+        NCCL's own calls wait for their peers without a bound.  Past
+        ``timeout_s``, a stream that still holds one of our NCCL calls gets the
+        NCCL communicator aborted (which ends its kernels) and this raises
+        :class:`FlashTimeoutError`; the handle refuses every later call.
+        Streams without NCCL calls are waited for without a bound (the flash
+        kernels bound their own waits).
+        """
+        import cupy
+        ptrs = sorted(self._pending) if stream_ptrs is None else list(stream_ptrs)
+        if not ptrs:
+            return
+        events = []
+        for ptr in ptrs:
+            ev = cupy.cuda.Event(disable_timing=True)
+            ev.record(cupy.cuda.ExternalStream(ptr))
+            events.append((ptr, ev))
+        deadline = time.monotonic() + timeout_s
+        polls = 0
+        for ptr, ev in events:
+            while not ev.done:
+                if ptr in self._pending and time.monotonic() > deadline:
+                    self.abort(f"flashcomm: an NCCL all-reduce did not complete within {timeout_s:g} s "
+                               "(a peer did not make the same call); the NCCL communicator was aborted. "
+                               "Close this communicator and create a new one.")
+                    raise FlashTimeoutError(self.aborted)
+                polls += 1
+                time.sleep(0 if polls < 2000 else 1e-4)
+            self._pending.discard(ptr)
+
+    def abort(self, reason: str) -> None:
+        """ncclCommAbort: end this communicator's pending kernels; every later call raises ``reason``."""
+        self.aborted = reason
+        if self.comm is not None:
+            try:
+                self.comm.abort()
+            except Exception:  # pragma: no cover - already gone
+                pass
+            self.comm = None
 
     def close(self):
         if self.comm is not None:
@@ -54,6 +106,7 @@ class NcclBackend(CudaBackend):
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self.device_id = select_device(comm, options.get("device"))
+        self.timeout_s = resolve_timeout(options.get("timeout_s"))
         self.nccl = NcclCommunicatorHandle(comm)
 
     def supported_algos(self):
@@ -70,8 +123,18 @@ class NcclBackend(CudaBackend):
         self.nccl.all_reduce(x.data.ptr, out.data.ptr, x.size, dtype_name(dtype or x.dtype), stream.ptr)
         return out
 
+    def check(self):
+        """Raise if an earlier bounded wait had to abort the NCCL communicator."""
+        if self.nccl.aborted:
+            raise FlashTimeoutError(self.nccl.aborted)
+
+    def wait(self, stream):
+        """Wait (bounded, see NcclCommunicatorHandle.wait_streams) for ``stream``'s work."""
+        self.nccl.wait_streams([stream.ptr], self.timeout_s)
+
     def synchronize(self):
         import cupy
+        self.nccl.wait_streams(None, self.timeout_s)
         cupy.cuda.Device().synchronize()
 
     def close(self):

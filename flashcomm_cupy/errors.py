@@ -1,0 +1,51 @@
+"""What a failed collective raises, and the one bound every wait for a peer obeys.
+
+Every backend waits for its peers for at most ``timeout_s`` seconds (the
+``timeout_s=`` option, else ``$FLASHCOMM_TIMEOUT_S``, else 30).  A rank that
+gives up raises :class:`FlashTimeoutError`, tells its peers (the GPU kernels
+poison the shared workspace, the CPU backend sends an abort message), and
+every peer's pending or later call raises the same error class, naming the
+rank that was late.  The communicator stays unusable until it is closed and
+made anew (docs/reliability.md).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+DEFAULT_TIMEOUT_S = 30.0
+#: far beyond any useful bound, and small enough that the kernels' int64 nanoseconds cannot overflow
+MAX_TIMEOUT_S = 1e6
+TIMEOUT_ENV = "FLASHCOMM_TIMEOUT_S"
+
+
+class FlashTimeoutError(RuntimeError):
+    """A rank waited longer than the bound for a peer, or a peer gave up on a call.
+
+    ``late`` is the rank the first failure waited for, where known.
+    """
+
+    def __init__(self, message: str, late=None):
+        super().__init__(message)
+        self.late = late
+
+
+def resolve_timeout(timeout_s=None) -> float:
+    """The bound in seconds: ``timeout_s``, else ``$FLASHCOMM_TIMEOUT_S``, else 30.
+
+    Raises ValueError (naming where the value came from) unless it is a
+    finite number of seconds in (0, 1e6].
+    """
+    source = "timeout_s"
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV)
+        if raw is None or not raw.strip():
+            return DEFAULT_TIMEOUT_S
+        source, timeout_s = f"${TIMEOUT_ENV}", raw
+    try:
+        value = float(timeout_s)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} must be a number of seconds, got {timeout_s!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"{source} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
+    return value
