@@ -16,7 +16,7 @@ import numpy as np
 
 SUPPORTED_BITS = (4, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
-ALGOS = ("auto", "oneshot", "twoshot", "nccl", "mpi")
+ALGOS = ("auto", "oneshot", "twoshot", "hierarchical", "nccl", "mpi")
 
 BitsArg = Union[None, int, str, Tuple[Optional[int], Optional[int]]]
 
