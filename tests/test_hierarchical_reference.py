@@ -126,13 +126,17 @@ def test_lossless_is_the_node_order_sum_of_node_sums():
     assert same_bits(got, want)
 
 
-@pytest.mark.parametrize("bits,tol", [(4, 0.2), (8, 0.01)])
-def test_quantized_result_is_close_to_the_exact_sum(bits, tol):
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_quantized_error_is_within_half_again_of_twoshot(bits):
+    """Three quantized steps instead of two: measured 1.2-1.3x two-shot's error on 2x2 (outlier data)."""
     inputs = ranks_data(4, 8192, "float32", seed=2)
-    got = far(inputs, bits=bits, algo="hierarchical", nodes=2)[0].astype(np.float64)
     truth = exact_sum(inputs)
-    rel = np.sqrt(np.mean((got - truth) ** 2) / np.mean(truth ** 2))
-    assert 0 < rel < tol
+
+    def rel(algo, nodes=None):
+        got = far(inputs, bits=bits, algo=algo, nodes=nodes)[0].astype(np.float64)
+        return np.sqrt(np.mean((got - truth) ** 2) / np.mean(truth ** 2))
+
+    assert 0 < rel("hierarchical", 2) < 1.5 * rel("twoshot")
 
 
 def test_nan_poisons_only_its_group():
