@@ -78,12 +78,16 @@ class NodeLayout:
     def spans_nodes(self) -> bool:
         return self.num_nodes > 1
 
-    @property
-    def ranks_per_node(self) -> int:
-        """Ranks on each node; ValueError (one line) when nodes differ in size."""
+    def require_uniform(self) -> None:
+        """ValueError (one line) unless every node holds the same number of ranks."""
         if not self.uniform:
             sizes = ", ".join(f"node {k}: {len(node)}" for k, node in enumerate(self.nodes))
             raise ValueError(f"the hierarchical all-reduce needs the same number of ranks on every node ({sizes})")
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks on each node; ValueError (one line) when nodes differ in size."""
+        self.require_uniform()
         return len(self.nodes[0])
 
     def node_of(self, rank: int) -> int:

@@ -1,0 +1,81 @@
+"""The CPU backend's hierarchical all-reduce and node discovery, under ``mpiexec``.
+
+One host pretends to be several nodes through the testing override
+(``ranks_per_node=`` or ``$FLASHCOMM_RANKS_PER_NODE``); without it, MPI's
+shared-memory split finds one node.  The bit-for-bit checks live in
+``tests/mpi_scripts/cpu_hierarchical.py``.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mpi_util import SCRIPTS, run_mpi, run_mpi_code
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("world_size,ranks_per_node,label", [
+    (4, 2, "2 nodes x 2 ranks"),
+    (3, 1, "3 nodes x 1 rank"),
+    (2, 1, "2 nodes x 1 rank"),
+    (6, 2, "3 nodes x 2 ranks"),   # three nodes: the inter-node sum order matters (a+b == b+a)
+    (4, None, "1 node x 4 ranks"),  # discovery: one host is one node, auto stays two-shot
+])
+def test_hierarchical_matches_the_reference_bit_for_bit(world_size, ranks_per_node, label):
+    args = [] if ranks_per_node is None else ["--ranks-per-node", ranks_per_node]
+    proc = run_mpi(SCRIPTS / "cpu_hierarchical.py", world_size, args)
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout
+    summary = re.search(r"nodes=(.+): (\d+) cases, (\d+) failures", proc.stdout)
+    assert summary and summary.group(1) == label, proc.stdout
+    assert int(summary.group(2)) >= 200 and int(summary.group(3)) == 0
+
+
+def test_the_environment_variable_sets_the_layout():
+    proc = run_mpi(SCRIPTS / "cpu_hierarchical.py", 4, env={"FLASHCOMM_RANKS_PER_NODE": "2"})
+    assert proc.returncode == 0, proc.stdout
+    assert "nodes=2 nodes x 2 ranks:" in proc.stdout and " 0 failures" in proc.stdout, proc.stdout
+
+
+_BAD_OVERRIDES = r'''
+import os
+from mpi4py import MPI
+import flashcomm_cupy as fc
+rank = MPI.COMM_WORLD.Get_rank()
+
+def error_of(**options):
+    try:
+        fc.Communicator(backend="cpu", **options).close()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+errors = {
+    "indivisible": error_of(ranks_per_node=3),
+    "zero": error_of(ranks_per_node=0),
+    "differ": error_of(ranks_per_node=2 if rank == 0 else 4),
+    "half set": error_of(ranks_per_node=2 if rank == 0 else None),
+}
+os.environ["FLASHCOMM_RANKS_PER_NODE"] = "two"
+errors["env text"] = error_of()
+os.environ["FLASHCOMM_RANKS_PER_NODE"] = "4"
+comm = fc.Communicator(backend="cpu", ranks_per_node=2)  # the option wins over the environment
+errors["option wins"] = comm.describe()["nodes"]
+comm.close()
+for key, text in sorted(errors.items()):
+    print(f"rank {rank} {key}: {text}", flush=True)
+'''
+
+
+def test_bad_overrides_fail_on_every_rank_with_one_line():
+    proc = run_mpi_code(_BAD_OVERRIDES, 4)
+    assert proc.returncode == 0, proc.stdout
+    for rank in range(4):
+        lines = dict(re.findall(rf"^rank {rank} ([a-z ]+): (.*)$", proc.stdout, re.M))
+        assert "ranks_per_node=3 must be a positive divisor of the world size 4" in lines["indivisible"]
+        assert "ranks_per_node=0 must be a positive divisor" in lines["zero"]
+        assert "node layout overrides" in lines["differ"] and "differ between ranks" in lines["differ"]
+        assert "rank 0='2'" in lines["half set"] and "rank 1=None" in lines["half set"]
+        assert "$FLASHCOMM_RANKS_PER_NODE must be a positive integer, got 'two'" in lines["env text"]
+        assert lines["option wins"] == "2 nodes x 2 ranks"
