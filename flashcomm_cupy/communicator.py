@@ -38,8 +38,9 @@ def _make_backend(name: str, comm, options: dict):
         from .backends.cpu import CpuBackend
         return CpuBackend(comm, **options)
     if name == "gpu":
-        from .backends.gpu import make_gpu_backend
-        return make_gpu_backend(comm, **options)
+        # the flash backend on one node, the hierarchical one across nodes
+        from .backends.hierarchical import make_cuda_backend
+        return make_cuda_backend(comm, **options)
     if name == "nccl":
         from .backends.nccl import NcclBackend
         return NcclBackend(comm, **options)

@@ -63,8 +63,8 @@ class Checker:
         return all(self.comm.mpi_comm.allgather(bool(ok)))
 
     # ------------------------------------------------------------------ exactness
-    def compare_with_reference(self, label, out_dev, n, dtype, mode, seed, algo, inputs=None):
-        """out_dev: this rank's result (CuPy array, bf16 as uint16)."""
+    def compare_with_reference(self, label, out_dev, n, dtype, mode, seed, algo, inputs=None, nodes=None):
+        """out_dev: this rank's result (CuPy array, bf16 as uint16); ``nodes``: the layout of hierarchical."""
         self.count += 1
         hashes = self.comm.mpi_comm.allgather(digest(out_dev))
         if len(set(hashes)) != 1:
@@ -72,7 +72,7 @@ class Checker:
             return
         if self.rank == 0:
             ins = inputs or [host_input(seed, r, n, dtype) for r in range(self.world)]
-            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo))[0]
+            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo), nodes=nodes)[0]
             got = out_dev.get()
             if got.dtype == np.uint16:
                 got = got.view(bfloat16)
@@ -214,7 +214,7 @@ class Checker:
             out = cupy.empty_like(x)
             algo = self.comm.backend.resolve_algo(n * 2, mode)
             ins = [host_input(100 + i, r, n, "float16") for r in range(self.world)]
-            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo))[0]
+            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo), nodes=nodes)[0]
             prepared.append((x, out, mode, cupy.asarray(ref)))
         wrong = 0
         t0 = time.perf_counter()
