@@ -79,3 +79,24 @@ def test_bad_overrides_fail_on_every_rank_with_one_line():
         assert "rank 0='2'" in lines["half set"] and "rank 1=None" in lines["half set"]
         assert "$FLASHCOMM_RANKS_PER_NODE must be a positive integer, got 'two'" in lines["env text"]
         assert lines["option wins"] == "2 nodes x 2 ranks"
+
+
+def test_verify_and_info_across_two_simulated_nodes(tmp_path):
+    """The CLI on 2 nodes x 2 ranks: verify checks hierarchical rows against the reference; info shows nodes."""
+    import json
+    import sys
+
+    from mpi_util import _is_open_mpi, mpi_env, require_mpi, run_in_group
+    mpiexec = require_mpi()
+    env = mpi_env({"FLASHCOMM_RANKS_PER_NODE": "2"})
+    launch = ([mpiexec] + (["--oversubscribe"] if _is_open_mpi(mpiexec) else [])
+              + ["-n", "4", sys.executable, "-m", "flashcomm_cupy.cli.main"])
+    path = tmp_path / "v.json"
+    proc = run_in_group(launch + ["verify", "--backend", "cpu", "--lengths", "1,4099", "-d", "bfloat16",
+                                  "--bits", "none,4,4/8", "--algo", "auto,hierarchical", "--json", str(path)],
+                        120, env, merge_stderr=True)
+    assert proc.returncode == 0, proc.stdout
+    rows = [r for r in json.loads(path.read_text())["rows"] if not r["baseline"]]
+    assert rows and all(r["algo_resolved"] == "hierarchical" and r["wrong"] == 0 for r in rows), rows
+    proc = run_in_group(launch + ["info", "--backend", "cpu"], 120, env, merge_stderr=True)
+    assert proc.returncode == 0 and "2 nodes x 2 ranks" in proc.stdout, proc.stdout
