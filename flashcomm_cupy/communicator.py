@@ -57,10 +57,12 @@ class Communicator:
     backend : {"auto", "gpu", "cpu", "nccl"}
         "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
         back to NCCL, with one warning naming the reason, when CUDA IPC or
-        peer access does not work between the ranks.
+        peer access does not work between the ranks; when the ranks span
+        nodes it is the hierarchical backend (one GPU per node).
     **options
         Passed to the backend (e.g. ``timeout_s``, ``validate``,
-        ``workspace_bytes`` for the GPU backend).
+        ``workspace_bytes`` for the GPU backend; ``ranks_per_node``, the
+        testing override of node discovery, for "cpu" and "gpu").
 
     The communicator is a context manager; it is also closed at interpreter
     exit.
