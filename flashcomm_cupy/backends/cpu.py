@@ -9,7 +9,7 @@ movement is new: the packed wire bytes travel through ``MPI_Alltoall`` and
 
 Algorithms:
 
-* ``twoshot`` (also what ``auto`` picks): reduce-scatter of the non-owned
+* ``twoshot`` (what ``auto`` picks on one node): reduce-scatter of the non-owned
   segments through ``Alltoall``, owner-side sum, all-gather of the owner's
   re-encoded segment through ``Allgather``.
 * ``oneshot``: ``Allgather`` of every rank's whole encoded message; every rank
