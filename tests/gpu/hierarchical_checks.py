@@ -17,12 +17,11 @@ import argparse
 import os
 import sys
 import time
-import traceback
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_checks import BITS, DTYPE_NAMES, Checker, host_input, to_device  # noqa: E402
+from gpu_checks import BITS, DTYPE_NAMES, Checker, host_input, run_plan, to_device  # noqa: E402
 
 import flashcomm_cupy as fc  # noqa: E402
 from flashcomm_cupy.config import Mode  # noqa: E402
@@ -115,16 +114,8 @@ def main(argv=None):
         sizes = [0, 1, 127, 4099, 65_537, 1_000_003] if not args.quick else [1, 4099, 65_537]
         groups = (32, 128, 1024) if not args.quick else (128,)
         t_all = time.perf_counter()
-        for name, fn in (("exact", lambda: check_exact(ck, sizes, groups)), ("nonfinite", lambda: check_nonfinite(ck)),
-                         ("graph", lambda: check_graph(ck, 3))):
-            t0 = time.perf_counter()
-            try:
-                fn()
-            except Exception:
-                ck.fail(f"{name}: exception on rank {ck.rank}:\n{traceback.format_exc()}")
-                print(traceback.format_exc(), file=sys.stderr, flush=True)
-                MPI.COMM_WORLD.Abort(2)
-            ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
+        run_plan(ck, [("exact", lambda: check_exact(ck, sizes, groups)), ("nonfinite", lambda: check_nonfinite(ck)),
+                      ("graph", lambda: check_graph(ck, 3))])
         ck.log(f"checks took {time.perf_counter() - t_all:.0f} s")
     comm.close()
     failures = MPI.COMM_WORLD.allreduce(len(ck.failures))

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_backend_matches_reference import first_difference, make_input, same_bits  # noqa: E402
+from cpu_backend_matches_reference import make_input, mismatch, report, same_bits  # noqa: E402
 
 import flashcomm_cupy as fc  # noqa: E402
 
@@ -88,16 +88,9 @@ def main(argv):
         for r, (a, b, c) in enumerate(results):
             for how, y, want in (("out-of-place", a, ref), ("in-place", b, ref), ("auto", c, ref_auto)):
                 if not same_bits(y, want):
-                    failures.append(f"case {case_id} {case}: rank {r} {how}: " + (
-                        first_difference(y, want) if y.shape == want.shape and y.dtype == want.dtype
-                        else f"got {y.dtype}{y.shape}, reference {want.dtype}{want.shape}"))
+                    failures.append(f"case {case_id} {case}: rank {r} {how}: " + mismatch(y, want))
     comm.close()
-    all_failures = [f for part in mpi_comm.allgather(failures) for f in part]
-    if rank == 0:
-        for f in all_failures[:50]:
-            print("FAIL", f, flush=True)
-        print(f"nodes={nodes.label()}: {len(all_cases)} cases, {len(all_failures)} failures", flush=True)
-    return 1 if all_failures else 0
+    return report(mpi_comm, failures, f"nodes={nodes.label()}: {len(all_cases)} cases")
 
 
 if __name__ == "__main__":
