@@ -9,7 +9,7 @@ backend's node layout.  Also checked: ``auto`` resolves to hierarchical
 exactly when the layout spans nodes, and ``describe()`` names the layout.
 
 Exits non-zero on every rank when a check fails, printing each failure.
-Usage: ``mpiexec -n K python -m mpi4py cpu_hierarchical.py [--ranks-per-node P]``
+Usage: ``mpiexec -n K python -m mpi4py cpu_hierarchical.py [--ranks-per-node P] [--quick]``
 """
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ from cpu_backend_matches_reference import make_input, mismatch, report, same_bit
 import flashcomm_cupy as fc  # noqa: E402
 
 LENGTHS = (0, 1, 7, 127, 1000, 4099)
+QUICK_LENGTHS = (1, 4099)
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 BITS = (None, 4, 6, 8, (4, 8))
 
 
-def cases():
+def cases(quick: bool = False):
     """(length, dtype, bits, group_size, symmetric, rotate, special) in a fixed order."""
     out = []
-    for length, dt, bits in itertools.product(LENGTHS, DTYPE_NAMES, BITS):
+    for length, dt, bits in itertools.product(QUICK_LENGTHS if quick else LENGTHS, DTYPE_NAMES, BITS):
         if bits is None:
             out.append((length, dt, None, 128, False, False, False))
             continue
@@ -66,7 +67,7 @@ def main(argv):
     if info.get("nodes") != nodes.label() or info.get("auto_algo") != want_auto:
         failures.append(f"rank {rank}: describe() says nodes={info.get('nodes')!r} auto={info.get('auto_algo')!r}")
 
-    all_cases = cases()
+    all_cases = cases(quick="--quick" in argv)
     for case_id, case in enumerate(all_cases):
         length, dt, bits, g, sym, rot, special = case
         x = make_input(case_id, rank, length, dt, special)
