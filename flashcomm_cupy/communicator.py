@@ -99,7 +99,8 @@ class Communicator:
         """Sum ``x`` over all ranks.
 
         ``bits``: None (lossless), 4, 6, 8, or a pair ``(rs_bits, ag_bits)``
-        such as ``(4, 8)``.  ``algo``: "auto", "oneshot", "twoshot", or the
+        such as ``(4, 8)``.  ``algo``: "auto", "oneshot", "twoshot",
+        "hierarchical" (ranks on several nodes), or the
         baseline ("nccl" on GPUs, "mpi" on CPUs).  ``x`` may be a NumPy
         array, a CuPy array, or anything with ``__cuda_array_interface__`` or
         ``__dlpack__`` (a PyTorch tensor); the result is of the same kind and

@@ -203,8 +203,9 @@ def flash_all_reduce_reference(inputs: Sequence, bits=4, group_size: int = 128,
     Returns one output per rank, in the input dtype and shape; the outputs are
     bit-identical.  ``algo`` is "twoshot" (also used for "auto"), "oneshot"
     or "hierarchical".  ``nodes`` places the ranks on nodes for
-    "hierarchical": None (one node), the number of ranks per node (node ``k``
-    holds ranks ``[kP, (k+1)P)``) or a :class:`NodeLayout`.
+    "hierarchical" (other algorithms ignore it): None (one node), the number
+    of ranks per node (node ``k`` holds ranks ``[kP, (k+1)P)``) or a
+    :class:`NodeLayout`.
     """
     arrays, dt = _check_inputs(inputs)
     if mode is None:
@@ -213,8 +214,8 @@ def flash_all_reduce_reference(inputs: Sequence, bits=4, group_size: int = 128,
     if algo not in ("twoshot", "oneshot", "hierarchical"):
         raise ValueError(f"the reference implements oneshot, twoshot and hierarchical, not {algo!r}")
     n = len(arrays)
-    node_layout = as_node_layout(nodes, n)
-    owners = node_layout.ranks_per_node if algo == "hierarchical" else n
+    node_layout = as_node_layout(nodes, n) if algo == "hierarchical" else None
+    owners = node_layout.ranks_per_node if node_layout is not None else n
     layout = SegmentLayout(arrays[0].size, owners, mode.group_size)
     prepared = [prepare(a, layout, mode) for a in arrays]
 

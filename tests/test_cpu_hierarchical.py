@@ -102,3 +102,33 @@ def test_verify_and_info_across_two_simulated_nodes(tmp_path):
     assert rows and all(r["algo_resolved"] == "hierarchical" and r["wrong"] == 0 for r in rows), rows
     proc = run_in_group(launch + ["info", "--backend", "cpu"], 120, env, merge_stderr=True)
     assert proc.returncode == 0 and "2 nodes x 2 ranks" in proc.stdout, proc.stdout
+
+
+_UNEVEN_NODES = r'''
+from mpi4py import MPI
+import numpy as np
+import flashcomm_cupy as fc
+from flashcomm_cupy import _mpi
+from flashcomm_cupy.topology import NodeLayout
+
+_mpi.node_layout = lambda comm, ranks_per_node=None: NodeLayout.from_node_keys(["a", "a", "b"])
+comm = fc.Communicator(backend="cpu")
+lines = [f"nodes: {comm.describe()['nodes']}", f"auto: {comm.resolve_algo(1 << 20)}"]
+try:
+    comm.all_reduce(np.ones(10, np.float32), algo="hierarchical")
+    lines.append("hierarchical: no error")
+except ValueError as exc:
+    lines.append(f"hierarchical: {exc}")
+comm.close()
+if MPI.COMM_WORLD.Get_rank() == 0:
+    print("\n".join(lines), flush=True)
+'''
+
+
+def test_uneven_nodes_keep_auto_flat_and_refuse_hierarchical():
+    """Discovery may find nodes of different sizes (2 + 1 ranks): auto stays two-shot."""
+    proc = run_mpi_code(_UNEVEN_NODES, 3)
+    assert proc.returncode == 0, proc.stdout
+    assert "nodes: 2 nodes (2, 1 ranks)" in proc.stdout and "auto: twoshot" in proc.stdout, proc.stdout
+    assert ("hierarchical: the hierarchical all-reduce needs the same number of ranks on every node "
+            "(node 0: 2, node 1: 1)") in proc.stdout, proc.stdout
