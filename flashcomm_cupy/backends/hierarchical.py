@@ -207,29 +207,30 @@ class _OneGpuPerNodePlan:
 
 
 # ---------------------------------------------------------------------------- elementwise helpers
+# Bodies of the CuPy elementwise kernels below, kept as text so tests can compile them on the
+# host too (tests/test_hierarchical_backend.py) and compare them with NumPy.
+WIDEN_BF16_OP = "y = __uint_as_float(((unsigned int)u) << 16);"
+#: round to nearest even, as dtypes.from_f32 (ml_dtypes) and the kernels' cvt.rn; NaN stays a quiet NaN
+NARROW_BF16_OP = """unsigned int b = __float_as_uint(x);
+if ((b & 0x7fffffffu) > 0x7f800000u) y = (unsigned short)((b >> 16) | 0x40u);
+else y = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);"""
+#: pair ``i`` of one butterfly stage of hadamard._fwht_groups: (a, b) -> (a + b, a - b), a the lower index
+BUTTERFLY_OP = """long long half = g / 2, grp = i / half; int j = (int)(i % half);
+long long a = grp * g + (long long)(j / h) * 2 * h + j % h, b = a + h;
+float ya = y[a], yb = y[b];
+y[a] = __fadd_rn(ya, yb); y[b] = __fsub_rn(ya, yb);"""
+#: the last step of hadamard.unrotate: times norm, then times the sign
+SCALE_SIGNS_OP = "y[i] = __fmul_rn(__fmul_rn(y[i], norm), s[i % g]);"
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels_for_helpers():
     import cupy
-    widen_bf16 = cupy.ElementwiseKernel("uint16 u", "float32 y", "y = __uint_as_float(((unsigned int)u) << 16)",
-                                        "fc_widen_bf16")
-    # Round to nearest even, as dtypes.from_f32 (ml_dtypes) and the kernels' cvt.rn; NaN stays a quiet NaN.
-    narrow_bf16 = cupy.ElementwiseKernel(
-        "float32 x", "uint16 y",
-        """unsigned int u = __float_as_uint(x);
-           if ((u & 0x7fffffffu) > 0x7f800000u) y = (unsigned short)((u >> 16) | 0x40u);
-           else y = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);""",
-        "fc_narrow_bf16")
-    # One butterfly stage of hadamard._fwht_groups: (a, b) -> (a + b, a - b), a the lower index.
-    butterfly = cupy.ElementwiseKernel(
-        "int32 g, int32 h", "raw float32 y",
-        """long long half = g / 2, grp = i / half; int j = (int)(i % half);
-           long long a = grp * g + (long long)(j / h) * 2 * h + j % h, b = a + h;
-           float ya = y[a], yb = y[b];
-           y[a] = __fadd_rn(ya, yb); y[b] = __fsub_rn(ya, yb);""",
-        "fc_fwht_stage")
-    scale_signs = cupy.ElementwiseKernel(
-        "raw float32 s, float32 norm, int32 g", "raw float32 y",
-        "y[i] = __fmul_rn(__fmul_rn(y[i], norm), s[i % g]);", "fc_unrotate_scale")
+    widen_bf16 = cupy.ElementwiseKernel("uint16 u", "float32 y", WIDEN_BF16_OP, "fc_widen_bf16")
+    narrow_bf16 = cupy.ElementwiseKernel("float32 x", "uint16 y", NARROW_BF16_OP, "fc_narrow_bf16")
+    butterfly = cupy.ElementwiseKernel("int32 g, int32 h", "raw float32 y", BUTTERFLY_OP, "fc_fwht_stage")
+    scale_signs = cupy.ElementwiseKernel("raw float32 s, float32 norm, int32 g", "raw float32 y", SCALE_SIGNS_OP,
+                                         "fc_unrotate_scale")
     return widen_bf16, narrow_bf16, butterfly, scale_signs
 
 
