@@ -49,8 +49,9 @@ rank, *local rank* = position in the node):
 
 A step with no peer moves no data and is skipped, so it adds no quantization:
 with ``P = 1`` steps 2 and 4 vanish (each rank's partial is its own exact
-input), with ``M = 1`` step 3 vanishes.  Hence hierarchical on one node is
-two-shot bit for bit, and with one rank per node it is one-shot bit for bit.
+input), with ``M = 1`` step 3 vanishes.  Hence, on two or more ranks,
+hierarchical on one node is two-shot bit for bit and with one rank per node
+it is one-shot bit for bit; on a single rank it returns the input exactly.
 """
 from __future__ import annotations
 
