@@ -4,7 +4,8 @@
 #   bash benchmarks/device_run.sh STAGES [NP]
 #
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
-# ranks), checks-ll (LL protocol and timeouts only), checks-staged (the staged two-shot), llab (lossless bench with
+# ranks), checks-ll (LL protocol and timeouts only), checks-staged (the staged two-shot), hier-checks and
+# hier-bench (hierarchical all-reduce, 2 GPUs as 2 nodes, NCCL on sockets), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
 # accuracy, model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
@@ -66,6 +67,13 @@ for stage in ${STAGES//,/ }; do
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only codec,exact,groups,api ;;
     checks-rest)
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --only many,graphs,large,timeout ;;
+    hier-checks)  # hierarchical backend: 2 GPUs as 2 nodes of 1 GPU, NCCL forced onto sockets
+      run 400 env FLASHCOMM_RANKS_PER_NODE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 \
+        $MPI 2 python3 tests/gpu/hierarchical_checks.py ;;
+    hier-bench)  # issue 20's target: hierarchical vs flat NCCL, both on sockets, fp16, graph timing
+      run 400 env FLASHCOMM_RANKS_PER_NODE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 \
+        $MPI 2 $FC bench --backend gpu -b 1M -e 256M -f 4 -d float16 --bits none,4,8,4/8 --algo auto,hierarchical -G 1 \
+        --json "$OUT/bench-hier-2x1-$TAG.json" ;;
     checks23)
       # on a fresh machine two ranks compile every kernel module (~2 min) before checking
       run 240 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from flashcomm_cupy.config import FLASH_ALGOS
+
 from .options import (algo_list_parser, backend_option, command_line, group_size_option, make_console,
                       mpi_launch, open_communicator, parse_bits_list, parse_dtype, parse_size_option,
                       require_matplotlib, switch_option)
@@ -40,8 +42,8 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
               help="Comma list of flashcomm modes: none (lossless), 4, 6, 8, or RS/AG such as 4/8.")
 @group_size_option
 @click.option("--algo", default="auto", show_default=True,
-              callback=algo_list_parser(("auto", "oneshot", "twoshot")),
-              help="Comma list of algorithms: auto, oneshot, twoshot.")
+              callback=algo_list_parser(FLASH_ALGOS),
+              help=f"Comma list of algorithms: {', '.join(FLASH_ALGOS)}.")
 @switch_option("--rotate", "Hadamard rotation of quantized modes: off, on (bare --rotate), or both.")
 @switch_option("--symmetric", "Symmetric (abs-max) codecs for quantized modes: off, on, or both.")
 @backend_option

@@ -28,6 +28,7 @@ def collect_info(comm) -> dict:
         "backend": backend.name,
         "baseline": backend.baseline_algo,
         "world_size": backend.world_size,
+        "nodes": d0.get("nodes"),
         "algos": list(backend.supported_algos()),
         "auto_algo": auto,
         "versions": machine.software_versions(d0),
@@ -55,6 +56,8 @@ def render_info(console, info: dict) -> None:
     for line in report.info_lines(info):
         console.print(line, markup=False, highlight=False)
     console.print(f"  {'algorithms':<14} {', '.join(info['algos'])}", markup=False, highlight=False)
+    if info.get("nodes"):
+        console.print(f"  {'nodes':<14} {info['nodes']}", markup=False, highlight=False)
     console.print(report.ranks_table(info["ranks"]))
     auto = info["auto_algo"]
     sizes = list(next(iter(auto.values())).keys())

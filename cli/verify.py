@@ -6,6 +6,8 @@ import json
 
 import click
 
+from flashcomm_cupy.config import FLASH_ALGOS
+
 from .options import (algo_list_parser, backend_option, command_line, group_size_option, make_console,
                       mpi_launch, open_communicator, parse_bits_list, parse_count_list, parse_dtype_list,
                       switch_option)
@@ -21,7 +23,7 @@ GPU_EXTRA_LENGTHS = (1048583,)
 @switch_option("--rotate", "Rotation of quantized modes: off, on, or both.", default="both")
 @switch_option("--symmetric", "Symmetric codecs for quantized modes: off, on, or both.", default="both")
 @click.option("--algo", default="auto,oneshot,twoshot", show_default=True,
-              callback=algo_list_parser(("auto", "oneshot", "twoshot")), help="Comma list of algorithms.")
+              callback=algo_list_parser(FLASH_ALGOS), help="Comma list of algorithms.")
 @click.option("-d", "--datatype", "dtypes", default="float16,bfloat16,float32", show_default=True,
               callback=parse_dtype_list, help="Comma list of element types.")
 @click.option("--lengths", default=None, callback=lambda c, p, v: None if v is None else parse_count_list(c, p, v),

@@ -1,7 +1,9 @@
-"""The only module that bootstraps mpi4py: the world communicator and the local rank."""
+"""The only module that bootstraps mpi4py: the world communicator, the local rank, the node layout."""
 from __future__ import annotations
 
 import os
+
+from .topology import RANKS_PER_NODE_ENV, NodeLayout, check_ranks_per_node
 
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
                     "SLURM_LOCALID", "PALS_LOCAL_RANKID", "LOCAL_RANK")
@@ -48,6 +50,36 @@ def local_size(comm=None) -> int:
         return node.Get_size()
     finally:
         node.Free()
+
+
+def node_layout(comm=None, ranks_per_node=None) -> NodeLayout:
+    """Which ranks of ``comm`` share a node (collective: every rank must call it).
+
+    Discovery splits ``comm`` by shared memory (``MPI_COMM_TYPE_SHARED``), so
+    a node is what MPI calls one: the ranks of one host.  The testing
+    override ``ranks_per_node`` (else ``$FLASHCOMM_RANKS_PER_NODE``) replaces
+    discovery with consecutive blocks of that many ranks (see
+    :meth:`NodeLayout.blocks`): it pretends one host is several nodes, so the
+    hierarchical all-reduce can be run and checked on one machine.  The
+    override must be the same on every rank and divide the world size;
+    otherwise every rank raises ValueError with a one-line reason.
+    """
+    comm = get_comm(comm)
+    override = ranks_per_node
+    source = "ranks_per_node"
+    if override is None and os.environ.get(RANKS_PER_NODE_ENV, "").strip():
+        override, source = os.environ[RANKS_PER_NODE_ENV].strip(), f"${RANKS_PER_NODE_ENV}"
+    # Agree first: a rank that skipped the split below would leave the others waiting in it.
+    require_same_everywhere(comm, {"ranks_per_node override": None if override is None else str(override)},
+                            "node layout overrides (ranks_per_node= or $" + RANKS_PER_NODE_ENV + ")")
+    if override is not None:
+        return NodeLayout.blocks(comm.Get_size(), check_ranks_per_node(override, comm.Get_size(), source))
+    node = comm.Split_type(mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        lowest_rank_on_node = node.bcast(comm.Get_rank(), root=0)
+    finally:
+        node.Free()
+    return NodeLayout.from_node_keys(comm.allgather(lowest_rank_on_node))
 
 
 def require_same_everywhere(comm, settings: dict, what: str) -> None:

@@ -385,7 +385,8 @@ def study_distributed(communicator, my_input: np.ndarray, modes: Sequence[Mode],
             # reference does not model: only the error vs the exact sum applies.
             row.matches_reference = None
         else:
-            want = reference.flash_all_reduce_reference(inputs, mode=concrete)[0]
+            nodes = getattr(getattr(communicator, "backend", None), "nodes", None)  # hierarchical's layout
+            want = reference.flash_all_reduce_reference(inputs, mode=concrete, nodes=nodes)[0]
             row.matches_reference = all(_bit_equal(r, want) for r in results)
         rows.append(row)
     return rows if rank == 0 else None

@@ -43,8 +43,9 @@ def _make_backend(name: str, comm, options: dict):
         from .backends.cpu import CpuBackend
         return CpuBackend(comm, **options)
     if name == "gpu":
-        from .backends.gpu import make_gpu_backend
-        return make_gpu_backend(comm, **options)
+        # the flash backend on one node, the hierarchical one across nodes
+        from .backends.hierarchical import make_cuda_backend
+        return make_cuda_backend(comm, **options)
     if name == "nccl":
         from .backends.nccl import NcclBackend
         return NcclBackend(comm, **options)
@@ -61,10 +62,12 @@ class Communicator:
     backend : {"auto", "gpu", "cpu", "nccl"}
         "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
         back to NCCL, with one warning naming the reason, when CUDA IPC or
-        peer access does not work between the ranks.
+        peer access does not work between the ranks; when the ranks span
+        nodes it is the hierarchical backend (one GPU per node).
     **options
         Passed to the backend (e.g. ``timeout_s``, ``validate``,
-        ``workspace_bytes`` for the GPU backend).
+        ``workspace_bytes`` for the GPU backend; ``ranks_per_node``, the
+        testing override of node discovery, for "cpu" and "gpu").
 
     The communicator is a context manager; it is also closed at interpreter
     exit.
@@ -101,7 +104,8 @@ class Communicator:
         """Sum ``x`` over all ranks.
 
         ``bits``: None (lossless), 4, 6, 8, or a pair ``(rs_bits, ag_bits)``
-        such as ``(4, 8)``.  ``algo``: "auto", "oneshot", "twoshot", or the
+        such as ``(4, 8)``.  ``algo``: "auto", "oneshot", "twoshot",
+        "hierarchical" (ranks on several nodes), or the
         baseline ("nccl" on GPUs, "mpi" on CPUs).  ``x`` may be a NumPy
         array, a CuPy array, or anything with ``__cuda_array_interface__`` or
         ``__dlpack__`` (a PyTorch tensor); the result is of the same kind and

@@ -16,7 +16,9 @@ import numpy as np
 
 SUPPORTED_BITS = (4, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
-ALGOS = ("auto", "oneshot", "twoshot", "nccl", "mpi")
+#: the flash algorithms a caller may request ("auto" lets the backend choose)
+FLASH_ALGOS = ("auto", "oneshot", "twoshot", "hierarchical")
+ALGOS = FLASH_ALGOS + ("nccl", "mpi")
 
 BitsArg = Union[None, int, str, Tuple[Optional[int], Optional[int]]]
 

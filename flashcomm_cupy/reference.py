@@ -26,6 +26,32 @@ contributions (its own included, quantized, so ranks agree) in rank order.
 
 Lossless (``bits=None``), either algorithm: float32 sum in rank order, then
 one rounding to the input dtype.
+
+Hierarchical, for ranks on ``M`` nodes of ``P`` ranks each (a
+:class:`~flashcomm_cupy.topology.NodeLayout`: nodes in order of their lowest
+rank, *local rank* = position in the node):
+
+1. The segment layout is the two-shot's with ``P`` owners,
+   ``SegmentLayout(L, P, g)``: local rank ``p`` of every node owns segment
+   ``p``.  Rotation as in two-shot.
+2. Intra-node reduce-scatter = the first half of two-shot on the node's ``P``
+   ranks: local owner ``p`` sums, in local rank order and in float32, its own
+   exact segment and the others' segments through the reduce-scatter codec.
+3. Inter-node exchange among the ``M`` ranks of local rank ``p``: each
+   encodes its float32 partial with the *reduce-scatter* codec and the codes
+   and metadata are all-gathered; each of them decodes all ``M`` partials --
+   its own too, so all nodes agree -- and sums them in node order in float32.
+   Lossless: the exact float32 partials are exchanged and summed in node order.
+4. Intra-node all-gather = the second half of two-shot: the owner encodes the
+   total with the all-gather codec and every rank of the node, the owner too,
+   keeps the decoded values (lossless: the total rounded to the input dtype).
+5. Finish as two-shot.
+
+A step with no peer moves no data and is skipped, so it adds no quantization:
+with ``P = 1`` steps 2 and 4 vanish (each rank's partial is its own exact
+input), with ``M = 1`` step 3 vanishes.  Hence, on two or more ranks,
+hierarchical on one node is two-shot bit for bit and with one rank per node
+it is one-shot bit for bit; on a single rank it returns the input exactly.
 """
 from __future__ import annotations
 
@@ -37,6 +63,7 @@ import numpy as np
 from . import hadamard, quant
 from .config import Codec, Mode
 from .dtypes import from_f32, resolve_dtype, to_f32
+from .topology import NodeLayout
 
 F32 = np.float32
 
@@ -86,6 +113,20 @@ def roundtrip(x32: np.ndarray, codec: Codec) -> np.ndarray:
     return quant.decode(quant.encode(x32, codec), x32.size, codec)
 
 
+def sum_decoded(parts: Sequence[np.ndarray], mode: Mode) -> np.ndarray:
+    """float32 sum, in order, of ``parts`` as their receivers see them.
+
+    Every part goes through the reduce-scatter codec (lossless: exact).  This
+    is one-shot's sum over ranks and the hierarchical inter-node sum over nodes.
+    """
+    acc = np.zeros_like(parts[0], dtype=F32)
+    for part in parts:
+        if not mode.lossless:
+            part = roundtrip(part, mode.rs_codec)
+        acc = (acc + part).astype(F32)
+    return acc
+
+
 def reduce_owner_segment(owner: int, contributions: Sequence[np.ndarray], mode: Mode) -> np.ndarray:
     """Owner-side sum of one segment, in rank order, in float32.
 
@@ -127,31 +168,62 @@ def _check_inputs(inputs) -> tuple:
     return arrays, dt
 
 
+def as_node_layout(nodes, world_size: int) -> NodeLayout:
+    """``nodes`` as a :class:`NodeLayout`: None (one node), ranks per node (an int), or a layout."""
+    if nodes is None:
+        return NodeLayout.single(world_size)
+    if isinstance(nodes, NodeLayout):
+        if nodes.world_size != world_size:
+            raise ValueError(f"node layout has {nodes.world_size} ranks, {world_size} inputs given")
+        return nodes
+    return NodeLayout.blocks(world_size, nodes)
+
+
+def hierarchical_sum(prepared: Sequence[np.ndarray], nodes: NodeLayout, layout: SegmentLayout,
+                     mode: Mode, dt) -> np.ndarray:
+    """The hierarchical all-reduce's float32 result (steps 2-4 of the module docstring).
+
+    ``prepared[r]`` is global rank ``r``'s prepared input for ``layout``, the
+    two-shot layout with ``nodes.ranks_per_node`` owners.
+    """
+    p_count = nodes.ranks_per_node
+    full = np.empty(layout.padded_length, dtype=F32)
+    for p in range(p_count):
+        seg = layout.segment(p)
+        partials = [reduce_owner_segment(p, [prepared[r][seg] for r in node], mode) for node in nodes.nodes]
+        total = sum_decoded(partials, mode) if nodes.num_nodes > 1 else partials[0]
+        full[seg] = gather_segment(total, mode, dt) if p_count > 1 else total
+    return full
+
+
 def flash_all_reduce_reference(inputs: Sequence, bits=4, group_size: int = 128,
                                symmetric: bool = False, rotate: bool = False,
-                               algo: str = "twoshot", mode: Mode = None) -> List[np.ndarray]:
+                               algo: str = "twoshot", mode: Mode = None, nodes=None) -> List[np.ndarray]:
     """Flash All-Reduce of ``inputs`` (one array per simulated rank).
 
     Returns one output per rank, in the input dtype and shape; the outputs are
-    bit-identical.  ``algo`` is "twoshot" (also used for "auto") or "oneshot".
+    bit-identical.  ``algo`` is "twoshot" (also used for "auto"), "oneshot"
+    or "hierarchical".  ``nodes`` places the ranks on nodes for
+    "hierarchical" (other algorithms ignore it): None (one node), the number
+    of ranks per node (node ``k`` holds ranks ``[kP, (k+1)P)``) or a
+    :class:`NodeLayout`.
     """
     arrays, dt = _check_inputs(inputs)
     if mode is None:
         mode = Mode.make(bits, group_size, symmetric, rotate, algo)
     algo = "twoshot" if mode.algo in ("auto", "twoshot") else mode.algo
-    if algo not in ("twoshot", "oneshot"):
-        raise ValueError(f"the reference implements oneshot and twoshot, not {algo!r}")
+    if algo not in ("twoshot", "oneshot", "hierarchical"):
+        raise ValueError(f"the reference implements oneshot, twoshot and hierarchical, not {algo!r}")
     n = len(arrays)
-    layout = SegmentLayout(arrays[0].size, n, mode.group_size)
+    node_layout = as_node_layout(nodes, n) if algo == "hierarchical" else None
+    owners = node_layout.ranks_per_node if node_layout is not None else n
+    layout = SegmentLayout(arrays[0].size, owners, mode.group_size)
     prepared = [prepare(a, layout, mode) for a in arrays]
 
-    if mode.lossless or algo == "oneshot":
-        acc = np.zeros(layout.padded_length, dtype=F32)
-        for part in prepared:
-            if not mode.lossless:
-                part = roundtrip(part, mode.rs_codec)
-            acc = (acc + part).astype(F32)
-        full = acc
+    if algo == "hierarchical":
+        full = hierarchical_sum(prepared, node_layout, layout, mode, dt)
+    elif mode.lossless or algo == "oneshot":
+        full = sum_decoded(prepared, mode)
     else:
         full = np.empty(layout.padded_length, dtype=F32)
         for owner in range(n):

@@ -279,7 +279,7 @@ def test_input_validation():
         far([np.zeros(10, np.int32)] * 2)
     with pytest.raises(ValueError, match="at least one rank"):
         far([])
-    with pytest.raises(ValueError, match="oneshot and twoshot"):
+    with pytest.raises(ValueError, match="oneshot, twoshot and hierarchical"):
         far([a32, a32], algo="nccl")
     with pytest.raises(ValueError, match="rotate"):
         far([a32, a32], bits=None, rotate=True)

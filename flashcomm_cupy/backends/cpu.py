@@ -9,11 +9,18 @@ movement is new: the packed wire bytes travel through ``MPI_Alltoall`` and
 
 Algorithms:
 
-* ``twoshot`` (also what ``auto`` picks): reduce-scatter of the non-owned
+* ``twoshot`` (what ``auto`` picks on one node): reduce-scatter of the non-owned
   segments through ``Alltoall``, owner-side sum, all-gather of the owner's
   re-encoded segment through ``Allgather``.
 * ``oneshot``: ``Allgather`` of every rank's whole encoded message; every rank
   sums all ``N`` decoded contributions in rank order.
+* ``hierarchical`` (what ``auto`` picks when the ranks span nodes of equal
+  size): two-shot's reduce-scatter on the node's sub-communicator,
+  ``Allgather`` of each owner's encoded partial among the ranks of the same
+  local rank on the other nodes (the cross-node sub-communicator), then
+  two-shot's all-gather on the node.  Nodes come from
+  :func:`flashcomm_cupy._mpi.node_layout` (``ranks_per_node=`` overrides it
+  for tests).
 * ``mpi`` (the baseline): ``MPI_Allreduce(SUM)`` on a float32 copy, cast back
   to the input dtype.  fp16 and bf16 have no portable MPI datatype, so every
   dtype is reduced as float32; the summation order is MPI's, so the baseline
@@ -44,7 +51,7 @@ from .base import Backend
 
 F32 = np.float32
 
-_ALGOS = ("oneshot", "twoshot", "mpi")
+_ALGOS = ("oneshot", "twoshot", "hierarchical", "mpi")
 _DTYPE_NAMES = tuple(DTYPES)
 #: point-to-point tags on the backend's own (duplicated) communicator
 _TAG_CALL, _TAG_ABORT = 0x0FC1, 0x0FC2
@@ -75,17 +82,21 @@ class CpuBackend(Backend):
     timeout_s : float, optional
         Bound of every wait for a peer (default ``$FLASHCOMM_TIMEOUT_S`` or
         30 s); past it the call raises :class:`FlashTimeoutError` on every rank.
+    ranks_per_node : int, optional
+        Testing aid: pretend consecutive blocks of this many ranks are nodes
+        (default ``$FLASHCOMM_RANKS_PER_NODE``, else MPI's shared-memory
+        split).  See :func:`flashcomm_cupy._mpi.node_layout`.
 
-    Any other keyword raises :class:`TypeError`.
+    Any other keyword raises :class:`TypeError`.  Construction is collective.
     """
 
     name = "cpu"
     baseline_algo = "mpi"
 
-    def __init__(self, comm, validate: bool = False, timeout_s=None, **unknown):
+    def __init__(self, comm, validate: bool = False, timeout_s=None, ranks_per_node=None, **unknown):
         if unknown:
             raise TypeError(f"CpuBackend got unexpected option(s): {', '.join(sorted(unknown))}"
-                            " (the CPU backend accepts validate= and timeout_s=)")
+                            " (the CPU backend accepts validate=, timeout_s= and ranks_per_node=)")
         self.timeout_s = resolve_timeout(timeout_s)
         if comm is None:
             comm = _mpi.get_comm()
@@ -98,6 +109,14 @@ class CpuBackend(Backend):
         self._calls = 0
         #: the error every call raises once this communicator gave up or was told a peer did
         self._aborted = None
+        #: which ranks share a node (:class:`flashcomm_cupy.topology.NodeLayout`)
+        self.nodes = _mpi.node_layout(self._comm, ranks_per_node)
+        self._node_comm = self._cross_comm = None
+        if self.nodes.uniform:
+            node, local = self.nodes.node_of(self.rank), self.nodes.local_rank(self.rank)
+            # Keys order the sub-communicators' ranks as the reference sums: local rank, node.
+            self._node_comm = self._comm.Split(color=node, key=local)
+            self._cross_comm = self._comm.Split(color=local, key=node)
 
     # ------------------------------------------------------------------ interface
     @property
@@ -107,18 +126,28 @@ class CpuBackend(Backend):
     def supported_algos(self) -> Tuple[str, ...]:
         return _ALGOS
 
-    def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
-        """``auto`` -> ``twoshot`` at every size.
+    @property
+    def auto_algo(self) -> str:
+        """What ``auto`` runs at every size: ``hierarchical`` when the ranks span nodes of
+        equal size, else ``twoshot``.
 
         Two-shot sends each rank ``2 (N-1)/N`` of the message; one-shot sends
         ``N - 1`` whole messages.  On CPUs there is no kernel-launch latency
         for one-shot to hide, so fewer bytes (and fewer decodes) always win.
+        Across nodes, hierarchical sends only ``1/P`` of the message per rank
+        over the slower inter-node links.
         """
+        return "hierarchical" if self.nodes.spans_nodes and self.nodes.uniform else "twoshot"
+
+    def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
+        """``auto`` -> :attr:`auto_algo`; any other supported algorithm as given."""
         algo = mode.algo
         if algo == "auto":
-            return "twoshot"
+            return self.auto_algo
         if algo not in _ALGOS:
             raise ValueError(f"the CPU backend runs {', '.join(_ALGOS)} (or auto), not {algo!r}")
+        if algo == "hierarchical":
+            self.nodes.require_uniform()
         return algo
 
     def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
@@ -140,12 +169,16 @@ class CpuBackend(Backend):
             result = self._baseline(x, dt)
         else:
             mode = mode.with_algo(algo)
-            layout = reference.SegmentLayout(x.size, self.world_size, mode.group_size)
+            owners = self.nodes.ranks_per_node if algo == "hierarchical" else self.world_size
+            layout = reference.SegmentLayout(x.size, owners, mode.group_size)
             prepared = reference.prepare(x, layout, mode)
             if algo == "oneshot":
                 full = self._oneshot(prepared, mode, dt)
+            elif algo == "hierarchical":
+                full = self._hierarchical(prepared, layout, mode, dt)
             else:
-                full = self._twoshot(prepared, layout, mode, dt)
+                full = self._all_gather(self._comm, self._reduce_scatter(self._comm, prepared, layout, mode, dt),
+                                        layout, mode, dt)
             result = reference.finish(full, layout, mode, dt)
         out_view = out if out.dtype == dt else out.view(dt)
         np.copyto(out_view, result.reshape(out_view.shape))
@@ -167,8 +200,11 @@ class CpuBackend(Backend):
             return
         self._closed = True
         # Freeing after MPI_Finalize (interpreter exit) would abort the process; after an
-        # abort, collectives may still be pending on the communicator: leave it to exit.
+        # abort, collectives may still be pending on the communicators: leave them to exit.
         if not self._MPI.Is_finalized() and self._aborted is None:
+            for sub in (self._node_comm, self._cross_comm):
+                if sub is not None:
+                    sub.Free()
             self._comm.Free()
 
     def describe(self) -> dict:
@@ -178,7 +214,9 @@ class CpuBackend(Backend):
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "algos": list(_ALGOS),
-            "auto_algo": "twoshot",
+            "auto_algo": self.auto_algo,
+            "nodes": self.nodes.label(),
+            "node_layout": [list(node) for node in self.nodes.nodes],
             "validate": self.validate,
         })
         return info
@@ -219,12 +257,16 @@ class CpuBackend(Backend):
             acc = (acc + part).astype(F32)
         return acc
 
-    def _twoshot(self, prepared: np.ndarray, layout, mode: Mode, dt) -> np.ndarray:
-        """Reduce-scatter (Alltoall) to segment owners, then all-gather (Allgather)."""
-        world, me = self.world_size, self.rank
+    def _reduce_scatter(self, comm, prepared: np.ndarray, layout, mode: Mode, dt) -> np.ndarray:
+        """Two-shot's first half on ``comm``: this rank's segment summed over ``comm``'s ranks.
+
+        Every rank sends each segment it does not own to its owner
+        (``Alltoall``); the owner sums in ``comm`` rank order, as
+        :func:`reference.reduce_owner_segment`, its own values exactly.
+        """
+        world, me = comm.Get_size(), comm.Get_rank()
         seg_n = layout.segment_elems
-        # Reduce-scatter: slot o of the send buffer goes to owner o.  Our own
-        # slot stays empty; the owner adds its own values exactly.
+        # Slot o of the send buffer goes to owner o.  Our own slot stays empty.
         rs_chunk = self._chunk_nbytes(seg_n, mode, dt)
         send = np.zeros(world * rs_chunk, dtype=np.uint8)
         for owner in range(world):
@@ -232,8 +274,7 @@ class CpuBackend(Backend):
                 send[owner * rs_chunk:(owner + 1) * rs_chunk] = \
                     self._bytes_of(prepared[layout.segment(owner)], mode, dt)
         recv = np.empty_like(send)
-        self._wait([self._comm.Ialltoall(send, recv)], "the reduce-scatter (all-to-all)")
-        # Same float32 rank-order sum as reference.reduce_owner_segment.
+        self._wait([comm.Ialltoall(send, recv)], "the reduce-scatter (all-to-all)")
         acc = np.zeros(seg_n, dtype=F32)
         for s in range(world):
             if s == me:
@@ -241,18 +282,60 @@ class CpuBackend(Backend):
             else:
                 part = self._decode(recv[s * rs_chunk:(s + 1) * rs_chunk], seg_n, mode, dt)
             acc = (acc + part).astype(F32)
-        # All-gather: every rank, the owner too, decodes the same bytes.
+        return acc
+
+    def _all_gather(self, comm, reduced: np.ndarray, layout, mode: Mode, dt) -> np.ndarray:
+        """Two-shot's second half on ``comm``: every rank, the owner too, decodes the same bytes
+        (:func:`reference.gather_segment`)."""
+        world = comm.Get_size()
+        seg_n = layout.segment_elems
         ag_codec = mode.ag_codec
         ag_chunk = self._chunk_nbytes(seg_n, mode, dt, ag_codec)
-        mine = (np.ascontiguousarray(from_f32(acc, dt)).view(np.uint8) if mode.lossless
-                else quant.encode(acc, ag_codec))
+        mine = (np.ascontiguousarray(from_f32(reduced, dt)).view(np.uint8) if mode.lossless
+                else quant.encode(reduced, ag_codec))
         gathered = np.empty(world * ag_chunk, dtype=np.uint8)
-        self._wait([self._comm.Iallgather(mine, gathered)], "the all-gather")
+        self._wait([comm.Iallgather(mine, gathered)], "the all-gather")
         full = np.empty(layout.padded_length, dtype=F32)
         for owner in range(world):
             full[layout.segment(owner)] = self._decode(
                 gathered[owner * ag_chunk:(owner + 1) * ag_chunk], seg_n, mode, dt, ag_codec)
         return full
+
+    def _across_nodes(self, partial: np.ndarray, mode: Mode) -> np.ndarray:
+        """Sum of the float32 partials of this rank's shard over all nodes, in node order.
+
+        Each rank of the cross-node communicator (one per node, ranked by
+        node) contributes its partial encoded with the reduce-scatter codec,
+        or as exact float32 bytes when lossless (partial sums are not exact in
+        the input dtype); everyone decodes all of them, its own too, as
+        :func:`reference.sum_decoded`.
+        """
+        n = partial.size
+        nodes = self._cross_comm.Get_size()
+        send = partial.view(np.uint8) if mode.lossless else quant.encode(partial, mode.rs_codec)
+        recv = np.empty(nodes * send.size, dtype=np.uint8)
+        self._wait([self._cross_comm.Iallgather(send, recv)], "the all-gather across nodes")
+        acc = np.zeros(n, dtype=F32)
+        for k in range(nodes):
+            buf = recv[k * send.size:(k + 1) * send.size]
+            part = buf.view(F32) if mode.lossless else quant.decode(buf, n, mode.rs_codec)
+            acc = (acc + part).astype(F32)
+        return acc
+
+    def _hierarchical(self, prepared: np.ndarray, layout, mode: Mode, dt) -> np.ndarray:
+        """Reduce-scatter on the node, exchange across nodes, all-gather on the node.
+
+        ``layout`` has one segment per local rank.  Steps without a peer are
+        skipped, as in :func:`reference.hierarchical_sum`.
+        """
+        if self._node_comm.Get_size() == 1:
+            partial = prepared
+        else:
+            partial = self._reduce_scatter(self._node_comm, prepared, layout, mode, dt)
+        total = self._across_nodes(partial, mode) if self._cross_comm.Get_size() > 1 else partial
+        if self._node_comm.Get_size() == 1:
+            return total
+        return self._all_gather(self._node_comm, total, layout, mode, dt)
 
     def _baseline(self, x: np.ndarray, dt) -> np.ndarray:
         """``MPI_Allreduce(SUM)`` in float32 (MPI has no fp16/bf16), rounded back to ``dt``."""

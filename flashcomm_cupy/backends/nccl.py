@@ -13,6 +13,8 @@ from .cuda_util import CudaBackend, select_device
 # ncclDataType_t values (nccl.h): float16 6, float32 7, bfloat16 9.
 _NCCL_DTYPE = {"float16": 6, "float32": 7, "bfloat16": 9}
 _NCCL_SUM = 0
+# All-gathers also move raw bytes (wire chunks): ncclUint8 is 1.
+_NCCL_GATHER_DTYPE = dict(_NCCL_DTYPE, uint8=1)
 
 
 def nccl_unique_id_roundtrip(uid):
@@ -85,6 +87,11 @@ class NcclCommunicatorHandle:
             except Exception:  # pragma: no cover - already gone
                 pass
             self.comm = None
+
+    def all_gather(self, send_ptr: int, recv_ptr: int, count: int, dtype: str, stream_ptr: int):
+        """``ncclAllGather``: ``count`` items (``dtype`` "uint8" or a float name) from every rank,
+        placed in rank order in the receive buffer."""
+        self.comm.allGather(send_ptr, recv_ptr, count, _NCCL_GATHER_DTYPE[dtype], stream_ptr)
 
     def close(self):
         if self.comm is not None:

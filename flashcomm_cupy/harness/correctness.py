@@ -89,7 +89,8 @@ class SizeCheck:
     def _wrong_vs_reference(self, mode: Mode, algo_resolved: str) -> int:
         expected_bits = np.empty(self.count, dtype=f"u{self.dtype.itemsize}")
         if self.rank == 0:
-            ref = flash_all_reduce_reference(self._host_inputs, mode=mode.with_algo(algo_resolved))[0]
+            ref = flash_all_reduce_reference(self._host_inputs, mode=mode.with_algo(algo_resolved),
+                                             nodes=getattr(self.backend, "nodes", None))[0]
             expected_bits[:] = np.ascontiguousarray(ref).reshape(-1).view(expected_bits.dtype)
         self.mpi_comm.Bcast(expected_bits, root=0)
         mine = inputs.to_host(self.out, self.dtype)

@@ -129,6 +129,7 @@ def run_meta(backend, descriptions: List[dict], command: str, dtype_name: str,
         "backend": backend.name,
         "baseline": backend.baseline_algo,
         "world_size": backend.world_size,
+        "nodes": d0.get("nodes"),  # e.g. "2 nodes x 2 ranks" where the backend knows its node layout
         "dtype": dtype_name,
         "machine": hosts[0] if len(hosts) == 1 else ",".join(hosts),
         "platform": platform.platform(),

@@ -63,8 +63,8 @@ class Checker:
         return all(self.comm.mpi_comm.allgather(bool(ok)))
 
     # ------------------------------------------------------------------ exactness
-    def compare_with_reference(self, label, out_dev, n, dtype, mode, seed, algo, inputs=None):
-        """out_dev: this rank's result (CuPy array, bf16 as uint16)."""
+    def compare_with_reference(self, label, out_dev, n, dtype, mode, seed, algo, inputs=None, nodes=None):
+        """out_dev: this rank's result (CuPy array, bf16 as uint16); ``nodes``: the layout of hierarchical."""
         self.count += 1
         hashes = self.comm.mpi_comm.allgather(digest(out_dev))
         if len(set(hashes)) != 1:
@@ -72,7 +72,7 @@ class Checker:
             return
         if self.rank == 0:
             ins = inputs or [host_input(seed, r, n, dtype) for r in range(self.world)]
-            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo))[0]
+            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo), nodes=nodes)[0]
             got = out_dev.get()
             if got.dtype == np.uint16:
                 got = got.view(bfloat16)
@@ -214,7 +214,7 @@ class Checker:
             out = cupy.empty_like(x)
             algo = self.comm.backend.resolve_algo(n * 2, mode)
             ins = [host_input(100 + i, r, n, "float16") for r in range(self.world)]
-            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo))[0]
+            ref = fc.flash_all_reduce_reference(ins, mode=mode.with_algo(algo), nodes=nodes)[0]
             prepared.append((x, out, mode, cupy.asarray(ref)))
         wrong = 0
         t0 = time.perf_counter()
@@ -558,6 +558,23 @@ def check_timeout(world_comm, bound_s=2.0, protocol="flag", bits=8, algo="twosho
     return ok, msg
 
 
+def run_plan(ck: Checker, plan, only=()):
+    """Run each ``(name, fn)`` of ``plan`` (those in ``only`` when given), logging its time;
+    an exception aborts the job (the other ranks may be inside a collective)."""
+    from mpi4py import MPI
+    for name, fn in plan:
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception:
+            ck.fail(f"{name}: exception on rank {ck.rank}:\n{traceback.format_exc()}")
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            MPI.COMM_WORLD.Abort(2)
+        ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smaller sweep (for 2- and 3-rank runs)")
@@ -589,17 +606,7 @@ def main(argv=None):
         ("staged", lambda: ck.check_staged(1000 if not args.quick else 200)),
     ]
     t_all = time.perf_counter()
-    for name, fn in plan:
-        if only and name not in only:
-            continue
-        t0 = time.perf_counter()
-        try:
-            fn()
-        except Exception:
-            ck.fail(f"{name}: exception on rank {ck.rank}:\n{traceback.format_exc()}")
-            print(traceback.format_exc(), file=sys.stderr, flush=True)
-            MPI.COMM_WORLD.Abort(2)
-        ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
+    run_plan(ck, plan, only)
     comm.close()
     for protocol, bits, algo, staged in (("flag", 8, "twoshot", False), ("ll", None, "oneshot", False),
                                          ("ll", 4, "twoshot", False), ("ll", 8, "oneshot", False),

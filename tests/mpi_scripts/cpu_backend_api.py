@@ -56,7 +56,7 @@ def main():
     backend = comm.backend
     check(backend.name == "cpu" and backend.baseline_algo == "mpi", f"name/baseline {backend.name}/{backend.baseline_algo}")
     check(backend.xp is np, "xp is not numpy")
-    check(set(backend.supported_algos()) == {"oneshot", "twoshot", "mpi"}, f"algos {backend.supported_algos()}")
+    check(set(backend.supported_algos()) == {"oneshot", "twoshot", "hierarchical", "mpi"}, f"algos {backend.supported_algos()}")
     check((comm.rank, comm.world_size) == (rank, n), f"rank/size {(comm.rank, comm.world_size)} != {(rank, n)}")
     for nbytes in (0, 2, 1 << 10, 1 << 20, 1 << 30):
         for bits in (None, 4, (4, 8)):

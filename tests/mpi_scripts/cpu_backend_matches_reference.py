@@ -74,6 +74,24 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> str:
             f"got {a.reshape(-1)[idx]!r}, reference {b.reshape(-1)[idx]!r}")
 
 
+def mismatch(y: np.ndarray, ref: np.ndarray) -> str:
+    """Why ``y`` is not ``ref``: the first differing element, or the differing dtype/shape."""
+    if y.shape == ref.shape and y.dtype == ref.dtype:
+        return first_difference(y, ref)
+    return f"got {y.dtype}{y.shape}, reference {ref.dtype}{ref.shape}"
+
+
+def report(mpi_comm, failures, summary: str) -> int:
+    """Rank 0 prints every rank's failures (the first 50) and ``summary: N cases, M failures``;
+    returns the exit status, the same on every rank (collective)."""
+    all_failures = [f for part in mpi_comm.allgather(failures) for f in part]
+    if mpi_comm.Get_rank() == 0:
+        for f in all_failures[:50]:
+            print("FAIL", f, flush=True)
+        print(f"{summary}, {len(all_failures)} failures", flush=True)
+    return 1 if all_failures else 0
+
+
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return (a.dtype == b.dtype and a.shape == b.shape
             and np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
@@ -86,9 +104,7 @@ def check_flash(case_id, case, inputs, results, failures):
     for r, (y_out, y_in) in enumerate(results):
         for how, y in (("out-of-place", y_out), ("in-place", y_in)):
             if not same_bits(y, ref):
-                failures.append(f"case {case_id} {case}: rank {r} {how}: " + (
-                    first_difference(y, ref) if y.shape == ref.shape and y.dtype == ref.dtype
-                    else f"got {y.dtype}{y.shape}, reference {ref.dtype}{ref.shape}"))
+                failures.append(f"case {case_id} {case}: rank {r} {how}: " + mismatch(y, ref))
 
 
 def check_baseline(case_id, case, inputs, results, failures):
@@ -140,12 +156,7 @@ def main(argv):
             with np.errstate(invalid="ignore", over="ignore"):
                 (check_flash if kind == "flash" else check_baseline)(case_id, case, inputs, results, failures)
     comm.close()
-    all_failures = [f for part in mpi_comm.allgather(failures) for f in part]
-    if rank == 0:
-        for f in all_failures[:50]:
-            print("FAIL", f, flush=True)
-        print(f"world_size={n}: {len(all_cases)} cases, {len(all_failures)} failures", flush=True)
-    return 1 if all_failures else 0
+    return report(mpi_comm, failures, f"world_size={n}: {len(all_cases)} cases")
 
 
 if __name__ == "__main__":

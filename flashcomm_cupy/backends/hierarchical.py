@@ -1,0 +1,263 @@
+"""Hierarchical all-reduce on GPUs spanning nodes: flash inside a node, NCCL between nodes.
+
+The algorithm is :func:`flashcomm_cupy.reference.hierarchical_sum` (see the
+reference's docstring and ``docs/wire-format.md``), and every rank's result is
+bit-identical to the reference.  This module implements the case of **one GPU
+per node**, where the intra-node steps have no peer and vanish:
+
+1. widen the input to float32, zero-padded to whole groups
+   (``SegmentLayout(L, 1, g)``);
+2. encode it as one wire chunk with the reduce-scatter codec
+   (``fc_encode_chunk``, which also applies the rotation), all-gather the
+   chunks of all nodes through NCCL (``ncclAllGather`` of bytes), decode each
+   (``fc_decode_chunk``, rotated domain) and sum them in node order in float32;
+3. undo the rotation, round to the input dtype.
+
+Lossless: the float32 inputs are all-gathered and summed in node order.  The
+inter-node traffic is whatever NCCL uses between the nodes (sockets, IB, ...).
+
+Several GPUs per node need reduce-scatter-only and all-gather-only flash
+kernels over ``SegmentLayout(L, P, g)``; until they exist the backend refuses
+that layout with :class:`NotImplementedError`.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .. import _kernels, _mpi, hadamard, quant
+from ..config import Mode
+from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
+from ..reference import SegmentLayout
+from ..topology import NodeLayout
+from .cuda_util import CudaBackend, select_device
+from .nccl import NcclCommunicatorHandle
+
+_ALGOS = ("hierarchical", "nccl")
+#: elements per thread of the chunk kernels (the default unit; groups of 32..1024 fit in a warp)
+_UNIT_ELEMS = _kernels.DEFAULT_UNIT_ELEMS
+_THREADS = 128
+
+
+def make_cuda_backend(comm, ranks_per_node=None, **options):
+    """The GPU backend for ``comm`` (collective): the flash backend on one node, else hierarchical.
+
+    ``ranks_per_node`` (or ``$FLASHCOMM_RANKS_PER_NODE``) is the testing
+    override of :func:`flashcomm_cupy._mpi.node_layout`.
+    """
+    nodes = _mpi.node_layout(comm, ranks_per_node)
+    if nodes.spans_nodes:
+        return HierarchicalGpuBackend(comm, nodes, **options)
+    from .gpu import make_gpu_backend
+    return make_gpu_backend(comm, **options)
+
+
+class HierarchicalGpuBackend(CudaBackend):
+    """All-reduce across nodes of one GPU each: quantized inter-node all-gather through NCCL.
+
+    ``auto`` runs ``hierarchical`` for quantized modes and flat NCCL
+    (``nccl``) for lossless ones.  Options: ``device`` (GPU ordinal; default
+    local rank), ``validate`` (all-gather sizes and modes before every call);
+    :attr:`IGNORED_OPTIONS` are accepted and have no effect.
+    Calls are ordered on one stream, as with NCCL.  Construction is
+    collective.
+    """
+
+    name = "hierarchical"
+    baseline_algo = "nccl"
+
+    #: options of the flash backend accepted, as by the NCCL backend, without effect here
+    IGNORED_OPTIONS = ("timeout_s", "workspace_bytes", "max_blocks")
+
+    def __init__(self, comm, nodes: NodeLayout, device=None, validate: bool = False, **options):
+        unknown = set(options) - set(self.IGNORED_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s) for the hierarchical backend: {sorted(unknown)}"
+                            " (it accepts device=, validate= and ranks_per_node=)")
+        p = nodes.ranks_per_node
+        if p > 1:
+            raise NotImplementedError(
+                f"flashcomm: hierarchical all-reduce with {p} GPUs per node ({nodes.label()}) needs "
+                "reduce-scatter-only and all-gather-only flash kernels, which do not exist yet; "
+                "run one rank per node or use backend='nccl'")
+        self.mpi_comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+        self.nodes = nodes
+        self.validate = bool(validate)
+        self.device_id = select_device(comm, device)
+        # One GPU per node: the cross-node communicator is the whole one, in node order.
+        self.nccl = NcclCommunicatorHandle(comm)
+        self._plans = {}
+
+    # ------------------------------------------------------------------ interface
+    def supported_algos(self):
+        return _ALGOS
+
+    def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
+        """``auto``: ``hierarchical`` when quantized, flat ``nccl`` when lossless.
+
+        Lossless hierarchical all-gathers float32 partials (4 bytes per element
+        from every node), more than NCCL's all-reduce moves; it exists for
+        bit-exact node-order sums, not for speed.
+        """
+        if mode.algo == "auto":
+            return "nccl" if mode.lossless else "hierarchical"
+        if mode.algo not in _ALGOS:
+            raise ValueError(f"across nodes the GPU backend runs {', '.join(_ALGOS)} (or auto), "
+                             f"not {mode.algo!r}")
+        return mode.algo
+
+    def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
+        import cupy
+        dt = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
+        name = dtype_name(dt)
+        stream = stream or cupy.cuda.get_current_stream()
+        if self.validate:
+            _mpi.require_same_everywhere(self.mpi_comm, {"count": int(x.size), "dtype": name,
+                                                         "mode": mode.label}, "all_reduce arguments")
+        algo = self.resolve_algo(x.nbytes, mode, dt.itemsize)
+        if algo == "nccl" or mode.is_baseline:
+            if not mode.lossless and not mode.is_baseline:
+                raise ValueError("algo='nccl' reduces losslessly: use bits=None")
+            self.nccl.all_reduce(x.data.ptr, out.data.ptr, x.size, name, stream.ptr)
+            return out
+        plan = self._plan(int(x.size), name, mode)
+        with stream:
+            plan.run(x.reshape(-1), out.reshape(-1), self.nccl, stream)
+        return out
+
+    def synchronize(self):
+        import cupy
+        cupy.cuda.Device().synchronize()
+
+    def close(self):
+        self.nccl.close()
+
+    def describe(self):
+        info = super().describe()
+        info.update(nodes=self.nodes.label(), node_layout=[list(n) for n in self.nodes.nodes],
+                    algos=list(_ALGOS), inter_node="nccl all-gather")
+        return info
+
+    def _plan(self, n: int, name: str, mode: Mode) -> "_OneGpuPerNodePlan":
+        key = (n, name, mode.with_algo("hierarchical"))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _OneGpuPerNodePlan(n, name, mode, self.world_size)
+        return plan
+
+
+class _OneGpuPerNodePlan:
+    """Buffers and kernels of one (count, dtype, mode); the call itself allocates nothing,
+    so it can be captured in a CUDA graph."""
+
+    def __init__(self, n: int, name: str, mode: Mode, nodes: int):
+        import cupy
+        self.n, self.name, self.mode, self.nodes = n, name, mode, nodes
+        g = mode.group_size
+        self.padded = SegmentLayout(n, 1, g).padded_length
+        self.x32 = cupy.zeros(self.padded, dtype=cupy.float32)  # the padding stays zero
+        self.acc = cupy.empty(self.padded, dtype=cupy.float32)
+        if mode.lossless:
+            self.recv32 = cupy.empty((nodes, self.padded), dtype=cupy.float32)
+            return
+        codec = mode.rs_codec
+        self.chunk = quant.wire_nbytes(self.padded, codec)
+        self.send = cupy.zeros(self.chunk, dtype=cupy.uint8)
+        self.recv = cupy.zeros(nodes * self.chunk, dtype=cupy.uint8)
+        self.received = [self.recv[k * self.chunk:(k + 1) * self.chunk] for k in range(nodes)]
+        self.part = cupy.empty(self.padded, dtype=cupy.float32)
+        # The chunk kernels read and write float32: take them from the float32 build.
+        f32 = KERNEL_DTYPE_CODE["float32"]
+        self.encode = _kernels.function("fc_encode_chunk", f32, codec.bits, codec.bits, _UNIT_ELEMS)
+        self.decode = _kernels.function("fc_decode_chunk", f32, codec.bits, codec.bits, _UNIT_ELEMS)
+        units = self.padded // _UNIT_ELEMS
+        self.grid = ((units + _THREADS - 1) // _THREADS,)
+        sym = _kernels.FLAG_SYM if mode.symmetric else 0
+        self.encode_flags = np.int32(sym | (_kernels.FLAG_ROTATE if mode.rotate else 0))
+        self.decode_flags = np.int32(sym)  # decoded values stay rotated: the sum is unrotated once
+        self.norm = hadamard.norm(g)
+        if mode.rotate:
+            self.signs = cupy.asarray(hadamard.signs(g))
+
+    def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
+        """Steps 1-3 of the module docstring on CuPy's current stream (``stream``)."""
+        import cupy
+        _widen(x, self.x32[:self.n], self.name)
+        self.acc.fill(0)  # the reference's sums start from +0.0: 0 + (-0.0) is +0.0
+        if self.mode.lossless:
+            nccl.all_gather(self.x32.data.ptr, self.recv32.data.ptr, self.padded, "float32", stream.ptr)
+            for k in range(self.nodes):
+                cupy.add(self.acc, self.recv32[k], out=self.acc)
+        else:
+            g = np.int32(self.mode.group_size)
+            n = np.int64(self.padded)
+            self.encode(self.grid, (_THREADS,), (self.x32, self.send, n, g, self.encode_flags, self.norm),
+                        stream=stream)
+            nccl.all_gather(self.send.data.ptr, self.recv.data.ptr, self.chunk, "uint8", stream.ptr)
+            for chunk in self.received:  # node order
+                self.decode(self.grid, (_THREADS,), (chunk, self.part, n, g, self.decode_flags, self.norm),
+                            stream=stream)
+                cupy.add(self.acc, self.part, out=self.acc)
+            if self.mode.rotate:
+                _unrotate_in_place(self.acc, self.mode.group_size, self.signs, self.norm)
+        _narrow(self.acc[:self.n], out, self.name)
+
+
+# ---------------------------------------------------------------------------- elementwise helpers
+# Bodies of the CuPy elementwise kernels below, kept as text so tests can compile them on the
+# host too (tests/test_hierarchical_backend.py) and compare them with NumPy.
+WIDEN_BF16_OP = "y = __uint_as_float(((unsigned int)u) << 16);"
+#: round to nearest even, as dtypes.from_f32 (ml_dtypes) and the kernels' cvt.rn; NaN stays a quiet NaN
+NARROW_BF16_OP = """unsigned int b = __float_as_uint(x);
+if ((b & 0x7fffffffu) > 0x7f800000u) y = (unsigned short)((b >> 16) | 0x40u);
+else y = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);"""
+#: pair ``i`` of one butterfly stage of hadamard._fwht_groups: (a, b) -> (a + b, a - b), a the lower index
+BUTTERFLY_OP = """long long half = g / 2, grp = i / half; int j = (int)(i % half);
+long long a = grp * g + (long long)(j / h) * 2 * h + j % h, b = a + h;
+float ya = y[a], yb = y[b];
+y[a] = __fadd_rn(ya, yb); y[b] = __fsub_rn(ya, yb);"""
+#: the last step of hadamard.unrotate: times norm, then times the sign
+SCALE_SIGNS_OP = "y[i] = __fmul_rn(__fmul_rn(y[i], norm), s[i % g]);"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_for_helpers():
+    import cupy
+    widen_bf16 = cupy.ElementwiseKernel("uint16 u", "float32 y", WIDEN_BF16_OP, "fc_widen_bf16")
+    narrow_bf16 = cupy.ElementwiseKernel("float32 x", "uint16 y", NARROW_BF16_OP, "fc_narrow_bf16")
+    butterfly = cupy.ElementwiseKernel("int32 g, int32 h", "raw float32 y", BUTTERFLY_OP, "fc_fwht_stage")
+    scale_signs = cupy.ElementwiseKernel("raw float32 s, float32 norm, int32 g", "raw float32 y", SCALE_SIGNS_OP,
+                                         "fc_unrotate_scale")
+    return widen_bf16, narrow_bf16, butterfly, scale_signs
+
+
+def _widen(x, x32, name: str) -> None:
+    """Exact float32 copy of ``x`` (bf16 arrives as its uint16 storage) into ``x32``."""
+    import cupy
+    if name == "bfloat16":
+        _kernels_for_helpers()[0](x.view(cupy.uint16), x32)
+    else:
+        cupy.copyto(x32, x)
+
+
+def _narrow(acc, out, name: str) -> None:
+    """``acc`` rounded to nearest even into ``out`` (bf16: its uint16 storage)."""
+    import cupy
+    if name == "bfloat16":
+        _kernels_for_helpers()[1](acc, out.view(cupy.uint16))
+    else:
+        cupy.copyto(out, acc, casting="unsafe")
+
+
+def _unrotate_in_place(y, g: int, signs, norm) -> None:
+    """:func:`hadamard.unrotate` on the GPU, the same float32 operations in the same order."""
+    _, _, butterfly, scale_signs = _kernels_for_helpers()
+    h = 1
+    while h < g:
+        butterfly(np.int32(g), np.int32(h), y, size=y.size // 2)
+        h *= 2
+    scale_signs(signs, np.float32(norm), np.int32(g), y, size=y.size)
+

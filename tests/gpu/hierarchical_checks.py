@@ -1,0 +1,129 @@
+"""GPU checks of the hierarchical backend (one GPU per node) against the NumPy reference.
+
+    FLASHCOMM_RANKS_PER_NODE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 \\
+        mpiexec -n 2 python tests/gpu/hierarchical_checks.py [--quick]
+
+On one host the override pretends every GPU is a node; the NCCL variables
+force NCCL's traffic onto sockets, the path it takes between hosts without
+InfiniBand.  On real hosts (one rank per host) leave the override out.
+Every rank runs the same checks in the same order; rank 0 compares bit for
+bit with ``flash_all_reduce_reference(..., algo="hierarchical", nodes=...)``
+(NaN positions must match, NaN payloads may differ) and every rank's result
+must hash the same.  Exit status 0 only if every check passed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_checks import BITS, DTYPE_NAMES, Checker, host_input, run_plan, to_device  # noqa: E402
+
+import flashcomm_cupy as fc  # noqa: E402
+from flashcomm_cupy.config import Mode  # noqa: E402
+from flashcomm_cupy.dtypes import DTYPES  # noqa: E402
+
+
+def nan_filled(x):
+    import cupy
+    return cupy.full_like(x, 0x7E00 if x.dtype != cupy.float32 else np.nan)
+
+
+def check_exact(ck: Checker, sizes, group_sizes=(128,)):
+    """Every dtype, codec, rotation and symmetry; out-of-place, in place and through auto."""
+    backend, nodes = ck.comm.backend, ck.comm.backend.nodes
+    seed = 21
+    for n in sizes:
+        for dtype in DTYPE_NAMES:
+            x = to_device(host_input(seed, ck.rank, n, dtype))
+            for bits in BITS:
+                for g in (group_sizes if bits is not None else (128,)):
+                    for rotate, sym in (((False, False),) if bits is None else
+                                        ((False, False), (True, False), (False, True))):
+                        for algo in ("hierarchical", "auto"):
+                            mode = Mode.make(bits, g, sym, rotate, algo)
+                            concrete = backend.resolve_algo(x.nbytes, mode)
+                            out = nan_filled(x)
+                            backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+                            label = f"n={n} {dtype} {mode.label} -> {concrete}"
+                            if concrete == "nccl":  # auto's lossless choice: NCCL's own order
+                                ck.count += 1
+                                continue
+                            ck.compare_with_reference(label, out, n, dtype, mode, seed, concrete, nodes=nodes)
+                        inplace = x.copy()
+                        mode = Mode.make(bits, g, sym, rotate, "hierarchical")
+                        backend.all_reduce(inplace, inplace, mode, dtype=DTYPES[dtype])
+                        ck.compare_with_reference(f"n={n} {dtype} {mode.label} in place", inplace, n, dtype, mode,
+                                                  seed, "hierarchical", nodes=nodes)
+    ck.log(f"exact: {ck.count} cases")
+
+
+def check_nonfinite(ck: Checker):
+    """A NaN or Inf poisons only its group, on every node."""
+    n, dtype, seed = 4096, "float16", 5
+    ins = [host_input(seed, r, n, dtype) for r in range(ck.world)]
+    ins[0][7] = np.nan
+    ins[-1][1000] = np.inf
+    x = to_device(ins[ck.rank])
+    for bits in (None, 4, (4, 8)):
+        mode = Mode.make(bits, 128, False, bits == 4, "hierarchical")
+        out = nan_filled(x)
+        ck.comm.backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+        ck.compare_with_reference(f"non-finite {mode.label}", out, n, dtype, mode, seed, "hierarchical",
+                                  inputs=ins, nodes=ck.comm.backend.nodes)
+
+
+def check_graph(ck: Checker, replays: int):
+    """Captured calls replay to the same bits as eager ones (the call allocates nothing)."""
+    import cupy
+    backend = ck.comm.backend
+    n, dtype, seed = 1 << 20, "bfloat16", 9
+    x = to_device(host_input(seed, ck.rank, n, dtype))
+    for bits, rotate in ((4, False), (4, True), (None, False)):
+        mode = Mode.make(bits, 128, False, rotate, "hierarchical")
+        out = nan_filled(x)
+        backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])  # builds the plan before capture
+        backend.synchronize()
+        out.fill(0)
+        replay = backend.capture_graph(lambda: backend.all_reduce(x, out, mode, stream=cupy.cuda.get_current_stream(),
+                                                                  dtype=DTYPES[dtype]), 2)
+        for _ in range(replays):
+            replay()
+        replay.stream.synchronize()
+        ck.compare_with_reference(f"graph {mode.label}", out, n, dtype, mode, seed, "hierarchical",
+                                  nodes=backend.nodes)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="fewer sizes and group sizes")
+    args = p.parse_args(argv)
+    from mpi4py import MPI
+    comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
+    ck = Checker(comm)
+    ck.log(f"flashcomm hierarchical GPU checks: {comm.world_size} ranks, backend {comm.backend_name}, "
+           f"nodes {comm.describe().get('nodes')}")
+    if comm.backend_name != "hierarchical":
+        ck.fail(f"expected the hierarchical backend (one GPU per node), got {comm.backend_name}: "
+                "set FLASHCOMM_RANKS_PER_NODE=1 on one host")
+    else:
+        sizes = [0, 1, 127, 4099, 65_537, 1_000_003] if not args.quick else [1, 4099, 65_537]
+        groups = (32, 128, 1024) if not args.quick else (128,)
+        t_all = time.perf_counter()
+        run_plan(ck, [("exact", lambda: check_exact(ck, sizes, groups)), ("nonfinite", lambda: check_nonfinite(ck)),
+                      ("graph", lambda: check_graph(ck, 3))])
+        ck.log(f"checks took {time.perf_counter() - t_all:.0f} s")
+    comm.close()
+    failures = MPI.COMM_WORLD.allreduce(len(ck.failures))
+    if ck.rank == 0:
+        print(f"{'OK' if failures == 0 else 'FAILED'}: {ck.count} hierarchical cases, {failures} failures",
+              flush=True)
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
