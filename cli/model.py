@@ -19,6 +19,8 @@ import click
 from flashcomm_cupy.config import Mode
 from flashcomm_cupy.model.config import PRESETS
 
+from .options import transport_option
+
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 DEFAULT_LAYERS = 4
 
@@ -178,6 +180,7 @@ def print_report(report: dict) -> None:
               help="Memory bound for one block of prefill attention scores.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "gpu", "nccl", "cpu"]), default="auto", show_default=True)
+@transport_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write meta and rows as JSON (rank 0).")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,

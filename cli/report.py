@@ -92,6 +92,10 @@ def bench_header_lines(meta: dict) -> List[str]:
     ]
     if cfg.get("peer_bw_gbps"):
         lines.append(f"# wire floor at {cfg['peer_bw_gbps']:g} GB/s per rank")
+    if meta.get("transport"):
+        lines.append(f"# transport {meta['transport']}" + (
+            "; baseline NCCL with NCCL_P2P_DISABLE=1 (through host memory, the same configuration)"
+            if meta.get("nccl_p2p_disabled") else ""))
     versions = meta.get("versions", {})
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None and k != "flashcomm")
     lines.append(f"# {shown}")

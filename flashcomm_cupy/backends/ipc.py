@@ -112,12 +112,59 @@ class PeerAccessError(RuntimeError):
     """CUDA IPC or peer access does not work between these ranks."""
 
 
+def agree(comm, failure):
+    """Every rank learns the first failure of any rank (or None); collective."""
+    return next((f for f in comm.allgather(failure) if f), None)
+
+
+def check_canaries(comm, peer_ptrs, own_ptr):
+    """Store a canary through every peer pointer from a kernel, load it back, then check
+    arrivals in this rank's own workspace at ``own_ptr``; the failure message or None.
+
+    Collective.  Real stores from a kernel prove what a handle or registration
+    only promises: this GPU can write into each peer's workspace, and the
+    peer sees the write in its own memory.
+    """
+    import cupy
+    rank, world = comm.Get_rank(), comm.Get_size()
+    kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
+    back = cupy.zeros(1, dtype=cupy.uint32)
+    failure = None
+    try:
+        for r, p in enumerate(peer_ptrs):
+            if r == rank:
+                continue
+            value = np.uint32(0xFC000000 | (rank << 8) | r)
+            kernel((1,), (1,), (np.uint64(p + 4 * rank), value, back))
+            got = int(back.get()[0])
+            if got != int(value):
+                failure = f"rank {rank}: canary read back from rank {r} as {got:#x}, wrote {int(value):#x}"
+                break
+        cupy.cuda.Device().synchronize()
+    except Exception as exc:
+        failure = f"rank {rank}: peer stores failed ({exc})"
+    comm.Barrier()
+    if failure is not None:
+        return failure
+    mine = np.empty(MAX_RANKS, dtype=np.uint32)
+    # Default: the workspace may be device memory or mapped host memory (the host transport).
+    cupy.cuda.runtime.memcpy(mine.ctypes.data, own_ptr, mine.nbytes, cupy.cuda.runtime.memcpyDefault)
+    for r in range(world):
+        want = 0 if r == rank else 0xFC000000 | (r << 8) | rank
+        if int(mine[r]) != want:
+            return f"rank {rank}: canary from rank {r} did not arrive (found {int(mine[r]):#x})"
+    return None
+
+
 class IpcWorkspace:
-    """One cudaMalloc'd buffer per rank, opened by every other rank.
+    """One cudaMalloc'd buffer per rank, opened by every other rank (legacy CUDA IPC handles).
 
     Construction is collective.  Raises :class:`PeerAccessError` on every rank
     (with the same message) when any rank cannot use any peer's buffer.
     """
+
+    transport = "ipc"
+    handles = "legacy"
 
     def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
         import cupy
@@ -155,9 +202,7 @@ class IpcWorkspace:
         self.peer_table = cupy.asarray(np.array(self.peer_ptrs + [0] * (MAX_RANKS - self.world), dtype=np.uint64))
 
     def _agree(self, failure):
-        """Every rank learns the first failure of any rank (or None)."""
-        failures = self.comm.allgather(failure)
-        return next((f for f in failures if f), None)
+        return agree(self.comm, failure)
 
     def _open_peers(self, handles):
         import cupy
@@ -175,30 +220,7 @@ class IpcWorkspace:
         return None
 
     def _check_canaries(self):
-        """Store a canary through every peer pointer from a kernel, load it back, then check arrivals."""
-        import cupy
-        kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
-        back = cupy.zeros(1, dtype=cupy.uint32)
-        try:
-            for r, p in enumerate(self.peer_ptrs):
-                if r == self.rank:
-                    continue
-                value = np.uint32(0xFC000000 | (self.rank << 8) | r)
-                kernel((1,), (1,), (np.uint64(p + 4 * self.rank), value, back))
-                got = int(back.get()[0])
-                if got != int(value):
-                    return f"rank {self.rank}: canary read back from rank {r} as {got:#x}, wrote {int(value):#x}"
-            cupy.cuda.Device().synchronize()
-        except Exception as exc:
-            return f"rank {self.rank}: peer stores failed ({exc})"
-        self.comm.Barrier()
-        mine = np.empty(MAX_RANKS, dtype=np.uint32)
-        cupy.cuda.runtime.memcpy(mine.ctypes.data, self.ptr, mine.nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
-        for r in range(self.world):
-            want = 0 if r == self.rank else 0xFC000000 | (r << 8) | self.rank
-            if int(mine[r]) != want:
-                return f"rank {self.rank}: canary from rank {r} did not arrive (found {int(mine[r]):#x})"
-        return None
+        return check_canaries(self.comm, self.peer_ptrs, self.ptr)
 
     def close(self, barrier_timeout_s: float = 10.0):
         """Collective: close peers' handles, wait for everybody, then free ours.
