@@ -156,3 +156,21 @@ def test_bench_header_names_the_transport_and_the_nccl_shm_baseline():
             "the same configuration)") in lines
     meta.update(transport="ipc (virtual-memory handles)", nccl_p2p_disabled=False)
     assert "# transport ipc (virtual-memory handles)" in report.bench_header_lines(meta)
+
+
+def test_host_transport_has_tuning_rows_of_its_own():
+    from flashcomm_cupy import tuning
+    ipc_row = {"max_bytes": 1 << 30, "lossless": {"algo": "oneshot", "threads": 128},
+               "quantized": {"algo": "oneshot", "threads": 128}}
+    host_row = {"max_bytes": 1 << 30, "lossless": {"algo": "nccl"},
+                "quantized": {"algo": "twoshot", "threads": 512, "units": 4}}
+    table = tuning.TuningTable({"worlds": {tuning.world_key(2): [ipc_row],
+                                           tuning.world_key(2, "host"): [host_row],
+                                           tuning.world_key(4): [ipc_row]}}, "x")
+    assert tuning.world_key(2, "host") == "2/host" and tuning.world_key(2, "ipc") == "2"
+    assert table.choose(2, 4096, True).algo == "oneshot"
+    assert table.choose(2, 4096, True, transport="host").algo == "nccl"
+    assert table.choose(2, 4096, False, transport="host") == tuning.Choice("twoshot", 512, 0, 4)
+    # no host rows for 4 ranks: the heuristic, not the NVLink measurements
+    assert table.choose(4, 64 << 20, False, transport="host") == tuning.heuristic(4, 64 << 20, False)
+    assert table.describe()["worlds"] == [2, 4] and table.describe()["worlds_host"] == [2]

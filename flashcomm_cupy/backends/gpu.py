@@ -298,7 +298,7 @@ class FlashGpuBackend(CudaBackend):
             forced = tuning.Choice(mode.algo, *self.force_launch)
             return dataclasses.replace(forced, protocol="flag") if flag_only else forced
         wide = not mode.lossless and max(mode.rs_bits, mode.ag_bits) > 4
-        auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only, wide)
+        auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only, wide, self.ws.transport)
         if mode.algo == "auto":
             if auto.algo == "nccl" and not mode.lossless:
                 return tuning.heuristic(self.world_size, nbytes, False)
