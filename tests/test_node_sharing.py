@@ -142,3 +142,18 @@ def test_hand_off_from_a_stranger_is_refused():
         a.sendmsg([struct.pack("<ii", 1, 0)])
         with pytest.raises(PermissionError, match="not rank 1 of this job"):
             fdpass._receive(b, [os.getpid(), os.getpid() + 1])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_host_workspace_regions_with_cuda_faked(world_size):
+    before = set(os.listdir(shm.SHM_DIR))
+    proc = run_mpi(SCRIPTS / "host_workspace.py", world_size, args=("ok",), timeout=TIMEOUT_S)
+    _assert_every_rank_ok(proc, world_size)
+    assert not [n for n in set(os.listdir(shm.SHM_DIR)) - before if n.startswith(shm.DEFAULT_PREFIX)]
+
+
+@pytest.mark.mpi
+def test_host_workspace_failure_is_agreed_and_undone():
+    proc = run_mpi(SCRIPTS / "host_workspace.py", 3, args=("register-fails",), timeout=TIMEOUT_S)
+    _assert_every_rank_ok(proc, 3)

@@ -101,8 +101,8 @@ class HostWorkspace:
     def close(self, barrier_timeout_s: float = 10.0):
         """Local: unregister and unmap.  The memory goes with the last rank's mapping, so
         no rank waits for its peers (``barrier_timeout_s`` is accepted for the interface)."""
-        import cupy
         try:
+            import cupy
             cupy.cuda.runtime.deviceSynchronize()  # no kernel of ours still touches the segment
         except Exception:
             pass
