@@ -222,9 +222,11 @@ class FlashGpuBackend(CudaBackend):
         layout = WorkspaceLayout(self.world_size, int(max_blocks),
                                  max(self.slot_bytes, 2 * ELEMS_PER_THREAD * 128 + 256))
         self.ws = open_workspace(comm, layout, self.device_id, self.transport)
-        if self.ws.transport == "host":
-            # cp.async has no system-coherent form (only .ca/.cg): the staged two-shot
-            # must not read host slots (see docs/wire-format.md, host transport).
+        #: slots in host memory: every load of a slot must be system-coherent (docs/wire-format.md,
+        #: "Memory ordering through host memory"), so cp.async (.ca/.cg only) and with it the
+        #: staged two-shot cannot read them
+        self.slots_in_host_memory = self.ws.transport == "host"
+        if self.slots_in_host_memory:
             self.staged_ok = False
         self._err_ptr = cupy.cuda.runtime.hostAlloc(64, 0x3)  # portable | mapped
         ctypes.memset(self._err_ptr, 0, 64)
