@@ -1,6 +1,7 @@
-"""The node's shared-memory segment and the file-descriptor hand-off (host transport and
-virtual-memory handles), run for real under ``mpiexec -n 2/3/4``; the checks live in
-``tests/mpi_scripts/node_sharing.py``."""
+"""The node's shared-memory segment and the file-descriptor hand-off, run for real under
+``mpiexec -n 2/3/4`` (checks in ``tests/mpi_scripts/node_sharing.py``), and the host and
+virtual-memory-handle workspaces built on them with CUDA faked (``host_workspace.py``,
+``vmm_workspace.py`` there)."""
 from __future__ import annotations
 
 import os
@@ -157,3 +158,15 @@ def test_host_workspace_regions_with_cuda_faked(world_size):
 def test_host_workspace_failure_is_agreed_and_undone():
     proc = run_mpi(SCRIPTS / "host_workspace.py", 3, args=("register-fails",), timeout=TIMEOUT_S)
     _assert_every_rank_ok(proc, 3)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_virtual_memory_workspace_with_cuda_faked(world_size):
+    _assert_every_rank_ok(run_mpi(SCRIPTS / "vmm_workspace.py", world_size, args=("ok",), timeout=TIMEOUT_S),
+                          world_size)
+
+
+@pytest.mark.mpi
+def test_virtual_memory_workspace_failure_is_agreed_and_undone():
+    _assert_every_rank_ok(run_mpi(SCRIPTS / "vmm_workspace.py", 3, args=("import-fails",), timeout=TIMEOUT_S), 3)
