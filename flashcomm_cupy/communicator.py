@@ -59,7 +59,8 @@ class Communicator:
         peer access does not work between the ranks.
     **options
         Passed to the backend (e.g. ``timeout_s``, ``validate``,
-        ``workspace_bytes`` for the GPU backend).
+        ``workspace_bytes``, ``transport`` for the GPU backend: "auto",
+        "ipc" or "host", see README "GPUs without peer access").
 
     The communicator is a context manager; it is also closed at interpreter
     exit.

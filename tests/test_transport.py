@@ -174,3 +174,22 @@ def test_host_transport_has_tuning_rows_of_its_own():
     # no host rows for 4 ranks: the heuristic, not the NVLink measurements
     assert table.choose(4, 64 << 20, False, transport="host") == tuning.heuristic(4, 64 << 20, False)
     assert table.describe()["worlds"] == [2, 4] and table.describe()["worlds_host"] == [2]
+
+
+def test_transport_option_sets_the_environment_for_every_rank(monkeypatch):
+    import click
+    from click.testing import CliRunner
+
+    from flashcomm_cupy.cli.options import transport_option
+    monkeypatch.delenv(transport.ENV_VAR, raising=False)
+    seen = []
+
+    @click.command()
+    @transport_option
+    def cmd():
+        seen.append(transport.resolve_transport())
+
+    assert CliRunner().invoke(cmd, []).exit_code == 0 and seen == ["auto"]
+    assert CliRunner().invoke(cmd, ["--transport", "host"]).exit_code == 0 and seen[-1] == "host"
+    result = CliRunner().invoke(cmd, ["--transport", "nvlink"])
+    assert result.exit_code == 2 and "'nvlink' is not one of 'auto', 'ipc', 'host'" in result.output
