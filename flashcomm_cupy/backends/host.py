@@ -27,7 +27,7 @@ import socket
 import numpy as np
 
 from . import cuda_driver
-from .ipc import MAX_RANKS, PeerAccessError, WorkspaceLayout, agree, check_canaries
+from .ipc import MAX_RANKS, PeerAccessError, Workspace, WorkspaceLayout, agree, check_canaries, one_host_failure
 from .shm import NodeSegment, SharedMemoryError
 
 
@@ -43,34 +43,24 @@ def fill_sentinels(view: memoryview, layout: WorkspaceLayout, world: int) -> Non
         del data
 
 
-class HostWorkspace:
+class HostWorkspace(Workspace):
     """Every rank's workspace in one registered shared-memory segment of the node.
 
-    Same interface as :class:`.ipc.IpcWorkspace`: ``layout``, ``ptr`` (this
-    rank's workspace, a device pointer), ``peer_ptrs`` (one per rank),
-    ``close()``.  Construction is collective and raises
-    :class:`.ipc.PeerAccessError` on every rank, with the same message, when
-    any rank fails (ranks on several hosts, too little ``/dev/shm``, a failed
-    registration, a canary that did not arrive).
+    A :class:`.ipc.Workspace`; set-up fails on every rank when ranks span
+    several hosts, ``/dev/shm`` is too small, a registration fails or a
+    canary does not arrive.
     """
 
     transport = "host"
     handles = "shared memory"
 
     def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
-        self.comm = mpi_comm
-        self.rank = mpi_comm.Get_rank()
-        self.world = mpi_comm.Get_size()
-        self.layout = layout
-        self.device_id = device_id
-        self.ptr = 0
-        self.peer_ptrs = []
+        super().__init__(mpi_comm, layout, device_id)
         self._segment = None
         self._registered = 0
-        hosts = sorted(set(mpi_comm.allgather(socket.gethostname())))
-        if len(hosts) > 1:
-            raise PeerAccessError(f"ranks span {len(hosts)} hosts ({', '.join(hosts)}); "
-                                  "the host transport shares memory within one host")
+        failure = one_host_failure(mpi_comm.allgather(socket.gethostname()), "the host transport")
+        if failure is not None:
+            raise PeerAccessError(failure)
         if self.world > MAX_RANKS:
             raise PeerAccessError(f"at most {MAX_RANKS} ranks per host, got {self.world}")
         try:

@@ -156,7 +156,42 @@ def check_canaries(comm, peer_ptrs, own_ptr):
     return None
 
 
-class IpcWorkspace:
+def one_host_failure(hosts, what: str):
+    """The failure message when ``hosts`` (every rank's host name) name more than one host."""
+    hosts = sorted(set(hosts))
+    if len(hosts) > 1:
+        return f"ranks span {len(hosts)} hosts ({', '.join(hosts)}); {what} needs one host"
+    return None
+
+
+class Workspace:
+    """What every transport's workspace gives the backend (see :mod:`.transport`).
+
+    ``layout``; ``ptr``, this rank's workspace as a device pointer;
+    ``peer_ptrs``, every rank's workspace as a device pointer of this process
+    (``ptr`` at ``[rank]``); ``close()``; ``transport`` and ``handles`` name it.
+    Construction is collective and raises :class:`PeerAccessError` on every
+    rank, with the same message, when any rank cannot store into any peer's
+    workspace.
+    """
+
+    transport = ""
+    handles = ""
+
+    def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
+        self.comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.world = mpi_comm.Get_size()
+        self.layout = layout
+        self.device_id = device_id
+        self.ptr = 0
+        self.peer_ptrs = []
+
+    def close(self, barrier_timeout_s: float = 10.0):
+        raise NotImplementedError
+
+
+class IpcWorkspace(Workspace):
     """One cudaMalloc'd buffer per rank, opened by every other rank (legacy CUDA IPC handles).
 
     Construction is collective.  Raises :class:`PeerAccessError` on every rank
@@ -169,14 +204,8 @@ class IpcWorkspace:
     def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
         import cupy
         rt = cupy.cuda.runtime
-        self.comm = mpi_comm
-        self.rank = mpi_comm.Get_rank()
-        self.world = mpi_comm.Get_size()
-        self.layout = layout
-        self.device_id = device_id
-        self.ptr = 0
+        super().__init__(mpi_comm, layout, device_id)
         self._opened = []
-        self.peer_ptrs = []
         failure = None
         try:
             self.ptr = rt.malloc(layout.total)
@@ -187,10 +216,8 @@ class IpcWorkspace:
         except Exception as exc:
             handle, failure = None, f"rank {self.rank}: cannot export its workspace ({exc})"
         infos = mpi_comm.allgather((socket.gethostname(), handle, failure))
-        hosts = {h for h, _, _ in infos}
-        failure = next((f for _, _, f in infos if f), None)
-        if failure is None and len(hosts) > 1:
-            failure = f"ranks span {len(hosts)} hosts ({', '.join(sorted(hosts))}); CUDA IPC needs one host"
+        failure = (next((f for _, _, f in infos if f), None)
+                   or one_host_failure([h for h, _, _ in infos], "CUDA IPC"))
         if failure is None:
             failure = self._open_peers([h for _, h, _ in infos])
         failure = self._agree(failure)

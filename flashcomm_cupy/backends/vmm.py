@@ -27,7 +27,7 @@ import socket
 
 from . import cuda_driver
 from .fdpass import FdExchangeError, exchange_fds
-from .ipc import PeerAccessError, WorkspaceLayout, agree, check_canaries
+from .ipc import PeerAccessError, Workspace, WorkspaceLayout, agree, check_canaries, one_host_failure
 
 HANDOFF_TIMEOUT_S = 30.0
 
@@ -36,12 +36,11 @@ def _up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-class VmmWorkspace:
+class VmmWorkspace(Workspace):
     """One exportable device allocation per rank, mapped by every other rank.
 
-    Same interface as :class:`.ipc.IpcWorkspace`; construction is collective
-    and raises :class:`.ipc.PeerAccessError` on every rank (same message)
-    when any rank cannot map and write any peer's workspace.
+    A :class:`.ipc.Workspace`; set-up fails on every rank when any rank
+    cannot export, map or write any peer's workspace.
     """
 
     transport = "ipc"
@@ -50,13 +49,7 @@ class VmmWorkspace:
     def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
         import cupy
         rt = cupy.cuda.runtime
-        self.comm = mpi_comm
-        self.rank = mpi_comm.Get_rank()
-        self.world = mpi_comm.Get_size()
-        self.layout = layout
-        self.device_id = device_id
-        self.ptr = 0
-        self.peer_ptrs = []
+        super().__init__(mpi_comm, layout, device_id)
         self._maps = []      # (address, bytes) to unmap
         self._handles = []   # allocation handles to release
         fd, failure, nbytes = -1, None, 0
@@ -76,10 +69,8 @@ class VmmWorkspace:
         except Exception as exc:
             failure = f"rank {self.rank}: cannot export its workspace as a virtual-memory handle ({exc})"
         infos = mpi_comm.allgather((socket.gethostname(), nbytes, failure))
-        hosts = sorted({h for h, _, _ in infos})
-        failure = next((f for _, _, f in infos if f), None)
-        if failure is None and len(hosts) > 1:
-            failure = f"ranks span {len(hosts)} hosts ({', '.join(hosts)}); virtual-memory handles need one host"
+        failure = (next((f for _, _, f in infos if f), None)
+                   or one_host_failure([h for h, _, _ in infos], "sharing virtual-memory handles"))
         if failure is None:
             failure = agree(mpi_comm, self._map_peers(fd, [n for _, n, _ in infos]))
         if fd >= 0:
