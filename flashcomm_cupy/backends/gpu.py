@@ -222,12 +222,6 @@ class FlashGpuBackend(CudaBackend):
         layout = WorkspaceLayout(self.world_size, int(max_blocks),
                                  max(self.slot_bytes, 2 * ELEMS_PER_THREAD * 128 + 256))
         self.ws = open_workspace(comm, layout, self.device_id, self.transport)
-        #: slots in host memory: every load of a slot must be system-coherent (docs/wire-format.md,
-        #: "Memory ordering through host memory"), so cp.async (.ca/.cg only) and with it the
-        #: staged two-shot cannot read them
-        self.slots_in_host_memory = self.ws.transport == "host"
-        if self.slots_in_host_memory:
-            self.staged_ok = False
         self._err_ptr = cupy.cuda.runtime.hostAlloc(64, 0x3)  # portable | mapped
         ctypes.memset(self._err_ptr, 0, 64)
         self._err = (ctypes.c_uint32 * 8).from_address(self._err_ptr)

@@ -8,7 +8,8 @@ Checks, collective, every rank in the same order:
 
 * the transport in use is the one expected (``--expect``: a prefix of
   ``describe()["transport"]``), and every rank reports the same;
-* stale reads: thousands of calls of each protocol and algorithm, cycling
+* stale reads: thousands of calls of each protocol (flag, LL, the staged
+  two-shot) and algorithm, cycling
   through four input sets of the same size, so a load that returned a slot's
   previous contents (a stale cache line of mapped host memory, say) shows up
   as a wrong element; results compared bit for bit with the NumPy reference;
@@ -44,7 +45,10 @@ CASES = [  # (elements, mode, protocol): flag and LL, one-shot and two-shot, los
     (1 << 20, Mode.make(4, algo="twoshot"), "flag"),
     (1 << 20, Mode.make(None, algo="oneshot"), "flag"),
     (3 << 20, Mode.make((4, 8), algo="twoshot"), "flag"),
+    (3 << 20, Mode.make(4, algo="twoshot"), "staged"),  # reads through cp.async.cg
 ]
+#: force_launch of the "staged" case: 256 threads, blocks as the message needs, 2 units, flags, staged
+STAGED_LAUNCH = (256, 0, 2, "flag", True)
 
 
 def check_stale_reads(comm, calls_per_case: int, log) -> int:
@@ -54,7 +58,8 @@ def check_stale_reads(comm, calls_per_case: int, log) -> int:
     rank, world = comm.rank, comm.world_size
     wrong_total = 0
     for n, mode, protocol in CASES:
-        backend.protocol = protocol
+        backend.protocol = "flag" if protocol == "staged" else protocol
+        backend.force_launch = STAGED_LAUNCH if protocol == "staged" else None
         sets = []
         for s in range(SETS):
             ins = [host_input(300 + s, r, n, "float16") for r in range(world)]
@@ -75,7 +80,7 @@ def check_stale_reads(comm, calls_per_case: int, log) -> int:
         bad = comm.mpi_comm.allreduce(got)
         log(f"  stale reads: n={n} {mode.label} {protocol}->{ran}: {calls_per_case} calls, "
             f"{1e6 * dt / calls_per_case:.1f} us/call eager, {bad} wrong elements (all ranks)")
-    backend.protocol = "auto"
+    backend.protocol, backend.force_launch = "auto", None
     return wrong_total
 
 
