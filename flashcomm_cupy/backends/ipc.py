@@ -109,7 +109,8 @@ def _bounded_barrier(comm, timeout_s: float) -> bool:
 
 
 class PeerAccessError(RuntimeError):
-    """CUDA IPC or peer access does not work between these ranks."""
+    """A transport's workspace cannot be shared between these ranks (no CUDA IPC or peer
+    access, no room in ``/dev/shm``, ...); the message says why."""
 
 
 def agree(comm, failure):
