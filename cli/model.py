@@ -101,6 +101,10 @@ def _title(meta: dict) -> str:
 
 def _footnotes(report: dict) -> List[str]:
     notes = list(report["meta"]["notes"])
+    device = report["meta"].get("device") or {}
+    if device.get("transport"):
+        from .report import transport_note
+        notes.append(transport_note(device["transport"], device.get("nccl_p2p_disabled")))
     if any(r["graph"] for r in report["rows"]):
         notes.append("decode steps replayed as CUDA graphs (kernel-launch overhead excluded)")
     errors = sorted({r["graph_error"] for r in report["rows"] if r.get("graph_error")})

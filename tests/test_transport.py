@@ -193,3 +193,13 @@ def test_transport_option_sets_the_environment_for_every_rank(monkeypatch):
     assert CliRunner().invoke(cmd, ["--transport", "host"]).exit_code == 0 and seen[-1] == "host"
     result = CliRunner().invoke(cmd, ["--transport", "nvlink"])
     assert result.exit_code == 2 and "'nvlink' is not one of 'auto', 'ipc', 'host'" in result.output
+
+
+def test_model_report_notes_the_transport_and_its_baseline():
+    from flashcomm_cupy.cli import model
+    report = {"meta": {"notes": [], "device": {"transport": "host (shared memory)", "nccl_p2p_disabled": True}},
+              "rows": []}
+    assert model._footnotes(report) == [
+        "transport host (shared memory); baseline NCCL with NCCL_P2P_DISABLE=1 (through host memory, "
+        "the same configuration)"]
+    assert model._footnotes({"meta": {"notes": ["n"], "device": {"error": "x"}}, "rows": []}) == ["n"]
