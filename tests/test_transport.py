@@ -203,3 +203,63 @@ def test_model_report_notes_the_transport_and_its_baseline():
         "transport host (shared memory); baseline NCCL with NCCL_P2P_DISABLE=1 (through host memory, "
         "the same configuration)"]
     assert model._footnotes({"meta": {"notes": ["n"], "device": {"error": "x"}}, "rows": []}) == ["n"]
+
+
+class _NodeComm:
+    """Rank ``rank`` of ``len(others)`` ranks on one host; ``others`` is what allgather returns
+    for the other ranks, given this rank's own entry."""
+
+    def __init__(self, rank, entries):
+        self.rank, self.entries = rank, entries
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return len(self.entries)
+
+    def Split_type(self, *args):
+        return self
+
+    def Free(self):
+        pass
+
+    def allgather(self, mine):
+        return [mine if r == self.rank else e for r, e in enumerate(self.entries)]
+
+
+def _fake_cupy(monkeypatch, buses):
+    """CuPy seeing GPUs with these PCI bus ids; returns the list of devices made current."""
+    used = []
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: len(buses), deviceGetPCIBusId=lambda d: buses[d])
+    device = lambda d: types.SimpleNamespace(use=lambda: used.append(d))  # noqa: E731
+    monkeypatch.setitem(__import__("sys").modules, "cupy",
+                        types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=device)))
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+    return used
+
+
+def test_one_visible_gpu_per_rank_is_accepted(monkeypatch):
+    import socket
+    from flashcomm_cupy.backends.cuda_util import select_device
+    used = _fake_cupy(monkeypatch, ["0000:1b:00.0"])   # CUDA_VISIBLE_DEVICES=<local rank>
+    comm = _NodeComm(0, [None, (socket.gethostname(), "0000:2c:00.0", None)])
+    assert select_device(comm) == 0 and used == [0]
+
+
+def test_ranks_sharing_one_gpu_are_refused_on_every_rank(monkeypatch):
+    import socket
+    from flashcomm_cupy.backends.cuda_util import select_device
+    _fake_cupy(monkeypatch, ["0000:1b:00.0"])
+    comm = _NodeComm(0, [None, (socket.gethostname(), "0000:1b:00.0", None)])
+    with pytest.raises(RuntimeError, match="ranks 0 and 1 share the GPU at 0000:1b:00.0"):
+        select_device(comm)
+
+
+def test_another_ranks_device_problem_is_raised_here_too(monkeypatch):
+    import socket
+    from flashcomm_cupy.backends.cuda_util import select_device
+    _fake_cupy(monkeypatch, ["0000:1b:00.0", "0000:2c:00.0"])
+    comm = _NodeComm(0, [None, (socket.gethostname(), None, "no CUDA device visible to this process")])
+    with pytest.raises(RuntimeError, match="rank 1: no CUDA device visible"):
+        select_device(comm)

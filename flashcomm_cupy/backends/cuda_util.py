@@ -36,11 +36,11 @@ def select_device(mpi_comm, device=None) -> int:
         device = lr % max(ndev, 1)
     gpu = None
     if problem is None:
-        cupy.cuda.Device(int(device)).use()
-        try:
+        try:  # a local failure must still reach the all-gather below, or the other ranks wait there
+            cupy.cuda.Device(int(device)).use()
             gpu = cupy.cuda.runtime.deviceGetPCIBusId(int(device))
-        except Exception:  # pragma: no cover - driver dependent
-            gpu = None
+        except Exception as exc:
+            problem = f"cannot use GPU {device} ({exc})"
     everyone = mpi_comm.allgather((socket.gethostname(), gpu, problem))
     problem = problem or next((f"rank {r}: {p}" for r, (_, _, p) in enumerate(everyone) if p), None)
     if problem is None:
