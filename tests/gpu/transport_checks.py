@@ -13,6 +13,8 @@ Checks, collective, every rank in the same order:
   through four input sets of the same size, so a load that returned a slot's
   previous contents (a stale cache line of mapped host memory, say) shows up
   as a wrong element; results compared bit for bit with the NumPy reference;
+* ``--vmm``: a workspace shared through virtual-memory handles is built
+  directly (whatever ``auto`` chose) and must pass the canary;
 * ``--kill``: the last rank kills itself (SIGKILL) once the communicator is
   up; run it, then check ``/dev/shm`` holds no ``flashcomm-*`` name.
 
@@ -84,10 +86,25 @@ def check_stale_reads(comm, calls_per_case: int, log) -> int:
     return wrong_total
 
 
+def check_virtual_memory_handles(comm, log) -> list:
+    """Build a workspace shared through virtual-memory handles next to the backend's (collective)."""
+    from flashcomm_cupy.backends.ipc import PeerAccessError
+    from flashcomm_cupy.backends.vmm import VmmWorkspace
+    backend = comm.backend
+    try:
+        ws = VmmWorkspace(comm.mpi_comm, backend.ws.layout, backend.device_id)
+    except PeerAccessError as exc:
+        return [f"virtual-memory handles: {exc}"]
+    log(f"  virtual-memory handles: {ws.layout.total >> 20} MiB per rank mapped by every rank, canary OK")
+    ws.close()
+    return []
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--expect", default="", help="prefix the transport in use must have, e.g. host or 'ipc (virtual'")
     p.add_argument("--calls", type=int, default=2000, help="calls per stale-read case")
+    p.add_argument("--vmm", action="store_true", help="also share a workspace through virtual-memory handles")
     p.add_argument("--kill", action="store_true", help="the last rank SIGKILLs itself after set-up")
     args = p.parse_args(argv)
     from mpi4py import MPI
@@ -108,6 +125,8 @@ def main(argv=None):
         failures.append("flash GPU backend unavailable (fell back to NCCL)")
     elif len(set(transports)) != 1 or not str(transports[0]).startswith(args.expect):
         failures.append(f"transport {transports} is not {args.expect!r}")
+    if args.vmm and comm.backend_name == "gpu":
+        failures += check_virtual_memory_handles(comm, log)
     if args.kill:
         MPI.COMM_WORLD.Barrier()
         if rank == world - 1:
