@@ -14,7 +14,10 @@
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
-# per-instruction source counters as CSV).  NP defaults to the GPU count.
+# per-instruction source counters as CSV); transports (issue 17; one stage per device call):
+# host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
+# rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model.
+# NP defaults to the GPU count.
 # Logs and JSON land in $OUT (the device tool brings them back).
 set -uo pipefail
 STAGES=${1:-info,checks}
@@ -133,6 +136,37 @@ for stage in ${STAGES//,/ }; do
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
     pytest)
       run 500 python3 -m pytest -m gpu tests/gpu -q ;;
+    # ---- transports (issue 17): host memory, and one GPU visible per rank (IPC through virtual-memory handles)
+    host-checks)  # the full gpu_checks under the host transport
+      run 540 $MPI "$NP" -x FLASHCOMM_TRANSPORT=host python3 tests/gpu/gpu_checks.py ;;
+    host-transport)  # stale-read stress and virtual-memory handles beside it, then a killed rank: nothing may
+      # stay in /dev/shm
+      run 300 $MPI "$NP" -x FLASHCOMM_TRANSPORT=host python3 tests/gpu/transport_checks.py --expect host --vmm
+      run 120 $MPI "$NP" -x FLASHCOMM_TRANSPORT=host python3 tests/gpu/transport_checks.py --expect host --kill
+      run 10 bash -c 'left=$(ls /dev/shm | grep "^flashcomm-"); [ -z "$left" ] && echo "OK: nothing left in /dev/shm" || echo "FAIL: left in /dev/shm: $left"' ;;
+    isolated-checks)  # one GPU visible per rank: the full checks over IPC (virtual-memory handles where legacy
+      # handles cannot be opened)
+      run 540 $MPI "$NP" bash -c 'CUDA_VISIBLE_DEVICES=$OMPI_COMM_WORLD_LOCAL_RANK exec python3 tests/gpu/gpu_checks.py' ;;
+    isolated-transport)  # one GPU visible per rank: stale reads over IPC, virtual-memory handles, then host memory
+      run 270 $MPI "$NP" bash -c 'CUDA_VISIBLE_DEVICES=$OMPI_COMM_WORLD_LOCAL_RANK exec python3 tests/gpu/transport_checks.py --expect ipc --vmm'
+      run 270 $MPI "$NP" -x FLASHCOMM_TRANSPORT=host bash -c 'CUDA_VISIBLE_DEVICES=$OMPI_COMM_WORLD_LOCAL_RANK exec python3 tests/gpu/transport_checks.py --expect host' ;;
+    isolated-bench)  # the same bench with every GPU visible and with one GPU per rank (must be within noise)
+      run 270 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --json "$OUT/bench-visible-${NP}x-$TAG.json"
+      run 270 $MPI "$NP" bash -c "CUDA_VISIBLE_DEVICES=\$OMPI_COMM_WORLD_LOCAL_RANK exec $FC bench -b 4K -e 256M -f 4 \
+        --bits none,8,4,4/8 --json $OUT/bench-isolated-${NP}x-$TAG.json" ;;
+    host-bench)  # the host transport against NCCL-SHM (the bench sets NCCL_P2P_DISABLE=1 for its NCCL), then
+      # which NCCL transport the baseline really used (NCCL_DEBUG lines "via SHM" vs "via P2P")
+      run 450 $MPI "$NP" $FC bench --transport host -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \
+        --json "$OUT/bench-host-${NP}x-$TAG.json"
+      run 120 bash -c "$MPI $NP -x NCCL_DEBUG=INFO $FC bench --transport host -b 64K -e 64K --bits 4 -r 1 -n 2 -w 1 2>&1 \
+        | grep -E 'via (SHM|P2P|NET)|transport host' | sort | uniq -c | head -12" ;;
+    host-tune)  # host-transport rows ("N/host") into a copy of the shipped table
+      cp flashcomm_cupy/tuning/default.json "$OUT/tuning.json"
+      run 500 $MPI "$NP" $FC tune --transport host -o "$OUT/tuning.json"
+      export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
+    host-model)  # the TTFT study with the host transport (NCCL-SHM baseline)
+      run 500 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" EXTRA="--transport host" \
+        bash benchmarks/model_sweep.sh "$OUT/model-host-${NP}x-$TAG.json" ;;
     *) log "unknown stage $stage" ;;
   esac
 done

@@ -7,7 +7,7 @@ from flashcomm_cupy.config import FLASH_ALGOS
 
 from .options import (algo_list_parser, backend_option, command_line, group_size_option, make_console,
                       mpi_launch, open_communicator, parse_bits_list, parse_dtype, parse_size_option,
-                      require_matplotlib, switch_option)
+                      require_matplotlib, switch_option, transport_option)
 
 #: defaults that differ between the GPU and the CPU backend
 GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
@@ -63,6 +63,7 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
 @click.option("--protocol", type=click.Choice(["auto", "flag", "ll"]), default=None,
               help="GPU signalling protocol: the tuning table's choice (auto), or flag / ll forced wherever "
                    "it applies (default: $FLASHCOMM_PROTOCOL or auto).")
+@transport_option
 @mpi_launch
 @click.pass_context
 def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dtype, graph, eager, bits,

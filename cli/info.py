@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .options import backend_option, make_console, mpi_launch, open_communicator
+from .options import backend_option, make_console, mpi_launch, open_communicator, transport_option
 
 #: message sizes at which ``info`` shows what ``algo="auto"`` picks
 AUTO_PROBE_BYTES = (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20)
@@ -36,6 +36,7 @@ def collect_info(comm) -> dict:
         "peer_access": d0.get("peer_access"),
         "topology": d0.get("topology"),
         "workspace_bytes": d0.get("workspace_bytes"),
+        "transport": d0.get("transport"),
         "tuning_table": d0.get("tuning_table"),
         "describe": descriptions,
     }
@@ -73,6 +74,8 @@ def render_info(console, info: dict) -> None:
     if info.get("topology"):
         console.print("topology:", markup=False)
         console.print(str(info["topology"]), markup=False, highlight=False)
+    if info.get("transport"):
+        console.print(f"transport: {info['transport']}", markup=False)
     if info.get("workspace_bytes") is not None:
         console.print(f"workspace: {info['workspace_bytes']} bytes per rank", markup=False)
     if info.get("tuning_table") is not None:
@@ -87,6 +90,7 @@ def render_info(console, info: dict) -> None:
 @backend_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               help="Also write everything shown (and each rank's full describe()) as JSON.")
+@transport_option
 @mpi_launch
 def info(backend, json_path):
     """Show versions, every rank's host/device, topology, workspace and the tuning in use."""

@@ -19,6 +19,8 @@ import click
 from flashcomm_cupy.config import Mode
 from flashcomm_cupy.model.config import PRESETS
 
+from .options import transport_option
+
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 DEFAULT_LAYERS = 4
 
@@ -99,6 +101,10 @@ def _title(meta: dict) -> str:
 
 def _footnotes(report: dict) -> List[str]:
     notes = list(report["meta"]["notes"])
+    device = report["meta"].get("device") or {}
+    if device.get("transport"):
+        from .report import transport_note
+        notes.append(transport_note(device["transport"], device.get("nccl_p2p_disabled")))
     if any(r["graph"] for r in report["rows"]):
         notes.append("decode steps replayed as CUDA graphs (kernel-launch overhead excluded)")
     errors = sorted({r["graph_error"] for r in report["rows"] if r.get("graph_error")})
@@ -178,6 +184,7 @@ def print_report(report: dict) -> None:
               help="Memory bound for one block of prefill attention scores.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "gpu", "nccl", "cpu"]), default="auto", show_default=True)
+@transport_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write meta and rows as JSON (rank 0).")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,

@@ -142,6 +142,20 @@ group_size_option = click.option(
     show_default=True, callback=lambda c, p, v: int(v), help="Elements per quantization group.")
 
 
+def _set_transport(ctx, param, value):
+    if value is not None:  # every rank parses the same command line
+        os.environ["FLASHCOMM_TRANSPORT"] = value
+    return value
+
+
+transport_option = click.option(
+    "--transport", type=click.Choice(["auto", "ipc", "host"]), default=None, expose_value=False,
+    callback=_set_transport, is_eager=True,
+    help="Where the flash kernels' workspaces live: ipc (GPU memory over NVLink/PCIe P2P), host (shared host "
+         "memory, for GPUs without peer access; the NCCL baseline then runs with NCCL_P2P_DISABLE=1), or auto "
+         "(IPC where every pair has a peer path, else host). [default: $FLASHCOMM_TRANSPORT or auto]")
+
+
 def mpi_launch(fn):
     """Add ``--np``/``--no-relaunch`` and relaunch under mpiexec when needed.
 
@@ -193,11 +207,8 @@ def _gpu_problem(nlocal: int) -> Optional[str]:
         return f"--backend gpu needs CuPy: {CUPY_HINT}"
     if not gpu_available():
         return "--backend gpu: CuPy sees no CUDA device (try --backend cpu)"
-    ndev = launch.cuda_device_count()
-    if nlocal > ndev:
-        return (f"{nlocal} ranks on this host but only {ndev} GPU(s): "
-                f"run at most {ndev} ranks per host (mpiexec -n {ndev})")
-    return None
+    from flashcomm_cupy.backends.cuda_util import local_device_problem
+    return local_device_problem(nlocal, launch.cuda_device_count())
 
 
 def open_communicator(backend: str, **options):

@@ -72,6 +72,13 @@ def _speedup_text(value: Optional[float]):
 
 
 # ----------------------------------------------------------------------------- bench
+def transport_note(transport: str, nccl_p2p_disabled) -> str:
+    """The transport in use, and when NCCL ran with P2P disabled, that its baseline did too."""
+    return f"transport {transport}" + (
+        "; baseline NCCL with NCCL_P2P_DISABLE=1 (through host memory, the same configuration)"
+        if nccl_p2p_disabled else "")
+
+
 def bench_header_lines(meta: dict) -> List[str]:
     """nccl-tests-like header: what runs, how it is measured, and one line per rank."""
     cfg = meta.get("config", {})
@@ -93,6 +100,8 @@ def bench_header_lines(meta: dict) -> List[str]:
     ]
     if cfg.get("peer_bw_gbps"):
         lines.append(f"# wire floor at {cfg['peer_bw_gbps']:g} GB/s per rank")
+    if meta.get("transport"):
+        lines.append("# " + transport_note(meta["transport"], meta.get("nccl_p2p_disabled")))
     versions = meta.get("versions", {})
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None and k != "flashcomm")
     lines.append(f"# {shown}")

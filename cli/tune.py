@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .options import make_console, mpi_launch, open_communicator, parse_size_option
+from .options import make_console, mpi_launch, open_communicator, parse_size_option, transport_option
 
 
 @click.command("tune")
@@ -28,6 +28,7 @@ from .options import make_console, mpi_launch, open_communicator, parse_size_opt
               help="Table to write (default ~/.cache/flashcomm/tuning.json); rows of the sizes tuned replace "
                    "those in it, the rest stay.")
 @click.option("--backend", type=click.Choice(["gpu"]), default="gpu", hidden=True)
+@transport_option
 @mpi_launch
 def tune(minbytes, maxbytes, stepfactor, tune_bits, iters, repeats, out_path, backend):
     """Measure one-shot vs two-shot vs NCCL and launch shapes per size; save the table."""

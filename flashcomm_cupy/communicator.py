@@ -66,8 +66,9 @@ class Communicator:
         nodes it is the hierarchical backend (one GPU per node).
     **options
         Passed to the backend (e.g. ``timeout_s``, ``validate``,
-        ``workspace_bytes`` for the GPU backend; ``ranks_per_node``, the
-        testing override of node discovery, for "cpu" and "gpu").
+        ``workspace_bytes``, ``transport`` for the GPU backend: "auto",
+        "ipc" or "host", see README "GPUs without peer access"; ``ranks_per_node``,
+        the testing override of node discovery, for "cpu" and "gpu").
 
     The communicator is a context manager; it is also closed at interpreter
     exit.

@@ -110,13 +110,65 @@ def run_mpi(script, nprocs: int, args: Sequence[str] = (), timeout: float = DEFA
                         what=f"mpiexec -n {nprocs} {Path(script).name}")
 
 
+SHM_DIR = "/dev/shm"
+
+
+def _shm_names() -> set:
+    try:
+        return set(os.listdir(SHM_DIR))
+    except OSError:
+        return set()
+
+
+def _open_or_mapped_paths() -> set:
+    """Every file some process of this machine has open or mapped."""
+    paths = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                except OSError:
+                    pass
+            with open(f"/proc/{pid}/maps") as f:
+                paths.update(parts[5].strip() for parts in (line.split(None, 5) for line in f) if len(parts) == 6)
+        except OSError:
+            pass
+    return paths
+
+
+def remove_mpi_leftovers(before: set) -> None:
+    """A job that aborts leaves MPICH's own ``/dev/shm/mpich_shm_*`` segment behind: remove
+    those that appeared since ``before`` and that no process has open or mapped."""
+    new = [n for n in _shm_names() - before if n.startswith("mpich_shm_")]
+    if not new:
+        return
+    used = _open_or_mapped_paths()
+    for name in new:
+        path = os.path.join(SHM_DIR, name)
+        if path not in used:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def run_in_group(cmd, timeout: float, env: dict, merge_stderr: bool = False,
                  what: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` from the repo root in its own process group.
 
     On timeout the whole group (mpiexec and every rank) is killed and the
     test fails with the output so far, so a hang can never stall the suite.
+    What an aborted MPICH job leaves in ``/dev/shm`` is removed afterwards.
     """
+    before = _shm_names()
+    try:
+        return _run_in_group(cmd, timeout, env, merge_stderr, what)
+    finally:
+        remove_mpi_leftovers(before)
+
+
+def _run_in_group(cmd, timeout, env, merge_stderr, what):
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -18,3 +18,11 @@ pytestmark = pytest.mark.mpi
 def test_every_rank_raises_within_the_bound_and_nobody_hangs(nprocs):
     proc = run_mpi(SCRIPTS / "cpu_backend_failures.py", nprocs, timeout=90)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-4000:]
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_a_canary_failure_on_one_rank_reaches_every_rank_without_a_hang(nprocs):
+    """The peer-access check is collective whatever fails locally, so construction falls back
+    on every rank (issue: the failing rank skipped a barrier the others sat in)."""
+    proc = run_mpi(SCRIPTS / "canary_failure.py", nprocs, timeout=60)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-4000:]

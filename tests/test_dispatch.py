@@ -32,7 +32,7 @@ def fake_backend(world=4, max_blocks=264, slot_bytes=48 << 10, table=TABLE):
     b.force_launch = None
     b.protocol = "auto"
     b.table = tuning.TuningTable(table, "test")
-    b.ws = types.SimpleNamespace(layout=WorkspaceLayout(world, max_blocks, slot_bytes))
+    b.ws = types.SimpleNamespace(layout=WorkspaceLayout(world, max_blocks, slot_bytes), transport="ipc")
     b.sm_count, b.staged_ok = 132, True
     return b
 

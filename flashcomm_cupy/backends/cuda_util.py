@@ -7,19 +7,52 @@ from .. import _mpi
 from .base import Backend, Timer
 
 
+def local_device_problem(nlocal: int, ndev: int):
+    """Why the ``nlocal`` ranks of a host that each see ``ndev`` GPUs cannot get one GPU each
+    (None when they can): either every rank sees at least one GPU per rank of the host (rank
+    i takes GPU i), or each rank sees exactly one GPU, its own (``CUDA_VISIBLE_DEVICES`` set
+    per rank, SLURM's ``--gpus-per-task=1``)."""
+    if ndev == 0:
+        return "no CUDA device visible to this process"
+    if nlocal <= ndev or ndev == 1:
+        return None
+    return (f"{nlocal} ranks on this host but only {ndev} GPUs visible: run at most {ndev} ranks per host, "
+            "or give each rank exactly one GPU of its own (CUDA_VISIBLE_DEVICES per rank)")
+
+
 def select_device(mpi_comm, device=None) -> int:
-    """Bind this process to its GPU (``device`` or local rank modulo the GPU count)."""
+    """Bind this process to its GPU (``device``, else local rank modulo the GPU count); collective.
+
+    Raises RuntimeError on every rank when two ranks of a host would share a
+    GPU: the flash kernels wait for all blocks of every rank to be resident
+    at once, which two processes on one GPU cannot promise (NCCL refuses too).
+    """
     import cupy
     ndev = cupy.cuda.runtime.getDeviceCount()
-    if ndev == 0:
-        raise RuntimeError("no CUDA device visible to this process")
+    problem = None
     if device is None:
         lr = _mpi.local_rank(mpi_comm)
-        nlocal = _mpi.local_size(mpi_comm)
-        if nlocal > ndev:
-            raise RuntimeError(f"{nlocal} ranks on this host but only {ndev} GPUs; run at most {ndev} ranks per host")
-        device = lr % ndev
-    cupy.cuda.Device(int(device)).use()
+        problem = local_device_problem(_mpi.local_size(mpi_comm), ndev)
+        device = lr % max(ndev, 1)
+    gpu = None
+    if problem is None:
+        try:  # a local failure must still reach the all-gather below, or the other ranks wait there
+            cupy.cuda.Device(int(device)).use()
+            gpu = cupy.cuda.runtime.deviceGetPCIBusId(int(device))
+        except Exception as exc:
+            problem = f"cannot use GPU {device} ({exc})"
+    everyone = mpi_comm.allgather((socket.gethostname(), gpu, problem))
+    problem = problem or next((f"rank {r}: {p}" for r, (_, _, p) in enumerate(everyone) if p), None)
+    if problem is None:
+        seen = {}
+        for r, (host, bus, _) in enumerate(everyone):
+            if bus is not None and (host, bus) in seen:
+                problem = (f"ranks {seen[host, bus]} and {r} share the GPU at {bus} on {host}; "
+                           "flashcomm needs one GPU per rank")
+                break
+            seen[host, bus] = r
+    if problem is not None:
+        raise RuntimeError(problem)
     return int(device)
 
 

@@ -1,11 +1,13 @@
-"""The flash GPU backend: fused one-shot / two-shot kernels over a CUDA IPC workspace.
+"""The flash GPU backend: fused one-shot / two-shot kernels over a shared workspace.
 
-Every rank exports one workspace (:mod:`.ipc`), verified by real peer stores
-before first use; NCCL rides along for ``algo="nccl"`` and as the fallback
-when IPC or peer access is missing (:func:`make_gpu_backend`).
+Every rank's workspace is shared by a transport (:mod:`.transport`: CUDA IPC
+over legacy or virtual-memory handles, or host memory), verified by real peer
+stores before first use; NCCL rides along for ``algo="nccl"`` and as the
+fallback when no transport works (:func:`make_gpu_backend`).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -18,7 +20,8 @@ from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
 from ..errors import DEFAULT_TIMEOUT_S, FlashTimeoutError, resolve_timeout  # noqa: F401  (re-exported)
 from .cuda_util import CudaBackend, select_device
-from .ipc import IpcWorkspace, PeerAccessError, WorkspaceLayout
+from .ipc import PeerAccessError, WorkspaceLayout
+from .transport import describe as describe_transport, open_workspace, resolve_transport
 from .nccl import NcclBackend, NcclCommunicatorHandle
 
 ELEMS_PER_THREAD = _kernels.DEFAULT_UNIT_ELEMS  # FC_ELEMS of the flag and lossless LL kernels
@@ -133,7 +136,11 @@ class FlashGpuBackend(CudaBackend):
     ``tuning`` (path of a dispatch table), ``protocol`` ("auto" follows the
     table; "flag" or "ll" forces that signalling protocol wherever it applies:
     LL serves every mode while the message fits the LL slots, see :mod:`flashcomm_cupy.tuning`;
-    default ``$FLASHCOMM_PROTOCOL`` or "auto").
+    default ``$FLASHCOMM_PROTOCOL`` or "auto"), ``transport`` ("auto", "ipc" or
+    "host": where the workspaces live, see :mod:`.transport`; default
+    ``$FLASHCOMM_TRANSPORT`` or "auto").  With ``transport="host"`` the NCCL
+    baseline is created with ``NCCL_P2P_DISABLE=1``, so it runs in the same
+    configuration (through host shared memory).
 
     Every rank must build the backend with the same settings (checked at
     construction) and make the same calls in the same order, each on one
@@ -146,7 +153,7 @@ class FlashGpuBackend(CudaBackend):
     baseline_algo = "nccl"
 
     def __init__(self, comm, device=None, timeout_s=None, validate=False, max_blocks=None, max_threads=512,
-                 tuning_path=None, slot_bytes=48 << 10, protocol=None):
+                 tuning_path=None, slot_bytes=48 << 10, protocol=None, transport=None):
         import cupy
         self.mpi_comm = comm
         self.rank = comm.Get_rank()
@@ -184,15 +191,21 @@ class FlashGpuBackend(CudaBackend):
         self.protocol = protocol
         #: "driver": cuLaunchKernel with the plan's prebuilt parameters; "cupy": RawKernel.__call__
         self.launcher = "driver"
+        #: "auto", "ipc" or "host" as asked; ``self.ws.transport`` says which one runs
+        self.transport = resolve_transport(transport)
         from .._mpi import require_same_everywhere
         require_same_everywhere(comm, {"max_blocks": int(max_blocks), "max_threads": self.max_threads,
                                        "slot_bytes": self.slot_bytes, "protocol": self.protocol,
+                                       "transport": self.transport,
                                        "tuning table": self.table.digest()}, "flash backend settings")
         self._plans = {}
         self._closed = True  # until every resource below exists
         self.ws = None
         self._err_ptr = 0
-        self.nccl = NcclCommunicatorHandle(comm)
+        #: the NCCL baseline runs without P2P (through host memory), like the host transport
+        self.nccl_p2p_disabled = self.transport == "host"
+        with _env("NCCL_P2P_DISABLE", "1") if self.nccl_p2p_disabled else contextlib.nullcontext():
+            self.nccl = NcclCommunicatorHandle(comm)
         try:
             self._init_workspace(comm, max_blocks)
         except BaseException:  # IPC refused, out of memory, a peer's failure: leave nothing behind
@@ -209,7 +222,7 @@ class FlashGpuBackend(CudaBackend):
         self._err_ptr = cupy.cuda.runtime.hostAlloc(64, 0x3)  # portable | mapped
         ctypes.memset(self._err_ptr, 0, 64)
         self._err = (ctypes.c_uint32 * len(_kernels.ERROR_FIELDS)).from_address(self._err_ptr)
-        self.ws = IpcWorkspace(comm, layout, self.device_id)
+        self.ws = open_workspace(comm, layout, self.device_id, self.transport)
         self._args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
         a = self._args[0]
         a["peers"][: self.world_size] = self.ws.peer_ptrs
@@ -281,7 +294,7 @@ class FlashGpuBackend(CudaBackend):
             forced = tuning.Choice(mode.algo, *self.force_launch)
             return dataclasses.replace(forced, protocol="flag") if flag_only else forced
         wide = not mode.lossless and max(mode.rs_bits, mode.ag_bits) > 4
-        auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only, wide)
+        auto = self.table.choose(self.world_size, nbytes, mode.lossless, flag_only, wide, self.ws.transport)
         if mode.algo == "auto":
             if auto.algo == "nccl" and not mode.lossless:
                 return tuning.heuristic(self.world_size, nbytes, False)
@@ -551,7 +564,8 @@ class FlashGpuBackend(CudaBackend):
         info = super().describe()
         peers = self.mpi_comm.allgather(self.ws.peer_ptrs and [True] * self.world_size)
         info.update(workspace_bytes=self.ws.layout.total, max_blocks=self.ws.layout.max_blocks,
-                    timeout_s=self.timeout_s, tuning_table=self.table.describe(), peer_access=peers)
+                    timeout_s=self.timeout_s, tuning_table=self.table.describe(), peer_access=peers,
+                    transport=describe_transport(self.ws), nccl_p2p_disabled=self.nccl_p2p_disabled)
         return info
 
 
@@ -570,17 +584,35 @@ def error_from_record(rec: dict, timeout_s: float) -> FlashTimeoutError:
         f"or mode.{tail}", late=peer)
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``os.environ[name] = value`` for the block.  NCCL reads its settings when the first
+    communicator of the process is created and keeps them, so this decides only for a
+    process whose first NCCL communicator is created inside the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 _warned = False
 
 
 def make_gpu_backend(comm, **options):
-    """The flash backend, or NCCL with one warning naming the reason when IPC/peer access fails."""
+    """The flash backend, or NCCL with one warning naming the reason when no transport works."""
     global _warned
     try:
         return FlashGpuBackend(comm, **options)
     except PeerAccessError as exc:
+        if resolve_transport(options.get("transport")) != "auto":
+            raise  # a transport asked for by name: say why it cannot run rather than run another
         if comm.Get_rank() == 0 and not _warned:
-            warnings.warn(f"flashcomm: CUDA IPC peer access unavailable, falling back to NCCL: {exc}",
+            warnings.warn(f"flashcomm: no transport for the flash kernels works here, falling back to NCCL: {exc}",
                           RuntimeWarning, stacklevel=3)
             _warned = True
         opts = {k: v for k, v in options.items() if k in ("device",)}

@@ -131,27 +131,104 @@ def _bounded_barrier(comm, timeout_s: float) -> bool:
 
 
 class PeerAccessError(RuntimeError):
-    """CUDA IPC or peer access does not work between these ranks."""
+    """A transport's workspace cannot be shared between these ranks (no CUDA IPC or peer
+    access, no room in ``/dev/shm``, ...); the message says why."""
 
 
-class IpcWorkspace:
-    """One cudaMalloc'd buffer per rank, opened by every other rank.
+def agree(comm, failure):
+    """Every rank learns the first failure of any rank (or None); collective."""
+    return next((f for f in comm.allgather(failure) if f), None)
 
-    Construction is collective.  Raises :class:`PeerAccessError` on every rank
-    (with the same message) when any rank cannot use any peer's buffer.
+
+def check_canaries(comm, peer_ptrs, own_ptr):
+    """Store a canary through every peer pointer from a kernel, load it back, then check
+    arrivals in this rank's own workspace at ``own_ptr``; the failure message or None.
+
+    Collective.  Real stores from a kernel prove what a handle or registration
+    only promises: this GPU can write into each peer's workspace, and the
+    peer sees the write in its own memory.
+    """
+    import cupy
+    rank, world = comm.Get_rank(), comm.Get_size()
+    failure = None
+    try:  # whatever fails here, this rank still joins the barrier below
+        kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
+        back = cupy.zeros(1, dtype=cupy.uint32)
+        for r, p in enumerate(peer_ptrs):
+            if r == rank:
+                continue
+            value = np.uint32(0xFC000000 | (rank << 8) | r)
+            kernel((1,), (1,), (np.uint64(p + 4 * rank), value, back))
+            got = int(back.get()[0])
+            if got != int(value):
+                failure = f"rank {rank}: canary read back from rank {r} as {got:#x}, wrote {int(value):#x}"
+                break
+        cupy.cuda.Device().synchronize()
+    except Exception as exc:
+        failure = f"rank {rank}: peer stores failed ({exc})"
+    comm.Barrier()
+    if failure is not None:
+        return failure
+    mine = np.empty(MAX_RANKS, dtype=np.uint32)
+    # Default: the workspace may be device memory or mapped host memory (the host transport).
+    cupy.cuda.runtime.memcpy(mine.ctypes.data, own_ptr, mine.nbytes, cupy.cuda.runtime.memcpyDefault)
+    for r in range(world):
+        want = 0 if r == rank else 0xFC000000 | (r << 8) | rank
+        if int(mine[r]) != want:
+            return f"rank {rank}: canary from rank {r} did not arrive (found {int(mine[r]):#x})"
+    return None
+
+
+def one_host_failure(hosts, what: str):
+    """The failure message when ``hosts`` (every rank's host name) name more than one host."""
+    hosts = sorted(set(hosts))
+    if len(hosts) > 1:
+        return f"ranks span {len(hosts)} hosts ({', '.join(hosts)}); {what} needs one host"
+    return None
+
+
+class Workspace:
+    """What every transport's workspace gives the backend (see :mod:`.transport`).
+
+    ``layout``; ``ptr``, this rank's workspace as a device pointer;
+    ``peer_ptrs``, every rank's workspace as a device pointer of this process
+    (``ptr`` at ``[rank]``); ``close()``; ``transport`` and ``handles`` name it.
+    Construction is collective and raises :class:`PeerAccessError` on every
+    rank, with the same message, when any rank cannot store into any peer's
+    workspace.
     """
 
+    transport = ""
+    handles = ""
+
     def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
-        import cupy
-        rt = cupy.cuda.runtime
         self.comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.world = mpi_comm.Get_size()
         self.layout = layout
         self.device_id = device_id
         self.ptr = 0
-        self._opened = []
         self.peer_ptrs = []
+
+    def close(self, barrier_timeout_s: float = 10.0):
+        raise NotImplementedError
+
+
+class IpcWorkspace(Workspace):
+    """One cudaMalloc'd buffer per rank, opened by every other rank (legacy CUDA IPC handles).
+
+    Construction is collective.  Raises :class:`PeerAccessError` on every rank
+    (with the same message) when any rank cannot use any peer's buffer.
+    """
+
+    transport = "ipc"
+    handles = "legacy"
+
+    def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
+        import cupy
+        rt = cupy.cuda.runtime
+        super().__init__(mpi_comm, layout, device_id)
+        self._opened = []
         failure = None
         try:
             self.ptr = rt.malloc(layout.total)
@@ -162,10 +239,8 @@ class IpcWorkspace:
         except Exception as exc:
             handle, failure = None, f"rank {self.rank}: cannot export its workspace ({exc})"
         infos = mpi_comm.allgather((socket.gethostname(), handle, failure))
-        hosts = {h for h, _, _ in infos}
-        failure = next((f for _, _, f in infos if f), None)
-        if failure is None and len(hosts) > 1:
-            failure = f"ranks span {len(hosts)} hosts ({', '.join(sorted(hosts))}); CUDA IPC needs one host"
+        failure = (next((f for _, _, f in infos if f), None)
+                   or one_host_failure([h for h, _, _ in infos], "CUDA IPC"))
         if failure is None:
             failure = self._open_peers([h for _, h, _ in infos])
         failure = self._agree(failure)
@@ -177,9 +252,7 @@ class IpcWorkspace:
         self.peer_table = cupy.asarray(np.array(self.peer_ptrs + [0] * (MAX_RANKS - self.world), dtype=np.uint64))
 
     def _agree(self, failure):
-        """Every rank learns the first failure of any rank (or None)."""
-        failures = self.comm.allgather(failure)
-        return next((f for f in failures if f), None)
+        return agree(self.comm, failure)
 
     def _open_peers(self, handles):
         import cupy
@@ -197,48 +270,7 @@ class IpcWorkspace:
         return None
 
     def _check_canaries(self):
-        """Store a canary through every peer pointer from a kernel, load it back, then check arrivals.
-
-        Collective whatever happens locally: a rank whose own stores failed
-        still joins the barrier, and the caller agrees on the first failure,
-        so one rank's failure never leaves the others waiting.
-        """
-        failure = self._store_canaries()
-        self.comm.Barrier()
-        if failure is not None:
-            return failure
-        return self._read_canaries()
-
-    def _store_canaries(self):
-        import cupy
-        try:
-            kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
-            back = cupy.zeros(1, dtype=cupy.uint32)
-            for r, p in enumerate(self.peer_ptrs):
-                if r == self.rank:
-                    continue
-                value = np.uint32(0xFC000000 | (self.rank << 8) | r)
-                kernel((1,), (1,), (np.uint64(p + 4 * self.rank), value, back))
-                got = int(back.get()[0])
-                if got != int(value):
-                    return f"rank {self.rank}: canary read back from rank {r} as {got:#x}, wrote {int(value):#x}"
-            cupy.cuda.Device().synchronize()
-        except Exception as exc:
-            return f"rank {self.rank}: peer stores failed ({exc})"
-        return None
-
-    def _read_canaries(self):
-        import cupy
-        mine = np.empty(MAX_RANKS, dtype=np.uint32)
-        try:
-            cupy.cuda.runtime.memcpy(mine.ctypes.data, self.ptr, mine.nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
-        except Exception as exc:
-            return f"rank {self.rank}: cannot read its canaries ({exc})"
-        for r in range(self.world):
-            want = 0 if r == self.rank else 0xFC000000 | (r << 8) | self.rank
-            if int(mine[r]) != want:
-                return f"rank {self.rank}: canary from rank {r} did not arrive (found {int(mine[r]):#x})"
-        return None
+        return check_canaries(self.comm, self.peer_ptrs, self.ptr)
 
     def close(self, barrier_timeout_s: float = 10.0):
         """Collective: close peers' handles, wait for everybody, then free ours.

@@ -10,6 +10,7 @@ provide and this module looks for (the first present of each list wins):
 * versions: ``cuda_driver``/``driver_version``, ``cuda_runtime``/``cuda_runtime_version``,
   ``cupy``/``cupy_version``, ``nccl_version``, ``mpi_library``/``mpi``
 * for ``flashcomm info``: ``peer_access``, ``topology``, ``workspace_bytes``, ``tuning_table``
+* ``transport`` (e.g. "host (shared memory)"), ``nccl_p2p_disabled`` (the baseline runs NCCL-SHM)
 """
 from __future__ import annotations
 
@@ -137,5 +138,7 @@ def run_meta(backend, descriptions: List[dict], command: str, dtype_name: str,
         "gpu_count": _gpu_count(d0, descriptions, backend.name),
         "versions": software_versions(d0),
         "ranks": [rank_summary(d, backend.name) for d in descriptions],
+        "transport": d0.get("transport"),
+        "nccl_p2p_disabled": d0.get("nccl_p2p_disabled"),
         "config": config_meta or {},
     }

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from .. import tuning
 from ..config import Mode
 from .timing import measure
 
@@ -150,7 +151,8 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
         del x, out
     info = backend.describe()
     return {"card": info.get("gpu"), "date": datetime.date.today().isoformat(), "dtype": np.dtype(dtype).name,
-            "tuned_bits": tune_bits, "wide_bits": wide_bits, "worlds": {str(world): rows}}
+            "tuned_bits": tune_bits, "wide_bits": wide_bits,
+            "worlds": {tuning.world_key(world, getattr(backend.ws, "transport", "ipc")): rows}}
 
 
 def merge(base: dict, new: dict) -> dict:

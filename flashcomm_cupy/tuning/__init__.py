@@ -19,6 +19,12 @@ the staged flag two-shot (reads through shared memory, pipelined one unit ahead:
 row's INT4 choice is staged, ``quantized_wide`` holds INT8's faster of the
 staged and the best plain flag choice.
 
+Rows are keyed by world size ("2") for the IPC transport; the host transport
+(:mod:`flashcomm_cupy.backends.host`, data over PCIe through host memory) has
+rows of its own under "2/host" (:func:`world_key`), since NVLink measurements
+say nothing about it.  A transport without rows for a world size gets the
+built-in heuristics.
+
 Where a table comes from, first match wins:
 
 1. ``$FLASHCOMM_TUNING`` (a path),
@@ -78,6 +84,11 @@ def heuristic(world: int, nbytes: int, lossless: bool) -> Choice:
     return Choice("twoshot", 512, 0, 4 if nbytes >= (16 << 20) else 1)
 
 
+def world_key(world: int, transport: str = "ipc") -> str:
+    """The ``worlds`` key of a world size's rows: "2" for IPC, "2/host" for the host transport."""
+    return str(int(world)) if transport == "ipc" else f"{int(world)}/{transport}"
+
+
 def _choice(c: dict) -> Choice:
     return Choice(c["algo"], int(c.get("threads", 256)), int(c.get("blocks", 0)), int(c.get("units", 1)),
                   str(c.get("protocol", "flag")), bool(c.get("staged", False)))
@@ -89,16 +100,21 @@ class TuningTable:
     def __init__(self, data: dict, source: str):
         self.data = data
         self.source = source
-        self.rows: Dict[int, List[dict]] = {
-            int(w): sorted(rows, key=lambda r: r["max_bytes"]) for w, rows in data.get("worlds", {}).items()}
+        #: IPC rows by world size; other transports' rows in ``transport_rows[transport][world]``
+        self.rows: Dict[int, List[dict]] = {}
+        self.transport_rows: Dict[str, Dict[int, List[dict]]] = {}
+        for key, rows in data.get("worlds", {}).items():
+            world, _, transport = str(key).partition("/")
+            target = self.rows if transport in ("", "ipc") else self.transport_rows.setdefault(transport, {})
+            target[int(world)] = sorted(rows, key=lambda r: r["max_bytes"])
 
     def choose(self, world: int, nbytes: int, lossless: bool, flag_only: bool = False,
-               wide: bool = False) -> Choice:
+               wide: bool = False, transport: str = "ipc") -> Choice:
         """The row's choice; ``flag_only``: its best flag-protocol choice (``<class>_flag``,
         recorded by ``flashcomm tune`` when the best was LL), for calls LL cannot serve.
         ``wide``: a quantized mode with an INT6/INT8 step: ``quantized_wide`` where the row has
-        it, else the row's flag choice."""
-        rows = self.rows.get(int(world))
+        it, else the row's flag choice.  ``transport``: whose rows (see :func:`world_key`)."""
+        rows = (self.rows if transport == "ipc" else self.transport_rows.get(transport, {})).get(int(world))
         if not rows:
             rule = heuristic(world, nbytes, lossless)
             return replace(rule, protocol="flag") if flag_only else rule
@@ -118,7 +134,8 @@ class TuningTable:
 
     def describe(self) -> dict:
         return {"source": self.source, "card": self.data.get("card"), "measured": self.data.get("date"),
-                "worlds": sorted(self.rows)}
+                "worlds": sorted(self.rows),
+                **{f"worlds_{t}": sorted(rows) for t, rows in sorted(self.transport_rows.items())}}
 
     def save(self, path: Path) -> None:
         path = Path(path)
