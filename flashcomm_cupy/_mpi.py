@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
                     "SLURM_LOCALID", "PALS_LOCAL_RANKID", "LOCAL_RANK")
@@ -27,8 +28,11 @@ def local_rank(comm=None) -> int:
     """This process's rank among the processes of its node.
 
     Launcher variables (Open MPI, MPICH/Hydra, PALS, Slurm) are read first;
-    the portable fallback splits the communicator by shared memory.
+    the portable fallback splits the communicator by shared memory.  A
+    torch.distributed group (:mod:`flashcomm_cupy.torch_group`) answers itself.
     """
+    if hasattr(comm, "node_rank_and_size"):
+        return comm.node_rank_and_size()[0]
     for var in _LOCAL_RANK_VARS:
         value = os.environ.get(var)
         if value is not None and value.strip().isdigit():
@@ -42,6 +46,8 @@ def local_rank(comm=None) -> int:
 
 
 def local_size(comm=None) -> int:
+    if hasattr(comm, "node_rank_and_size"):
+        return comm.node_rank_and_size()[1]
     comm = get_comm(comm)
     node = comm.Split_type(mpi().COMM_TYPE_SHARED)
     try:
@@ -73,7 +79,19 @@ def clean_version(text: str) -> str:
 
 
 def library_version() -> str:
+    """The MPI library's version line; never initializes MPI in a process that does not use it."""
+    if "mpi4py.MPI" not in sys.modules:
+        return "not in use"
     try:
         return clean_version(mpi().Get_library_version())
     except Exception as exc:  # pragma: no cover
         return f"unavailable ({exc})"
+
+
+def free(comm) -> None:
+    """Free a communicator made by ``Dup()`` (MPI or torch.distributed, see :mod:`.torch_group`).
+
+    Freeing an MPI communicator after MPI_Finalize (interpreter exit) would abort the process.
+    """
+    if hasattr(comm, "node_rank_and_size") or not mpi().Is_finalized():
+        comm.Free()

@@ -12,6 +12,7 @@ import weakref
 import numpy as np
 
 from . import _arrays
+from ._eager import EagerCache
 from .config import Mode
 
 BACKENDS = ("auto", "cpu", "gpu", "nccl")
@@ -47,12 +48,15 @@ def _make_backend(name: str, comm, options: dict):
 
 
 class Communicator:
-    """Flash All-Reduce over the ranks of an MPI communicator.
+    """Flash All-Reduce over the ranks of an MPI communicator or a torch.distributed group.
 
     Parameters
     ----------
     comm : mpi4py communicator, optional
-        Defaults to ``MPI.COMM_WORLD``.
+        Defaults to ``MPI.COMM_WORLD`` (unless ``group`` is given).
+    group : torch.distributed ProcessGroup, optional
+        Bootstrap over this group instead of MPI (e.g. under ``torchrun``;
+        see :meth:`from_torch`); no MPI library is needed then.
     backend : {"auto", "gpu", "cpu", "nccl"}
         "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
         back to NCCL, with one warning naming the reason, when CUDA IPC or
@@ -65,12 +69,31 @@ class Communicator:
     exit.
     """
 
-    def __init__(self, comm=None, backend: str = "auto", **options):
+    def __init__(self, comm=None, backend: str = "auto", *, group=None, **options):
         from . import _mpi
+        from .torch_group import TorchGroupComm, is_torch_group
+        if group is not None and comm is not None:
+            raise ValueError("pass comm (an MPI communicator) or group (a torch.distributed group), not both")
+        if group is not None or is_torch_group(comm):
+            comm = TorchGroupComm(group if group is not None else comm)
+        #: the cross-rank interface (an mpi4py communicator, or :class:`.torch_group.TorchGroupComm`)
         self.mpi_comm = _mpi.get_comm(comm)
         self._backend = _make_backend(backend, self.mpi_comm, options)
         self._closed = False
+        self._modes = {}
+        self._eager = EagerCache(self._backend)
         _open.add(self)
+
+    @classmethod
+    def from_torch(cls, group=None, backend: str = "auto", **options) -> "Communicator":
+        """A communicator over a torch.distributed group (default: the world group), for ``torchrun``.
+
+        ``torch.distributed.init_process_group`` must have run (any backend:
+        gloo, or NCCL with each rank's CUDA device set).  Construction is
+        collective over the default group when ``group``'s backend is not gloo.
+        """
+        from .torch_group import TorchGroupComm
+        return cls(TorchGroupComm(group), backend=backend, **options)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -102,12 +125,37 @@ class Communicator:
         ``__dlpack__`` (a PyTorch tensor); the result is of the same kind and
         shape.  ``out is x`` reduces in place.  GPU work is ordered on
         ``stream`` (default: CuPy's current stream; for a PyTorch tensor,
-        PyTorch's current stream on its device).  A NumPy input is copied to
-        the GPU and back, and the call returns once the result is on the host.
+        PyTorch's current stream on its device).  A NumPy input or CPU tensor
+        is copied to the GPU and back, and the call returns once the result is
+        on the host (raising there if the call failed).  ``out`` must not
+        partially overlap ``x``.
+
+        Repeated calls on the same CUDA buffers take a cached fast path
+        (:mod:`flashcomm_cupy._eager`).
         """
+        if not self._closed:
+            done = self._eager.call(x, out, stream, bits, group_size, algo, rotate, symmetric)
+            if done is not None:
+                return done
         self._check_open()
+        mode = self._mode(bits, group_size, algo, rotate, symmetric)
+        result = _arrays.run_all_reduce(self._backend, x, out, mode, stream)
+        self._eager.remember(x, out, stream, bits, group_size, algo, rotate, symmetric, mode)
+        return result
+
+    def _mode(self, bits, group_size, algo, rotate, symmetric) -> Mode:
+        key = (type(bits), bits, group_size, algo, rotate, symmetric)
+        try:
+            return self._modes[key]
+        except (KeyError, TypeError):
+            pass
         mode = Mode.make(bits, group_size, symmetric, rotate, algo)
-        return _arrays.run_all_reduce(self._backend, x, out, mode, stream)
+        try:
+            if len(self._modes) < 256:
+                self._modes[key] = mode
+        except TypeError:  # unhashable bits, e.g. a list
+            pass
+        return mode
 
     def resolve_algo(self, nbytes: int, bits=4, group_size: int = 128, algo: str = "auto",
                      rotate: bool = False, symmetric: bool = False) -> str:
@@ -131,6 +179,7 @@ class Communicator:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._eager.clear()
             self._backend.close()
 
     def _check_open(self):

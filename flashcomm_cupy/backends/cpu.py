@@ -62,7 +62,6 @@ class CpuBackend(Backend):
                             " (the CPU backend accepts only validate=)")
         if comm is None:
             comm = _mpi.get_comm()
-        self._MPI = _mpi.mpi()
         self._comm = comm.Dup()
         self.rank = self._comm.Get_rank()
         self.world_size = self._comm.Get_size()
@@ -134,9 +133,7 @@ class CpuBackend(Backend):
         if self._closed:
             return
         self._closed = True
-        # Freeing after MPI_Finalize (interpreter exit) would abort the process.
-        if not self._MPI.Is_finalized():
-            self._comm.Free()
+        _mpi.free(self._comm)
 
     def describe(self) -> dict:
         info = super().describe()
@@ -225,7 +222,7 @@ class CpuBackend(Backend):
         """``MPI_Allreduce(SUM)`` in float32 (MPI has no fp16/bf16), rounded back to ``dt``."""
         x32 = to_f32(x).copy()
         total = np.empty_like(x32)
-        self._comm.Allreduce(x32, total, op=self._MPI.SUM)
+        self._comm.Allreduce(x32, total)  # op=SUM, mpi4py's default
         return from_f32(total, dt)
 
     # ------------------------------------------------------------------ checks

@@ -70,6 +70,19 @@ class NcclBackend(CudaBackend):
         self.nccl.all_reduce(x.data.ptr, out.data.ptr, x.size, dtype_name(dtype or x.dtype), stream.ptr)
         return out
 
+    def eager_launcher(self, n: int, name: str, mode: Mode):
+        """``launch(x_ptr, out_ptr, stream_ptr)`` for the communicator's eager cache
+        (see ``FlashGpuBackend.eager_launcher``); None where ``all_reduce`` would raise."""
+        if (not mode.lossless and not mode.is_baseline) or n == 0:
+            return None
+        call, nccl_dtype = self.nccl.comm.allReduce, _NCCL_DTYPE[name]
+
+        def launch(x_ptr, out_ptr, stream_ptr):
+            if self.nccl.comm is None:
+                raise RuntimeError("this NCCL backend is closed")
+            call(x_ptr, out_ptr, n, nccl_dtype, _NCCL_SUM, stream_ptr)
+        return launch
+
     def synchronize(self):
         import cupy
         cupy.cuda.Device().synchronize()
