@@ -82,6 +82,7 @@ class Communicator:
         self._closed = False
         self._modes = {}
         self._eager = EagerCache(self._backend)
+        self._torch_handle = None
         _open.add(self)
 
     @classmethod
@@ -112,6 +113,16 @@ class Communicator:
     @property
     def world_size(self) -> int:
         return self._backend.world_size
+
+    @property
+    def torch_handle(self) -> int:
+        """This communicator's integer handle for the torch custom ops (:mod:`flashcomm_cupy.torch_ops`;
+        importing it needs torch).  Registered on first use, released by :meth:`close`."""
+        if self._torch_handle is None:
+            self._check_open()
+            from . import torch_ops
+            self._torch_handle = torch_ops.register(self)
+        return self._torch_handle
 
     # ------------------------------------------------------------------ the op
     def all_reduce(self, x, bits=4, group_size: int = 128, algo: str = "auto",
@@ -180,6 +191,9 @@ class Communicator:
         if not self._closed:
             self._closed = True
             self._eager.clear()
+            if self._torch_handle is not None:
+                from . import torch_ops
+                torch_ops.unregister(self._torch_handle)
             self._backend.close()
 
     def _check_open(self):

@@ -136,7 +136,9 @@ class TorchGroupComm:
         self._owns_cpu_group = False
 
     def Allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
-        self._dist.all_gather_into_tensor(self._tensor(recv), self._tensor(send), group=self._cpu)
+        # all_gather_single replaces all_gather_into_tensor (deprecated from torch 2.12)
+        gather = getattr(self._dist, "all_gather_single", None) or self._dist.all_gather_into_tensor
+        gather(self._tensor(recv), self._tensor(send), group=self._cpu)
 
     def Alltoall(self, send: np.ndarray, recv: np.ndarray) -> None:
         self._dist.all_to_all_single(self._tensor(recv), self._tensor(send), group=self._cpu)
