@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 
@@ -30,27 +29,10 @@ import torch.nn.functional as F
 
 import flashcomm_cupy as fc
 from flashcomm_cupy import torch_ops
+from flashcomm_cupy.torch_group import init_torch_from_mpi, launched_by_torchrun
 
 MODES = [("lossless", None, False), ("int8", 8, False), ("int6", 6, False), ("int4", 4, False),
          ("int4 rot", 4, True)]
-
-
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
-
-
-def init_torch_from_mpi(mpi_comm):
-    """torch.distributed for the NCCL baseline in an mpirun job: rank 0 names the rendezvous."""
-    if mpi_comm.Get_rank() == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        addr = socket.gethostname()
-    else:
-        addr = port = None
-    addr, port = mpi_comm.bcast((addr, port), root=0)
-    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(mpi_comm.Get_rank()),
-                      WORLD_SIZE=str(mpi_comm.Get_size()))
 
 
 def setup(use_cuda: bool):
@@ -67,8 +49,7 @@ def setup(use_cuda: bool):
         comm = fc.Communicator(backend="auto" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(comm.backend.device_id)
-        init_torch_from_mpi(comm.mpi_comm)
-        dist.init_process_group(torch_backend)
+        init_torch_from_mpi(comm.mpi_comm, torch_backend)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return comm, device
 

@@ -167,3 +167,30 @@ class TorchGroupComm:
 
     def __repr__(self):
         return f"TorchGroupComm(rank={self._rank}, size={self._size}, backend={self._dist.get_backend(self.group)})"
+
+
+def launched_by_torchrun(env=os.environ) -> bool:
+    """True in a process started by ``torchrun`` / torch elastic (it sets the rendezvous variables)."""
+    return "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env)
+
+
+def init_torch_from_mpi(mpi_comm, backend: str, timeout_s: float = 600.0) -> None:
+    """``torch.distributed.init_process_group(backend)`` inside an ``mpirun`` job (collective).
+
+    Rank 0 picks a free TCP port on its host and broadcasts the address over
+    MPI; the group has the MPI communicator's ranks in the same order.  For
+    scripts that use flashcomm over MPI and also need torch.distributed (e.g.
+    NCCL as the baseline).
+    """
+    import datetime
+
+    import torch.distributed as dist
+    if mpi_comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            where = (socket.gethostname(), s.getsockname()[1])
+    else:
+        where = None
+    addr, port = mpi_comm.bcast(where, root=0)
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=mpi_comm.Get_rank(),
+                            world_size=mpi_comm.Get_size(), timeout=datetime.timedelta(seconds=timeout_s))
