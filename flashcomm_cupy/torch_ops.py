@@ -61,10 +61,9 @@ def _bits(rs_bits: int, ag_bits: int):
 @torch.library.custom_op("flashcomm::all_reduce", mutates_args=())
 def _all_reduce_op(x: torch.Tensor, handle: int, rs_bits: int, ag_bits: int, group_size: int, algo: str,
                    rotate: bool, symmetric: bool) -> torch.Tensor:
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    communicator(handle).all_reduce(x.contiguous(), bits=_bits(rs_bits, ag_bits), group_size=group_size, algo=algo,
-                                    rotate=rotate, symmetric=symmetric, out=out)
-    return out
+    # out=None: the communicator allocates the result (a hit of its eager cache needs no out pointer)
+    return communicator(handle).all_reduce(x.contiguous(), bits=_bits(rs_bits, ag_bits), group_size=group_size,
+                                           algo=algo, rotate=rotate, symmetric=symmetric)
 
 
 @_all_reduce_op.register_fake
