@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
                     "SLURM_LOCALID", "PALS_LOCAL_RANKID", "LOCAL_RANK")
@@ -78,10 +77,10 @@ def clean_version(text: str) -> str:
     return lines[0].strip() if lines else ""
 
 
-def library_version() -> str:
-    """The MPI library's version line; never initializes MPI in a process that does not use it."""
-    if "mpi4py.MPI" not in sys.modules:
-        return "not in use"
+def library_version(comm=None) -> str:
+    """The MPI library's version line; for a torch.distributed communicator, says so (MPI is not loaded)."""
+    if hasattr(comm, "node_rank_and_size"):
+        return "not in use (torch.distributed bootstrap)"
     try:
         return clean_version(mpi().Get_library_version())
     except Exception as exc:  # pragma: no cover

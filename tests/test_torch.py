@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 TORCH_SCRIPTS = REPO_ROOT / "tests" / "torch_scripts"
 
 
-def torchrun(script, nprocs: int, timeout: float = 180) -> subprocess.CompletedProcess:
+def torchrun(script, nprocs: int, timeout: float = 180, extra=()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
-           "--standalone", str(script)]
+           "--standalone", str(script), *extra]
     env = mpi_env()
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"
     return run_in_group(cmd, timeout, env, merge_stderr=True, what=f"torchrun -n {nprocs} {script.name}")
@@ -34,6 +34,17 @@ def test_torchrun_bootstrap_cpu_backend_tensors_and_ops():
     for rank in (0, 1):
         assert f"torch_bootstrap rank {rank}/2: " in proc.stdout, proc.stdout
     assert proc.stdout.count(", 0 failures") == 2, proc.stdout
+
+
+def test_tp_mlp_example_runs_under_torchrun_on_the_cpu_backend():
+    proc = torchrun(REPO_ROOT / "examples" / "tp_mlp.py", 2, extra=["--cpu", "--tokens", "4", "--hidden", "128",
+                                                                    "--ffn", "256", "--iters", "1", "--warmup", "0"])
+    assert proc.returncode == 0, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("torch.distributed") for line in lines), proc.stdout
+    lossless = next(line for line in lines if line.startswith("flashcomm lossless"))
+    assert float(lossless.split()[-1]) == 0.0, lossless  # lossless: the same sum as gloo's for two ranks
+    assert any(line.startswith("flashcomm int4 rot") for line in lines), proc.stdout
 
 
 def test_ops_are_registered_with_fake_implementations():

@@ -138,7 +138,7 @@ class CpuBackend(Backend):
     def describe(self) -> dict:
         info = super().describe()
         info.update({
-            "mpi_library": _mpi.library_version(),
+            "mpi_library": _mpi.library_version(self._comm),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "algos": list(_ALGOS),

@@ -107,6 +107,7 @@ def main():
     v = comm2.all_reduce(np.full(64, rank, dtype=np.float32), bits=None)
     check(np.array_equal(v, np.full(64, sum(range(world)), dtype=np.float32)), "subgroup communicator")
     comm2.close()
+    check(comm.describe()["mpi_library"].startswith("not in use"), "describe() under torch")
     comm.close()
     check("mpi4py" not in sys.modules, "mpi4py was imported")
     print(f"torch_bootstrap rank {rank}/{world}: {checks} checks, {len(failures)} failures", flush=True)
