@@ -259,7 +259,11 @@ def resolve_stream(stream, x):
 
 def _refuse_capture(stream, why: str) -> None:
     from cupy.cuda import runtime
-    if runtime.streamIsCapturing(stream.ptr):
+    try:
+        capturing = runtime.streamIsCapturing(stream.ptr)
+    except runtime.CUDARuntimeError:  # the legacy stream queried while another stream captures globally
+        capturing = True
+    if capturing:
         raise ValueError(f"flashcomm: {why} cannot be captured into a CUDA graph (the graph would keep "
                          "pointers to temporaries freed when the call returns); pass device arrays")
 

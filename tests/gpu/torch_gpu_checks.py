@@ -142,18 +142,24 @@ def check_misaligned_and_errors(c: Checks, dev):
         c.raises(ValueError, lambda: c.comm.all_reduce(a[:n], bits=None, out=torch.empty(n, dtype=torch.float16,
                                                                                          device=f"cuda:{other}")),
                  "out on another GPU", "GPU")
-    g = torch.cuda.CUDAGraph()
+    import cupy
     host = np.ones(n, dtype=np.float16)
-    for what, fn in (("NumPy input", lambda: c.comm.all_reduce(host, bits=None)),
-                     ("misaligned input", lambda: c.comm.all_reduce(base[1:n + 1], bits=8, out=base[1:n + 1]))):
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:  # a NumPy input under (CuPy) capture: its device copy would die with the call
+        s.begin_capture()
         try:
-            with torch.cuda.graph(g):
-                fn()
-            c.ok(False, f"{what} under graph capture did not raise")
-        except ValueError as e:
-            c.ok("graph" in str(e), f"{what} under capture: {e}")
-        except Exception as e:  # noqa: BLE001  (the capture itself must end cleanly)
-            c.ok(False, f"{what} under capture raised {type(e).__name__}: {e}")
+            c.raises(ValueError, lambda: c.comm.all_reduce(host, bits=None), "NumPy input under capture", "graph")
+        finally:
+            s.end_capture()
+    g = torch.cuda.CUDAGraph()
+    try:  # a misaligned tensor under torch capture: its aligned copies would too
+        with torch.cuda.graph(g):
+            c.comm.all_reduce(base[1:n + 1], bits=8, out=base[1:n + 1])
+        c.ok(False, "misaligned input under graph capture did not raise")
+    except ValueError as e:
+        c.ok("graph" in str(e), f"misaligned input under capture: {e}")
+    except Exception as e:  # noqa: BLE001  (the capture itself must end cleanly)
+        c.ok(False, f"misaligned input under capture raised {type(e).__name__}: {e}")
     torch.cuda.synchronize()
     dist.barrier()
 
