@@ -285,7 +285,7 @@ def _run_device(backend, x, out, mode, stream):
     if out is x:
         ov = xv
     elif out is None:
-        ov = _new_device_out(x, xv, cs)
+        ov = _staged(xh, cs, copy=False) if xh is not None else _new_device_out(x, xv, cs)
     else:
         if oh is not None:
             _check_out_matches(xv.arr.shape, xv.dtype, oh.array.shape, oh.dtype)
@@ -302,12 +302,14 @@ def _run_device(backend, x, out, mode, stream):
         return out if out is not None else ov.wrap_back(ov.arr)
     cs.synchronize()
     check_backend(backend)
+    if out is not None and out is not x and oh is None:
+        return out  # a device ``out`` of a host ``x``: the result is already there
     result = ov.arr.get(stream=cs)
     if ov.dtype == bfloat16:
         result = result.view(bfloat16)
     if out is None:
         return xh.wrap_new(result)
-    np.copyto((oh or xh).array, result)
+    np.copyto((oh if oh is not None else xh).array, result)
     return out
 
 
