@@ -7,6 +7,7 @@ and validates them.  Backends live in :mod:`flashcomm_cupy.backends`.
 from __future__ import annotations
 
 import atexit
+import itertools
 import weakref
 
 import numpy as np
@@ -18,6 +19,18 @@ from .config import Mode
 BACKENDS = ("auto", "cpu", "gpu", "nccl")
 
 _open = weakref.WeakSet()
+#: integer handle -> open communicator, for the torch custom ops (which take no Python objects)
+_by_handle = weakref.WeakValueDictionary()
+_handles = itertools.count(1)
+
+
+def communicator_by_handle(handle: int) -> "Communicator":
+    """The open communicator registered under ``handle`` (see :attr:`Communicator.torch_handle`)."""
+    try:
+        return _by_handle[handle]
+    except KeyError:
+        raise ValueError(f"flashcomm: no open communicator has handle {handle} in this process "
+                         "(closed, or never created here)") from None
 
 
 def gpu_available() -> bool:
@@ -82,7 +95,8 @@ class Communicator:
         self._closed = False
         self._modes = {}
         self._eager = EagerCache(self._backend)
-        self._torch_handle = None
+        self._torch_handle = next(_handles)
+        _by_handle[self._torch_handle] = self
         _open.add(self)
 
     @classmethod
@@ -116,12 +130,9 @@ class Communicator:
 
     @property
     def torch_handle(self) -> int:
-        """This communicator's integer handle for the torch custom ops (:mod:`flashcomm_cupy.torch_ops`;
-        importing it needs torch).  Registered on first use, released by :meth:`close`."""
-        if self._torch_handle is None:
-            self._check_open()
-            from . import torch_ops
-            self._torch_handle = torch_ops.register(self)
+        """This communicator's integer handle for the torch custom ops (:mod:`flashcomm_cupy.torch_ops`),
+        unique in this process; :meth:`close` releases it.  A plain attribute, so ``torch.compile``
+        reads it as a constant."""
         return self._torch_handle
 
     # ------------------------------------------------------------------ the op
@@ -191,9 +202,7 @@ class Communicator:
         if not self._closed:
             self._closed = True
             self._eager.clear()
-            if self._torch_handle is not None:
-                from . import torch_ops
-                torch_ops.unregister(self._torch_handle)
+            _by_handle.pop(self._torch_handle, None)
             self._backend.close()
 
     def _check_open(self):

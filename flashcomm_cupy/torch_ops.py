@@ -7,9 +7,9 @@ Importing this module (it imports torch) registers two ops:
 ``torch.ops.flashcomm.all_reduce_(x, handle, ...) -> None``
     in place: ``x`` is overwritten with the sum (declared as mutating ``x``).
 
-``handle`` is the integer a communicator registers itself under
-(:attr:`flashcomm_cupy.Communicator.torch_handle`): custom ops take tensors
-and plain scalars, not Python objects.  ``rs_bits``/``ag_bits`` 0 means
+``handle`` is the integer every communicator gets at construction
+(:attr:`flashcomm_cupy.Communicator.torch_handle`, released by ``close()``):
+custom ops take tensors and plain scalars, not Python objects.  ``rs_bits``/``ag_bits`` 0 means
 lossless.  Both ops have fake (meta) implementations, so ``torch.compile``
 traces through them without a graph break; under ``torch.cuda.graph`` they
 launch on the capture stream like any eager call (warm up once outside the
@@ -20,38 +20,10 @@ capture, so kernels are compiled and plans built before it).
 """
 from __future__ import annotations
 
-import itertools
-import threading
-
 import torch
 
+from .communicator import communicator_by_handle as communicator
 from .config import parse_bits
-
-_registry = {}
-_next_handle = itertools.count(1)
-_lock = threading.Lock()
-
-
-def register(comm) -> int:
-    """A new integer handle for ``comm`` (kept until :func:`unregister`)."""
-    with _lock:
-        handle = next(_next_handle)
-        _registry[handle] = comm
-    return handle
-
-
-def unregister(handle: int) -> None:
-    with _lock:
-        _registry.pop(handle, None)
-
-
-def communicator(handle: int):
-    """The communicator registered under ``handle``; ValueError if none (closed, or another process's)."""
-    try:
-        return _registry[handle]
-    except KeyError:
-        raise ValueError(f"flashcomm: no communicator is registered under handle {handle} in this process "
-                         "(closed, or never created here)") from None
 
 
 def _bits(rs_bits: int, ag_bits: int):

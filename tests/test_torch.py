@@ -71,7 +71,7 @@ def test_opcheck_on_the_fake_and_meta_paths():
 
 def test_an_unknown_handle_raises_a_clear_error():
     from flashcomm_cupy import torch_ops  # noqa: F401  (registers the ops)
-    with pytest.raises(ValueError, match="no communicator is registered under handle 987654"):
+    with pytest.raises(ValueError, match="no open communicator has handle 987654"):
         torch.ops.flashcomm.all_reduce(torch.ones(4), 987654, 0, 0, 128, "auto", False, False)
 
 

@@ -104,9 +104,19 @@ def main():
     # a second communicator over a subgroup (all ranks), through Communicator.from_torch
     sub = dist.new_group(list(range(world)))
     comm2 = fc.Communicator.from_torch(sub, backend="cpu")
+    first = torch.compile(lambda h: torch_ops.all_reduce(comm2, h * 1, bits=None), fullgraph=True,
+                          backend="aot_eager")  # compiled before this communicator's first call
+    check(torch.equal(first(torch.full((64,), float(rank))), torch.full((64,), float(sum(range(world))))),
+          "compiled call on a fresh communicator")
     v = comm2.all_reduce(np.full(64, rank, dtype=np.float32), bits=None)
     check(np.array_equal(v, np.full(64, sum(range(world)), dtype=np.float32)), "subgroup communicator")
+    handle = comm2.torch_handle
     comm2.close()
+    try:
+        torch.ops.flashcomm.all_reduce(torch.ones(4), handle, 0, 0, 128, "auto", False, False)
+        check(False, "a closed communicator's handle still works")
+    except ValueError as exc:
+        check("no open communicator" in str(exc), f"closed handle: {exc}")
     check(comm.describe()["mpi_library"].startswith("not in use"), "describe() under torch")
     comm.close()
     check("mpi4py" not in sys.modules, "mpi4py was imported")
