@@ -321,7 +321,13 @@ def _check_device(view: DeviceView, dev, what: str) -> None:
 def _new_device_out(x, xv: DeviceView, stream) -> DeviceView:
     """The result array of an out-of-place call on device memory, of ``x``'s kind."""
     if _is_torch(x):
-        return _torch_view(_torch().empty_like(x), "out")
+        torch = _torch()
+        if torch.cuda.current_stream(x.device).cuda_stream == stream.ptr:
+            return _torch_view(torch.empty_like(x), "out")
+        # allocated on the stream the kernel writes it on: torch's allocator hands a freed
+        # block again only to that stream's later work
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr, device=x.device)):
+            return _torch_view(torch.empty_like(x), "out")
     with stream:
         arr = _cupy().empty_like(xv.arr)
     return DeviceView(arr, xv.dtype, xv.wrap_back)

@@ -57,7 +57,7 @@ class _TorchReader:
         xp = x.data_ptr()
         if out is x:
             op = xp
-        elif out is None:
+        elif out is None and stream is None:  # a new result is allocated on the current stream
             op = -1
         elif (isinstance(out, self.tensor) and out.dtype == x.dtype and out.shape == x.shape
               and out.is_contiguous()):
@@ -90,7 +90,7 @@ class _CupyReader:
         xp = x.data.ptr
         if out is x:
             op = xp
-        elif out is None:
+        elif out is None and stream is None:  # a new result is allocated on the current stream
             op = -1
         elif (type(out) is self.ndarray and out.dtype == x.dtype and out.shape == x.shape
               and out.flags.c_contiguous):

@@ -150,3 +150,11 @@ def test_backends_without_a_prepared_launch_are_never_cached(cache):
     x = FakeCudaTensor(0x1000, 2048)
     remember(c, x, x)
     assert len(c) == 0 and c.call(x, x, None, *ARGS) is None
+
+
+def test_a_new_result_on_an_explicit_stream_is_not_cached(cache):
+    """The fast path allocates new results on the current stream; another stream's work takes the general path."""
+    c, backend = cache
+    x = FakeCudaTensor(0x1000, 2048)
+    remember(c, x, None, stream=0x7777)
+    assert len(c) == 0 and c.call(x, None, 0x7777, *ARGS) is None
