@@ -105,7 +105,7 @@ class Communicator:
 
         ``torch.distributed.init_process_group`` must have run (any backend:
         gloo, or NCCL with each rank's CUDA device set).  Construction is
-        collective over the default group when ``group``'s backend is not gloo.
+        collective over ``group``'s ranks.
         """
         from .torch_group import TorchGroupComm
         return cls(TorchGroupComm(group), backend=backend, **options)

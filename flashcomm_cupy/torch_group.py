@@ -66,9 +66,8 @@ class TorchGroupComm:
     """The mpi4py-like interface above over the ranks of a ``torch.distributed`` group.
 
     ``group`` None means the default (world) group.  Construction is
-    collective over the whole default group when ``group``'s backend is not
-    gloo (a gloo group of the same ranks is created, as
-    ``torch.distributed.new_group`` requires).
+    collective over ``group``'s ranks when its backend is not gloo (a gloo
+    group of the same ranks is created for the transfers).
     """
 
     def __init__(self, group=None, _cpu_group=None):
@@ -90,7 +89,8 @@ class TorchGroupComm:
         self._node = None
 
     def _new_gloo_group(self):
-        return self._dist.new_group(ranks=self._ranks, backend="gloo")
+        # Only this group's ranks take part (the others may never construct a communicator).
+        return self._dist.new_group(ranks=self._ranks, backend="gloo", use_local_synchronization=True)
 
     def _global(self, root: int) -> int:
         return self._ranks[root]
@@ -127,7 +127,7 @@ class TorchGroupComm:
         return _Request(self._dist.barrier(group=self._cpu, async_op=True))
 
     def Dup(self) -> "TorchGroupComm":
-        """A communicator of the same ranks over a new gloo group (collective over the default group)."""
+        """A communicator of the same ranks over a new gloo group (collective over them)."""
         return TorchGroupComm(self.group, _cpu_group=self._new_gloo_group())
 
     def Free(self) -> None:

@@ -110,6 +110,12 @@ def main():
           "compiled call on a fresh communicator")
     v = comm2.all_reduce(np.full(64, rank, dtype=np.float32), bits=None)
     check(np.array_equal(v, np.full(64, sum(range(world)), dtype=np.float32)), "subgroup communicator")
+    # a group of this rank alone: the other ranks take no part in building its communicator
+    alone = dist.new_group([rank], use_local_synchronization=True)
+    solo = fc.Communicator(group=alone, backend="cpu")
+    check(solo.world_size == 1 and np.array_equal(solo.all_reduce(np.full(8, rank + 0.5, np.float32), bits=None),
+                                                  np.full(8, rank + 0.5, np.float32)), "one-rank subgroup")
+    solo.close()
     handle = comm2.torch_handle
     comm2.close()
     try:
