@@ -8,6 +8,8 @@ This cache remembers, per
 
     (x pointer, element count, dtype, stream, out pointer or "new", mode arguments)
 
+("new": ``out=None`` on the current stream, the result allocated per hit)
+
 the backend's prepared launch (``backend.eager_launcher``: the plan's prebuilt
 cuLaunchKernel parameters, or NCCL's call), filled after the general path
 validated and ran such a call once.  A hit reads only the raw pointer, size,
