@@ -11,8 +11,9 @@ This cache remembers, per
 ("new": ``out=None`` on the current stream, the result allocated per hit)
 
 the backend's prepared launch (``backend.eager_launcher``: the plan's prebuilt
-cuLaunchKernel parameters, or NCCL's call), filled after the general path
-validated and ran such a call once.  A hit reads only the raw pointer, size,
+cuLaunchKernel parameters, or NCCL's call; it returns False, launching
+nothing, once a backend setting that picks plans changed), filled after the
+general path validated and ran such a call once.  A hit reads only the raw pointer, size,
 dtype, contiguity and current stream of the arrays, and launches.
 
 Why a hit is never stale: a launch depends only on what the key holds (the
@@ -136,10 +137,13 @@ class EagerCache:
         if launch is None:
             return None
         xp, _, _, s, op = k
+        result = out
         if op == -1:
-            out, op = reader.new_out(x)
-        launch(xp, op, s)
-        return x if out is None else out
+            result, op = reader.new_out(x)
+        if not launch(xp, op, s):  # the backend's settings changed since: forget, take the general path
+            self._entries.pop(key, None)
+            return None
+        return result
 
     def remember(self, x, out, stream, bits, group_size, algo, rotate, symmetric, mode):
         """After the general path ran this call successfully: cache its launch where it can be."""

@@ -47,12 +47,16 @@ class LaunchRecorder:
 
     def __init__(self):
         self.prepared, self.launches = [], []
+        self.settings_changed = False
 
     def eager_launcher(self, n, name, mode):
         self.prepared.append((n, name, mode))
 
         def launch(x_ptr, out_ptr, stream_ptr):
+            if self.settings_changed:
+                return False
             self.launches.append((n, name, mode.label, x_ptr, out_ptr, stream_ptr))
+            return True
         return launch
 
 
@@ -158,3 +162,11 @@ def test_a_new_result_on_an_explicit_stream_is_not_cached(cache):
     x = FakeCudaTensor(0x1000, 2048)
     remember(c, x, None, stream=0x7777)
     assert len(c) == 0 and c.call(x, None, 0x7777, *ARGS) is None
+
+
+def test_an_entry_whose_backend_settings_changed_is_dropped(cache):
+    c, backend = cache
+    x = FakeCudaTensor(0x1000, 2048)
+    remember(c, x, x)
+    backend.settings_changed = True  # e.g. backend.protocol switched: the plan may differ now
+    assert c.call(x, x, None, *ARGS) is None and len(c) == 0 and backend.launches == []

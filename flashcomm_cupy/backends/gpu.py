@@ -348,19 +348,28 @@ class FlashGpuBackend(CudaBackend):
         eager cache (:mod:`flashcomm_cupy._eager`); None where every call must go through
         ``all_reduce`` (``validate``, forced launch shapes, the CuPy launcher, empty arrays).
 
-        The launch checks the error record first, as ``all_reduce`` does.
+        The launch checks the error record first, as ``all_reduce`` does, and returns False
+        without launching once a setting that picks the plan (``protocol``, ``force_launch``)
+        changed since: the caller then takes ``all_reduce``.
         """
         if self.validate or self.force_launch is not None or self.launcher != "driver" or n == 0:
             return None
         plan = self._plan(n, name, mode)
-        err, check = self._err, self._raise_if_failed
+        err, check, protocol = self._err, self._raise_if_failed, self.protocol
+
+        def unusable():
+            if self._closed or err[0]:
+                check()
+            return self.force_launch is not None or self.protocol != protocol
         if plan is None:
             nccl_call, count, nccl_dtype = self.nccl.comm.allReduce, n, _NCCL_DTYPE[name]
 
             def launch_nccl(x_ptr, out_ptr, stream_ptr):
-                if self._closed or err[0]:
-                    check()
+                if self._closed or err[0] or self.force_launch is not None or self.protocol != protocol:
+                    if unusable():
+                        return False
                 nccl_call(x_ptr, out_ptr, count, nccl_dtype, 0, stream_ptr)
+                return True
             return launch_nccl
         if not plan.func:
             return None
@@ -369,11 +378,13 @@ class FlashGpuBackend(CudaBackend):
         keep = plan  # the closure owns the argument block ``ptrs`` points into
 
         def launch(x_ptr, out_ptr, stream_ptr):
-            if self._closed or err[0]:
-                check()
+            if self._closed or err[0] or self.force_launch is not None or self.protocol != protocol:
+                if unusable():
+                    return False
             ptrs[0] = x_ptr
             ptrs[1] = out_ptr
             _launch_kernel(func, gx, 1, 1, bx, 1, 1, smem, stream_ptr, params, 0)
+            return True
         launch.plan = keep
         return launch
 

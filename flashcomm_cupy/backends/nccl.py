@@ -71,7 +71,7 @@ class NcclBackend(CudaBackend):
         return out
 
     def eager_launcher(self, n: int, name: str, mode: Mode):
-        """``launch(x_ptr, out_ptr, stream_ptr)`` for the communicator's eager cache
+        """``launch(x_ptr, out_ptr, stream_ptr) -> True`` for the communicator's eager cache
         (see ``FlashGpuBackend.eager_launcher``); None where ``all_reduce`` would raise."""
         if (not mode.lossless and not mode.is_baseline) or n == 0:
             return None
@@ -81,6 +81,7 @@ class NcclBackend(CudaBackend):
             if self.nccl.comm is None:
                 raise RuntimeError("this NCCL backend is closed")
             call(x_ptr, out_ptr, n, nccl_dtype, _NCCL_SUM, stream_ptr)
+            return True
         return launch
 
     def synchronize(self):
