@@ -62,11 +62,30 @@ def test_ops_are_registered_with_fake_implementations():
         assert torch.ops.flashcomm.all_reduce_(x, 12345, 4, 4, 128, "auto", False, False) is None
 
 
-def test_opcheck_on_the_fake_and_meta_paths():
+@pytest.fixture
+def one_rank_comm(tmp_path):
+    """A one-rank communicator over a gloo group in this process (CPU backend, no MPI)."""
+    import torch.distributed as dist
+
+    import flashcomm_cupy as fc
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    comm = fc.Communicator.from_torch(backend="cpu")
+    yield comm
+    comm.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("op_name", ["all_reduce", "all_reduce_"])
+def test_opcheck_schema_fake_autograd_and_aot_dispatch(one_rank_comm, op_name):
     from flashcomm_cupy import torch_ops  # noqa: F401
-    x = torch.ones(256, device="meta")
-    y = torch.ops.flashcomm.all_reduce(x, 1, 0, 0, 128, "auto", False, False)
-    assert y.device.type == "meta" and y.shape == x.shape
+    op = getattr(torch.ops.flashcomm, op_name).default
+    for bits in ((0, 0), (4, 4), (4, 8)):
+        args = (torch.randn(300), one_rank_comm.torch_handle, *bits, 128, "auto", False, False)
+        torch.library.opcheck(op, args)  # raises on the first failing test
+    x = torch.randn(256, dtype=torch.bfloat16)
+    want = x.clone()
+    got = torch.ops.flashcomm.all_reduce(x, one_rank_comm.torch_handle, 0, 0, 128, "auto", False, False)
+    assert torch.equal(got, want) and got.data_ptr() != x.data_ptr()  # one rank: the sum is x itself
 
 
 def test_an_unknown_handle_raises_a_clear_error():
