@@ -9,7 +9,8 @@
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
 # accuracy, model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
-# cost per eager call by launch path, eager_host.py), and the
+# cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
+# example, eager cost under torchrun), and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
@@ -105,8 +106,15 @@ for stage in ${STAGES//,/ }; do
     model)
       run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
         bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
-    eager)  # host cost per eager call by launch path (eager_host.py)
-      run 120 $MPI "$NP" python3 benchmarks/eager_host.py --json "$OUT/eager-${NP}x-$TAG.json" ;;
+    eager)  # host cost per eager call: Communicator.all_reduce (CuPy, torch) vs NCCL, and by launch path
+      run 400 $MPI "$NP" python3 benchmarks/eager_host.py --calls 1000 --paths --json "$OUT/eager-${NP}x-$TAG.json" ;;
+    torch)  # issue 18: torch bootstrap without MPI, custom ops in graphs and torch.compile, TP example, eager cost
+      TORCHRUN="python3 -m torch.distributed.run --standalone --nproc-per-node $NP"
+      run 400 $TORCHRUN tests/gpu/torch_gpu_checks.py
+      run 200 $MPI "$NP" python3 tests/gpu/torch_gpu_checks.py
+      run 300 $TORCHRUN examples/tp_mlp.py --graph
+      run 200 $MPI "$NP" python3 examples/tp_mlp.py --iters 50
+      run 400 $TORCHRUN benchmarks/eager_host.py --calls 1000 --json "$OUT/eager-torchrun-${NP}x-$TAG.json" ;;
     variants)
       run 420 $MPI "$NP" python3 benchmarks/kernel_variants.py ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} \
         ${VARIANTS:+--variants "$VARIANTS"} ${CASES:+--only "$CASES"} --json "$OUT/variants-${NP}x-$TAG.json" ;;

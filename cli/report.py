@@ -142,6 +142,7 @@ def bench_table(rows: Sequence[Row], title: Optional[str] = None):
     table.add_column("time(us)", justify="right", no_wrap=True)
     if show_eager:
         table.add_column("eager(us)", justify="right", no_wrap=True)
+        table.add_column("host(us)", justify="right", no_wrap=True)
     table.add_column("algbw", justify="right", no_wrap=True)
     table.add_column("busbw", justify="right", no_wrap=True)
     table.add_column("speedup", justify="right", no_wrap=True)
@@ -159,7 +160,7 @@ def bench_table(rows: Sequence[Row], title: Optional[str] = None):
             cells = [format_size(size) if first else "", str(r.count) if first else "",
                      r.dtype if first else "", r.mode, algo_text(r), fmt_us(r.time_us)]
             if show_eager:
-                cells.append(fmt_us(r.eager_us))
+                cells += [fmt_us(r.eager_us), fmt_us(r.host_us)]
             cells += [fmt_num(r.algbw_gbps), fmt_num(r.busbw_gbps), _speedup_text(r.speedup)]
             if show_floor:
                 cells += [fmt_us(r.floor_us), fmt_num(r.floor_ratio)]

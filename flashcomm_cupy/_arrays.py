@@ -1,9 +1,23 @@
 """Conversion and validation of user arrays for a backend.
 
-The user may pass NumPy, CuPy, PyTorch tensors, or any object exposing
-``__cuda_array_interface__`` or ``__dlpack__``; the result comes back as the
-same kind.  bf16 travels on the GPU as a ``uint16`` view with the logical
-dtype passed separately, so flashcomm does not depend on CuPy's bf16 support.
+The user may pass NumPy arrays, CuPy arrays, PyTorch tensors (CPU or CUDA),
+or any object exposing ``__cuda_array_interface__`` or ``__dlpack__``; the
+result comes back as the same kind.  bf16 travels on the GPU as a ``uint16``
+view with the logical dtype passed separately, so flashcomm does not depend
+on CuPy's bf16 support.
+
+Host arrays (NumPy, CPU tensors) are used through zero-copy NumPy views, so
+``out=`` and in-place calls write into the caller's memory on every backend.
+Calls with a host array are host-synchronous: they return once the result is
+on the host, after re-checking the backend's error record, so a call that
+failed raises itself (not the next call).
+
+Temporaries on the GPU (the device copy of a host array) are allocated,
+used and freed on the caller's stream: CuPy's memory pool hands a freed block
+again only to later work on the stream it was allocated on, which is ordered
+after the kernel that read it.  Host arrays cannot be used while that stream
+is being captured into a CUDA graph (the graph would keep pointers to
+temporaries freed when the call returns): such a call raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -30,23 +44,23 @@ def _torch_dtype_name(t) -> str:
     return name
 
 
+def _torch():
+    import torch
+    return torch
+
+
 def to_numpy(x) -> np.ndarray:
-    """A host NumPy copy of any supported array."""
+    """A host NumPy copy of any supported array (a view where ``x`` already is on the host)."""
     if isinstance(x, np.ndarray):
         return x
     if _is_torch(x):
         t = x.detach()
         if str(t.dtype) == "torch.bfloat16":
-            return t.view(_torch_int16()).cpu().numpy().view(np.uint16).view(bfloat16)
+            return t.view(_torch().int16).cpu().numpy().view(np.uint16).view(bfloat16)
         return t.cpu().numpy()
     if hasattr(x, "get") and _module_root(x) == "cupy":
         return x.get()
     return np.asarray(x)
-
-
-def _torch_int16():
-    import torch
-    return torch.int16
 
 
 def _validate_host(x: np.ndarray, what: str) -> np.dtype:
@@ -56,6 +70,76 @@ def _validate_host(x: np.ndarray, what: str) -> np.dtype:
     return dt
 
 
+# ----------------------------------------------------------------------------- host arrays
+class HostArray:
+    """A zero-copy NumPy view of a host array (NumPy or CPU tensor) and how to hand a result back."""
+
+    __slots__ = ("array", "dtype", "orig")
+
+    def __init__(self, array: np.ndarray, dtype: np.dtype, orig):
+        self.array, self.dtype, self.orig = array, dtype, orig
+
+    def wrap_new(self, result: np.ndarray):
+        """``result`` (a fresh NumPy array) as the kind of ``orig``."""
+        if not _is_torch(self.orig):
+            return result
+        torch = _torch()
+        if self.dtype == bfloat16:
+            return torch.from_numpy(result.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(result)
+
+
+def _host_array(x, what: str):
+    """A :class:`HostArray` for NumPy arrays and CPU tensors; None for anything else."""
+    if isinstance(x, np.ndarray):
+        return HostArray(x, _validate_host(x, what), x)
+    if _is_torch(x) and getattr(x, "device", None) is not None and x.device.type == "cpu":
+        name = _torch_dtype_name(x)
+        if not x.is_contiguous():
+            raise ValueError(f"{what} must be contiguous; call .contiguous() first")
+        t = x.detach()
+        if name == "bfloat16":
+            view = t.view(_torch().int16).numpy().view(bfloat16)
+        else:
+            view = t.numpy()
+        return HostArray(view, DTYPES[name], x)
+    return None
+
+
+def _span(ptr: int, nbytes: int):
+    return ptr, ptr + nbytes
+
+
+def check_overlap(x_span, out_span) -> None:
+    """Raise ValueError when ``x`` and ``out`` partially overlap; the same memory (in place) is allowed.
+
+    A kernel reads ``x`` while writing ``out``: with a partial overlap the
+    writes land in inputs not yet read on this or another rank.
+    """
+    (x0, x1), (o0, o1) = x_span, out_span
+    if (x0, x1) == (o0, o1) or x1 <= o0 or o1 <= x0:
+        return
+    raise ValueError(f"x and out partially overlap (x spans [{x0:#x}, {x1:#x}), out [{o0:#x}, {o1:#x})); "
+                     "pass out=x to reduce in place, or a separate out")
+
+
+def _host_span(a: np.ndarray):
+    return _span(a.__array_interface__["data"][0], a.nbytes)
+
+
+def _check_out_matches(x_shape, x_dtype, out_shape, out_dtype):
+    if tuple(out_shape) != tuple(x_shape) or out_dtype != x_dtype:
+        raise ValueError(f"out must have x's shape and dtype: x is {tuple(x_shape)} {x_dtype}, "
+                         f"out is {tuple(out_shape)} {out_dtype}")
+
+
+def check_backend(backend) -> None:
+    """Raise the error a finished call recorded (a timeout, an abort); for host-synchronous calls."""
+    check = getattr(backend, "check", None) or getattr(backend, "_raise_if_failed", None)
+    if check is not None:
+        check()
+
+
 def run_all_reduce(backend, x, out, mode: Mode, stream):
     """Validate, convert, call ``backend.all_reduce`` and convert back."""
     if backend.xp is np:
@@ -63,23 +147,32 @@ def run_all_reduce(backend, x, out, mode: Mode, stream):
     return _run_device(backend, x, out, mode, stream)
 
 
-# ----------------------------------------------------------------------------- host
 def _run_host(backend, x, out, mode):
-    if not isinstance(x, np.ndarray):
-        if _is_torch(x) and not x.is_cuda:
-            raise TypeError("the CPU backend takes NumPy arrays; pass tensor.numpy()")
-        raise TypeError(f"the CPU backend takes NumPy arrays, got {type(x).__name__}")
-    _validate_host(x, "x")
+    xh = _host_array(x, "x")
+    if xh is None:
+        raise TypeError(f"the CPU backend takes NumPy arrays or CPU tensors, got {_describe(x)}")
     if out is None:
-        out = np.empty_like(x)
-    elif out is not x:
-        if not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != x.dtype:
-            raise ValueError("out must be a NumPy array of x's shape and dtype")
-        _validate_host(out, "out")
-    return backend.all_reduce(x, out, mode, dtype=x.dtype)
+        oh = HostArray(np.empty_like(xh.array), xh.dtype, x)
+    elif out is x:
+        oh = xh
+    else:
+        oh = _host_array(out, "out")
+        if oh is None:
+            raise TypeError(f"out must be a NumPy array or CPU tensor like x, got {_describe(out)}")
+        _check_out_matches(xh.array.shape, xh.dtype, oh.array.shape, oh.dtype)
+        check_overlap(_host_span(xh.array), _host_span(oh.array))
+    backend.all_reduce(xh.array, oh.array, mode, dtype=xh.dtype)
+    check_backend(backend)
+    return oh.wrap_new(oh.array) if out is None else out
 
 
-# ----------------------------------------------------------------------------- device
+def _describe(x) -> str:
+    if _is_torch(x):
+        return f"a torch tensor on {x.device}"
+    return type(x).__name__
+
+
+# ----------------------------------------------------------------------------- device arrays
 class DeviceView:
     """A CuPy array (bf16 as uint16) plus its logical dtype and how to hand it back."""
 
@@ -94,12 +187,17 @@ def _cupy():
     return cupy
 
 
+def _staged(host: HostArray, stream, copy: bool) -> DeviceView:
+    """A device copy of a host array (``copy=False``: uninitialised), allocated on ``stream``."""
+    cp = _cupy()
+    raw = host.array.view(np.uint16) if host.dtype == bfloat16 else host.array
+    with stream:  # allocated (and, when the caller drops it, freed) in ``stream``'s order
+        arr = cp.asarray(raw) if copy else cp.empty(raw.shape, raw.dtype)
+    return DeviceView(arr, host.dtype, None)
+
+
 def _as_device_view(x, what: str) -> DeviceView:
     cp = _cupy()
-    if isinstance(x, np.ndarray):
-        dt = _validate_host(x, what)
-        host = x.view(np.uint16) if dt == bfloat16 else x
-        return DeviceView(cp.asarray(host), dt, lambda v: _back_to_numpy(v, dt))
     if isinstance(x, cp.ndarray):
         dt = resolve_dtype(x.dtype) if x.dtype != np.uint16 else None
         if dt is None:
@@ -124,30 +222,18 @@ def _as_device_view(x, what: str) -> DeviceView:
 
 
 def _torch_view(t, what) -> DeviceView:
+    """A CUDA tensor as a CuPy array over the same memory."""
     cp = _cupy()
     name = _torch_dtype_name(t)
     if not t.is_contiguous():
         raise ValueError(f"{what} must be contiguous; call .contiguous() first")
-    if not t.is_cuda:
-        host = to_numpy(t)
-        view = _as_device_view(host, what)
-        import torch
-        return DeviceView(view.arr, view.dtype,
-                          lambda v: torch.from_numpy(np.ascontiguousarray(_back_to_numpy(v, view.dtype))
-                                                     .view(np.int16)).view(torch.bfloat16)
-                          if name == "bfloat16" else torch.from_numpy(_back_to_numpy(v, view.dtype)))
     raw = t.detach()
     if name == "bfloat16":
-        raw = raw.view(_torch_int16())
+        raw = raw.view(_torch().int16)
     arr = cp.asarray(raw)
     if name == "bfloat16":
         arr = arr.view(cp.uint16)
     return DeviceView(arr, DTYPES[name], lambda v: t)
-
-
-def _back_to_numpy(v, dt):
-    host = v.get()
-    return host.view(bfloat16) if dt == bfloat16 else host
 
 
 def _check_contiguous(arr, what):
@@ -155,12 +241,12 @@ def _check_contiguous(arr, what):
         raise ValueError(f"{what} must be C-contiguous (got strides {arr.strides})")
 
 
-def _resolve_stream(stream, x):
+def resolve_stream(stream, x):
+    """The CuPy stream a call runs on: ``stream`` if given, else the current stream of ``x``'s library."""
     cp = _cupy()
     if stream is None:
         if _is_torch(x) and x.is_cuda:
-            import torch
-            return cp.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
+            return cp.cuda.ExternalStream(_torch().cuda.current_stream(x.device).cuda_stream)
         return cp.cuda.get_current_stream()
     if isinstance(stream, (cp.cuda.Stream, cp.cuda.ExternalStream)):
         return stream
@@ -171,38 +257,76 @@ def _resolve_stream(stream, x):
     raise TypeError(f"stream must be a CuPy/torch stream or a raw handle, got {type(stream).__name__}")
 
 
+def _refuse_capture(stream, why: str) -> None:
+    from cupy.cuda import runtime
+    try:
+        capturing = runtime.streamIsCapturing(stream.ptr)
+    except runtime.CUDARuntimeError:  # the legacy stream queried while another stream captures globally
+        capturing = True
+    if capturing:
+        raise ValueError(f"flashcomm: {why} cannot be captured into a CUDA graph (the graph would keep "
+                         "pointers to temporaries freed when the call returns); pass device arrays")
+
+
+def _device_span(arr):
+    return _span(arr.data.ptr, arr.nbytes)
+
+
 def _run_device(backend, x, out, mode, stream):
-    xv = _as_device_view(x, "x")
+    xh = _host_array(x, "x")
+    oh = None if out is None or out is x else _host_array(out, "out")
+    cs = resolve_stream(stream, out if xh is not None and oh is None and out is not None else x)
+    host_sync = xh is not None or oh is not None
+    if host_sync:
+        _refuse_capture(cs, "a call with host (NumPy or CPU tensor) arrays")
+    xv = _staged(xh, cs, copy=True) if xh is not None else _as_device_view(x, "x")
     dev = getattr(backend, "device_id", None)
-    if dev is not None and xv.arr.device.id != dev:
-        raise ValueError(f"x is on GPU {xv.arr.device.id} but this rank's communicator uses GPU {dev}")
-    cs = _resolve_stream(stream, x)
+    _check_device(xv, dev, "x")
     if out is x:
         ov = xv
     elif out is None:
-        if isinstance(x, np.ndarray):
-            ov = DeviceView(_cupy().empty_like(xv.arr), xv.dtype, xv.wrap_back)
-        elif _is_torch(x) and x.is_cuda:
-            import torch
-            o = torch.empty_like(x)
-            ov = _torch_view(o, "out")
-        else:
-            ov = DeviceView(_cupy().empty_like(xv.arr), xv.dtype, xv.wrap_back)
+        ov = _staged(xh, cs, copy=False) if xh is not None else _new_device_out(x, xv, cs)
     else:
-        ov = _as_device_view(out, "out")
-        if ov.arr.shape != xv.arr.shape or ov.dtype != xv.dtype:
-            raise ValueError("out must have x's shape and dtype")
+        if oh is not None:
+            _check_out_matches(xv.arr.shape, xv.dtype, oh.array.shape, oh.dtype)
+            if xh is not None:
+                check_overlap(_host_span(xh.array), _host_span(oh.array))
+            ov = _staged(oh, cs, copy=False)
+        else:
+            ov = _as_device_view(out, "out")
+            _check_device(ov, dev, "out")
+            _check_out_matches(xv.arr.shape, xv.dtype, ov.arr.shape, ov.dtype)
+            check_overlap(_device_span(xv.arr), _device_span(ov.arr))
     backend.all_reduce(xv.arr, ov.arr, mode, stream=cs, dtype=xv.dtype)
-    if isinstance(out, np.ndarray):
-        backend.wait(cs)  # bounded; raises on this call if it failed
-        np.copyto(out, _back_to_numpy(ov.arr, ov.dtype))
-        return out
-    if isinstance(x, np.ndarray) and out is None:
-        backend.wait(cs)  # bounded; raises on this call if it failed
-    if isinstance(x, np.ndarray) and out is x:
-        backend.wait(cs)  # bounded; raises on this call if it failed
-        np.copyto(x, _back_to_numpy(ov.arr, ov.dtype))
-        return x
-    if out is not None and not isinstance(out, np.ndarray):
-        return out
-    return ov.wrap_back(ov.arr)
+    if not host_sync:
+        return out if out is not None else ov.wrap_back(ov.arr)
+    backend.wait(cs)  # bounded; raises on the call that failed
+    if out is not None and out is not x and oh is None:
+        return out  # a device ``out`` of a host ``x``: the result is already there
+    result = ov.arr.get(stream=cs)
+    if ov.dtype == bfloat16:
+        result = result.view(bfloat16)
+    if out is None:
+        return xh.wrap_new(result)
+    np.copyto((oh if oh is not None else xh).array, result)
+    return out
+
+
+def _check_device(view: DeviceView, dev, what: str) -> None:
+    if dev is not None and view.arr.device.id != dev:
+        raise ValueError(f"{what} is on GPU {view.arr.device.id} but this rank's communicator uses GPU {dev}")
+
+
+def _new_device_out(x, xv: DeviceView, stream) -> DeviceView:
+    """The result array of an out-of-place call on device memory, of ``x``'s kind."""
+    if _is_torch(x):
+        torch = _torch()
+        if torch.cuda.current_stream(x.device).cuda_stream == stream.ptr:
+            return _torch_view(torch.empty_like(x), "out")
+        # allocated on the stream the kernel writes it on: torch's allocator hands a freed
+        # block again only to that stream's later work
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr, device=x.device)):
+            return _torch_view(torch.empty_like(x), "out")
+    with stream:
+        arr = _cupy().empty_like(xv.arr)
+    return DeviceView(arr, xv.dtype, xv.wrap_back)

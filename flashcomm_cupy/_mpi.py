@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from .topology import RANKS_PER_NODE_ENV, NodeLayout, check_ranks_per_node
 
@@ -29,8 +30,11 @@ def local_rank(comm=None) -> int:
     """This process's rank among the processes of its node.
 
     Launcher variables (Open MPI, MPICH/Hydra, PALS, Slurm) are read first;
-    the portable fallback splits the communicator by shared memory.
+    the portable fallback splits the communicator by shared memory.  A
+    torch.distributed group (:mod:`flashcomm_cupy.torch_group`) answers itself.
     """
+    if hasattr(comm, "node_rank_and_size"):
+        return comm.node_rank_and_size()[0]
     for var in _LOCAL_RANK_VARS:
         value = os.environ.get(var)
         if value is not None and value.strip().isdigit():
@@ -44,6 +48,8 @@ def local_rank(comm=None) -> int:
 
 
 def local_size(comm=None) -> int:
+    if hasattr(comm, "node_rank_and_size"):
+        return comm.node_rank_and_size()[1]
     comm = get_comm(comm)
     node = comm.Split_type(mpi().COMM_TYPE_SHARED)
     try:
@@ -74,6 +80,9 @@ def node_layout(comm=None, ranks_per_node=None) -> NodeLayout:
                             "node layout overrides (ranks_per_node= or $" + RANKS_PER_NODE_ENV + ")")
     if override is not None:
         return NodeLayout.blocks(comm.Get_size(), check_ranks_per_node(override, comm.Get_size(), source))
+    if hasattr(comm, "node_rank_and_size"):  # a torch.distributed group: ranks of one host name a node
+        hosts = comm.allgather(socket.gethostname())
+        return NodeLayout.from_node_keys([hosts.index(h) for h in hosts])
     node = comm.Split_type(mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
         lowest_rank_on_node = node.bcast(comm.Get_rank(), root=0)
@@ -104,8 +113,20 @@ def clean_version(text: str) -> str:
     return lines[0].strip() if lines else ""
 
 
-def library_version() -> str:
+def library_version(comm=None) -> str:
+    """The MPI library's version line; for a torch.distributed communicator, says so (MPI is not loaded)."""
+    if hasattr(comm, "node_rank_and_size"):
+        return "not in use (torch.distributed bootstrap)"
     try:
         return clean_version(mpi().Get_library_version())
     except Exception as exc:  # pragma: no cover
         return f"unavailable ({exc})"
+
+
+def free(comm) -> None:
+    """Free a communicator made by ``Dup()`` (MPI or torch.distributed, see :mod:`.torch_group`).
+
+    Freeing an MPI communicator after MPI_Finalize (interpreter exit) would abort the process.
+    """
+    if hasattr(comm, "node_rank_and_size") or not mpi().Is_finalized():
+        comm.Free()

@@ -13,15 +13,26 @@ import weakref
 import numpy as np
 
 from . import _arrays
+from ._eager import EagerCache
 from .config import Mode
 
 BACKENDS = ("auto", "cpu", "gpu", "nccl")
 
-#: open communicators by creation number.  Construction is collective, so every rank
-#: numbers the same communicators alike, and closing them in reverse creation
-#: order at exit pairs each rank's close barrier with its peers' for the same one.
+#: open communicators by handle, a creation number.  Construction is collective, so
+#: every rank numbers the same communicators alike: closing them in reverse creation
+#: order at exit pairs each rank's close barrier with its peers' for the same one,
+#: and the torch custom ops (which take no Python objects) find them by it.
 _open = weakref.WeakValueDictionary()
-_created = itertools.count()
+_handles = itertools.count(1)
+
+
+def communicator_by_handle(handle: int) -> "Communicator":
+    """The open communicator registered under ``handle`` (see :attr:`Communicator.torch_handle`)."""
+    try:
+        return _open[handle]
+    except KeyError:
+        raise ValueError(f"flashcomm: no open communicator has handle {handle} in this process "
+                         "(closed, or never created here)") from None
 
 
 def gpu_available() -> bool:
@@ -53,12 +64,15 @@ def _make_backend(name: str, comm, options: dict):
 
 
 class Communicator:
-    """Flash All-Reduce over the ranks of an MPI communicator.
+    """Flash All-Reduce over the ranks of an MPI communicator or a torch.distributed group.
 
     Parameters
     ----------
     comm : mpi4py communicator, optional
-        Defaults to ``MPI.COMM_WORLD``.
+        Defaults to ``MPI.COMM_WORLD`` (unless ``group`` is given).
+    group : torch.distributed ProcessGroup, optional
+        Bootstrap over this group instead of MPI (e.g. under ``torchrun``;
+        see :meth:`from_torch`); no MPI library is needed then.
     backend : {"auto", "gpu", "cpu", "nccl"}
         "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
         back to NCCL, with one warning naming the reason, when CUDA IPC or
@@ -74,12 +88,32 @@ class Communicator:
     exit.
     """
 
-    def __init__(self, comm=None, backend: str = "auto", **options):
+    def __init__(self, comm=None, backend: str = "auto", *, group=None, **options):
         from . import _mpi
+        from .torch_group import TorchGroupComm, is_torch_group
+        if group is not None and comm is not None:
+            raise ValueError("pass comm (an MPI communicator) or group (a torch.distributed group), not both")
+        if group is not None or is_torch_group(comm):
+            comm = TorchGroupComm(group if group is not None else comm)
+        #: the cross-rank interface (an mpi4py communicator, or :class:`.torch_group.TorchGroupComm`)
         self.mpi_comm = _mpi.get_comm(comm)
         self._backend = _make_backend(backend, self.mpi_comm, options)
         self._closed = False
-        _open[next(_created)] = self
+        self._modes = {}
+        self._eager = EagerCache(self._backend)
+        self._torch_handle = next(_handles)
+        _open[self._torch_handle] = self
+
+    @classmethod
+    def from_torch(cls, group=None, backend: str = "auto", **options) -> "Communicator":
+        """A communicator over a torch.distributed group (default: the world group), for ``torchrun``.
+
+        ``torch.distributed.init_process_group`` must have run (any backend:
+        gloo, or NCCL with each rank's CUDA device set).  Construction is
+        collective over ``group``'s ranks.
+        """
+        from .torch_group import TorchGroupComm
+        return cls(TorchGroupComm(group), backend=backend, **options)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -99,6 +133,13 @@ class Communicator:
     def world_size(self) -> int:
         return self._backend.world_size
 
+    @property
+    def torch_handle(self) -> int:
+        """This communicator's integer handle for the torch custom ops (:mod:`flashcomm_cupy.torch_ops`),
+        unique in this process; :meth:`close` releases it.  A plain attribute, so ``torch.compile``
+        reads it as a constant."""
+        return self._torch_handle
+
     # ------------------------------------------------------------------ the op
     def all_reduce(self, x, bits=4, group_size: int = 128, algo: str = "auto",
                    rotate: bool = False, symmetric: bool = False, out=None, stream=None):
@@ -112,12 +153,37 @@ class Communicator:
         ``__dlpack__`` (a PyTorch tensor); the result is of the same kind and
         shape.  ``out is x`` reduces in place.  GPU work is ordered on
         ``stream`` (default: CuPy's current stream; for a PyTorch tensor,
-        PyTorch's current stream on its device).  A NumPy input is copied to
-        the GPU and back, and the call returns once the result is on the host.
+        PyTorch's current stream on its device).  A NumPy input or CPU tensor
+        is copied to the GPU and back, and the call returns once the result is
+        on the host (raising there if the call failed).  ``out`` must not
+        partially overlap ``x``.
+
+        Repeated calls on the same CUDA buffers take a cached fast path
+        (:mod:`flashcomm_cupy._eager`).
         """
+        if not self._closed:
+            done = self._eager.call(x, out, stream, bits, group_size, algo, rotate, symmetric)
+            if done is not None:
+                return done
         self._check_open()
+        mode = self._mode(bits, group_size, algo, rotate, symmetric)
+        result = _arrays.run_all_reduce(self._backend, x, out, mode, stream)
+        self._eager.remember(x, out, stream, bits, group_size, algo, rotate, symmetric, mode)
+        return result
+
+    def _mode(self, bits, group_size, algo, rotate, symmetric) -> Mode:
+        key = (type(bits), bits, group_size, algo, rotate, symmetric)
+        try:
+            return self._modes[key]
+        except (KeyError, TypeError):
+            pass
         mode = Mode.make(bits, group_size, symmetric, rotate, algo)
-        return _arrays.run_all_reduce(self._backend, x, out, mode, stream)
+        try:
+            if len(self._modes) < 256:
+                self._modes[key] = mode
+        except TypeError:  # unhashable bits, e.g. a list
+            pass
+        return mode
 
     def resolve_algo(self, nbytes: int, bits=4, group_size: int = 128, algo: str = "auto",
                      rotate: bool = False, symmetric: bool = False) -> str:
@@ -152,6 +218,8 @@ class Communicator:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._eager.clear()
+            _open.pop(self._torch_handle, None)
             self._backend.close()
 
     def _check_open(self):

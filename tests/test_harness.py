@@ -215,6 +215,15 @@ def test_graph_figure_is_primary_and_eager_only_on_request():
     assert t.graph_s == pytest.approx(0.0025) and t.eager_s == pytest.approx(0.005)
 
 
+def test_host_figure_times_the_eager_call_loop_alone():
+    import time as _time
+    backend = ScriptedBackend(elapsed=[1.0, 1.0, 1.0])  # the GPU clock says 1 s; the host loop is far shorter
+    t = timing.measure(backend, ScriptedComm([[0.0], [0.0]]), lambda: _time.sleep(0.002),
+                       warmup=0, iters=3, repeats=3, graph=False, eager=False)
+    assert t.eager_s == pytest.approx(1.0 / 3)
+    assert 0.002 <= t.host_s < t.eager_s
+
+
 def test_graphs_are_skipped_everywhere_when_one_rank_has_none():
     backend = ScriptedBackend(elapsed=[0.004, 0.004, 0.004], graphs=True)
     t = timing.measure(backend, ScriptedComm([[False], [0.0]]), lambda: None,

@@ -100,7 +100,6 @@ class CpuBackend(Backend):
         self.timeout_s = resolve_timeout(timeout_s)
         if comm is None:
             comm = _mpi.get_comm()
-        self._MPI = _mpi.mpi()
         self._comm = comm.Dup()
         self.rank = self._comm.Get_rank()
         self.world_size = self._comm.Get_size()
@@ -112,7 +111,8 @@ class CpuBackend(Backend):
         #: which ranks share a node (:class:`flashcomm_cupy.topology.NodeLayout`)
         self.nodes = _mpi.node_layout(self._comm, ranks_per_node)
         self._node_comm = self._cross_comm = None
-        if self.nodes.uniform:
+        # (a torch.distributed group cannot split: no hierarchical algorithm there)
+        if self.nodes.uniform and hasattr(self._comm, "Split"):
             node, local = self.nodes.node_of(self.rank), self.nodes.local_rank(self.rank)
             # Keys order the sub-communicators' ranks as the reference sums: local rank, node.
             self._node_comm = self._comm.Split(color=node, key=local)
@@ -137,7 +137,7 @@ class CpuBackend(Backend):
         Across nodes, hierarchical sends only ``1/P`` of the message per rank
         over the slower inter-node links.
         """
-        return "hierarchical" if self.nodes.spans_nodes and self.nodes.uniform else "twoshot"
+        return "hierarchical" if self.nodes.spans_nodes and self._node_comm is not None else "twoshot"
 
     def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2) -> str:
         """``auto`` -> :attr:`auto_algo`; any other supported algorithm as given."""
@@ -148,6 +148,9 @@ class CpuBackend(Backend):
             raise ValueError(f"the CPU backend runs {', '.join(_ALGOS)} (or auto), not {algo!r}")
         if algo == "hierarchical":
             self.nodes.require_uniform()
+            if self._node_comm is None:
+                raise ValueError("flashcomm: algo='hierarchical' on the CPU backend needs an MPI communicator "
+                                 "(a torch.distributed group cannot be split into node and cross-node groups)")
         return algo
 
     def all_reduce(self, x, out, mode: Mode, stream=None, dtype=None):
@@ -199,18 +202,17 @@ class CpuBackend(Backend):
         if self._closed:
             return
         self._closed = True
-        # Freeing after MPI_Finalize (interpreter exit) would abort the process; after an
-        # abort, collectives may still be pending on the communicators: leave them to exit.
-        if not self._MPI.Is_finalized() and self._aborted is None:
+        # After an abort, collectives may still be pending on the communicators: leave them to exit.
+        if self._aborted is None:
             for sub in (self._node_comm, self._cross_comm):
                 if sub is not None:
-                    sub.Free()
-            self._comm.Free()
+                    _mpi.free(sub)
+            _mpi.free(self._comm)
 
     def describe(self) -> dict:
         info = super().describe()
         info.update({
-            "mpi_library": _mpi.library_version(),
+            "mpi_library": _mpi.library_version(self._comm),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "algos": list(_ALGOS),
@@ -341,7 +343,7 @@ class CpuBackend(Backend):
         """``MPI_Allreduce(SUM)`` in float32 (MPI has no fp16/bf16), rounded back to ``dt``."""
         x32 = to_f32(x).copy()
         total = np.empty_like(x32)
-        self._wait([self._comm.Iallreduce(x32, total, op=self._MPI.SUM)], "MPI_Allreduce")
+        self._wait([self._comm.Iallreduce(x32, total)], "MPI_Allreduce")  # op=SUM, the default
         return from_f32(total, dt)
 
     # ------------------------------------------------------------------ agreement and bounded waits
@@ -356,14 +358,19 @@ class CpuBackend(Backend):
         ranks that never sent theirs."""
         self._calls += 1
         mine = self._describe_call(size, dt, mode, algo)
-        peers = [r for r in range(self.world_size) if r != self.rank]
-        got = {r: np.empty_like(mine) for r in peers}
-        recvs = [self._comm.Irecv(got[r], source=r, tag=_TAG_CALL) for r in peers]
-        sends = [self._comm.Isend(mine, dest=r, tag=_TAG_CALL) for r in peers]
-        self._wait(recvs, f"call {self._calls}",
-                   late=lambda: [r for r, q in zip(peers, recvs) if not q.Test()])
-        self._wait(sends, f"call {self._calls}")
-        everyone = [got[r] if r != self.rank else mine for r in range(self.world_size)]
+        if hasattr(self._comm, "Iprobe"):  # MPI: point-to-point, so the ranks that never sent are known
+            peers = [r for r in range(self.world_size) if r != self.rank]
+            got = {r: np.empty_like(mine) for r in peers}
+            recvs = [self._comm.Irecv(got[r], source=r, tag=_TAG_CALL) for r in peers]
+            sends = [self._comm.Isend(mine, dest=r, tag=_TAG_CALL) for r in peers]
+            self._wait(recvs, f"call {self._calls}",
+                       late=lambda: [r for r, q in zip(peers, recvs) if not q.Test()])
+            self._wait(sends, f"call {self._calls}")
+            everyone = [got[r] if r != self.rank else mine for r in range(self.world_size)]
+        else:  # torch.distributed: gloo's point-to-point requests complete only when waited for
+            gathered = np.empty((self.world_size, mine.size), dtype=mine.dtype)
+            self._wait([self._comm.Iallgather(mine, gathered)], f"call {self._calls}")
+            everyone = list(gathered)
         fields = [f for i, f in enumerate(_CALL_FIELDS) if len({int(v[i]) for v in everyone}) > 1]
         if fields:
             differ = [r for r in range(self.world_size) if not np.array_equal(everyone[r], everyone[0])]
@@ -381,10 +388,9 @@ class CpuBackend(Backend):
         missing) where known.  A peer's abort message raises at once.
         """
         self._raise_if_aborted()
-        test_all = self._MPI.Request.Testall
         deadline = time.monotonic() + self.timeout_s
         polls = 0
-        while not test_all(requests):
+        while not all([q.Test() for q in requests]):  # a list: every request progresses
             polls += 1
             if polls % 64 == 0:
                 self._receive_abort()
@@ -402,15 +408,19 @@ class CpuBackend(Backend):
         """Abort this communicator: tell every peer (rank ``late`` was the one waited for) and raise."""
         note = np.array([self.rank, late], dtype=np.int32)
         for r in range(self.world_size):
-            if r != self.rank:
+            if r != self.rank and hasattr(self._comm, "Iprobe"):  # see _receive_abort
                 self._comm.Isend(note, dest=r, tag=_TAG_ABORT).Free()
         self._aborted = message + ". Every rank raises; close this communicator and create a new one."
         raise FlashTimeoutError(self._aborted, late=late if late >= 0 else None)
 
     def _receive_abort(self) -> None:
-        """Raise if a peer sent an abort message (it gave up on a call)."""
-        status = self._MPI.Status()
-        if not self._comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=_TAG_ABORT, status=status):
+        """Raise if a peer sent an abort message (it gave up on a call).  Over torch.distributed
+        (no probe in gloo) peers are not told: each rank gives up on its own bound."""
+        if not hasattr(self._comm, "Iprobe"):
+            return
+        MPI = _mpi.mpi()
+        status = MPI.Status()
+        if not self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_ABORT, status=status):
             return
         note = np.empty(2, dtype=np.int32)
         self._comm.Recv(note, source=status.Get_source(), tag=_TAG_ABORT)

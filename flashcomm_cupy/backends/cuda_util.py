@@ -151,5 +151,5 @@ class CudaBackend(Backend):
     def describe(self):
         info = describe_device(self.device_id)
         info.update(backend=self.name, rank=self.rank, world_size=self.world_size, nccl_version=self.nccl.version,
-                    mpi=_mpi.library_version())
+                    mpi=_mpi.library_version(self.mpi_comm))
         return info

@@ -21,8 +21,8 @@ from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
 from ..errors import DEFAULT_TIMEOUT_S, FlashTimeoutError, resolve_timeout  # noqa: F401  (re-exported)
 from .cuda_util import CudaBackend, select_device
 from .ipc import PeerAccessError, WorkspaceLayout
+from .nccl import _NCCL_DTYPE, NcclBackend, NcclCommunicatorHandle
 from .transport import describe as describe_transport, open_workspace, resolve_transport
-from .nccl import NcclBackend, NcclCommunicatorHandle
 
 ELEMS_PER_THREAD = _kernels.DEFAULT_UNIT_ELEMS  # FC_ELEMS of the flag and lossless LL kernels
 #: The quantized LL kernels run 16-element units wherever the group allows (g <= 32 x 16):
@@ -99,6 +99,11 @@ def _resident_blocks(fn, threads: int, smem: int) -> int:
                                                                      smem))
     except Exception:  # more than the device allows
         return 0
+
+
+def _external_stream(stream_ptr: int):
+    import cupy
+    return cupy.cuda.ExternalStream(stream_ptr)
 
 
 class _Plan:
@@ -321,23 +326,80 @@ class FlashGpuBackend(CudaBackend):
         if plan is None:  # "auto" (or the caller) picked NCCL
             self.nccl.all_reduce(x.data.ptr, out.data.ptr, n, name, stream.ptr)
             return out
-        src, dst = x, out
-        if x.data.ptr % 16:  # kernels use 16-byte vector loads
-            src = cupy.empty_like(x)
-            src[...] = x
-        if out.data.ptr % 16:
-            dst = cupy.empty_like(out)
-        plan.ptrs[0] = src.data.ptr
-        plan.ptrs[1] = dst.data.ptr
+        if x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0:
+            self._launch(plan, x.data.ptr, out.data.ptr, stream.ptr)
+            return out
+        # The kernels use 16-byte vector loads: run on aligned copies.  They are made, used and
+        # freed on ``stream``, so CuPy's pool (per stream) hands them out again only to work
+        # queued after this kernel.  A graph would keep their pointers past that: refuse capture.
+        if cupy.cuda.runtime.streamIsCapturing(stream.ptr):
+            raise ValueError("flashcomm: x and out must be 16-byte aligned inside CUDA-graph capture "
+                             f"(x at {x.data.ptr:#x}, out at {out.data.ptr:#x}): the aligned copies an "
+                             "eager call makes would be freed while the graph still uses them")
+        with stream:
+            src = x if x.data.ptr % 16 == 0 else x.copy()
+            dst = out if out.data.ptr % 16 == 0 else cupy.empty_like(out)
+            self._launch(plan, src.data.ptr, dst.data.ptr, stream.ptr)
+            if dst is not out:
+                out[...] = dst
+        return out
+
+    def _launch(self, plan, x_ptr: int, out_ptr: int, stream_ptr: int) -> None:
+        """Launch ``plan`` on 16-byte aligned device pointers (the hot path of every call)."""
+        plan.ptrs[0] = x_ptr
+        plan.ptrs[1] = out_ptr
         # The driver copies the argument block at launch, so reusing it is safe.
         if plan.func and self.launcher == "driver":
-            _launch_kernel(plan.func, plan.grid[0], 1, 1, plan.block[0], 1, 1, plan.smem, stream.ptr,
+            _launch_kernel(plan.func, plan.grid[0], 1, 1, plan.block[0], 1, 1, plan.smem, stream_ptr,
                            plan.params_ptr, 0)
         else:
-            plan.fn(plan.grid, plan.block, (plan.args,), stream=stream, shared_mem=plan.smem)
-        if dst is not out:
-            out[...] = dst
-        return out
+            plan.fn(plan.grid, plan.block, (plan.args,), stream=_external_stream(stream_ptr), shared_mem=plan.smem)
+
+    def eager_launcher(self, n: int, name: str, mode: Mode):
+        """``launch(x_ptr, out_ptr, stream_ptr)`` running what ``all_reduce`` runs for ``n``
+        elements of ``name`` in ``mode`` on 16-byte aligned pointers, for the communicator's
+        eager cache (:mod:`flashcomm_cupy._eager`); None where every call must go through
+        ``all_reduce`` (``validate``, forced launch shapes, the CuPy launcher, empty arrays).
+
+        The launch checks the error record first, as ``all_reduce`` does, and returns False
+        without launching once a setting that picks the plan (``protocol``, ``force_launch``)
+        changed since: the caller then takes ``all_reduce``.
+        """
+        if self.validate or self.force_launch is not None or self.launcher != "driver" or n == 0:
+            return None
+        plan = self._plan(n, name, mode)
+        err, check, protocol = self._err, self._raise_if_failed, self.protocol
+
+        def unusable():
+            if self._closed or err[0]:
+                check()
+            return self.force_launch is not None or self.protocol != protocol
+        if plan is None:
+            nccl_call, count, nccl_dtype = self.nccl.comm.allReduce, n, _NCCL_DTYPE[name]
+
+            def launch_nccl(x_ptr, out_ptr, stream_ptr):
+                if self._closed or err[0] or self.force_launch is not None or self.protocol != protocol:
+                    if unusable():
+                        return False
+                nccl_call(x_ptr, out_ptr, count, nccl_dtype, 0, stream_ptr)
+                return True
+            return launch_nccl
+        if not plan.func:
+            return None
+        ptrs = (ctypes.c_uint64 * 2).from_address(plan.args.ctypes.data)
+        func, gx, bx, smem, params = plan.func, plan.grid[0], plan.block[0], plan.smem, plan.params_ptr
+        keep = plan  # the closure owns the argument block ``ptrs`` points into
+
+        def launch(x_ptr, out_ptr, stream_ptr):
+            if self._closed or err[0] or self.force_launch is not None or self.protocol != protocol:
+                if unusable():
+                    return False
+            ptrs[0] = x_ptr
+            ptrs[1] = out_ptr
+            _launch_kernel(func, gx, 1, 1, bx, 1, 1, smem, stream_ptr, params, 0)
+            return True
+        launch.plan = keep
+        return launch
 
     def _plan(self, n, name, mode):
         """Cached launch for (n, dtype, mode): kernel, grid, block and argument block.

@@ -139,6 +139,20 @@ class NcclBackend(CudaBackend):
         """Wait (bounded, see NcclCommunicatorHandle.wait_streams) for ``stream``'s work."""
         self.nccl.wait_streams([stream.ptr], self.timeout_s)
 
+    def eager_launcher(self, n: int, name: str, mode: Mode):
+        """``launch(x_ptr, out_ptr, stream_ptr) -> True`` for the communicator's eager cache
+        (see ``FlashGpuBackend.eager_launcher``); None where ``all_reduce`` would raise."""
+        if (not mode.lossless and not mode.is_baseline) or n == 0:
+            return None
+        call = self.nccl.all_reduce  # refuses after an abort; tracked for the bounded wait
+
+        def launch(x_ptr, out_ptr, stream_ptr):
+            if self.nccl.comm is None and not self.nccl.aborted:
+                raise RuntimeError("this NCCL backend is closed")
+            call(x_ptr, out_ptr, n, name, stream_ptr)
+            return True
+        return launch
+
     def synchronize(self):
         import cupy
         self.nccl.wait_streams(None, self.timeout_s)

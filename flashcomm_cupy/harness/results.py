@@ -42,6 +42,7 @@ class Row:
     time_us: Optional[float] = None      # primary figure: graph when available, else eager
     graph_us: Optional[float] = None
     eager_us: Optional[float] = None
+    host_us: Optional[float] = None      # host wall time per eager call (the eager loop before its sync)
     algbw_gbps: Optional[float] = None
     busbw_gbps: Optional[float] = None
     speedup: Optional[float] = None      # baseline time / this time, same size

@@ -21,6 +21,7 @@ communicator we are given, so this module never imports mpi4py itself.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -53,6 +54,8 @@ class Timing:
 
     eager_s: Optional[float]
     graph_s: Optional[float]
+    #: wall time of the eager call loop per call, max over ranks: the host's cost per call
+    host_s: Optional[float] = None
 
     @property
     def primary_s(self) -> Optional[float]:
@@ -106,12 +109,27 @@ def measure(backend, mpi_comm, call: Callable[[], None], *, warmup: int, iters: 
         local = median(time_repeats(backend, replay, iters, repeats, graph_stream))
         graph_s = max_across_ranks(mpi_comm, local)
 
-    eager_s = None
+    eager_s = host_s = None
     if replay is None or eager:
+        host = []
+
         def run_eager():
-            for _ in range(iters):
-                call()
+            host.append(host_seconds_per_call(call, iters))
         local = median(time_repeats(backend, run_eager, iters, repeats, stream))
         eager_s = max_across_ranks(mpi_comm, local)
+        host_s = max_across_ranks(mpi_comm, median(host))
     _align(backend)
-    return Timing(eager_s=eager_s, graph_s=graph_s)
+    return Timing(eager_s=eager_s, graph_s=graph_s, host_s=host_s)
+
+
+def host_seconds_per_call(call: Callable[[], None], iters: int) -> float:
+    """Make ``iters`` back-to-back calls; return the wall time of the loop per call.
+
+    GPU launches are asynchronous, so this is what each eager call costs the
+    host (Python, the driver), not the GPU's pace; where calls finish before
+    they return (the CPU backend) it equals the eager figure.
+    """
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    return (time.perf_counter() - t0) / iters
