@@ -89,35 +89,36 @@ __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_w
 }
 
 // A flag kernel's start: this block's epoch of the flag sets at `epoch_off`
-// into *e, and whether my workspace is poisoned (then the block must take
-// fc_flag_fail and stop).  The poison words are read by threads < world
+// into *e, and whether my workspace is poisoned (then the block takes
+// fc_flag_fail and stops).  The poison words are read by threads < world
 // alongside the epoch, under the barrier the epoch needs anyway.
 __device__ __forceinline__ bool fc_begin(const FcArgs& a, const FcWait& w, fc_i64 epoch_off, fc_u32* s_epoch,
                                          fc_u32& e) {
   const fc_u32* epochs = reinterpret_cast<const fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + epoch_off);
   if (threadIdx.x == 0) *s_epoch = epochs[blockIdx.x];
-  const bool poisoned = threadIdx.x < a.world && fc_ld_volatile_u32(w.poison + threadIdx.x) != 0;
-  const bool any = __syncthreads_or(poisoned);
+  const bool any = fc_block_poisoned(w);
   e = *s_epoch;
   return any;
 }
 
-__device__ __forceinline__ void fc_end(const FcArgs& a, fc_i64 epoch_off, fc_u32 e) {
+// A flag kernel's end, after its last wait: the epoch moves on, unless a wait
+// of this call (of any rank) gave up -- then every rank is poisoned by now and
+// the block takes fc_flag_fail instead (true).
+__device__ __forceinline__ bool fc_end(const FcArgs& a, const FcWait& w, fc_i64 epoch_off, fc_u32 e) {
+  if (fc_block_poisoned(w)) return true;
   fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + epoch_off);
   if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+  return false;
 }
 
-// The failure path of a flag kernel's block (block-uniform): record who
-// poisoned us when the block started poisoned, poison every rank, and write
-// NaN over every tile this block handles in this call (nseg segments of
-// a.seg_elems: the world for two-shot, 1 for one-shot); then the block exits.
+// The failure path of a flag kernel's block (block-uniform): record who gave
+// up (nothing new when this rank did) and write NaN over every tile this block
+// handles in this call (nseg segments of a.seg_elems: the world for two-shot,
+// 1 for one-shot).  The epoch stays behind: the communicator is poisoned.
 template <int DT>
-__device__ __forceinline__ __attribute__((noreturn)) void fc_flag_fail(const FcArgs& a, bool at_start, int nseg, fc_i64 tile) {
-  if (threadIdx.x == 0) {
-    if (at_start) fc_record_poisoned(a.err, fc_wait_ctx(a).poison, a.rank, a.world);
-    fc_poison_all(a.peers, a.poison_off, fc_wait_ctx(a));
-  }
-  fc_fill_nan_tiles_and_exit<DT>(a.out, a.n, a.seg_elems, nseg, tile);
+__device__ __forceinline__ void fc_flag_fail(const FcArgs& a, int nseg, fc_i64 tile) {
+  if (threadIdx.x == 0) fc_record_poisoned(a.err, fc_wait_ctx(a).poison, a.rank, a.world);
+  fc_fill_nan_tiles<DT>(a.out, a.n, a.seg_elems, nseg, tile);
 }
 
 // Decode `chunk` unit w into v, or zeros for a lane past the chunk's end.
@@ -177,7 +178,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
   const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
   fc_u32 e;
-  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, true, a.world, tile);
+  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, a.world, tile);
   float v[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -199,7 +200,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
-    if (fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a))) return fc_flag_fail<DT>(a, false, a.world, tile);
+    fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
 
     // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
     const fc_i64 mine = a.rank * a.seg_elems + toff;
@@ -231,8 +232,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
-    if (fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a)))
-      return fc_flag_fail<DT>(a, false, a.world, tile);
+    fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a));
 
     // 3. all-gather: every other owner's reduced tile.
     for (int k = 1; k < a.world; ++k) {
@@ -249,7 +249,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  fc_end(a, a.ts_epoch_off, e);
+  if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, tile);
 }
 
 // ------------------------------------------------------------------ staged two-shot
@@ -296,7 +296,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
   auto in_area = [&](int b) { return wbuf + b * buf_chunks; };
   auto src_area = [&](int b, int j) { return wbuf + b * buf_chunks + SH::IN + j * SH::SRC; };
   fc_u32 e;
-  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, true, a.world, tile);
+  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, a.world, tile);
   float v[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -333,7 +333,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       __syncwarp();  // buffer i & 1 is refilled next round
     }
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
-    if (fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a))) return fc_flag_fail<DT>(a, false, a.world, tile);
+    fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
 
     // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
     const fc_i64 mine = a.rank * a.seg_elems + toff;
@@ -386,8 +386,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
-    if (fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a)))
-      return fc_flag_fail<DT>(a, false, a.world, tile);
+    fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a));
 
     // 3. all-gather: every other owner's reduced tile, one unit of each per job.
     auto fetch3 = [&](int u) {
@@ -422,7 +421,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       __syncwarp();
     }
   }
-  fc_end(a, a.ts_epoch_off, e);
+  if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, tile);
 }
 
 template <int DT, int RSB>
@@ -440,7 +439,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
   fc_u32 e;
-  if (fc_begin(a, fc_wait_ctx(a), a.os_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, true, 1, tile);
+  if (fc_begin(a, fc_wait_ctx(a), a.os_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, 1, tile);
   float v[FC_ELEMS], acc[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -459,7 +458,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       }
     }
     fc_signal_peers(a.peers, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e);
-    if (fc_wait_peers(my_ws, a.flags_off + os_set, a.max_blocks, e, fc_wait_ctx(a))) return fc_flag_fail<DT>(a, false, 1, tile);
+    fc_wait_peers(my_ws, a.flags_off + os_set, a.max_blocks, e, fc_wait_ctx(a));
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       const bool active = (fc_i64)w * FC_ELEMS < nchunk;
@@ -481,7 +480,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
     }
   }
-  fc_end(a, a.os_epoch_off, e);
+  if (fc_end(a, fc_wait_ctx(a), a.os_epoch_off, e)) fc_flag_fail<DT>(a, 1, tile);
 }
 
 // ------------------------------------------------------------------ LL protocol (lossless)
@@ -496,43 +495,31 @@ __device__ __forceinline__ unsigned char* fc_ll_slot(const FcArgs& a, int rank_o
 }
 
 // A block's LL call: its counter, this call's number e (slot parity e & 1),
-// and whether this thread saw my workspace poisoned when the call started
-// (threads < world read one poison word each; acted on in fc_ll_end, so the
-// load's latency hides behind the whole call).
+// and the poison word this thread read when the call started (threads < world
+// read one each; compared only in fc_ll_end, so the load's latency hides
+// behind the whole call).
 struct FcLLCall {
   fc_u32* counter;
   fc_u32 e;
-  bool poisoned;
+  fc_u32 poison;
 };
 
 __device__ __forceinline__ FcLLCall fc_ll_begin(const FcArgs& a) {
-  const FcWait w = fc_wait_ctx(a);
   fc_u32* counter = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.ll_epoch_off) +
                     blockIdx.x;
-  const bool poisoned = threadIdx.x < a.world && fc_ld_volatile_u32(w.poison + threadIdx.x) != 0;
-  return FcLLCall{counter, *counter + 1, poisoned};
+  const fc_u32 poison = threadIdx.x < a.world ? fc_ld_volatile_u32(fc_wait_ctx(a).poison + threadIdx.x) : 0u;
+  return FcLLCall{counter, *counter + 1, poison};
 }
 
-// A thread of an LL kernel whose receive failed: it poisons every rank at once
-// (so peers waiting for what it will no longer send give up now), sends and
-// receives nothing more, and its block writes NaN at the end (fc_ll_end).
-__device__ __forceinline__ void fc_ll_fail(const FcArgs& a, bool& failed) {
-  const FcWait w = fc_wait_ctx(a);
-  fc_poison_all(a.peers, a.poison_off, w);
-  failed = true;
-}
-
-// The end of a block's LL call.  True when any thread of the block failed or
-// started poisoned: the caller then writes NaN over the block's whole tile
-// (the counter is left behind: the communicator is poisoned for good).
+// The end of a block's LL call.  True when any thread of the block failed a
+// receive (its wait already poisoned every rank, or found the poison) or the
+// block started poisoned: the caller then writes NaN over the block's whole
+// tile (the counter stays behind: the communicator is poisoned for good).
+// A lane that failed receives and sends nothing more until then.
 __device__ __forceinline__ bool fc_ll_end(const FcArgs& a, const FcLLCall& c, bool failed) {
-  const FcWait w = fc_wait_ctx(a);
   // every thread has read the counter before it moves on
-  if (__syncthreads_or(failed || c.poisoned)) {
-    if (threadIdx.x == 0) {
-      fc_record_poisoned(w.err, w.poison, w.rank, w.world);
-      fc_poison_all(a.peers, a.poison_off, w);
-    }
+  if (__syncthreads_or(failed || c.poison != 0u)) {
+    if (threadIdx.x == 0) fc_record_poisoned(a.err, fc_wait_ctx(a).poison, a.rank, a.world);
     return true;
   }
   if (threadIdx.x == 0) *c.counter = c.e;
@@ -606,7 +593,7 @@ __device__ void fc_ll_oneshot_impl(const FcArgs& a) {
     bool ok;
     const fc_v4 r = fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e, ok);
     if (ok) fc_st_vec_upto<DT>(c.out + el, el, a.n, r, false);
-    else fc_ll_fail(a, failed);
+    else failed = true;
   }
   if (fc_ll_end(a, c.call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, 1, c.first * PER, (fc_i64)c.nvec * PER);
 }
@@ -639,7 +626,7 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
     bool ok;
     const fc_v4 r = fc_ll_payload<DT>(fc_ll_reduce_vector<DT>(a, c.par, i, mine, c.call.e, ok));
     if (!ok) {  // send no sum built from what never arrived
-      fc_ll_fail(a, failed);
+      failed = true;
       break;
     }
     for (int k = 1; k < a.world; ++k)
@@ -652,7 +639,7 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
     fc_ll_my_slots(a, c.par, 1, i, slots);
     fc_v4 v[FC_MAX_RANKS];
     if (!fc_ll_receive(slots, a.world, a.rank, v, fc_wait_ctx(a), c.call.e)) {
-      fc_ll_fail(a, failed);
+      failed = true;
       break;
     }
 #pragma unroll
@@ -746,7 +733,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
     for (int s0 = 0; s0 < a.world; s0 += B) {
       FcUnit<RSB> got[B];
-      if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) fc_ll_fail(a, failed);
+      if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
@@ -779,7 +766,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     const bool active = (fc_i64)w * FC_ELEMS < nchunk;
     for (int s0 = 0; s0 < a.world; s0 += B) {
       FcUnit<AGB> got[B];
-      if (!fc_llq_receive_batch<AGB, B>(a, par, 1, s0, w, active && !failed, got, e)) fc_ll_fail(a, failed);
+      if (!fc_llq_receive_batch<AGB, B>(a, par, 1, s0, w, active && !failed, got, e)) failed = true;
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
@@ -840,7 +827,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
     for (int s0 = 0; s0 < a.world; s0 += B) {
       FcUnit<RSB> got[B];
-      if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) fc_ll_fail(a, failed);
+      if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;

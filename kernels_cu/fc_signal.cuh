@@ -17,15 +17,18 @@
 //
 // Waits are bounded, and a failure poisons the communicator (docs/reliability.md):
 // * after `timeout_ns` a wait records which peer did not arrive in host-mapped
-//   memory (FC_ERR_TIMEOUT) and raises `abort`, so every later wait of this
-//   rank gives up at its next check;
-// * the kernel that failed stops sending and stores a poison word into every
-//   rank's workspace (fc_poison_all): each peer's pending wait gives up at its
-//   next check (every 1024 polls) and records FC_ERR_POISON, and every later
-//   call on any rank sees the poison when it starts;
-// * a block whose wait failed, or that started poisoned, writes NaN over every
-//   output element it is responsible for (fc_fill_nan): a failed call never
-//   leaves plausible numbers behind, in eager calls and graph replays alike.
+//   memory (FC_ERR_TIMEOUT), raises `abort` (every later wait of this rank
+//   gives up at its next check) and, before anything else happens, stores a
+//   poison word into every rank's workspace, its own included (fc_poison_all):
+//   each peer's pending wait gives up at its next check (every 1024 polls) and
+//   records FC_ERR_POISON, and every later call on any rank sees the poison;
+// * a kernel whose block found poison, at its start or after its last wait,
+//   writes NaN over every output element that block is responsible for.
+//   Whatever a rank sends after it gave up is ordered after its poison stores
+//   (both st.release.sys), so a peer that acquired such a signal finds the
+//   poison by then: a failed call never leaves plausible numbers behind, in
+//   eager calls and graph replays alike, and the flag kernels' hot loops carry
+//   no failure branch (an early exit there cost the staged two-shot 7 %).
 // The host turns the record into a Python exception; only closing the
 // communicator clears the poison.
 #pragma once
@@ -36,6 +39,11 @@
 #define FC_ERR_POISON 2u   // rank `peer` gave up and poisoned this rank
 // A poison word: FC_POISON | the rank the first failure waited for.  Never 0.
 #define FC_POISON 0x100u
+// The poison area of a workspace: the words [source rank], then every rank's
+// workspace base (written by the host), so the out-of-line failure path can
+// reach the peers without the kernel's arguments.
+#define FC_POISON_PEERS_OFF 32
+#define FC_POISON_AREA_BYTES (FC_POISON_PEERS_OFF + 8 * FC_MAX_RANKS)
 
 struct FcError {
   fc_u32 code;   // 0 ok, FC_ERR_TIMEOUT or FC_ERR_POISON
@@ -106,10 +114,24 @@ __device__ __noinline__ void fc_record(volatile FcError* err, int rank, fc_u32 c
   __threadfence_system();
 }
 
+// Store this rank's poison word into every rank's workspace (its own too),
+// through the peer bases the host keeps beside the poison words.  Any thread
+// may call it, any number of times; `late` is named in the word.
+__device__ __noinline__ void fc_poison_all(const fc_u32* poison, int rank, int world, fc_u32 late) {
+  const fc_u64* bases = reinterpret_cast<const fc_u64*>(reinterpret_cast<const unsigned char*>(poison) +
+                                                        FC_POISON_PEERS_OFF);
+  const fc_i64 off = reinterpret_cast<const unsigned char*>(poison) -
+                     reinterpret_cast<const unsigned char*>(bases[rank]);  // my poison_off
+  for (int k = 0; k < world; ++k)
+    fc_st_release_sys(reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(bases[k]) + off) + rank,
+                      FC_POISON | (late & 0xFFu));
+}
+
 // Called every 1024 polls of any wait: true when the wait must end, because
 // this rank already gave up (abort), a peer poisoned it, or this wait has run
-// past `timeout_ns`; the last two are recorded.  (Out-of-line functions take
-// scalars only: an aggregate argument would travel through local memory.)
+// past `timeout_ns`; the last two are recorded, and a timeout poisons every
+// rank at once.  (Out-of-line functions take scalars only: an aggregate
+// argument would travel through local memory.)
 __device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, const fc_u32* poison,
                                              fc_i64 timeout_ns, int rank, int world, int peer, fc_u32 epoch) {
   if (err->abort) return true;
@@ -121,6 +143,7 @@ __device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, c
   }
   if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
   fc_record(err, rank, FC_ERR_TIMEOUT, peer, (fc_u32)peer, epoch);
+  fc_poison_all(poison, rank, world, err->late);
   return true;
 }
 
@@ -153,31 +176,27 @@ __device__ __forceinline__ void fc_signal_peers(const fc_u64* peers, fc_i64 set_
     fc_st_release_sys(fc_flag(reinterpret_cast<unsigned char*>(peers[k]), set_off, rank, blockIdx.x, max_blocks), e);
 }
 
-// Wait until every peer has signalled round `e` for this block.  True when
-// any thread's wait failed (the whole block then takes the failure path).
-__device__ __forceinline__ bool fc_wait_peers(unsigned char* my_ws, fc_i64 set_off, int max_blocks, fc_u32 e,
+// Wait until every peer has signalled round `e` for this block.  A wait that
+// gives up has poisoned every rank; the kernel goes on (and finds the poison
+// after its last wait, see fc_block_poisoned).
+__device__ __forceinline__ void fc_wait_peers(unsigned char* my_ws, fc_i64 set_off, int max_blocks, fc_u32 e,
                                               const FcWait& w) {
 #ifdef FC_PROFILE_NO_WAIT  // timing variant only (benchmarks/kernel_variants.py): results are wrong
   __syncthreads();
-  return false;
+  return;
 #endif
   const int k = threadIdx.x;
-  bool ok = true;
   if (k < w.world && k != w.rank)
-    ok = fc_wait_flag(fc_flag(my_ws, set_off, k, blockIdx.x, max_blocks), e, w.err, w.poison, w.timeout_ns, w.rank,
-                      w.world, k);
-  return __syncthreads_or(!ok);
+    fc_wait_flag(fc_flag(my_ws, set_off, k, blockIdx.x, max_blocks), e, w.err, w.poison, w.timeout_ns, w.rank,
+                 w.world, k);
+  __syncthreads();
 }
 
-// Store this rank's poison word into every rank's workspace (its own too), so
-// every pending and later wait of the communicator fails.  Any thread may call
-// it, any number of times.  The word names the rank the first failure of this
-// rank waited for, as recorded in `err` (the failure was recorded first).
-__device__ __forceinline__ void fc_poison_all(const fc_u64* peers, fc_i64 poison_off, const FcWait& w) {
-  const fc_u32 word = FC_POISON | (w.err->late & 0xFFu);
-  for (int k = 0; k < w.world; ++k)
-    fc_st_release_sys(reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(peers[k]) + poison_off) + w.rank,
-                      word);
+// True on every thread of the block when any poison word of this rank is set
+// (threads < world read one each).  Collective over the block.
+__device__ __forceinline__ bool fc_block_poisoned(const FcWait& w) {
+  const fc_u32 p = threadIdx.x < w.world ? fc_ld_volatile_u32(w.poison + threadIdx.x) : 0u;
+  return __syncthreads_or(p != 0u);
 }
 
 // Called by one thread of a block that found its workspace poisoned at its
@@ -208,15 +227,10 @@ __device__ __forceinline__ void fc_fill_nan(void* out, fc_i64 n, fc_i64 seg, int
 }
 
 // NaN over every tile (of `tile` elements, in each of nseg segments) that
-// this block handles in a flag kernel's call (tiles b, b + grid, ...), then
-// the thread exits.  It never returns, so a kernel's failure branches keep no
-// value alive and cost its hot loop no registers.
+// this block handles in a flag kernel's call: tiles b, b + grid, ...
 template <int DT>
-__device__ __noinline__ __attribute__((noreturn)) void fc_fill_nan_tiles_and_exit(void* out, fc_i64 n, fc_i64 seg,
-                                                                                  int nseg, fc_i64 tile) {
+__device__ __noinline__ void fc_fill_nan_tiles(void* out, fc_i64 n, fc_i64 seg, int nseg, fc_i64 tile) {
   const fc_i64 ntiles = (seg + tile - 1) / tile;
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x)
     fc_fill_nan<DT>(out, n, seg, nseg, ti * tile, min(tile, seg - ti * tile));
-  asm volatile("exit;");
-  __builtin_unreachable();
 }

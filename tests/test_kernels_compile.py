@@ -122,12 +122,15 @@ def test_the_error_record_and_its_codes_match_the_host_mirror(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA toolkit absent)")
     from flashcomm_cupy import _kernels
+    from flashcomm_cupy.backends.ipc import POISON_AREA_BYTES, POISON_PEERS_OFF
     checks = [f'static_assert(__builtin_offsetof(FcError, {f}) == {4 * i}, "{f}");'
               for i, f in enumerate(_kernels.ERROR_FIELDS)]
     checks += [f'static_assert(sizeof(FcError) == {4 * len(_kernels.ERROR_FIELDS)}, "sizeof(FcError)");',
                f'static_assert(FC_ERR_TIMEOUT == {_kernels.ERR_TIMEOUT}u, "timeout code");',
                f'static_assert(FC_ERR_POISON == {_kernels.ERR_POISON}u, "poison code");',
-               'static_assert((FC_POISON & 0xFFu) == 0 && FC_POISON != 0, "poison word names a rank in its low byte");']
+               'static_assert((FC_POISON & 0xFFu) == 0 && FC_POISON != 0, "poison word names a rank in its low byte");',
+               f'static_assert(FC_POISON_PEERS_OFF == {POISON_PEERS_OFF}, "poison area: peer table");',
+               f'static_assert(FC_POISON_AREA_BYTES == {POISON_AREA_BYTES}, "poison area size");']
     _assert_compiles_with(tmp_path, "error_record", checks, ("FC_DT=0", "FC_RS_BITS=0", "FC_AG_BITS=0"))
 
 

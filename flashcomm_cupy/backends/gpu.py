@@ -20,7 +20,7 @@ from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
 from ..errors import DEFAULT_TIMEOUT_S, FlashTimeoutError, resolve_timeout  # noqa: F401  (re-exported)
 from .cuda_util import CudaBackend, select_device
-from .ipc import PeerAccessError, WorkspaceLayout
+from .ipc import MAX_RANKS, PeerAccessError, WorkspaceLayout
 from .nccl import _NCCL_DTYPE, NcclBackend, NcclCommunicatorHandle
 from .transport import describe as describe_transport, open_workspace, resolve_transport
 
@@ -231,6 +231,11 @@ class FlashGpuBackend(CudaBackend):
         self._args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
         a = self._args[0]
         a["peers"][: self.world_size] = self.ws.peer_ptrs
+        # The kernels' out-of-line failure path poisons every rank through this table (fc_poison_all).
+        bases = np.zeros(MAX_RANKS, dtype=np.uint64)
+        bases[: self.world_size] = self.ws.peer_ptrs
+        cupy.cuda.runtime.memcpy(self.ws.peer_ptrs[self.rank] + layout.poison_peers_off, bases.ctypes.data,
+                                 bases.nbytes, cupy.cuda.runtime.memcpyDefault)
         a["err"] = self._err_ptr
         a["slot_bytes"] = layout.slot_bytes
         a["flags_off"] = layout.flags_off

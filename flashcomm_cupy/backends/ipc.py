@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_RANKS = 8
+#: the poison area's layout (FC_POISON_PEERS_OFF / FC_POISON_AREA_BYTES in fc_signal.cuh)
+POISON_PEERS_OFF = 32
+POISON_AREA_BYTES = POISON_PEERS_OFF + 8 * MAX_RANKS
 _PAGE = 4096
 _ALLOC_ALIGN = 2 << 20  # IPC shares whole allocations; keep ours on their own 2 MiB
 
@@ -74,12 +77,18 @@ class WorkspaceLayout:
 
     @property
     def poison_off(self) -> int:
-        """Poison words, one per source rank: non-zero once that rank gave up (fc_signal.cuh)."""
+        """The poison area (fc_signal.cuh): ``uint32[8]`` poison words, one per source rank and
+        non-zero once that rank gave up, then at :attr:`poison_peers_off` every rank's
+        workspace base as this rank maps it (``uint64[8]``, written by the host)."""
         return self.ll_epoch_off + 4 * self.max_blocks
 
     @property
+    def poison_peers_off(self) -> int:
+        return self.poison_off + POISON_PEERS_OFF
+
+    @property
     def rs_off(self) -> int:
-        return _up(self.poison_off + 4 * MAX_RANKS, _PAGE)
+        return _up(self.poison_off + POISON_AREA_BYTES, _PAGE)
 
     @property
     def region_bytes(self) -> int:
