@@ -22,7 +22,7 @@ import io
 import os
 import shlex
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 
@@ -152,11 +152,14 @@ def mpi_launch(fn):
     """
     @click.option("--np", "np_ranks", type=click.IntRange(min=1), default=None,
                   help="Ranks to relaunch with when started without mpirun "
-                       "(default: one per GPU, or 4 on the CPU backend).")
+                       "(default: one per GPU; on the CPU backend one per core, 2 to 4).")
     @click.option("--no-relaunch", is_flag=True,
                   help="Run in this process (one rank) even without mpirun.")
     @functools.wraps(fn)
     def wrapper(*args, np_ranks=None, no_relaunch=False, **kwargs):
+        if not launch.under_launcher():
+            # A bad output path fails now, not after the measurement (nor after a relaunch).
+            check_outputs({flag: kwargs.get(dest) for dest, flag in OUTPUT_DESTS.items()})
         maybe_relaunch(kwargs.get("backend", "auto"), np_ranks, no_relaunch)
         return fn(*args, **kwargs)
     return wrapper
@@ -241,10 +244,91 @@ def make_console(rank: int, file=None):
                    highlight=False, emoji=False, soft_wrap=False)
 
 
+MATPLOTLIB_HINT = '--plot needs matplotlib: pip install "flashcomm-cupy[plot]"'
+
+
 def require_matplotlib(path) -> None:
     """Fail early (before any measurement) when ``--plot`` cannot work."""
     if path and importlib.util.find_spec("matplotlib") is None:
-        raise click.ClickException('--plot needs matplotlib: pip install "flashcomm-cupy[plot]"')
+        raise click.ClickException(MATPLOTLIB_HINT)
+
+
+def output_path_problem(flag: str, path) -> Optional[str]:
+    """Why ``path`` (given to ``flag``) cannot be written, or None; creates nothing."""
+    if not path:
+        return None
+    full = os.path.abspath(os.path.expanduser(str(path)))
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        return f"{flag} {path}: is a directory"
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: directory {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        return f"{flag} {path}: not writable"
+    return None
+
+
+def outputs_problem(outputs: Dict[str, Optional[str]]) -> Optional[str]:
+    """The first problem with ``{flag: path}`` outputs, including --plot's matplotlib; None when all can work."""
+    for flag, path in outputs.items():
+        problem = output_path_problem(flag, path)
+        if problem:
+            return problem
+    if outputs.get("--plot") and importlib.util.find_spec("matplotlib") is None:
+        return MATPLOTLIB_HINT
+    return None
+
+
+def check_outputs(outputs: Dict[str, Optional[str]], mpi_comm=None) -> None:
+    """Raise :class:`click.ClickException` on every rank when rank 0 cannot write an output.
+
+    Rank 0 alone writes files, so rank 0 alone checks; with ``mpi_comm`` (collective) its verdict
+    is broadcast so that every rank stops together, before any measurement.
+    """
+    rank = mpi_comm.Get_rank() if mpi_comm is not None else 0
+    problem = outputs_problem(outputs) if rank == 0 else None
+    if mpi_comm is not None and mpi_comm.Get_size() > 1:
+        problem = mpi_comm.bcast(problem, root=0)
+    if problem:
+        raise click.ClickException(problem)
+
+
+#: parameter name -> flag of every file a command writes (see :func:`output_option`)
+OUTPUT_DESTS = {"json_path": "--json", "csv_path": "--csv", "plot_path": "--plot", "markdown_path": "--markdown",
+                "out_path": "--out"}
+
+
+def output_option(flag: str, dest: str, help_text: str):
+    """A ``--json``/``--csv``/``--plot``/... file option (checked before measuring by :func:`check_outputs`)."""
+    return click.option(flag, dest, type=click.Path(dir_okay=False), metavar="PATH", help=help_text)
+
+
+# ----------------------------------------------------------------------------- terminal
+def interactive_terminal(stream=None) -> bool:
+    """True when ``stream`` (stdout) is a terminal a person watches: a TTY and no MPI launcher.
+
+    Under Open MPI every rank's stdout is a pseudo-terminal even when mpirun writes to a log,
+    so nothing started by a launcher counts as interactive (no progress bars, no control codes).
+    """
+    stream = sys.stdout if stream is None else stream
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+    return bool(tty) and not launch.under_launcher()
+
+
+def output_width(stream=None) -> Optional[int]:
+    """Columns a table may use on ``stream``: a terminal's width, else $COLUMNS, else None (no limit).
+
+    Open MPI's per-rank pseudo-terminal reports 80 columns; the relaunch passes the user's
+    terminal width to its ranks through $COLUMNS.
+    """
+    columns = launch.terminal_columns(stream)
+    if columns:
+        return columns
+    value = os.environ.get("COLUMNS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 DTYPE_NAMES = tuple(DTYPES)

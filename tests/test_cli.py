@@ -147,13 +147,16 @@ def test_info_prints_the_mpi_library_and_every_rank(tmp_path):
 
 
 # ----------------------------------------------------------------------------- relaunch
-def test_without_mpirun_on_a_gpuless_host_it_relaunches_four_cpu_ranks():
+def test_without_mpirun_on_a_gpuless_host_it_relaunches_one_cpu_rank_per_core():
+    from flashcomm_cupy.harness import launch
+    n = launch.default_cpu_ranks(launch.available_cores())
     proc = _run(CLI + ["bench", "-b", "1K", "-e", "1K", "--bits", "4", "-n", "1", "-w", "0", "-r", "1"],
                 env=_without_launcher())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "relaunching on the CPU backend with 4 ranks" in proc.stderr
-    assert "-n 4" in proc.stderr
-    assert "4 ranks" in proc.stdout and "# OK" in proc.stdout
+    assert f"relaunching on the CPU backend with {n} ranks" in proc.stderr
+    assert f"-n {n}" in proc.stderr
+    assert f"{n} ranks" in proc.stdout and "# OK" in proc.stdout
+    assert "WARNING" not in proc.stdout  # the default does not oversubscribe (at least 2 cores here)
 
 
 def test_no_relaunch_runs_a_single_rank():
