@@ -4,9 +4,9 @@ from __future__ import annotations
 import click
 
 from . import table
-from .options import (algo_list_parser, backend_option, check_outputs, command_line, group_size_option,
-                      mpi_launch, open_communicator, output_option, parse_bits_list, parse_dtype,
-                      parse_size_option, switch_option)
+from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
+                      dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
+                      output_option, parse_size_option, switch_option)
 
 #: defaults that differ between the GPU and the CPU backend
 GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
@@ -15,7 +15,7 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
                 "graph": 0, "peer_bw": None, "check_max_bytes": 16 << 20}
 
 
-@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@command("bench")
 @click.option("-b", "--minbytes", callback=parse_size_option, metavar="SIZE",
               help="Smallest message (K/M/G suffixes). [default: 4K on GPUs, 1K on CPUs]")
 @click.option("-e", "--maxbytes", callback=parse_size_option, metavar="SIZE",
@@ -31,21 +31,17 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
                    "[default: 5 on GPUs, 3 on CPUs]")
 @click.option("-c", "--check", type=click.IntRange(0, 1), default=1, show_default=True,
               help="Correctness pass: #wrong vs the reference and error vs the exact sum.")
-@click.option("-d", "--datatype", "dtype", default="float16", show_default=True, callback=parse_dtype,
-              metavar="[float16|bfloat16|float32]", help="Element type.")
+@dtype_option("float16")
 @click.option("-G", "--graph", type=click.IntRange(0, 1), default=None,
               help="Time CUDA-graph replays of the calls (the primary figure when available). "
                    "[default: 1 on GPUs; CPUs have no graphs]")
 @click.option("--eager", is_flag=True, help="Also report eager (non-graph) timing.")
-@click.option("--bits", default="none,8,4,4/8", show_default=True, callback=parse_bits_list,
-              help="Comma list of flashcomm modes: none (lossless), 4, 6, 8, or RS/AG such as 4/8.")
-@group_size_option
-@click.option("--algo", default="auto", show_default=True,
-              callback=algo_list_parser(("auto", "oneshot", "twoshot")),
-              help="Comma list of algorithms: auto, oneshot, twoshot.")
+@bits_option("none,8,4,4/8")
+@group_size_option()
+@algo_option("auto")
 @switch_option("--rotate", "Hadamard rotation of quantized modes: off, on (bare --rotate), or both.")
 @switch_option("--symmetric", "Symmetric (abs-max) codecs for quantized modes: off, on, or both.")
-@backend_option
+@backend_option()
 @click.option("--peer-bw", "peer_bw", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="GBPS", help="Per-rank send bandwidth for the wire floor. [default: 350 on GPUs, "
                                    "none on CPUs]")
@@ -53,7 +49,7 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
               help="Largest size checked bit-exactly against the host reference; larger sizes get "
                    "the error vs the exact sum and the rank agreement only. [default: 16M]")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the inputs.")
-@output_option("--json", "json_path", "Write the results (with machine and versions) as JSON.")
+@json_option("Write the results (with machine and versions) as JSON.")
 @output_option("--csv", "csv_path", "Write the result rows as CSV.")
 @output_option("--plot", "plot_path", "Plot latency and speedup vs size to a PNG (needs the 'plot' extra).")
 @click.option("--protocol", type=click.Choice(["auto", "flag", "ll"]), default=None,

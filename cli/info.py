@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .options import backend_option, make_console, mpi_launch, open_communicator
+from .options import backend_option, check_outputs, command, json_option, make_console, mpi_launch, open_communicator
 
 #: message sizes at which ``info`` shows what ``algo="auto"`` picks
 AUTO_PROBE_BYTES = (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20)
@@ -80,20 +80,20 @@ def render_info(console, info: dict) -> None:
         console.print(table_text, markup=False, highlight=False)
 
 
-@click.command("info", context_settings={"help_option_names": ["-h", "--help"]})
-@backend_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Also write everything shown (and each rank's full describe()) as JSON.")
+@command("info")
+@backend_option()
+@json_option("Also write everything shown (and each rank's full describe()) as JSON.")
 @mpi_launch
 def info(backend, json_path):
     """Show versions, every rank's host/device, topology, workspace and the tuning in use."""
+    from flashcomm_cupy.harness.results import write_document
+
     comm = open_communicator(backend)
     with comm:
+        check_outputs({"--json": json_path}, comm.mpi_comm)
         data = collect_info(comm)
         if comm.rank == 0:
             render_info(make_console(0), data)
             if json_path:
-                with open(json_path, "w", encoding="utf-8") as fh:
-                    json.dump(data, fh, indent=1, default=str)
-                    fh.write("\n")
+                write_document(json_path, "info", data)
         comm.mpi_comm.Barrier()

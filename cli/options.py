@@ -27,11 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import click
 
 from flashcomm_cupy.config import SUPPORTED_GROUP_SIZES, parse_bits
-from flashcomm_cupy.dtypes import DTYPES, resolve_dtype
+from flashcomm_cupy.dtypes import resolve_dtype
 from flashcomm_cupy.harness import launch
 from flashcomm_cupy.harness.sizes import parse_size
 
 BACKEND_CHOICES = ("auto", "gpu", "cpu")
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
 SWITCH_VALUES = {"off": (False,), "on": (True,), "both": (False, True),
                  "0": (False,), "1": (True,)}
 CUPY_HINT = 'pip install "flashcomm-cupy[cuda12]" (or [cuda13] for CUDA 13)'
@@ -98,6 +99,8 @@ def parse_switch(ctx, param, value) -> Tuple[bool, ...]:
 
 
 def parse_dtype(ctx, param, value):
+    if value is None:
+        return None
     try:
         return resolve_dtype(value)
     except ValueError as exc:
@@ -126,30 +129,114 @@ def parse_count_list(ctx, param, value) -> List[int]:
     return [parse_size_option(ctx, param, item) for item in _split(value)]
 
 
-# ----------------------------------------------------------------------------- reusable options
+# ----------------------------------------------------------------------------- shared options
+# Every command spells these options the same way, with the same choices and parsers.  List
+# options take comma lists and may repeat (``--bits 8,4 --bits 4/8``); old spellings stay as
+# aliases (extra names below, or :data:`FLAG_ALIASES`).
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
 def switch_option(name: str, help_text: str, default: str = "off"):
     """``--rotate`` (= on), ``--rotate both``, ``--rotate off`` style option."""
     return click.option(name, default=default, is_flag=False, flag_value="on", show_default=True,
                         metavar="[off|on|both]", callback=parse_switch, help=help_text)
 
 
-backend_option = click.option(
-    "--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-    help="auto: the flash GPU kernels when CuPy sees a GPU, else the CPU backend (MPI processes).")
+def backend_option(extra: Sequence[str] = (), default: str = "auto", help_extra: str = ""):
+    """``--backend auto|gpu|cpu`` (plus a command's ``extra`` choices)."""
+    return click.option(
+        "--backend", type=click.Choice(BACKEND_CHOICES + tuple(extra)), default=default, show_default=True,
+        help="auto: the flash GPU kernels when CuPy sees a GPU, else the CPU backend (MPI processes)."
+             + help_extra)
 
-group_size_option = click.option(
-    "--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="128",
-    show_default=True, callback=lambda c, p, v: int(v), help="Elements per quantization group.")
+
+def bits_option(default: str, help_text: str = "flashcomm modes: none (lossless), 4, 6, 8, or RS/AG "
+                                               "such as 4/8 (comma list, repeatable)."):
+    """``--bits`` -> list of ``(rs_bits, ag_bits)`` pairs."""
+    return click.option("--bits", multiple=True, default=(default,), show_default=default,
+                        callback=parse_bits_list, metavar="BITS", help=help_text)
 
 
-def mpi_launch(fn):
-    """Add ``--np``/``--no-relaunch`` and relaunch under mpiexec when needed.
+def _parse_group_sizes(ctx, param, value) -> List[int]:
+    out = []
+    for item in _split(value):
+        if not item.isdigit() or int(item) not in SUPPORTED_GROUP_SIZES:
+            raise click.BadParameter(f"{item!r} is not one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+        if int(item) not in out:
+            out.append(int(item))
+    if not out:
+        raise click.BadParameter(f"give one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+    return out
 
-    The wrapped command must have a ``backend`` parameter.  Started without an
-    MPI launcher, the command reruns itself on one rank per GPU, or on the CPU
-    backend with 4 ranks on a host without GPUs, says so on stderr, and exits
+
+def group_size_option(default: str = "128", multiple: bool = False):
+    """``--group-size``: one size (an int), or with ``multiple`` a comma list (list of ints)."""
+    def parse(ctx, param, value):
+        sizes = _parse_group_sizes(ctx, param, value)
+        if not multiple and len(sizes) > 1:
+            raise click.BadParameter("give one group size")
+        return sizes if multiple else sizes[0]
+    choices = "|".join(map(str, SUPPORTED_GROUP_SIZES))
+    return click.option("--group-size", multiple=multiple, default=(default,) if multiple else default,
+                        show_default=default, callback=parse, metavar=f"[{choices}]",
+                        help="Elements per quantization group" + (" (comma list, repeatable)." if multiple else "."))
+
+
+ALGO_CHOICES = ("auto", "oneshot", "twoshot")
+
+
+def algo_option(default: str = "auto"):
+    """``--algo`` -> list of algorithms from :data:`ALGO_CHOICES`."""
+    return click.option("--algo", multiple=True, default=(default,), show_default=default,
+                        callback=algo_list_parser(ALGO_CHOICES), metavar="ALGO",
+                        help="Algorithms: auto, oneshot, twoshot (comma list, repeatable).")
+
+
+def dtype_option(default: Optional[str] = "float16", multiple: bool = False, help_text: str = "Element type."):
+    """``-d/--dtype`` (old spelling ``--datatype``): one NumPy dtype, or with ``multiple`` a list."""
+    return click.option("-d", "--dtype", "--datatype", "dtype", multiple=multiple,
+                        default=((default,) if multiple and default else default), show_default=default,
+                        callback=(parse_dtype_list if multiple else parse_dtype),
+                        metavar="[" + "|".join(DTYPE_NAMES) + "]",
+                        help=help_text + (" Comma list, repeatable." if multiple else ""))
+
+
+def json_option(help_text: str = "Write the results as JSON."):
+    return output_option("--json", "json_path", help_text)
+
+
+#: old flag spellings -> today's (flags that were booleans are now off|on|both switches)
+FLAG_ALIASES = {"--no-rotate": "--rotate=off", "--asymmetric": "--symmetric=off"}
+
+
+class Command(click.Command):
+    """A flashcomm command: ``-h`` for help, and :data:`FLAG_ALIASES` accepted."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("context_settings", dict(CONTEXT))
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, [FLAG_ALIASES.get(a, a) for a in args])
+
+
+def command(name: str):
+    """``@command("bench")``: a :class:`Command`."""
+    return click.command(name, cls=Command)
+
+
+def mpi_launch(fn=None, *, needs_gpus: Optional[str] = None):
+    """Add ``--np``/``--no-relaunch`` and relaunch under mpiexec when needed (every command does).
+
+    The wrapped command has a ``backend`` parameter, or ``needs_gpus`` names what it needs the
+    GPUs for (``tune``: it has no CPU backend).  Started without an MPI launcher, the command
+    first checks its output paths, then reruns itself on one rank per GPU, or on the CPU backend
+    (:func:`launch.default_cpu_ranks`) on a host without GPUs, says so on stderr, and exits
     with the child job's status.
     """
+    if fn is None:
+        return functools.partial(mpi_launch, needs_gpus=needs_gpus)
+
     @click.option("--np", "np_ranks", type=click.IntRange(min=1), default=None,
                   help="Ranks to relaunch with when started without mpirun "
                        "(default: one per GPU; on the CPU backend one per core, 2 to 4).")
@@ -160,18 +247,25 @@ def mpi_launch(fn):
         if not launch.under_launcher():
             # A bad output path fails now, not after the measurement (nor after a relaunch).
             check_outputs({flag: kwargs.get(dest) for dest, flag in OUTPUT_DESTS.items()})
-        maybe_relaunch(kwargs.get("backend", "auto"), np_ranks, no_relaunch)
+            if needs_gpus:
+                problem = _gpu_problem(1, needs_gpus)
+                if problem:
+                    raise click.ClickException(problem)
+        backend = "gpu" if needs_gpus else kwargs.get("backend", "auto")
+        maybe_relaunch(backend, np_ranks, no_relaunch, who=needs_gpus)
         return fn(*args, **kwargs)
     return wrapper
 
 
-def maybe_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool) -> None:
-    """Relaunch and exit when :func:`launch.plan_relaunch` says so; else return."""
+def maybe_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool, who: Optional[str] = None) -> None:
+    """Relaunch and exit when :func:`launch.plan_relaunch` says so; else return.
+
+    ``who``: what needs the GPUs, for the messages (default: "--backend gpu")."""
     if no_relaunch or launch.under_launcher():
         return
-    gpus = launch.cuda_device_count() if backend in ("auto", "gpu") else 0
+    gpus = launch.cuda_device_count() if backend in ("auto", "gpu", "nccl") else 0
     if backend == "gpu":
-        require_cupy(backend)
+        require_cupy(who or f"--backend {backend}")
     try:
         plan = launch.plan_relaunch(backend, np_ranks, no_relaunch, gpus)
         if plan is None:
@@ -184,18 +278,23 @@ def maybe_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool) -> 
 
 
 # ----------------------------------------------------------------------------- backend
-def require_cupy(backend: str) -> None:
+def require_cupy(who: str = "--backend gpu") -> None:
+    """:class:`click.ClickException` when CuPy is not installed; ``who`` names what needs it."""
     if importlib.util.find_spec("cupy") is None:
-        raise click.ClickException(f"--backend {backend} needs CuPy: {CUPY_HINT}")
+        raise click.ClickException(f"{who} needs CuPy: {CUPY_HINT}")
 
 
-def _gpu_problem(nlocal: int) -> Optional[str]:
-    """Why this rank cannot run ``--backend gpu`` (None when it can); local, never raises."""
+def _gpu_problem(nlocal: int, who: Optional[str] = None) -> Optional[str]:
+    """Why this rank cannot run on its GPU (None when it can); local, never raises.
+
+    ``who``: what needs the GPU, for the message (default "--backend gpu", which has a CPU
+    alternative to suggest)."""
     from flashcomm_cupy import gpu_available
     if importlib.util.find_spec("cupy") is None:
-        return f"--backend gpu needs CuPy: {CUPY_HINT}"
+        return f"{who or '--backend gpu'} needs CuPy and a CUDA GPU: {CUPY_HINT}"
     if not gpu_available():
-        return "--backend gpu: CuPy sees no CUDA device (try --backend cpu)"
+        return (f"{who}: CuPy sees no CUDA device" if who
+                else "--backend gpu: CuPy sees no CUDA device (try --backend cpu)")
     ndev = launch.cuda_device_count()
     if nlocal > ndev:
         return (f"{nlocal} ranks on this host but only {ndev} GPU(s): "
@@ -203,7 +302,7 @@ def _gpu_problem(nlocal: int) -> Optional[str]:
     return None
 
 
-def open_communicator(backend: str, **options):
+def open_communicator(backend: str, who: Optional[str] = None, **options):
     """A :class:`flashcomm_cupy.Communicator` on ``MPI.COMM_WORLD`` (collective).
 
     ``--backend gpu`` without CuPy, without a visible GPU, or with more ranks
@@ -215,7 +314,7 @@ def open_communicator(backend: str, **options):
     if backend == "gpu":
         # The checks are each rank's own (hosts and CUDA_VISIBLE_DEVICES may differ): agree
         # first, so that every rank raises or none does and all enter the collectives below.
-        problems = _mpi.get_comm().allgather(_gpu_problem(_mpi.local_size()))
+        problems = _mpi.get_comm().allgather(_gpu_problem(_mpi.local_size(), who))
         bad = [(r, p) for r, p in enumerate(problems) if p is not None]
         if bad:
             rank, problem = bad[0]
@@ -330,5 +429,3 @@ def output_width(stream=None) -> Optional[int]:
     value = os.environ.get("COLUMNS", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else None
 
-
-DTYPE_NAMES = tuple(DTYPES)

@@ -160,11 +160,8 @@ def bench_table_lines(meta: dict, rows: Sequence[Row], width: Optional[int] = No
 
 def fold_prose(text: str, width: Optional[int]) -> List[str]:
     """A ``# ...`` header line folded at word boundaries to ``width`` (no word is ever split)."""
-    import textwrap
-    if width is None or len(text) <= width:
-        return [text]
-    return textwrap.wrap(text, width, subsequent_indent="#   ", break_long_words=False,
-                         break_on_hyphens=False) or [text]
+    from .table import fold_text
+    return fold_text(text, width, "#   ")
 
 
 class BenchPrinter:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from flashcomm_cupy.harness.results import Row
 from flashcomm_cupy.harness.sizes import format_size
@@ -197,3 +197,36 @@ class StreamTable:
         for i, cols in enumerate(self.layout.lines):
             out.append(self._join(i, [c.cell(row, first) for c in cols]))
         return out
+
+    def text_lines(self, texts: Dict[str, str]) -> List[str]:
+        """The lines of one row given as ``{column name: text}`` (for tables whose rows are not bench rows)."""
+        return [self._join(i, [texts.get(c.name, "") for c in cols]) for i, cols in enumerate(self.layout.lines)]
+
+
+def text_columns(names: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> List[Column]:
+    """Columns sized to hold every text of ``rows`` (lists of cell texts in ``names`` order)."""
+    return [Column(name, max([len(name)] + [len(r[i]) for r in rows]), right[i], lambda r, first: "")
+            for i, name in enumerate(names)]
+
+
+def plain_table(names: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool],
+                width: Optional[int], groups: Optional[Sequence[object]] = None) -> List[str]:
+    """A whole table of texts as lines that fit ``width`` (see :func:`choose_layout`); a blank line
+    wherever ``groups[i]`` differs from the row before."""
+    stream = StreamTable(text_columns(names, rows, right), width)
+    out = stream.header_lines()
+    for i, cells in enumerate(rows):
+        if groups is not None and i and groups[i] != groups[i - 1]:
+            out.append("")
+        out += stream.text_lines(dict(zip(names, cells)))
+    return out
+
+
+def fold_text(text: str, width: Optional[int], indent: str) -> List[str]:
+    """``text`` folded at word boundaries to ``width`` (None: as is), later lines after ``indent``;
+    a word longer than the width stays whole."""
+    import textwrap
+    if width is None or len(text) <= width:
+        return [text]
+    return textwrap.wrap(text, width, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False) or [text]

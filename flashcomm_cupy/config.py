@@ -117,6 +117,11 @@ class Mode:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.rotate and self.lossless:
             raise ValueError("rotate=True needs a quantized mode (bits=None is exact already)")
+        if self.algo in ("nccl", "mpi") and not self.lossless:
+            # the vendor collective only sums full-precision data: running it would silently
+            # drop the requested quantization
+            raise ValueError(f"algo={self.algo!r} is the vendor's lossless all-reduce and cannot run "
+                             f"bits={self.bits_label}: use bits=None, or algo='auto', 'oneshot' or 'twoshot'")
 
     @classmethod
     def make(cls, bits: BitsArg = 4, group_size: int = 128, symmetric: bool = False,
