@@ -261,8 +261,8 @@ def maybe_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool, who
     """Relaunch and exit when :func:`launch.plan_relaunch` says so; else return.
 
     ``who``: what needs the GPUs, for the messages (default: "--backend gpu")."""
-    if no_relaunch or launch.under_launcher():
-        return
+    if no_relaunch or launch.under_launcher() or backend == "reference":
+        return  # accuracy's reference backend simulates its ranks in this process
     gpus = launch.cuda_device_count() if backend in ("auto", "gpu", "nccl") else 0
     if backend == "gpu":
         require_cupy(who or f"--backend {backend}")
