@@ -82,8 +82,11 @@ def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dt
                 raise click.ClickException(f"--protocol {protocol} needs the flash GPU backend, "
                                            f"not {comm.backend_name}")
         if graph and not on_gpu:
-            raise click.BadParameter(f"the {comm.backend_name} backend has no CUDA graphs; leave -G out "
-                                     "(CPU times are eager calls)", param_hint="'-G'")
+            # -G 1 is a GPU default that scripts pass everywhere: run eagerly, record graph false, say so
+            graph = 0
+            if comm.rank == 0:
+                click.echo(f"flashcomm: -G 1 ignored: the {comm.backend_name} backend has no CUDA graphs "
+                           "(times are eager calls)", err=True)
         d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
         pick = lambda value, key: d[key] if value is None else value  # noqa: E731
         lo, hi = pick(minbytes, "minbytes"), pick(maxbytes, "maxbytes")

@@ -6,6 +6,7 @@ of the suite).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -109,6 +110,8 @@ def test_bench_graph_request_on_cpu_falls_back_to_eager_and_bf16_works():
                        "-G", "1", "--eager", "-d", "bf16", "--bits", "6", "--algo", "oneshot,twoshot",
                        "--rotate", "both"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "-G 1 ignored: the cpu backend has no CUDA graphs" in proc.stderr
+    assert "graph on" not in proc.stdout and "no CUDA graphs" in proc.stdout
     for label in ("int6 g128 [oneshot]", "int6 g128 rot [oneshot]", "int6 g128 [twoshot]",
                   "int6 g128 rot [twoshot]"):
         assert label in proc.stdout
@@ -363,3 +366,93 @@ def test_bench_under_each_launcher_on_a_narrow_terminal_cuts_no_cell(name, mpiex
     table_lines = [line for line in out.splitlines() if line and not line.startswith("[")]
     assert max(map(len, table_lines)) <= NARROW, out  # the table fits the terminal it was given
     assert "# OK" in out
+
+
+# ----------------------------------------------------------------------------- bad input, every command
+_NO_DIR = "/nonexistent-flashcomm-dir/out"
+_CPU1 = ["--backend", "cpu", "--no-relaunch"]
+BAD_INPUT = [
+    # (arguments, exit status, words the one line must contain)
+    (["bench", "--frobnicate"], 2, ["--frobnicate"]),
+    (["bench", "-d", "int8"], 2, ["unsupported dtype"]),
+    (["bench", "--bits", "5"], 2, ["--bits"]),
+    (["bench", "-b", "lots"], 2, ["cannot parse size"]),
+    (["bench", "--group-size", "100"], 2, ["--group-size", "100"]),
+    (["bench", "--rotate", "sometimes"], 2, ["--rotate"]),
+    (["bench", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["bench", "--csv", _NO_DIR + ".csv"], 1, ["--csv", "does not exist"]),
+    (["bench", "--json", "/"], 2, ["--json", "directory"]),
+    (["info", "--backend", "tpu"], 2, ["--backend", "tpu"]),
+    (["info", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["verify", "--algo", "threeshot"], 2, ["threeshot"]),
+    (["verify", "-d", "float8"], 2, ["float8"]),
+    (["verify", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["accuracy", "--data", "music"], 2, ["--data", "music"]),
+    (["accuracy", "--group-size", "100"], 2, ["--group-size", "100"]),
+    (["accuracy", "--bits", "3"], 2, ["--bits"]),
+    (["accuracy", "--algo", "oneshot,twoshot"], 2, ["--algo", "one algorithm"]),
+    (["accuracy", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["model", "--group-size", "100"], 2, ["--group-size", "100"]),
+    (["model", "--bits", "7"], 2, ["--bits"]),
+    (["model", "--tokens", "many", *_CPU1], 2, ["--tokens"]),
+    (["model", "--model", "custom", "--hidden", "64", *_CPU1], 2, ["--num-layers", "--heads"]),
+    (["model", "--model", "tiny", "--layers", "13", *_CPU1], 2, ["--layers", "12 layers"]),
+    (["model", "--markdown", _NO_DIR + ".md"], 1, ["--markdown", "does not exist"]),
+    (["tune", "-o", _NO_DIR + ".json"], 1, ["--out", "does not exist"]),
+    (["nosuchcommand"], 2, ["nosuchcommand"]),
+]
+
+
+@pytest.mark.parametrize("args,status,words", BAD_INPUT, ids=[" ".join(a[:3]) for a, _, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_a_nonzero_exit_for_every_command(args, status, words):
+    proc = _run(CLI + args, env=_without_launcher(), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("flashcomm: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_tune_without_a_gpu_says_it_needs_gpus():
+    from flashcomm_cupy import gpu_available
+    if gpu_available():
+        pytest.skip("this host has a GPU")
+    proc = _run(CLI + ["tune"], env=_without_launcher(), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "flashcomm tune" in lines[0] and "GPU" in lines[0] and "--backend" not in lines[0]
+    help_text = _run(CLI + ["tune", "--help"], env=_without_launcher(), timeout=60).stdout
+    assert "Needs CUDA GPUs" in help_text
+
+
+def test_plot_without_matplotlib_fails_before_measuring(tmp_path):
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed here")
+    for cmd in (["bench"], ["accuracy"]):
+        proc = _run(CLI + cmd + ["--plot", str(tmp_path / "p.png")], env=_without_launcher(), timeout=60)
+        assert proc.returncode == 1 and proc.stderr.strip() == \
+            'flashcomm: error: --plot needs matplotlib: pip install "flashcomm-cupy[plot]"', proc.stderr
+
+
+def test_a_quantized_mode_cannot_ask_for_the_vendor_collective():
+    from flashcomm_cupy.config import Mode
+    for algo in ("mpi", "nccl"):
+        with pytest.raises(ValueError, match=f"algo='{algo}'.*bits=4"):
+            Mode.make(4, algo=algo)
+        assert Mode.make(None, algo=algo).is_baseline
+
+
+def test_old_flag_spellings_still_work():
+    from flashcomm_cupy.cli import options
+    ctx_args = {}
+
+    @options.command("probe")
+    @options.switch_option("--rotate", "r")
+    @options.switch_option("--symmetric", "s")
+    @options.dtype_option("float16")
+    def probe(rotate, symmetric, dtype):
+        ctx_args.update(rotate=rotate, symmetric=symmetric, dtype=str(dtype))
+
+    probe.main(["--no-rotate", "--asymmetric", "--datatype", "bfloat16"], standalone_mode=False)
+    assert ctx_args == {"rotate": (False,), "symmetric": (False,), "dtype": "bfloat16"}
