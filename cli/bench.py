@@ -11,7 +11,7 @@ from .options import (algo_option, backend_option, bits_option, check_outputs, c
 #: defaults that differ between the GPU and the CPU backend
 GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
                 "graph": 1, "peer_bw": 350.0, "check_max_bytes": 16 << 20}
-CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup": 1, "repeats": 3,
+CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 4 << 20, "iters": 5, "warmup": 1, "repeats": 3,
                 "graph": 0, "peer_bw": None, "check_max_bytes": 16 << 20}
 
 
@@ -19,7 +19,7 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
 @click.option("-b", "--minbytes", callback=parse_size_option, metavar="SIZE",
               help="Smallest message (K/M/G suffixes). [default: 4K on GPUs, 1K on CPUs]")
 @click.option("-e", "--maxbytes", callback=parse_size_option, metavar="SIZE",
-              help="Largest message. [default: 256M on GPUs, 16M on CPUs]")
+              help="Largest message. [default: 256M on GPUs, 4M on CPUs]")
 @click.option("-f", "--stepfactor", type=click.FloatRange(min=1, min_open=True), default=4.0,
               show_default=True, help="Size multiplication factor (nccl-tests uses 2; 4 halves the run time).")
 @click.option("-n", "--iters", type=click.IntRange(min=1), default=None,

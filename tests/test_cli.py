@@ -456,3 +456,36 @@ def test_old_flag_spellings_still_work():
 
     probe.main(["--no-rotate", "--asymmetric", "--datatype", "bfloat16"], standalone_mode=False)
     assert ctx_args == {"rotate": (False,), "symmetric": (False,), "dtype": "bfloat16"}
+
+
+# ----------------------------------------------------------------------------- defaults are quick
+#: every command typed bare on a GPU-less host: (arguments, what its output must say)
+DEFAULT_RUNS = [
+    (["bench"], "# OK"),
+    (["verify"], "cases: OK"),
+    (["info"], "flashcomm"),
+    (["model"], "tiny forward"),
+    (["accuracy", "--data", "gaussian"], "gaussian:"),
+]
+#: a generous bound on a loaded 2-core runner (each takes 3-25 s on an idle one)
+DEFAULT_BOUND_S = 150
+
+
+@pytest.mark.parametrize("args,says", DEFAULT_RUNS, ids=[a[0] for a, _ in DEFAULT_RUNS])
+def test_every_command_finishes_its_cpu_defaults_quickly_and_shows_progress(args, says):
+    import time
+    from flashcomm_cupy import gpu_available
+    if gpu_available():
+        pytest.skip("this host has a GPU: the defaults are the GPU ones")
+    start = time.monotonic()
+    proc = _run(CLI + args, env=_without_launcher(), timeout=DEFAULT_BOUND_S)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert says in proc.stdout, proc.stdout
+    assert took < DEFAULT_BOUND_S
+    if args[0] != "info":  # quick commands print their result at once; long ones say where they are
+        assert ("relaunching" in proc.stderr) == (args[0] != "accuracy")
+    if args[0] == "model":
+        assert "CPU backend: small defaults" in proc.stderr and "[flashcomm model] prefill" in proc.stderr
+    if args[0] == "accuracy":
+        assert "[flashcomm accuracy] data set 1/1" in proc.stderr
