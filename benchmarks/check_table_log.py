@@ -12,7 +12,8 @@ What it checks (the table format of ``flashcomm bench``: a header of column name
 of dashes per column, rows as plain text; a narrow width folds every row onto several lines
 and the header folds the same way):
 
-* no terminal control codes (escape sequences, carriage returns) and no ellipsis ``…``
+* no terminal control codes (escape sequences, carriage returns other than a terminal's CR LF
+  line ends) and no ellipsis ``…``
   (the mark of a cell cut to fit);
 * the table and its footer (``# OK``, ``# FAILED`` or ``# INTERRUPTED``) are present;
 * every cell lies inside its column (the dashes give the spans) with a space on each side, so
@@ -75,7 +76,9 @@ def _cells(line: str, spans: List[Span], where: str, problems: List[str]) -> Non
 def check_log(text: str) -> Tuple[List[str], int, int]:
     """(problems, data rows, lines per row) of the bench table in ``text``."""
     problems: List[str] = []
-    lines = text.split("\n")
+    # a terminal's line discipline (Open MPI's per-rank pty, script(1)) ends lines with CR LF:
+    # that is a line end, not a control code; a lone CR (a redrawn progress line) is
+    lines = text.replace("\r\n", "\n").split("\n")
     for i, line in enumerate(lines):
         if CONTROL.search(line):
             problems.append(f"line {i + 1}: terminal control code {CONTROL.search(line).group()!r}")

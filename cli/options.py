@@ -418,7 +418,8 @@ def interactive_terminal(stream=None) -> bool:
 
 
 def output_width(stream=None) -> Optional[int]:
-    """Columns a table may use on ``stream``: a terminal's width, else $COLUMNS, else None (no limit).
+    """Columns a table may use on ``stream``: a terminal's width, else $COLUMNS, else None
+    (no limit: pipes, files, MPICH's forwarding typed without the relaunch).
 
     Open MPI's per-rank pseudo-terminal reports 80 columns; the relaunch passes the user's
     terminal width to its ranks through $COLUMNS.
@@ -427,5 +428,7 @@ def output_width(stream=None) -> Optional[int]:
     if columns:
         return columns
     value = os.environ.get("COLUMNS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return None
 
