@@ -297,9 +297,25 @@ def _gpu_problem(nlocal: int, who: Optional[str] = None) -> Optional[str]:
                 else "--backend gpu: CuPy sees no CUDA device (try --backend cpu)")
     ndev = launch.cuda_device_count()
     if nlocal > ndev:
-        return (f"{nlocal} ranks on this host but only {ndev} GPU(s): "
-                f"run at most {ndev} ranks per host (mpiexec -n {ndev})")
+        return too_few_gpus_message(nlocal, ndev, os.environ)
     return None
+
+
+def too_few_gpus_message(nlocal: int, ndev: int, env) -> str:
+    """Why ``nlocal`` ranks on a host that shows each of them ``ndev`` GPUs cannot run, and the fix.
+
+    The usual cause is not a small host but a per-rank GPU binding (SLURM's ``--gpus-per-task=1``
+    or ``CUDA_VISIBLE_DEVICES`` set per rank): every rank of a host must see all of its GPUs, so
+    that it can pick its own by local rank and map its peers' memory."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None or env.get("SLURM_GPUS_PER_TASK") or env.get("SLURM_STEP_GPUS"):
+        how = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "SLURM's GPU binding"
+        return (f"{nlocal} ranks on this host, but each sees only {ndev} GPU(s) ({how}): flashcomm needs every "
+                "rank of a host to see all of the host's GPUs (it picks its own by local rank and maps its "
+                "peers' memory); do not set CUDA_VISIBLE_DEVICES per rank, and under SLURM use "
+                "--gpus-per-node=N with --gpu-bind=none instead of --gpus-per-task=1")
+    return (f"{nlocal} ranks on this host but only {ndev} GPU(s): "
+            f"run at most {ndev} ranks per host (mpiexec -n {ndev})")
 
 
 def open_communicator(backend: str, who: Optional[str] = None, **options):

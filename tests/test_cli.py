@@ -492,3 +492,15 @@ def test_every_command_finishes_its_cpu_defaults_quickly_and_shows_progress(args
         assert "CPU backend: small defaults" in proc.stderr and "[flashcomm model] prefill" in proc.stderr
     if args[0] == "accuracy":
         assert "[flashcomm accuracy] data set 1/1" in proc.stderr
+
+
+@pytest.mark.parametrize("env,says", [
+    ({}, "run at most 1 ranks per host"),
+    ({"CUDA_VISIBLE_DEVICES": "3"}, "CUDA_VISIBLE_DEVICES=3"),
+    ({"SLURM_GPUS_PER_TASK": "1"}, "--gpus-per-node=N with --gpu-bind=none"),
+])
+def test_a_per_rank_gpu_binding_is_named_as_the_cause(env, says):
+    from flashcomm_cupy.cli.options import too_few_gpus_message
+    text = too_few_gpus_message(2, 1, env)
+    assert says in text and "\n" not in text
+    assert ("see all of the host's GPUs" in text) == bool(env)
