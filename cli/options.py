@@ -346,17 +346,17 @@ def open_communicator(backend: str, who: Optional[str] = None, **options):
 def make_console(rank: int, file=None):
     """A rich Console that prints on rank 0 and swallows output elsewhere.
 
-    Piped output gets no colour and a wide fixed width so tables do not wrap.
+    Anything but an interactive terminal (:func:`interactive_terminal`: pipes, files, and the
+    pseudo-terminal Open MPI gives each rank) gets no colour, no control codes and no wrapping.
     """
     from rich.console import Console
     if rank != 0:
         return Console(file=io.StringIO(), width=200)
     stream = file if file is not None else sys.stdout
-    is_tty = hasattr(stream, "isatty") and stream.isatty()
-    if is_tty:
+    if interactive_terminal(stream):
         return Console(file=stream)
-    return Console(file=stream, width=int(os.environ.get("COLUMNS", 0) or 200), no_color=True,
-                   highlight=False, emoji=False, soft_wrap=False)
+    return Console(file=stream, width=output_width(stream) or 200, no_color=True, color_system=None,
+                   force_terminal=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 MATPLOTLIB_HINT = '--plot needs matplotlib: pip install "flashcomm-cupy[plot]"'

@@ -305,13 +305,17 @@ def plot_bench(result: BenchResult, path) -> None:
 
 # ----------------------------------------------------------------------------- progress
 class ProgressBar:
-    """A rich progress bar on rank 0 when stdout is a terminal; otherwise does nothing.
+    """A rich progress bar on rank 0 on an interactive terminal (:func:`options.interactive_terminal`);
+    otherwise does nothing.
 
     Use as a context manager; the instance is the harness's progress callback.
     """
 
     def __init__(self, console, enabled: bool, description: str = "measuring"):
-        self.enabled = enabled and console.is_terminal
+        from .options import interactive_terminal
+        # not console.is_terminal: under Open MPI every rank's stdout is a pseudo-terminal, even
+        # when mpirun writes to a log, and a live bar there puts control codes in the log
+        self.enabled = enabled and interactive_terminal(console.file)
         self.console = console
         self.description = description
         self._progress = None
@@ -338,43 +342,30 @@ class ProgressBar:
 
 
 # ----------------------------------------------------------------------------- verify
-def verify_table(rows):
-    """One row per (mode, algo) with one column per dtype: ok / number of failing lengths."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
+def verify_table_lines(rows, width: Optional[int] = None) -> List[str]:
+    """One row per (mode, algo) with one column per dtype: ``ok n/n`` or ``FAIL k/n``; plain lines
+    that fit ``width`` (see :mod:`.table`)."""
+    from .table import plain_table
 
     dtypes = list(OrderedDict.fromkeys(r.dtype for r in rows))
     groups: "OrderedDict[tuple, list]" = OrderedDict()
     for r in rows:
         groups.setdefault((r.mode, r.algo), []).append(r)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    table.add_column("mode", no_wrap=True)
-    table.add_column("algo", no_wrap=True)
-    table.add_column("ran", no_wrap=True)
-    for dt in dtypes:
-        table.add_column(dt, no_wrap=True)
-    table.add_column("max rel-RMS", justify="right", no_wrap=True)
-    table.add_column("bound", justify="right", no_wrap=True)
-    table.add_column("#wrong", justify="right", no_wrap=True)
+    names = ["mode", "algo", "ran", *dtypes, "max rel-RMS", "bound", "#wrong"]
+    cells = []
     for (mode, algo), group in groups.items():
-        cells = [mode, algo, ",".join(OrderedDict.fromkeys(algo_text(r) for r in group))]
+        row = [mode, algo, ",".join(OrderedDict.fromkeys(algo_text(r) for r in group))]
         for dt in dtypes:
             sub = [r for r in group if r.dtype == dt]
             bad = [r for r in sub if not r.ok]
-            if not sub:
-                cells.append(Text(DASH))
-            elif bad:
-                cells.append(Text(f"FAIL {len(bad)}/{len(sub)}", style="bold red"))
-            else:
-                cells.append(Text(f"ok {len(sub)}/{len(sub)}", style="green"))
+            row.append(DASH if not sub else f"FAIL {len(bad)}/{len(sub)}" if bad else f"ok {len(sub)}/{len(sub)}")
         errs = [r.rel_rms for r in group if r.rel_rms is not None]
         worst = max(errs, key=lambda e: (not math.isfinite(e), e)) if errs else None
         wrong = [r.wrong for r in group if r.wrong is not None]
-        cells += [fmt_err(worst), fmt_err(max(r.bound for r in group)),
-                  fmt_count(sum(wrong) if wrong else None)]
-        table.add_row(*cells)
-    return table
+        row += [fmt_err(worst), fmt_err(max(r.bound for r in group)), fmt_count(sum(wrong) if wrong else None)]
+        cells.append(row)
+    right = [False] * (3 + len(dtypes)) + [True] * 3
+    return plain_table(names, cells, right, width)
 
 
 # ----------------------------------------------------------------------------- info
@@ -387,31 +378,24 @@ def info_lines(info: dict) -> List[str]:
     return lines
 
 
-def ranks_table(ranks: Sequence[dict]):
-    from rich import box
-    from rich.table import Table
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="ranks")
-    for name in ("rank", "host", "pid", "device", "PCI bus", "memory GiB"):
-        table.add_column(name, no_wrap=True)
-    for r in ranks:
-        table.add_row(str(r.get("rank")), str(r.get("host")), str(r.get("pid")), str(r.get("device")),
-                      str(r.get("pci_bus_id") or DASH), fmt_num(r.get("memory_gib")))
-    return table
+def ranks_table_lines(ranks: Sequence[dict], width: Optional[int] = None) -> List[str]:
+    from .table import plain_table
+    names = ["rank", "host", "pid", "device", "PCI bus", "memory GiB"]
+    cells = [[str(r.get("rank")), str(r.get("host")), str(r.get("pid")), str(r.get("device")),
+              str(r.get("pci_bus_id") or DASH), fmt_num(r.get("memory_gib"))] for r in ranks]
+    return ["ranks:"] + plain_table(names, cells, [True, False, True, False, False, True], width)
 
 
-def matrix_table(matrix: Sequence[Sequence], title: str):
-    """A square matrix (e.g. peer access) with rank labels."""
-    from rich import box
-    from rich.table import Table
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title)
-    table.add_column("", no_wrap=True)
-    for j in range(len(matrix)):
-        table.add_column(str(j), justify="center", no_wrap=True)
+def matrix_table_lines(matrix: Sequence[Sequence], title: str, width: Optional[int] = None) -> List[str]:
+    """A square matrix (e.g. peer access) with rank labels, as plain lines."""
+    from .table import plain_table
+    n = len(matrix)
+    cells = []
     for i, row in enumerate(matrix):
-        cells = row if isinstance(row, (list, tuple)) and len(row) == len(matrix) else [None] * len(matrix)
-        table.add_row(str(i), *[("yes" if v is True else "no" if v is False else "n/a" if v is None else str(v))
-                                for v in cells])
-    return table
+        values = row if isinstance(row, (list, tuple)) and len(row) == n else [None] * n
+        cells.append([str(i)] + ["yes" if v is True else "no" if v is False else "n/a" if v is None else str(v)
+                                 for v in values])
+    return [f"{title}:"] + plain_table([""] + [str(j) for j in range(n)], cells, [True] * (n + 1), width)
 
 
 ProgressCallback = Callable[[int, int, str], None]

@@ -6,7 +6,7 @@ import dataclasses
 import click
 
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
-                      dtype_option, group_size_option, json_option, make_console, mpi_launch, open_communicator,
+                      dtype_option, group_size_option, json_option, make_console, mpi_launch, open_communicator, output_width,
                       parse_count_list, switch_option)
 
 DEFAULT_LENGTHS = "1,127,4099,65537"
@@ -66,7 +66,8 @@ def verify(ctx, bits, rotate, symmetric, algo, dtype, lengths, group_size, inpla
             rows = run_verify(comm, dtypes, lengths, modes, seed=seed, inplace=inplace, progress=bar)
         failures = [r for r in rows if not r.ok]
         if comm.rank == 0:
-            console.print(report.verify_table(rows))
+            for line in report.verify_table_lines(rows, output_width()):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
             for r in failures:
                 console.print(f"# FAILED {r.dtype} n={r.count} {r.mode} [{r.algo_resolved}]: {r.failure}",
                               style="bold red", markup=False, highlight=False)
