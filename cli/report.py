@@ -173,7 +173,7 @@ class BenchPrinter:
     below the rows.  Use as a context manager; ``enabled`` False (ranks other than 0) prints nothing.
     """
 
-    def __init__(self, meta: dict, config, algos: Sequence[str], enabled: bool, stream=None, width=None):
+    def __init__(self, meta: dict, algos: Sequence[str], enabled: bool, stream=None, width=None):
         import sys
 
         from . import options, table
@@ -182,8 +182,7 @@ class BenchPrinter:
         self.stream = stream if stream is not None else sys.stdout
         width = options.output_width(self.stream) if width is None else width
         self.table = table.StreamTable(bench_columns_for(meta, [], algos), width)
-        self.itemsize = config.dtype.itemsize if hasattr(config.dtype, "itemsize") else _ITEMSIZE.get(
-            meta.get("dtype"), 1)
+        self.itemsize = _ITEMSIZE.get(meta.get("dtype"), 1)
         self._bar = None
         if enabled and options.interactive_terminal(self.stream):
             from rich.console import Console

@@ -11,7 +11,6 @@ import importlib.util
 import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from flashcomm_cupy.cli import report, table
@@ -110,11 +109,8 @@ def test_a_value_wider_than_its_column_shifts_its_line_but_stays_whole():
 def test_the_printer_writes_each_row_when_it_finishes_without_control_codes():
     result = _result()
     out = io.StringIO()
-
-    class Config:
-        dtype = np.dtype("float16")
-    printer = report.BenchPrinter(result.meta, Config(), algos=table.algo_texts("nccl", True), enabled=True,
-                                  stream=out, width=80)
+    printer = report.BenchPrinter(result.meta, algos=table.algo_texts("nccl", True), enabled=True, stream=out,
+                                  width=80)
     with printer:
         printer.header()
         seen = []
@@ -134,11 +130,8 @@ def test_the_printer_writes_each_row_when_it_finishes_without_control_codes():
 def test_an_interrupted_run_keeps_its_rows_and_says_so():
     result = _result()
     out = io.StringIO()
-
-    class Config:
-        dtype = np.dtype("float16")
-    printer = report.BenchPrinter(result.meta, Config(), algos=table.algo_texts("nccl", True), enabled=True,
-                                  stream=out, width=None)
+    printer = report.BenchPrinter(result.meta, algos=table.algo_texts("nccl", True), enabled=True, stream=out,
+                                  width=None)
     printer.header()
     done = BenchResult(meta=result.meta, rows=result.rows[:3])
     for r in done.rows:
@@ -151,10 +144,7 @@ def test_an_interrupted_run_keeps_its_rows_and_says_so():
 
 def test_ranks_other_than_zero_print_nothing():
     out = io.StringIO()
-
-    class Config:
-        dtype = np.dtype("float16")
-    printer = report.BenchPrinter(_result().meta, Config(), algos=(), enabled=False, stream=out, width=80)
+    printer = report.BenchPrinter(_result().meta, algos=(), enabled=False, stream=out, width=80)
     printer.header()
     printer.row(_result().rows[0])
     assert out.getvalue() == ""
