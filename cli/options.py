@@ -4,9 +4,16 @@
   mpiexec when a command is started without an MPI launcher.
 * :func:`open_communicator` -- the backend, with one-line errors for a
   missing CuPy, no GPU, or more ranks than GPUs.
-* parsers for comma lists (``--bits``, ``--algo``), ``off|on|both``
-  switches, sizes and dtypes that raise :class:`click.BadParameter`.
-* :func:`make_console` -- rich console that prints on rank 0 only.
+* the options every command spells the same way (:func:`bits_option`,
+  :func:`group_size_option`, :func:`algo_option`, :func:`dtype_option`,
+  :func:`switch_option`, :func:`backend_option`, :func:`json_option`), their
+  parsers (raising :class:`click.BadParameter`), and :class:`Command`, which
+  accepts the old spellings in :data:`FLAG_ALIASES`.
+* :func:`check_outputs` -- every output path (and ``--plot``'s matplotlib)
+  checked before anything is measured, with one verdict for all ranks.
+* :func:`interactive_terminal`, :func:`output_width`, :func:`make_console` --
+  where output goes: progress and colour only on a terminal a person watches,
+  tables sized to the width, rank 0 only.
 
 Error contract with :func:`flashcomm_cupy.cli.main.main`: raise
 :class:`click.ClickException` (or a subclass) only for conditions every rank
@@ -360,12 +367,6 @@ def make_console(rank: int, file=None):
 
 
 MATPLOTLIB_HINT = '--plot needs matplotlib: pip install "flashcomm-cupy[plot]"'
-
-
-def require_matplotlib(path) -> None:
-    """Fail early (before any measurement) when ``--plot`` cannot work."""
-    if path and importlib.util.find_spec("matplotlib") is None:
-        raise click.ClickException(MATPLOTLIB_HINT)
 
 
 def output_path_problem(flag: str, path) -> Optional[str]:
