@@ -353,7 +353,7 @@ def run_in_pty(cmd, columns: int, timeout: float, env: dict):
     return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
 
 
-@pytest.mark.parametrize("name,mpiexec,python,why", _launchers(), ids=lambda v: v if v in ("mpich", "openmpi") else "")
+@pytest.mark.parametrize("name,mpiexec,python,why", _launchers(), ids=[launcher[0] for launcher in _launchers()])
 def test_bench_under_each_launcher_on_a_narrow_terminal_cuts_no_cell(name, mpiexec, python, why):
     if mpiexec is None:
         if os.environ.get("FLASHCOMM_REQUIRE_OPENMPI") == "1":  # .ci/run: CI must run both launchers
