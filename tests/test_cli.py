@@ -504,3 +504,34 @@ def test_a_per_rank_gpu_binding_is_named_as_the_cause(env, says):
     text = too_few_gpus_message(2, 1, env)
     assert says in text and "\n" not in text
     assert ("see all of the host's GPUs" in text) == bool(env)
+
+
+def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path):
+    """SIGINT to the relaunching process (what Ctrl-C sends to the foreground group) mid-sweep."""
+    import signal
+    import subprocess
+    import time
+    out_json = tmp_path / "partial.json"
+    cmd = CLI + ["bench", "--backend", "cpu", "--np", "2", "-b", "1K", "-e", "256M", "--bits", "4",
+                 "--json", str(out_json)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_without_launcher(), start_new_session=True)
+    lines, deadline = [], time.monotonic() + 120
+    try:
+        for line in proc.stdout:  # wait for the second size's first row
+            lines.append(line)
+            if line.lstrip().startswith("4K") or time.monotonic() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(lines) + rest
+    assert proc.returncode != 0, text + err
+    assert "# INTERRUPTED after" in text, text + err
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["interrupted"] is True
+    assert len(data["rows"]) >= 3 and data["rows"][0]["size_bytes"] == 1024  # 1K (2 rows) and 4K at least
+    assert "Traceback" not in err
