@@ -43,6 +43,47 @@ def _without_launcher(extra=None):
     return env
 
 
+# ----------------------------------------------------------------------------- shared memory
+SHM = Path("/dev/shm")
+
+
+def _mapped_anywhere(path: Path) -> bool:
+    """True when some live process maps or holds ``path`` open (another job's segment)."""
+    name = str(path)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if name in (proc / "maps").read_text():
+                return True
+            if any(os.readlink(fd) == name for fd in (proc / "fd").iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture
+def aborted_job_shm():
+    """Removes the shared-memory segments an MPI job aborted by the test leaves behind.
+
+    MPI_Abort (how a failed or interrupted job ends without risking a hang) does not let
+    MPICH or Open MPI unlink their segments.  Only segments that appeared during the test
+    and that no live process holds are removed.
+    """
+    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+    yield
+    if not SHM.is_dir():
+        return
+    for name in set(os.listdir(SHM)) - before:
+        path = SHM / name
+        if name.startswith(("mpich_shm_", "sm_segment.", "vader_segment.")) and not _mapped_anywhere(path):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
 # ----------------------------------------------------------------------------- bench
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
@@ -225,7 +266,7 @@ ONE_RANK_FAILS = textwrap.dedent("""
 """)
 
 
-def test_an_exception_on_one_rank_aborts_the_job_instead_of_hanging(tmp_path):
+def test_an_exception_on_one_rank_aborts_the_job_instead_of_hanging(tmp_path, aborted_job_shm):
     script = tmp_path / "boom.py"
     script.write_text(ONE_RANK_FAILS)
     mpiexec = require_mpi()
@@ -506,7 +547,7 @@ def test_a_per_rank_gpu_binding_is_named_as_the_cause(env, says):
     assert ("see all of the host's GPUs" in text) == bool(env)
 
 
-def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path):
+def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path, aborted_job_shm):
     """SIGINT to the relaunching process (what Ctrl-C sends to the foreground group) mid-sweep."""
     import signal
     import subprocess

@@ -215,9 +215,29 @@ def relaunch(plan: LaunchPlan, args: Sequence[str], announce=None,
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return 130
+        return _stop_after_interrupt(proc)
+
+
+#: seconds the job gets after a Ctrl-C to wind down by itself (rank 0 writes the finished rows)
+INTERRUPT_GRACE_S = 5.0
+
+
+def _stop_after_interrupt(proc: subprocess.Popen) -> int:
+    """End the relaunched job after this process got SIGINT; return its status (130 if killed).
+
+    A Ctrl-C typed in a terminal reaches the whole foreground group: mpiexec and its ranks got it
+    too, and a second SIGINT would make mpiexec abort the ranks before rank 0 has written the
+    finished rows.  So the job gets :data:`INTERRUPT_GRACE_S` to end by itself; then (or at a
+    second Ctrl-C) it is sent SIGINT, and killed 10 s later.
+    """
+    try:
+        return proc.wait(timeout=INTERRUPT_GRACE_S)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=10)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.kill()
+        proc.wait()
+        return 130
