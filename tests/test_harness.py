@@ -520,6 +520,12 @@ def test_child_env_marks_the_relaunch():
     assert env == {"A": "1", launch.RELAUNCH_ENV: "1"} and launch.under_launcher(env)
 
 
+def test_the_relaunch_passes_the_terminal_width_unless_columns_is_set():
+    assert launch.child_env({}, terminal_columns=97)["COLUMNS"] == "97"
+    assert launch.child_env({"COLUMNS": "120"}, terminal_columns=97)["COLUMNS"] == "120"
+    assert "COLUMNS" not in launch.child_env({}, terminal_columns=None)
+
+
 # ----------------------------------------------------------------------------- report rendering
 def _render(renderable):
     from rich.console import Console
