@@ -118,7 +118,10 @@ def _run_nvcc(nvcc: str, args: Sequence[str], out: Path, digest: str) -> Build:
     cmd = [nvcc, *args, "-o", str(out)]
     shown = " ".join(args)
     cache = _cache_dir()
-    key = hashlib.sha256(f"{digest}\n{shown}\n{_nvcc_version(nvcc)}".encode()).hexdigest()
+    # the key names kernels_cu/ by its contents (digest), not its path: every checkout and CI's
+    # fresh clone share the builds of identical sources
+    where = shown.replace(str(KERNEL_DIR), "<kernels_cu>")
+    key = hashlib.sha256(f"{digest}\n{where}\n{_nvcc_version(nvcc)}".encode()).hexdigest()
     entry = cache / f"{key}.json" if cache is not None else None
     if entry is not None and entry.is_file():
         return Build(True, shown, json.loads(entry.read_text())["log"])
