@@ -125,7 +125,7 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     meta = machine.run_meta(comm.backend, descriptions, command_line(), dtype_name(config.dtype),
                             config.as_meta())
     result = BenchResult(meta=meta, rows=[])
-    printer = report.BenchPrinter(meta, algos=table.algo_texts(comm.backend.baseline_algo, on_gpu),
+    printer = report.BenchPrinter(meta, algos=table.algo_texts(comm.backend.supported_algos(), on_gpu),
                                   enabled=comm.rank == 0)
     with printer:
         printer.header()

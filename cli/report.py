@@ -207,7 +207,7 @@ class BenchPrinter:
             for part in fold_prose(text, self.table.width):
                 self.line(part)
             return
-        if self._bar is not None and self._bar._progress is not None:
+        if self._bar is not None and self._bar.live:
             self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
             self.stream.write(text + "\n")
@@ -328,6 +328,11 @@ class ProgressBar:
             self._progress.__enter__()
             self._task = self._progress.add_task(self.description, total=None)
         return self
+
+    @property
+    def live(self) -> bool:
+        """True while the bar is on screen (print through :attr:`console` then)."""
+        return self._progress is not None
 
     def __call__(self, done: int, total: int, what: str) -> None:
         if self._progress is not None:

@@ -58,11 +58,12 @@ class Column:
         return text.rjust(self.width) if self.right else text.ljust(self.width)
 
 
-def algo_texts(baseline_algo: str, gpu: bool) -> List[str]:
-    """Every text the algo column can show for a run of this backend."""
-    texts = [baseline_algo, "oneshot", "twoshot"]
+def algo_texts(supported_algos: Sequence[str], gpu: bool) -> List[str]:
+    """Every text the algo column can show for a backend with these algorithms (its baseline included);
+    the GPU kernels add their protocol ("/ll", "/staged", see :func:`report.algo_text`)."""
+    texts = list(supported_algos)
     if gpu:
-        texts += ["oneshot/ll", "twoshot/ll", "twoshot/staged"]
+        texts += [f"{a}/ll" for a in supported_algos] + [f"{a}/staged" for a in supported_algos]
     return texts
 
 

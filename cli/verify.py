@@ -6,8 +6,8 @@ import dataclasses
 import click
 
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
-                      dtype_option, group_size_option, json_option, make_console, mpi_launch, open_communicator, output_width,
-                      parse_count_list, switch_option)
+                      dtype_option, group_size_option, json_option, make_console, mpi_launch, open_communicator,
+                      output_width, parse_count_list, switch_option)
 
 DEFAULT_LENGTHS = "1,127,4099,65537"
 #: GPUs also get a length that spans many thread blocks and chunks

@@ -19,6 +19,7 @@ from flashcomm_cupy.harness.results import BenchResult, Row
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (40, 60, 80, 120, 200, None)
 MODES = ["lossless", "int8 g128", "int4/8 g128 sym rot [oneshot]", "int4 g128"]
+GPU_ALGOS = table.algo_texts(("oneshot", "twoshot", "nccl"), gpu=True)
 
 
 def _checker():
@@ -109,8 +110,7 @@ def test_a_value_wider_than_its_column_shifts_its_line_but_stays_whole():
 def test_the_printer_writes_each_row_when_it_finishes_without_control_codes():
     result = _result()
     out = io.StringIO()
-    printer = report.BenchPrinter(result.meta, algos=table.algo_texts("nccl", True), enabled=True, stream=out,
-                                  width=80)
+    printer = report.BenchPrinter(result.meta, algos=GPU_ALGOS, enabled=True, stream=out, width=80)
     with printer:
         printer.header()
         seen = []
@@ -130,8 +130,7 @@ def test_the_printer_writes_each_row_when_it_finishes_without_control_codes():
 def test_an_interrupted_run_keeps_its_rows_and_says_so():
     result = _result()
     out = io.StringIO()
-    printer = report.BenchPrinter(result.meta, algos=table.algo_texts("nccl", True), enabled=True, stream=out,
-                                  width=None)
+    printer = report.BenchPrinter(result.meta, algos=GPU_ALGOS, enabled=True, stream=out, width=None)
     printer.header()
     done = BenchResult(meta=result.meta, rows=result.rows[:3])
     for r in done.rows:
