@@ -10,7 +10,8 @@
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
 # accuracy, model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
-# example, eager cost under torchrun), and the
+# example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
+# cut cells), and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
@@ -140,6 +141,20 @@ for stage in ${STAGES//,/ }; do
         --shape "${SOLO_SHAPE:-256,264,2}" --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" \
         > "$OUT/ncu-source.csv" 2>>"$LOG"
       log "rc=$? ($(wc -l < "$OUT/ncu-source.csv") lines)" ;;
+    table)  # issue 19: `mpirun -n 2 flashcomm bench` as a user types it (Open MPI gives each rank an
+            # 80-column pty), as a log and on a 60-column terminal; both logs checked for cut cells
+            # and control codes by benchmarks/check_table_log.py (expected: "OK: 45 rows" each: 9 sizes x 5)
+      FLASHCOMM=$(command -v flashcomm || echo "$FC")
+      log "mpirun -n 2 flashcomm bench > $OUT/table-2x.log"
+      timeout -k 10 300 env -u NO_COLOR TERM=xterm-256color mpirun -n 2 $FLASHCOMM bench > "$OUT/table-2x.log" 2>&1
+      log "rc=$?"
+      if command -v script >/dev/null; then
+        log "the same on a 60-column terminal (script) > $OUT/table-2x-pty60.log"
+        timeout -k 10 300 env -u NO_COLOR TERM=xterm-256color script -qec \
+          "stty cols 60 rows 40; mpirun -n 2 $FLASHCOMM bench" "$OUT/table-2x-pty60.log" > /dev/null 2>&1
+        log "rc=$?"
+      fi
+      run 30 python3 benchmarks/check_table_log.py "$OUT"/table-2x*.log ;;
     checks-quick)
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
     pytest)
