@@ -197,10 +197,12 @@ def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, b
             raise click.UsageError("--model measures the model's own activations: drop --data, --input, "
                                    "--input-per-rank and --residual-scale")
         from .accuracy_model import run_model_accuracy
-        return run_model_accuracy(model, _split(bits) or DEFAULT_BITS,
-                                  [int(g) for g in _split(group_sizes)] or DEFAULT_GROUP_SIZES,
-                                  _SWITCH[rotate], _SWITCH[symmetric], algo, backend, dtype, pairs,
-                                  corpus_path, json_path, plot_path)
+        from click.core import ParameterSource
+        source = click.get_current_context().get_parameter_source  # None below: the model study's default
+        return run_model_accuracy(model, _split(bits) or None, [int(g) for g in _split(group_sizes)] or None,
+                                  _SWITCH[rotate] if source("rotate") is not ParameterSource.DEFAULT else None,
+                                  _SWITCH[symmetric] if source("symmetric") is not ParameterSource.DEFAULT else None,
+                                  algo, backend, dtype, pairs, corpus_path, json_path, plot_path)
     specs = _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype)
     try:
         cfg = StudyConfig(data=specs, bits=_split(bits) or DEFAULT_BITS,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import click
 
@@ -22,14 +22,24 @@ GOOD_MEAN_COS = 0.999
 GOOD_TOP1 = 0.99
 
 
-def run_model_accuracy(model: str, bits: Sequence[str], group_sizes: Sequence[int], rotate, symmetric,
+def run_model_accuracy(model: str, bits: Optional[Sequence[str]], group_sizes: Optional[Sequence[int]],
+                       rotate: Optional[Sequence[bool]], symmetric: Optional[Sequence[bool]],
                        algo: str, backend: str, dtype: Optional[str], pairs: int, corpus_path: Optional[str],
                        json_path: Optional[str], plot_path: Optional[str]) -> None:
-    """Run the study on ``mpiexec -n TP`` ranks; rank 0 prints the tables and writes the files."""
+    """Run the study on ``mpiexec -n TP`` ranks; rank 0 prints the tables and writes the files.
+
+    ``bits``, ``group_sizes``, ``rotate`` and ``symmetric`` None take the
+    study's defaults (:data:`flashcomm_cupy.minilm.study.DEFAULT_BITS` ...).
+    """
     from flashcomm_cupy.minilm import assets
     from flashcomm_cupy.minilm.corpus import Corpus
     from flashcomm_cupy.minilm.study import default_corpus, run_minilm_study
 
+    from flashcomm_cupy.minilm import study as defaults
+    bits = bits or defaults.DEFAULT_BITS
+    group_sizes = group_sizes or defaults.DEFAULT_GROUP_SIZES
+    rotate = rotate or defaults.DEFAULT_ROTATE
+    symmetric = symmetric or defaults.DEFAULT_SYMMETRIC
     if model not in MODELS:
         raise click.BadParameter(f"{model!r} is not one of {', '.join(MODELS)}", param_hint="--model")
     try:

@@ -119,23 +119,23 @@ def first_sentence(doc: str) -> Optional[str]:
 
 def _stdlib_pairs() -> Iterator[Tuple[str, str]]:
     seen = set()
-    for module_name in STDLIB_MODULES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # importing or reading deprecated names (typing.re, ...) warns
+        for module_name in STDLIB_MODULES:
             try:
                 module = importlib.import_module(module_name)
             except ImportError:  # a Python built without e.g. zlib
                 continue
-        for name in sorted(n for n in vars(module) if not n.startswith("_")):
-            obj = getattr(module, name)
-            if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            sentence = first_sentence(doc) if doc else None
-            if sentence is None or sentence in seen:
-                continue  # re-exports and shared docstrings would make two right answers
-            seen.add(sentence)
-            yield f"{module_name} {name}".replace(".", " ").replace("_", " "), sentence
+            for name in sorted(n for n in vars(module) if not n.startswith("_")):
+                obj = getattr(module, name)
+                if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+                    continue
+                doc = inspect.getdoc(obj)
+                sentence = first_sentence(doc) if doc else None
+                if sentence is None or sentence in seen:
+                    continue  # re-exports and shared docstrings would make two right answers
+                seen.add(sentence)
+                yield f"{module_name} {name}".replace(".", " ").replace("_", " "), sentence
 
 
 def _card_sentences(path: Path) -> List[str]:

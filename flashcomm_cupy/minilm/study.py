@@ -36,6 +36,13 @@ from . import assets
 from .corpus import Corpus, build_corpus
 from .forward import TensorParallelMiniLM, sites
 
+#: The default sweep (24 quantized modes, ~4 min on 2 CPU ranks): every bit width, the smallest, the
+#: library's default and the largest group, rotation off and on, asymmetric codes (the library's
+#: default).  The full grid: --group-size 32,64,128,256,512,1024 --symmetric both.
+DEFAULT_BITS = ("8", "6", "4/8", "4")
+DEFAULT_GROUP_SIZES = (32, 128, 1024)
+DEFAULT_ROTATE = (False, True)
+DEFAULT_SYMMETRIC = (False,)
 #: texts per forward batch: ~700 tokens of this corpus per all-reduce (a prefill-sized message)
 DEFAULT_BATCH = 64
 #: outlier channels reported per all-reduce site
