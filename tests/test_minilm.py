@@ -132,3 +132,28 @@ def test_every_mode_gives_a_finite_row_on_two_cpu_ranks(tmp_path):
     int4 = next(r for r in quantized if r["label"] == "int4 g1024")
     assert int8["mean_cos"] > int4["mean_cos"] and int8["max_rel_rms"] < int4["max_rel_rms"]
     assert len(data["outliers"]) == 12 and corpus.Corpus.from_json(data).digest() == data["corpus"]["digest"]
+
+
+# ----------------------------------------------------------------------------- comparing two runs
+def _result(mean_cos=0.999, top1=1.0, rel=0.01, digest="abc", ranks=2):
+    row = {"label": "int8 g128", "mean_cos": mean_cos, "top1": top1, "top5": 1.0, "max_rel_rms": rel,
+           "site_rel_rms": {"L0.attn": rel, "L0.ffn": rel}}
+    return {"backend": "cpu", "ranks": ranks, "dtype": "float32", "queries": 300,
+            "corpus": {"digest": digest}, "rows": [row]}
+
+
+def test_compare_accepts_the_forwards_rounding_and_flags_more(capsys, tmp_path):
+    from flashcomm_cupy.minilm import compare
+    a = _result()
+    assert compare.compare(a, _result(mean_cos=0.99901, rel=0.01001)) == ([], [])
+    fatal, bad = compare.compare(a, _result(mean_cos=0.998, top1=0.97, rel=0.02))
+    assert not fatal and len(bad) == 1 and "mean cos" in bad[0] and "top1" in bad[0] and "L0.ffn" in bad[0]
+    fatal, _ = compare.compare(a, _result(digest="other", ranks=4))
+    assert any("--corpus" in f for f in fatal) and any("TP sizes" in f for f in fatal)
+    paths = []
+    for i, r in enumerate((a, _result(mean_cos=0.99), _result(digest="x"))):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert compare.main([str(paths[0]), str(paths[0])]) == 0 and "AGREE" in capsys.readouterr().out
+    assert compare.main([str(paths[0]), str(paths[1])]) == 1
+    assert compare.main([str(paths[0]), str(paths[2])]) == 2
