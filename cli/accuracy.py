@@ -176,11 +176,13 @@ def write_plot(rows: List[Row], path: str) -> None:
                    "rank 0 checks every result against the reference bit for bit.")
 @click.option("--model", type=click.Choice(["minilm"]), default=None,
               help="Study a real tensor-parallel model instead of data sets: minilm (all-MiniLM-L6-v2, "
-                   "TP = the MPI job's ranks; needs the 'model' extra; see docs/accuracy.md).")
+                   "TP = the MPI job's ranks, --backend reference means auto; needs the 'model' extra; "
+                   "see docs/accuracy.md).")
 @click.option("--pairs", default=300, show_default=True, type=click.IntRange(1),
               help="--model: query/document pairs of the retrieval corpus (standard-library docstrings).")
 @click.option("--corpus", "corpus_path", type=click.Path(exists=True, dir_okay=False),
-              help="--model: reuse the corpus of an earlier --json result (e.g. to compare backends).")
+              help="--model: reuse the corpus of an earlier --json result, e.g. to compare backends "
+                   "(--pairs is then ignored).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Write a Pareto chart (error vs bytes/element, log y) as PNG (needs matplotlib).")

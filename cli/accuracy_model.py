@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Optional, Sequence
 
 import click
@@ -46,7 +47,7 @@ def run_model_accuracy(model: str, bits: Optional[Sequence[str]], group_sizes: O
         modes = sweep_modes(bits, group_sizes, rotate, symmetric, algo)
         payload = resolve_dtype(dtype or "float32")
         assets.require_model_extra()
-        corpus = (Corpus.from_json(json.load(open(corpus_path))) if corpus_path else default_corpus(pairs))
+        corpus = Corpus.from_json(json.loads(Path(corpus_path).read_text())) if corpus_path else default_corpus(pairs)
     except assets.ModelExtraMissing as exc:
         raise click.ClickException(str(exc)) from None
     except (ValueError, OSError) as exc:
