@@ -177,7 +177,8 @@ def write_plot(rows: List[Row], path: str) -> None:
 @click.option("--model", type=click.Choice(["minilm"]), default=None,
               help="Study a real tensor-parallel model instead of data sets: minilm (all-MiniLM-L6-v2, "
                    "TP = the MPI job's ranks, --backend reference means auto; needs the 'model' extra; "
-                   "see docs/accuracy.md).")
+                   "see docs/accuracy.md). Its own defaults for options not given: --bits 8,6,4/8,4 "
+                   "--group-size 32,128,1024 --rotate both --symmetric off.")
 @click.option("--pairs", default=300, show_default=True, type=click.IntRange(1),
               help="--model: query/document pairs of the retrieval corpus (standard-library docstrings).")
 @click.option("--corpus", "corpus_path", type=click.Path(exists=True, dir_okay=False),
