@@ -15,6 +15,7 @@ import click
 from flashcomm_cupy.accuracy import (DEFAULT_BITS, DEFAULT_GROUP_SIZES, GENERATED_KINDS, DataSpec, Row,
                                      StudyConfig, run_study, sweep_modes)
 from flashcomm_cupy.harness.launch import env_rank
+from flashcomm_cupy.minilm.study import DEFAULT_SWEEP_TEXT as MODEL_DEFAULT_SWEEP
 
 _SWITCH = {"both": (False, True), "on": (True,), "off": (False,)}
 
@@ -177,8 +178,7 @@ def write_plot(rows: List[Row], path: str) -> None:
 @click.option("--model", type=click.Choice(["minilm"]), default=None,
               help="Study a real tensor-parallel model instead of data sets: minilm (all-MiniLM-L6-v2, "
                    "TP = the MPI job's ranks, --backend reference means auto; needs the 'model' extra; "
-                   "see docs/accuracy.md). Its own defaults for options not given: --bits 8,6,4/8,4 "
-                   "--group-size 32,128,1024 --rotate both --symmetric off.")
+                   f"see docs/accuracy.md). Its own defaults for options not given: {MODEL_DEFAULT_SWEEP}.")
 @click.option("--pairs", default=300, show_default=True, type=click.IntRange(1),
               help="--model: query/document pairs of the retrieval corpus (standard-library docstrings).")
 @click.option("--corpus", "corpus_path", type=click.Path(exists=True, dir_okay=False),

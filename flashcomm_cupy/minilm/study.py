@@ -43,6 +43,10 @@ DEFAULT_BITS = ("8", "6", "4/8", "4")
 DEFAULT_GROUP_SIZES = (32, 128, 1024)
 DEFAULT_ROTATE = (False, True)
 DEFAULT_SYMMETRIC = (False,)
+_SWITCH_NAME = {(False, True): "both", (True,): "on", (False,): "off"}
+#: the default sweep as command-line options (the CLI's help shows it)
+DEFAULT_SWEEP_TEXT = (f"--bits {','.join(DEFAULT_BITS)} --group-size {','.join(map(str, DEFAULT_GROUP_SIZES))} "
+                      f"--rotate {_SWITCH_NAME[DEFAULT_ROTATE]} --symmetric {_SWITCH_NAME[DEFAULT_SYMMETRIC]}")
 #: texts per forward batch: ~700 tokens of this corpus per all-reduce (a prefill-sized message)
 DEFAULT_BATCH = 64
 #: outlier channels reported per all-reduce site
