@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -109,13 +108,12 @@ class MiniLMStudy:
     #: the lossless run's own retrieval quality: the paired document ranks first / in the top 5
     lossless_accuracy_top1: float = 0.0
     lossless_accuracy_top5: float = 0.0
-    meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"model": "minilm", "ranks": self.ranks, "backend": self.backend, "dtype": self.dtype,
                 "tokens": self.tokens, "texts": len(self.corpus.texts), "queries": len(self.corpus.pairs),
                 "batch": self.batch, "lossless_accuracy_top1": self.lossless_accuracy_top1,
-                "lossless_accuracy_top5": self.lossless_accuracy_top5, **self.meta,
+                "lossless_accuracy_top5": self.lossless_accuracy_top5,
                 "rows": [r.to_json() for r in self.rows],
                 "outliers": [asdict(o) for o in self.outliers],
                 "corpus": self.corpus.to_json()}
