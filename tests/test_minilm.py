@@ -132,6 +132,7 @@ def test_every_mode_gives_a_finite_row_on_two_cpu_ranks(tmp_path):
     int4 = next(r for r in quantized if r["label"] == "int4 g1024")
     assert int8["mean_cos"] > int4["mean_cos"] and int8["max_rel_rms"] < int4["max_rel_rms"]
     assert len(data["outliers"]) == 12 and corpus.Corpus.from_json(data).digest() == data["corpus"]["digest"]
+    assert np.asarray(data["lossless_sample"]).shape == (8, 384)
 
 
 # ----------------------------------------------------------------------------- comparing two runs
@@ -148,6 +149,10 @@ def test_compare_accepts_the_forwards_rounding_and_flags_more(capsys, tmp_path):
     assert compare.compare(a, _result(mean_cos=0.99901, rel=0.01001)) == ([], [])
     fatal, bad = compare.compare(a, _result(mean_cos=0.998, top1=0.97, rel=0.02))
     assert not fatal and len(bad) == 1 and "mean cos" in bad[0] and "top1" in bad[0] and "L0.ffn" in bad[0]
+    a["lossless_sample"] = [[0.6, 0.8]]
+    assert compare.compare(a, dict(_result(), lossless_sample=[[0.600001, 0.8]])) == ([], [])
+    _, bad = compare.compare(a, dict(_result(), lossless_sample=[[0.61, 0.79]]))
+    assert len(bad) == 1 and "lossless embeddings differ" in bad[0]
     fatal, _ = compare.compare(a, _result(digest="other", ranks=4))
     assert any("--corpus" in f for f in fatal) and any("TP sizes" in f for f in fatal)
     paths = []

@@ -32,6 +32,9 @@ COS_REL, COS_ABS = 0.05, 2e-6
 RMS_REL, RMS_ABS = 0.02, 1e-6
 #: top-1 / top-5 agreement may differ by this many queries (near-ties among the documents flip)
 QUERY_FLIPS = 3
+#: the lossless embeddings (unit vectors) of the sample texts: float32 rounding of two forwards differs
+#: by ~1e-7 (TP vs single rank: 1.3e-7); a wrong forward differs at the 1e-2 level
+SAMPLE_ABS = 1e-5
 
 
 def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
@@ -48,7 +51,7 @@ def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
     if not shared:
         fatal.append("no mode in common")
     queries = a.get("queries") or 1
-    bad = []
+    bad = _compare_lossless(a, b, queries)
     for ra, rb in shared:
         why = []
         deficit = 1 - ra["mean_cos"]
@@ -64,6 +67,20 @@ def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
         if why:
             bad.append(f"{ra['label']}: " + "; ".join(why))
     return fatal, bad
+
+
+def _compare_lossless(a: dict, b: dict, queries: int) -> List[str]:
+    """The two forwards themselves: sample embeddings and the lossless retrieval accuracy."""
+    why = []
+    sa, sb = a.get("lossless_sample"), b.get("lossless_sample")
+    if sa and sb:
+        diff = max(abs(x - y) for ra, rb in zip(sa, sb) for x, y in zip(ra, rb))
+        if len(sa) != len(sb) or diff > SAMPLE_ABS:
+            why.append(f"lossless embeddings differ by {diff:.3g} (> {SAMPLE_ABS:g})")
+    for key in ("lossless_accuracy_top1", "lossless_accuracy_top5"):
+        if key in a and key in b and abs(a[key] - b[key]) * queries > QUERY_FLIPS + 1e-9:
+            why.append(f"{key} {100 * a[key]:.1f} % vs {100 * b[key]:.1f} %")
+    return [f"lossless forward: {w}" for w in why]
 
 
 def summary(a: dict, b: dict) -> str:

@@ -51,6 +51,8 @@ DEFAULT_BATCH = 64
 #: outlier channels reported per all-reduce site
 OUTLIER_CHANNELS = 4
 TOP_K = 5
+#: lossless embeddings of this many texts go into the result, so two backends' forwards can be compared
+SAMPLE_TEXTS = 8
 
 
 @dataclass
@@ -108,12 +110,15 @@ class MiniLMStudy:
     #: the lossless run's own retrieval quality: the paired document ranks first / in the top 5
     lossless_accuracy_top1: float = 0.0
     lossless_accuracy_top5: float = 0.0
+    #: the lossless embeddings of the first :data:`SAMPLE_TEXTS` texts
+    lossless_sample: List[List[float]] = None
 
     def to_json(self) -> dict:
         return {"model": "minilm", "ranks": self.ranks, "backend": self.backend, "dtype": self.dtype,
                 "tokens": self.tokens, "texts": len(self.corpus.texts), "queries": len(self.corpus.pairs),
                 "batch": self.batch, "lossless_accuracy_top1": self.lossless_accuracy_top1,
                 "lossless_accuracy_top5": self.lossless_accuracy_top5,
+                "lossless_sample": self.lossless_sample,
                 "rows": [r.to_json() for r in self.rows],
                 "outliers": [asdict(o) for o in self.outliers],
                 "corpus": self.corpus.to_json()}
@@ -164,7 +169,8 @@ def run_minilm_study(communicator, modes: Sequence[Mode], corpus: Corpus, dtype=
                        ranks=communicator.world_size, backend=communicator.backend_name,
                        dtype=dtype.name, tokens=sum(len(t) for t in token_ids), batch=batch,
                        lossless_accuracy_top1=float(np.mean(top[:, 0] == truth)),
-                       lossless_accuracy_top5=float(np.mean((top == truth[:, None]).any(axis=1))))
+                       lossless_accuracy_top5=float(np.mean((top == truth[:, None]).any(axis=1))),
+                       lossless_sample=lossless[:SAMPLE_TEXTS].tolist())
 
 
 # ============================================================================ running
