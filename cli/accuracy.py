@@ -17,6 +17,7 @@ from flashcomm_cupy.harness.results import write_document
 from flashcomm_cupy.accuracy import (DEFAULT_BITS, DEFAULT_GROUP_SIZES, GENERATED_KINDS, DataSpec, Row,
                                      StudyConfig, run_study, sweep_modes)
 from flashcomm_cupy.harness.launch import env_rank
+from flashcomm_cupy.minilm.study import DEFAULT_SWEEP_TEXT as MODEL_DEFAULT_SWEEP
 
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
@@ -142,6 +143,29 @@ def write_plot(rows: List[Row], path: str) -> None:
     plt.close(fig)
 
 
+def _study_bits(bits) -> list:
+    """``--bits`` pairs as the studies take them: 8 or (4, 8); the lossless mode, always studied, left out."""
+    return [b if b[0] != b[1] else b[0] for b in bits if b != (None, None)]
+
+
+def _launch_backend(params: dict) -> str:
+    """The backend ``accuracy`` runs (and relaunches) on, after the ``--model`` checks that must fail
+    before any relaunch: the model study measures its own activations (no data options) and needs
+    the 'model' extra; it always runs on an MPI job, so its ``--backend reference`` means auto."""
+    if not params.get("model"):
+        return params["backend"]
+    if params.get("data") or params.get("input_file") or params.get("per_rank") \
+            or params.get("residual_scale") is not None:
+        raise click.UsageError("--model measures the model's own activations: drop --data, --input, "
+                               "--input-per-rank and --residual-scale")
+    from flashcomm_cupy.minilm import assets
+    try:
+        assets.require_model_extra()
+    except assets.ModelExtraMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    return "auto" if params["backend"] == "reference" else params["backend"]
+
+
 @command("accuracy")
 @click.option("--data", multiple=True, metavar="KIND",
               help="Generated data set: gaussian, outliers, llm (repeatable or comma-separated). "
@@ -173,23 +197,44 @@ def write_plot(rows: List[Row], path: str) -> None:
                 help_extra=" reference: simulate --ranks ranks in this process (no MPI). cpu/gpu/auto: a "
                            "real all-reduce on every rank (relaunched under mpiexec like the other commands); "
                            "rank 0 checks every result against the reference bit for bit.")
+@click.option("--model", type=click.Choice(["minilm"]), default=None,
+              help="Study a real tensor-parallel model instead of data sets: minilm (all-MiniLM-L6-v2, "
+                   "TP = the MPI job's ranks, --backend reference means auto; needs the 'model' extra; "
+                   f"see docs/accuracy.md). Its own defaults for options not given: {MODEL_DEFAULT_SWEEP}.")
+@click.option("--pairs", default=300, show_default=True, type=click.IntRange(1),
+              help="--model: query/document pairs of the retrieval corpus (standard-library docstrings).")
+@click.option("--corpus", "corpus_path", type=click.Path(exists=True, dir_okay=False),
+              help="--model: reuse the corpus of an earlier --json result, e.g. to compare backends "
+                   "(--pairs is then ignored).")
 @json_option("Write the rows as JSON.")
 @output_option("--plot", "plot_path", "Write a Pareto chart (error vs bytes/element, log y) as PNG (needs matplotlib).")
-@mpi_launch
+@mpi_launch(launch_backend=_launch_backend)
 def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, bits, group_size, rotate,
-             symmetric, algo, residual_scale, backend, json_path, plot_path):
+             symmetric, algo, residual_scale, backend, model, pairs, corpus_path, json_path, plot_path):
     """Accuracy study: error of each quantization mode against the float64 sum, and bytes on the wire.
 
     Sweeps bit widths, group sizes, rotation and symmetric/asymmetric codes
-    over generated data (gaussian, outliers, llm) or your own activations.
+    over generated data (gaussian, outliers, llm) or your own activations,
+    or (--model) inside a real tensor-parallel model against its lossless run.
     """
     if len(algo) > 1:
         raise click.BadParameter("accuracy takes one algorithm", param_hint="'--algo'")
     dtype = None if dtype is None else dtype_name(dtype)
+    if model:
+        from click.core import ParameterSource
+        from .accuracy_model import run_model_accuracy
+        given = click.get_current_context().get_parameter_source  # not given: the model study's default
+
+        def unless_default(name, value):
+            return value if given(name) is not ParameterSource.DEFAULT else None
+        return run_model_accuracy(model, unless_default("bits", _study_bits(bits)),
+                                  unless_default("group_size", group_size), unless_default("rotate", rotate),
+                                  unless_default("symmetric", symmetric), algo[0], _launch_backend(
+                                      {"model": model, "backend": backend}), dtype, pairs, corpus_path,
+                                  json_path, plot_path)
     specs = _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype)
-    quantized = [b for b in bits if b != (None, None)]
     try:
-        cfg = StudyConfig(data=specs, bits=[b if b[0] != b[1] else b[0] for b in quantized],
+        cfg = StudyConfig(data=specs, bits=_study_bits(bits),
                           group_sizes=group_size, rotate=rotate, symmetric=symmetric, algo=algo[0],
                           ranks=ranks, residual_scale=residual_scale)
         sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo)  # validate early

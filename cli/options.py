@@ -29,7 +29,7 @@ import io
 import os
 import shlex
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
@@ -247,17 +247,20 @@ def command(name: str):
     return click.command(name, cls=Command)
 
 
-def mpi_launch(fn=None, *, needs_gpus: Optional[str] = None):
+def mpi_launch(fn=None, *, needs_gpus: Optional[str] = None,
+               launch_backend: Optional[Callable[[dict], str]] = None):
     """Add ``--np``/``--no-relaunch`` and relaunch under mpiexec when needed (every command does).
 
     The wrapped command has a ``backend`` parameter, or ``needs_gpus`` names what it needs the
     GPUs for (``tune``: it has no CPU backend).  Started without an MPI launcher, the command
     first checks its output paths, then reruns itself on one rank per GPU, or on the CPU backend
     (:func:`launch.default_cpu_ranks`) on a host without GPUs, says so on stderr, and exits
-    with the child job's status.
+    with the child job's status.  ``launch_backend``, given the command's parameters, returns
+    the backend to run on in place of its ``backend`` parameter, after any checks of the command's
+    own that must fail before a relaunch (``accuracy --model``).
     """
     if fn is None:
-        return functools.partial(mpi_launch, needs_gpus=needs_gpus)
+        return functools.partial(mpi_launch, needs_gpus=needs_gpus, launch_backend=launch_backend)
 
     @click.option("--np", "np_ranks", type=click.IntRange(min=1), default=None,
                   help="Ranks to relaunch with when started without mpirun "
@@ -273,7 +276,8 @@ def mpi_launch(fn=None, *, needs_gpus: Optional[str] = None):
                 problem = _gpu_problem(1, needs_gpus)
                 if problem:
                     raise click.ClickException(problem)
-        backend = "gpu" if needs_gpus else kwargs.get("backend", "auto")
+        backend = ("gpu" if needs_gpus else launch_backend(kwargs) if launch_backend
+                   else kwargs.get("backend", "auto"))
         maybe_relaunch(backend, np_ranks, no_relaunch, who=needs_gpus)
         return fn(*args, **kwargs)
     return wrapper
