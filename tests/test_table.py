@@ -172,3 +172,16 @@ def test_prose_folds_at_word_boundaries():
     parts = report.fold_prose(line, 40)
     assert all(p.startswith("#") for p in parts)
     assert " ".join(p.lstrip("# ") for p in parts).split() == line[2:].split()
+
+
+def test_eager_sweeps_show_the_host_time_of_each_eager_call_beside_it():
+    """host(us) (the CPU cost of one eager call) sits next to eager(us) wherever eager is measured."""
+    result = _result()
+    result.rows[1] = _row(4 << 10, "lossless", "oneshot", "ll", eager_us=12.25, host_us=4.5)
+    names = [c.name for c in report.bench_columns_for(result.meta, result.rows)]
+    assert names[names.index("eager(us)") + 1] == "host(us)"
+    lines = report.bench_table_lines(result.meta, result.rows[:2], None)
+    assert "host(us)" in lines[0] and " 4.5 " in "\n".join(lines)
+    graph_only = dict(result.meta, config=dict(result.meta["config"], eager=False))
+    rows = [_row(4 << 10, "lossless", "oneshot", eager_us=None)]
+    assert "host(us)" not in [c.name for c in report.bench_columns_for(graph_only, rows)]
