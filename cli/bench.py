@@ -3,24 +3,23 @@ from __future__ import annotations
 
 import click
 
-from flashcomm_cupy.config import FLASH_ALGOS
-
-from .options import (algo_list_parser, backend_option, command_line, group_size_option, make_console,
-                      mpi_launch, open_communicator, parse_bits_list, parse_dtype, parse_size_option,
-                      require_matplotlib, switch_option, transport_option)
+from . import table
+from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
+                      dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
+                      output_option, parse_size_option, switch_option, transport_option)
 
 #: defaults that differ between the GPU and the CPU backend
 GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
                 "graph": 1, "peer_bw": 350.0, "check_max_bytes": 16 << 20}
-CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup": 1, "repeats": 3,
+CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 4 << 20, "iters": 5, "warmup": 1, "repeats": 3,
                 "graph": 0, "peer_bw": None, "check_max_bytes": 16 << 20}
 
 
-@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@command("bench")
 @click.option("-b", "--minbytes", callback=parse_size_option, metavar="SIZE",
               help="Smallest message (K/M/G suffixes). [default: 4K on GPUs, 1K on CPUs]")
 @click.option("-e", "--maxbytes", callback=parse_size_option, metavar="SIZE",
-              help="Largest message. [default: 256M on GPUs, 16M on CPUs]")
+              help="Largest message. [default: 256M on GPUs, 4M on CPUs]")
 @click.option("-f", "--stepfactor", type=click.FloatRange(min=1, min_open=True), default=4.0,
               show_default=True, help="Size multiplication factor (nccl-tests uses 2; 4 halves the run time).")
 @click.option("-n", "--iters", type=click.IntRange(min=1), default=None,
@@ -32,21 +31,17 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
                    "[default: 5 on GPUs, 3 on CPUs]")
 @click.option("-c", "--check", type=click.IntRange(0, 1), default=1, show_default=True,
               help="Correctness pass: #wrong vs the reference and error vs the exact sum.")
-@click.option("-d", "--datatype", "dtype", default="float16", show_default=True, callback=parse_dtype,
-              metavar="[float16|bfloat16|float32]", help="Element type.")
+@dtype_option("float16")
 @click.option("-G", "--graph", type=click.IntRange(0, 1), default=None,
               help="Time CUDA-graph replays of the calls (the primary figure when available). "
                    "[default: 1 on GPUs; CPUs have no graphs]")
 @click.option("--eager", is_flag=True, help="Also report eager (non-graph) timing.")
-@click.option("--bits", default="none,8,4,4/8", show_default=True, callback=parse_bits_list,
-              help="Comma list of flashcomm modes: none (lossless), 4, 6, 8, or RS/AG such as 4/8.")
-@group_size_option
-@click.option("--algo", default="auto", show_default=True,
-              callback=algo_list_parser(FLASH_ALGOS),
-              help=f"Comma list of algorithms: {', '.join(FLASH_ALGOS)}.")
+@bits_option("none,8,4,4/8")
+@group_size_option()
+@algo_option("auto")
 @switch_option("--rotate", "Hadamard rotation of quantized modes: off, on (bare --rotate), or both.")
 @switch_option("--symmetric", "Symmetric (abs-max) codecs for quantized modes: off, on, or both.")
-@backend_option
+@backend_option()
 @click.option("--peer-bw", "peer_bw", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="GBPS", help="Per-rank send bandwidth for the wire floor. [default: 350 on GPUs, "
                                    "none on CPUs]")
@@ -54,12 +49,9 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 16 << 20, "iters": 5, "warmup":
               help="Largest size checked bit-exactly against the host reference; larger sizes get "
                    "the error vs the exact sum and the rank agreement only. [default: 16M]")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the inputs.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Write the results (with machine and versions) as JSON.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True),
-              help="Write the result rows as CSV.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
-              help="Plot latency and speedup vs size to a PNG (needs the 'plot' extra).")
+@json_option("Write the results (with machine and versions) as JSON.")
+@output_option("--csv", "csv_path", "Write the result rows as CSV.")
+@output_option("--plot", "plot_path", "Plot latency and speedup vs size to a PNG (needs the 'plot' extra).")
 @click.option("--protocol", type=click.Choice(["auto", "flag", "ll"]), default=None,
               help="GPU signalling protocol: the tuning table's choice (auto), or flag / ll forced wherever "
                    "it applies (default: $FLASHCOMM_PROTOCOL or auto).")
@@ -77,15 +69,12 @@ def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dt
     """
     import numpy as np
 
-    from flashcomm_cupy.dtypes import dtype_name
-    from flashcomm_cupy.harness import BenchResult, SweepConfig, build_modes, run_sweep, sweep_sizes
-    from flashcomm_cupy.harness import machine, results as results_io
+    from flashcomm_cupy.harness import SweepConfig, build_modes, sweep_sizes
 
-    from . import report
-
-    require_matplotlib(plot_path)
+    outputs = {"--json": json_path, "--csv": csv_path, "--plot": plot_path}
     comm = open_communicator(backend)
     with comm:
+        check_outputs(outputs, comm.mpi_comm)
         on_gpu = comm.backend.xp is not np
         if protocol is not None:
             if comm.backend_name == "gpu":
@@ -93,6 +82,12 @@ def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dt
             elif protocol != "auto":
                 raise click.ClickException(f"--protocol {protocol} needs the flash GPU backend, "
                                            f"not {comm.backend_name}")
+        if graph and not on_gpu:
+            # -G 1 is a GPU default that scripts pass everywhere: run eagerly, record graph false, say so
+            graph = 0
+            if comm.rank == 0:
+                click.echo(f"flashcomm: -G 1 ignored: the {comm.backend_name} backend has no CUDA graphs "
+                           "(times are eager calls)", err=True)
         d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
         pick = lambda value, key: d[key] if value is None else value  # noqa: E731
         lo, hi = pick(minbytes, "minbytes"), pick(maxbytes, "maxbytes")
@@ -111,26 +106,51 @@ def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dt
             reference_max_bytes=pick(check_max_bytes, "check_max_bytes"), seed=seed,
             peer_bw_gbps=pick(peer_bw, "peer_bw"),
             extra={"minbytes": lo, "maxbytes": hi, "step_factor": stepfactor})
-
-        descriptions = machine.gather_descriptions(comm.backend, comm.mpi_comm)
-        meta = machine.run_meta(comm.backend, descriptions, command_line(), dtype_name(dtype),
-                                config.as_meta())
-        console = make_console(comm.rank)
-        for line in report.bench_header_lines(meta):
-            console.print(line, markup=False, highlight=False)
-        with report.ProgressBar(console, enabled=comm.rank == 0, description="bench") as bar:
-            rows = run_sweep(comm, config, progress=bar)
-        result = BenchResult(meta=meta, rows=rows)
-        if comm.rank == 0:
-            report.render_bench(console, result, header=False)
-            if json_path:
-                results_io.write_json(result, json_path)
-                console.print(f"# wrote {json_path}", markup=False, highlight=False)
-            if csv_path:
-                results_io.write_csv(result, csv_path)
-                console.print(f"# wrote {csv_path}", markup=False, highlight=False)
-            if plot_path:
-                report.plot_bench(result, plot_path)
-                console.print(f"# wrote {plot_path}", markup=False, highlight=False)
+        result = _run_and_print(comm, config, on_gpu, outputs)
         comm.mpi_comm.Barrier()  # files are written before any rank exits
     ctx.exit(0 if result.ok else 1)
+
+
+def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
+    """Run the sweep, printing the header, each row as it finishes and the footer (rank 0); write the files.
+
+    Ctrl-C keeps what finished: rank 0 prints the footer of the finished rows, writes them to the
+    output files (marked ``"interrupted": true``), and the interrupt goes on to end the job.
+    """
+    from flashcomm_cupy.dtypes import dtype_name
+    from flashcomm_cupy.harness import BenchResult, machine, run_sweep
+
+    from . import report
+
+    descriptions = machine.gather_descriptions(comm.backend, comm.mpi_comm)
+    meta = machine.run_meta(comm.backend, descriptions, command_line(), dtype_name(config.dtype),
+                            config.as_meta())
+    result = BenchResult(meta=meta, rows=[])
+    printer = report.BenchPrinter(meta, algos=table.algo_texts(comm.backend.supported_algos(), on_gpu),
+                                  enabled=comm.rank == 0)
+    with printer:
+        printer.header()
+        try:
+            run_sweep(comm, config, progress=printer.progress, on_row=lambda row: (result.rows.append(row),
+                                                                                  printer.row(row)))
+        except KeyboardInterrupt:
+            if comm.rank == 0:
+                meta["interrupted"] = True
+                printer.footer(result, interrupted=True)
+                _write_outputs(printer, result, outputs)
+            raise
+        printer.footer(result)
+    if comm.rank == 0:
+        _write_outputs(printer, result, outputs)
+    return result
+
+
+def _write_outputs(printer, result, outputs: dict) -> None:
+    from flashcomm_cupy.harness import results as results_io
+
+    from . import report
+    writers = {"--json": results_io.write_json, "--csv": results_io.write_csv, "--plot": report.plot_bench}
+    for flag, path in outputs.items():
+        if path:
+            writers[flag](result, path)
+            printer.line(f"# wrote {path}")

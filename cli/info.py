@@ -5,7 +5,8 @@ import json
 
 import click
 
-from .options import backend_option, make_console, mpi_launch, open_communicator, transport_option
+from .options import (backend_option, check_outputs, command, json_option, make_console, mpi_launch,
+                      open_communicator, output_width, transport_option)
 
 #: message sizes at which ``info`` shows what ``algo="auto"`` picks
 AUTO_PROBE_BYTES = (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20)
@@ -48,29 +49,29 @@ def _pick(backend, nbytes: int, mode) -> str:
     return f"{algo}/ll" if backend.resolve_protocol(nbytes, mode) == "ll" else algo
 
 
-def render_info(console, info: dict) -> None:
-    from rich import box
-    from rich.table import Table
-
+def render_info(console, info: dict, width=None) -> None:
     from . import report
+    from .table import plain_table
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     for line in report.info_lines(info):
-        console.print(line, markup=False, highlight=False)
-    console.print(f"  {'algorithms':<14} {', '.join(info['algos'])}", markup=False, highlight=False)
+        say(line)
+    say(f"  {'algorithms':<14} {', '.join(info['algos'])}")
     if info.get("nodes"):
-        console.print(f"  {'nodes':<14} {info['nodes']}", markup=False, highlight=False)
-    console.print(report.ranks_table(info["ranks"]))
+        say(f"  {'nodes':<14} {info['nodes']}")
+    for line in report.ranks_table_lines(info["ranks"], width):
+        say(line)
     auto = info["auto_algo"]
     sizes = list(next(iter(auto.values())).keys())
-    table = Table(title="algo='auto' picks", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("mode")
-    for s in sizes:
-        table.add_column(s, no_wrap=True)
-    for label, picks in auto.items():
-        table.add_row(label, *[picks[s] for s in sizes])
-    console.print(table)
+    say("algo='auto' picks:")
+    for line in plain_table(["mode", *sizes], [[label, *[picks[s] for s in sizes]] for label, picks in auto.items()],
+                            [False] * (1 + len(sizes)), width):
+        say(line)
     if info.get("peer_access"):
-        console.print(report.matrix_table(info["peer_access"], "peer access (row can access column)"))
+        for line in report.matrix_table_lines(info["peer_access"], "peer access (row can access column)", width):
+            say(line)
     if info.get("topology"):
         console.print("topology:", markup=False)
         console.print(str(info["topology"]), markup=False, highlight=False)
@@ -86,21 +87,21 @@ def render_info(console, info: dict) -> None:
         console.print(table_text, markup=False, highlight=False)
 
 
-@click.command("info", context_settings={"help_option_names": ["-h", "--help"]})
-@backend_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Also write everything shown (and each rank's full describe()) as JSON.")
+@command("info")
+@backend_option()
+@json_option("Also write everything shown (and each rank's full describe()) as JSON.")
 @transport_option
 @mpi_launch
 def info(backend, json_path):
     """Show versions, every rank's host/device, topology, workspace and the tuning in use."""
+    from flashcomm_cupy.harness.results import write_document
+
     comm = open_communicator(backend)
     with comm:
+        check_outputs({"--json": json_path}, comm.mpi_comm)
         data = collect_info(comm)
         if comm.rank == 0:
-            render_info(make_console(0), data)
+            render_info(make_console(0), data, output_width())
             if json_path:
-                with open(json_path, "w", encoding="utf-8") as fh:
-                    json.dump(data, fh, indent=1, default=str)
-                    fh.write("\n")
+                write_document(json_path, "info", data)
         comm.mpi_comm.Barrier()

@@ -93,7 +93,7 @@ def cli():
 
     Run under mpirun/mpiexec with one rank per GPU (`mpirun -n 8 flashcomm
     bench`), or on its own: it then relaunches itself on every GPU of this
-    host, or on 4 CPU ranks when there is no GPU.
+    host, or on the CPU backend (one rank per core, 2 to 4) when there is no GPU.
     """
 
 

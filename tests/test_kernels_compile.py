@@ -5,16 +5,30 @@ specialisation (``FC_DT`` element type x ``FC_RS_BITS``/``FC_AG_BITS``
 codecs, and ``FC_ELEMS`` unit size); this test builds the same specialisations ahead of time with nvcc,
 so a syntax or template error shows up in CI, which has nvcc but no GPU.
 Skipped when nvcc is absent.
+
+Each build runs once per session (:func:`builds`, all of them in parallel) and every test reads
+what it needs from it: the register counts of the LL launches come from the same builds'
+``-Xptxas -v`` output.  The host/kernel layout checks are ``static_assert`` s, decided by the
+front end, so they compile with ``-fdevice-syntax-only`` (a second instead of a full build).
+A build that succeeded is remembered across runs, keyed by the SHA-256 of every file in
+``kernels_cu/``, the nvcc command and ``nvcc --version`` (identical inputs give the identical
+result): ``$FLASHCOMM_NVCC_CACHE`` is the folder (default ``~/.cache/flashcomm/nvcc-checks``),
+``off`` to rebuild everything.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import json
 import os
 import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
 
@@ -47,11 +61,14 @@ def _jobs():
         if "FC_RS_BITS" not in src.read_text():
             continue
         specs = list(itertools.product(DTYPE_CODES, COMMON_BIT_PAIRS))
-        specs += [(DTYPE_CODES[0], pair) for pair in OTHER_BIT_PAIRS]
+        # the other pairs for float16, and for float32 (the most registers: the LL check reads them)
+        specs += [(dt, pair) for dt in (DTYPE_CODES[0], DTYPE_CODES[2]) for pair in OTHER_BIT_PAIRS]
         for dt, (rs, ag) in specs:
             jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}")))
         # 16-element units (the quantized LL kernels', flashcomm_cupy.backends.gpu.llq_unit_elems)
-        for dt, (rs, ag) in itertools.product(DTYPE_CODES, COMMON_BIT_PAIRS[1:]):
+        specs16 = list(itertools.product(DTYPE_CODES, COMMON_BIT_PAIRS[1:]))
+        specs16 += [(DTYPE_CODES[2], pair) for pair in OTHER_BIT_PAIRS]
+        for dt, (rs, ag) in specs16:
             jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}",
                                                     "FC_ELEMS=16")))
         # the leave-one-stage-out timing variants of benchmarks/kernel_variants.py
@@ -67,38 +84,105 @@ def test_kernel_sources_exist():
     assert (KERNEL_DIR / _kernels.KERNEL_SOURCE) in sources
 
 
-def test_every_kernel_source_compiles(tmp_path):
+@dataclass(frozen=True)
+class Build:
+    """One nvcc run: did it produce a non-empty output, the command, and nvcc's output (ptxas -v included)."""
+
+    ok: bool
+    cmd: str
+    log: str
+
+
+def _kernel_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(KERNEL_DIR.iterdir()):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(nvcc: str) -> str:
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+
+
+def _cache_dir() -> Optional[Path]:
+    value = os.environ.get("FLASHCOMM_NVCC_CACHE", "")
+    if value.lower() in ("off", "0", "no"):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "flashcomm" / "nvcc-checks"
+
+
+def _run_nvcc(nvcc: str, args: Sequence[str], out: Path, digest: str) -> Build:
+    """``nvcc *args -o out``, or its remembered success for identical kernels, command and nvcc."""
+    cmd = [nvcc, *args, "-o", str(out)]
+    shown = " ".join(args)
+    cache = _cache_dir()
+    # the key names kernels_cu/ by its contents (digest), not its path: every checkout and CI's
+    # fresh clone share the builds of identical sources
+    where = shown.replace(str(KERNEL_DIR), "<kernels_cu>")
+    key = hashlib.sha256(f"{digest}\n{where}\n{_nvcc_version(nvcc)}".encode()).hexdigest()
+    entry = cache / f"{key}.json" if cache is not None else None
+    if entry is not None and entry.is_file():
+        return Build(True, shown, json.loads(entry.read_text())["log"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    build = Build(proc.returncode == 0 and out.is_file() and out.stat().st_size > 0, shown,
+                  proc.stdout + proc.stderr)
+    if build.ok and entry is not None:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"cmd": shown, "log": build.log}))
+            tmp.replace(entry)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return build
+
+
+def _build_args(src: Path, arch: str, defines: Sequence[str]) -> Tuple[str, ...]:
+    # -Xptxas -v: the register counts that test_every_quantized_ll_launch_fits_two_blocks_per_sm reads
+    return ("-cubin", f"-arch={arch}", "-std=c++17", f"-I{KERNEL_DIR}", *(f"-D{d}" for d in defines),
+            "-Xptxas", "-v", str(src))
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> Dict[tuple, Build]:
+    """Every build of :func:`_jobs`, run once, in parallel: ``{(source, arch, defines): Build}``."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA toolkit absent)")
+    out_dir = tmp_path_factory.mktemp("cubins")
+    digest = _kernel_digest()
     jobs = _jobs()
-    assert jobs, f"no .cu files in {KERNEL_DIR}"
 
-    def compile_one(index_job):
+    def build(index_job):
         index, (src, arch, defines) = index_job
-        out = tmp_path / f"{src.stem}-{arch}-{index}.cubin"
-        cmd = [nvcc, "-cubin", f"-arch={arch}", "-std=c++17", f"-I{KERNEL_DIR}",
-               *(f"-D{d}" for d in defines), "-o", str(out), str(src)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        ok = proc.returncode == 0 and out.is_file() and out.stat().st_size > 0
-        return ok, " ".join(cmd[1:]), proc.stdout + proc.stderr
+        return _run_nvcc(nvcc, _build_args(src, arch, defines), out_dir / f"{src.stem}-{arch}-{index}.cubin",
+                         digest)
 
-    workers = max(1, min(len(jobs), os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(compile_one, enumerate(jobs)))
-    failed = [(cmd, log) for ok, cmd, log in results if not ok]
-    assert not failed, f"{len(failed)} of {len(jobs)} compiles failed:\n" + "\n\n".join(
-        f"nvcc {cmd}\n{log[-3000:]}" for cmd, log in failed[:5])
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 2))) as pool:
+        results = list(pool.map(build, enumerate(jobs)))
+    return dict(zip(jobs, results))
+
+
+def test_every_kernel_source_compiles(builds):
+    assert builds, f"no .cu files in {KERNEL_DIR}"
+    failed = [b for b in builds.values() if not b.ok]
+    assert not failed, f"{len(failed)} of {len(builds)} compiles failed:\n" + "\n\n".join(
+        f"nvcc {b.cmd}\n{b.log[-3000:]}" for b in failed[:5])
 
 
 def _assert_compiles_with(tmp_path, name, checks, defines):
-    """Compile fc_allreduce.cu plus ``checks`` (static_asserts) with ``defines``; fail with nvcc's log."""
+    """Compile fc_allreduce.cu plus ``checks`` (static_asserts) with ``defines``; fail with nvcc's log.
+
+    ``static_assert`` is decided by the front end, so the device side stops after it
+    (``-fdevice-syntax-only``: a second instead of a full build; a failing assert still fails)."""
     src = tmp_path / f"{name}.cu"
     src.write_text('#include "fc_allreduce.cu"\n' + "\n".join(checks) + "\n")
-    proc = subprocess.run([_nvcc(), "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
-                           *(f"-D{d}" for d in defines), "-o", str(tmp_path / f"{name}.cubin"), str(src)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    build = _run_nvcc(_nvcc(), ("-c", "-fdevice-syntax-only", f"-arch={SPECIALISATION_ARCH}", "-std=c++17",
+                                f"-I{KERNEL_DIR}", *(f"-D{d}" for d in defines), str(src)),
+                      tmp_path / f"{name}.o", _kernel_digest() + "\n".join(checks))
+    assert build.ok, build.log
 
 
 def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
@@ -179,27 +263,21 @@ def _registers(ptxas_log: str) -> dict:
     return regs
 
 
-def test_every_quantized_ll_launch_fits_two_blocks_per_sm(tmp_path):
+def test_every_quantized_ll_launch_fits_two_blocks_per_sm(builds):
     """The LL slot-reuse argument needs every launched block resident: at the host's thread cap
     (``llq_threads``) two blocks of each quantized LL kernel must fit an SM's registers."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found (CUDA toolkit absent)")
     from flashcomm_cupy.backends.gpu import SM_REGISTERS, llq_threads
     specs = [(e, dt, pair) for e in (16, 32) for dt in DTYPE_CODES for pair in COMMON_BIT_PAIRS[1:]]
     specs += [(e, 2, pair) for e in (16, 32) for pair in OTHER_BIT_PAIRS]  # float32: the most registers
+    source = KERNEL_DIR / "fc_allreduce.cu"
 
-    def registers(index_spec):
-        index, (elems, dt, (rs, ag)) = index_spec
-        proc = subprocess.run([nvcc, "-cubin", f"-arch={SPECIALISATION_ARCH}", "-std=c++17", f"-I{KERNEL_DIR}",
-                               f"-DFC_DT={dt}", f"-DFC_RS_BITS={rs}", f"-DFC_AG_BITS={ag}", f"-DFC_ELEMS={elems}",
-                               "-Xptxas", "-v", "-o", str(tmp_path / f"r{index}.cubin"),
-                               str(KERNEL_DIR / "fc_allreduce.cu")], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return _registers(proc.stdout + proc.stderr)
+    def registers(elems, dt, rs, ag):
+        defines = (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}") + (("FC_ELEMS=16",) if elems == 16 else ())
+        build = builds[(source, SPECIALISATION_ARCH, defines)]  # FC_ELEMS defaults to 32
+        assert build.ok, build.log
+        return _registers(build.log)
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        found = list(pool.map(registers, enumerate(specs)))
+    found = [registers(elems, dt, rs, ag) for elems, dt, (rs, ag) in specs]
     over = []
     for (elems, dt, (rs, ag)), regs in zip(specs, found):
         itemsize = 4 if dt == 2 else 2

@@ -45,7 +45,7 @@ def test_tune_does_not_run_the_collective_close_when_one_rank_fails():
             return {"worlds": {}}
 
         importlib.import_module("flashcomm_cupy.cli.tune").open_communicator = \\
-            lambda backend: CollectiveClose(backend="cpu")
+            lambda backend, **kwargs: CollectiveClose(backend="cpu")
         harness_tune.tune = fake_tune
         m.main(["tune", "-b", "4K", "-e", "4K", "-o", "/dev/null"])
     """)

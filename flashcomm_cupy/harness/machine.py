@@ -48,7 +48,30 @@ def gather_descriptions(backend, mpi_comm) -> List[dict]:
     mine.setdefault("hostname", first_key(mine, _HOST_KEYS, socket.gethostname()))
     mine.setdefault("pid", os.getpid())
     mine.setdefault("rank", mpi_comm.Get_rank())
+    mine.setdefault("cpu_affinity", _cpu_affinity())
     return mpi_comm.allgather(_plain(mine))
+
+
+def _cpu_affinity() -> List[int]:
+    """The CPU cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def host_cores(descriptions: List[dict]) -> Dict[str, Dict[str, int]]:
+    """Per host: ranks on it and distinct CPU cores they may run on (the union of their affinities).
+
+    The union is right both without binding (every rank sees every core) and with one core bound
+    per rank (Open MPI's default), so ``ranks > cores`` means ranks share a core.
+    """
+    hosts: Dict[str, Dict[str, Any]] = {}
+    for d in descriptions:
+        entry = hosts.setdefault(str(d.get("hostname")), {"ranks": 0, "cores": set()})
+        entry["ranks"] += 1
+        entry["cores"].update(d.get("cpu_affinity") or [])
+    return {h: {"ranks": e["ranks"], "cores": len(e["cores"])} for h, e in hosts.items() if e["cores"]}
 
 
 def _plain(obj):
@@ -140,5 +163,6 @@ def run_meta(backend, descriptions: List[dict], command: str, dtype_name: str,
         "ranks": [rank_summary(d, backend.name) for d in descriptions],
         "transport": d0.get("transport"),
         "nccl_p2p_disabled": d0.get("nccl_p2p_disabled"),
+        "host_cores": host_cores(descriptions),
         "config": config_meta or {},
     }

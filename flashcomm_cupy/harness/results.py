@@ -8,9 +8,11 @@ JSON layout (``schema`` = :data:`SCHEMA`)::
               ranks: [describe() of each rank], config: {...}},
      "rows": [{size_bytes, count, dtype, mode, bits, algo, algo_resolved, ...}, ...]}
 
-Floats that are not finite are written as the strings ``"nan"``, ``"inf"``
-and ``"-inf"`` so the file is strict JSON; :func:`read_json` turns them back.
-CSV holds the rows only, one column per :class:`Row` field.
+Every command's ``--json`` goes through :func:`write_document` (one convention for all six):
+a ``schema`` ``flashcomm.<command>/1`` and ``kind`` first, and floats that are not finite
+written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` so the file is strict JSON;
+:func:`read_json` turns them back for bench rows.  CSV holds the rows only, one column per
+:class:`Row` field.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-SCHEMA = "flashcomm.bench/1"
+SCHEMA = "flashcomm.bench/1"  # == schema_name("bench")
 
 
 @dataclass
@@ -111,9 +113,30 @@ def _decode_row(row: dict) -> dict:
                 and "float" in str(_ROW_TYPES.get(k, "")) else v) for k, v in row.items()}
 
 
+def schema_name(kind: str) -> str:
+    """The schema of command ``kind``'s JSON file, e.g. ``flashcomm.verify/1``."""
+    return f"flashcomm.{kind}/1"
+
+
+def document(kind: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    """``body`` with ``schema`` and ``kind`` first (``body`` may not set them)."""
+    return {"schema": schema_name(kind), "kind": kind, **body}
+
+
+def dumps_document(doc: Dict[str, Any]) -> str:
+    """Strict JSON text of ``doc`` (non-finite floats as strings, NumPy scalars as Python values)."""
+    return json.dumps(_encode(doc), indent=1, allow_nan=False, default=str)
+
+
+def write_document(path, kind: str, body: Dict[str, Any]) -> None:
+    """Write ``body`` as command ``kind``'s JSON file (see the module docstring)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(dumps_document(document(kind, body)) + "\n")
+
+
 def dumps(result: BenchResult) -> str:
     """Strict JSON text of ``result``."""
-    return json.dumps(_encode(result.to_dict()), indent=1, allow_nan=False)
+    return dumps_document(result.to_dict())
 
 
 def loads(text: str) -> BenchResult:

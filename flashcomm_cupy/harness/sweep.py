@@ -24,6 +24,8 @@ from .sizes import format_size
 
 #: progress(done, total, description) -- called on every rank after each (size, mode)
 Progress = Callable[[int, int, str], None]
+#: on_row(row) -- called on every rank with each finished row (its speedup and check filled in)
+OnRow = Callable[[Row], None]
 
 
 @dataclass
@@ -115,11 +117,13 @@ def _apply_check(row: Row, mode: Mode, dtype, result: dict) -> None:
                                          row.wrong, row.ranks_differ)
 
 
-def run_sweep(comm, config: SweepConfig, progress: Optional[Progress] = None) -> List[Row]:
+def run_sweep(comm, config: SweepConfig, progress: Optional[Progress] = None,
+              on_row: Optional[OnRow] = None) -> List[Row]:
     """Measure every size x mode of ``config`` on ``comm`` (a :class:`~flashcomm_cupy.Communicator`).
 
     Collective.  Rows come out grouped by size, baseline first, then the
-    modes in ``config.modes`` order.
+    modes in ``config.modes`` order; ``on_row`` sees each one as soon as it
+    is finished (so a caller can print it, and keep it when interrupted).
     """
     backend = comm.backend
     modes = [baseline_mode(backend)] + [m for m in config.modes if not m.is_baseline]
@@ -127,11 +131,11 @@ def run_sweep(comm, config: SweepConfig, progress: Optional[Progress] = None) ->
     # Everything -- input generation, checks, the all-reduces -- runs on one
     # stream, so no cross-stream ordering is needed.
     with (stream if stream is not None else contextlib.nullcontext()):
-        rows = _sweep_sizes(comm, config, modes, stream, progress)
+        rows = _sweep_sizes(comm, config, modes, stream, progress, on_row)
     return rows
 
 
-def _sweep_sizes(comm, config, modes, stream, progress) -> List[Row]:
+def _sweep_sizes(comm, config, modes, stream, progress, on_row) -> List[Row]:
     backend, mpi_comm = comm.backend, comm.mpi_comm
     xp, n = backend.xp, backend.world_size
     dtype = np.dtype(config.dtype)
@@ -164,6 +168,8 @@ def _sweep_sizes(comm, config, modes, stream, progress) -> List[Row]:
             if sizecheck is not None:
                 _apply_check(row, mode, dtype, sizecheck.run_and_check(mode, resolved, stream))
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             done += 1
             if progress is not None:
                 progress(done, total, f"{format_size(nbytes)} {mode.label}")

@@ -60,7 +60,16 @@ PRESETS: Dict[str, ModelShape] = {
                              ffn=28672, layers=80),
     "llama3-8b": ModelShape("llama3-8b", hidden=4096, heads=32, kv_heads=8, head_dim=128,
                             ffn=14336, layers=32),
+    # The CPU backend's default (``flashcomm model`` without a GPU): a GPT-2-small-sized LLaMA
+    # layout whose heads and FFN split over 1, 2, 3, 4, 6 or 12 ranks, so any relaunch default
+    # (one rank per core, 2 to 4) runs it.
+    "tiny": ModelShape("tiny", hidden=768, heads=12, kv_heads=12, head_dim=64, ffn=1536, layers=12),
 }
+
+#: the command-line flag of each custom field (``layers`` is ``--num-layers``: ``--layers`` is how
+#: many of them are timed)
+CUSTOM_FLAGS = {"hidden": "--hidden", "heads": "--heads", "kv_heads": "--kv-heads", "head_dim": "--head-dim",
+                "ffn": "--ffn", "layers": "--num-layers"}
 
 
 def get_shape(name: str, **custom) -> ModelShape:
@@ -70,10 +79,9 @@ def get_shape(name: str, **custom) -> ModelShape:
     """
     overrides = {k: v for k, v in custom.items() if v is not None}
     if name == "custom":
-        missing = [f for f in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "layers")
-                   if f not in overrides]
+        missing = [f for f in CUSTOM_FLAGS if f not in overrides]
         if missing:
-            raise ValueError(f"--model custom needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
+            raise ValueError(f"--model custom needs {', '.join(CUSTOM_FLAGS[m] for m in missing)}")
         return ModelShape("custom", **overrides)
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; use one of {', '.join(list(PRESETS) + ['custom'])}")

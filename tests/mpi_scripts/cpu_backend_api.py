@@ -63,7 +63,9 @@ def main():
             got = comm.resolve_algo(nbytes, bits=bits, algo="auto")
             check(got == "twoshot", f"auto resolved to {got} for {nbytes} bytes bits={bits}")
     for algo in ("oneshot", "twoshot", "mpi"):
-        check(comm.resolve_algo(1 << 20, algo=algo) == algo, f"{algo} did not resolve to itself")
+        bits = None if algo == "mpi" else 4  # the vendor collective is lossless only
+        check(comm.resolve_algo(1 << 20, bits=bits, algo=algo) == algo, f"{algo} did not resolve to itself")
+    expect_error(ValueError, lambda: comm.all_reduce(np.ones(8, np.float32), bits=4, algo="mpi"), "algo='mpi'")
     expect_error(ValueError, lambda: backend.resolve_algo(1 << 20, Mode.make(4, algo="nccl")), "nccl")
 
     if n > 1:  # a mismatch needs two ranks
