@@ -221,12 +221,12 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
         assert tile % g == 0  # groups never straddle tiles
         assert t * u * wire <= layout.ll_slot_bytes  # a tile's LL units fit one slot
         assert 1 <= nb <= layout.max_blocks and nb * tile >= s and (nb - 1) * tile < s
-    # float32 two-shots with an INT8 step need more than 128 registers at 16-element units: 128 threads
+    # two-shots with an INT8 step need more than 128 registers at 16-element units: 128 threads
     for bits, algo, want in (((8, 8), "twoshot", 128), ((4, 8), "twoshot", 128), ((6, 6), "twoshot", 256),
                              ((8, 8), "oneshot", 256), ((4, 4), "twoshot", 256)):
-        shape = b._ll_shape(tuning.Choice(algo, 512, 0, 1, "ll"), 1 << 16, 4, Mode.make(bits, 128))
-        assert shape[0] == want, (bits, algo)
-        assert b._ll_shape(tuning.Choice(algo, 512, 0, 1, "ll"), 1 << 16, 2, Mode.make(bits, 128))[0] == 256
+        for itemsize in (2, 4):
+            shape = b._ll_shape(tuning.Choice(algo, 512, 0, 1, "ll"), 1 << 16, itemsize, Mode.make(bits, 128))
+            assert shape[0] == want, (bits, algo, itemsize)
     # the flag protocol never runs the LL kernels
     assert b._ll_shape(tuning.Choice("oneshot", 128, 0, 1, "flag"), 4096, 2, Mode.make(4)) is None
 
@@ -367,7 +367,8 @@ def test_plans_fill_the_argument_block_for_each_kernel_family(monkeypatch):
     assert grid[0] * 128 * 32 * int(a["units"]) >= 1 << 19
     name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # INT8 LL two-shot: 32-byte units
     assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_llq_twoshot", _kernels.FLAG_SYM, 1 << 18)
-    assert grid[0] * 256 * 16 * int(a["units"]) >= 1 << 18 and 256 * int(a["units"]) * 32 <= 8 << 10
+    assert block == (128,)  # an INT8 step: two 256-thread blocks would not fit an SM (llq_threads)
+    assert grid[0] * 128 * 16 * int(a["units"]) >= 1 << 18 and 128 * int(a["units"]) * 32 <= 8 << 10
     b.protocol = "flag"
     name, grid, block, a = plan(1 << 20, Mode.make(8, symmetric=True))  # the flag kernels on request
     assert (name, int(a["flags"]), int(a["seg_elems"])) == ("fc_twoshot", _kernels.FLAG_SYM, 1 << 18)
