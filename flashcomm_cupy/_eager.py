@@ -63,7 +63,7 @@ class _TorchReader:
         elif out is None and stream is None:  # a new result is allocated on the current stream
             op = -1
         elif (isinstance(out, self.tensor) and out.dtype == x.dtype and out.shape == x.shape
-              and out.is_contiguous()):
+              and out.is_contiguous() and out.get_device() == dev):  # else the general path says why not
             op = out.data_ptr()
         else:
             return None
@@ -96,7 +96,7 @@ class _CupyReader:
         elif out is None and stream is None:  # a new result is allocated on the current stream
             op = -1
         elif (type(out) is self.ndarray and out.dtype == x.dtype and out.shape == x.shape
-              and out.flags.c_contiguous):
+              and out.flags.c_contiguous and out.data.device_id == x.data.device_id):
             op = out.data.ptr
         else:
             return None

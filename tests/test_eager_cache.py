@@ -115,6 +115,8 @@ def test_non_contiguous_cpu_and_mismatched_out_always_miss(cache):
     assert c.call(x, FakeCudaTensor(0x2000, 2048, contiguous=False), None, *ARGS) is None
     assert c.call(x, FakeCudaTensor(0x2000, 2048, shape=(2, 1024)), None, *ARGS) is None
     assert c.call(x, FakeCudaTensor(0x2000, 2048, dtype="float32"), None, *ARGS) is None
+    # out on another GPU: the general path raises, so the fast path must not take it
+    assert c.call(x, FakeCudaTensor(0x2000, 2048, device=1), None, *ARGS) is None
 
 
 def test_other_mode_arguments_miss_and_unhashable_ones_fall_back(cache):

@@ -112,10 +112,10 @@ def check_cache_never_stale(c: Checks, dev):
 
 def check_host_inputs(c: Checks, dev):
     xs, want = expected(c.comm, 5000, "bfloat16", 4, seed=3)
-    t = to_torch(xs[c.rank], "cpu")
+    t = to_torch(xs[c.rank].copy(), "cpu")  # a CPU tensor shares the array's memory: keep xs the inputs
     c.comm.all_reduce(t, bits=4, out=t)
     c.ok(same_bits(t, want), "CPU tensor in place on the GPU backend")
-    t = to_torch(xs[c.rank], "cpu")
+    t = to_torch(xs[c.rank].copy(), "cpu")
     o = torch.zeros_like(t)
     c.ok(c.comm.all_reduce(t, bits=4, out=o) is o and same_bits(o, want), "CPU tensor out= on the GPU backend")
     a = xs[c.rank].copy()
