@@ -313,8 +313,18 @@ def _run_device(backend, x, out, mode, stream):
 
 
 def _check_device(view: DeviceView, dev, what: str) -> None:
-    if dev is not None and view.arr.device.id != dev:
-        raise ValueError(f"{what} is on GPU {view.arr.device.id} but this rank's communicator uses GPU {dev}")
+    """Raise unless ``view``'s memory is on GPU ``dev``.  Asks the driver where the pointer lives:
+    an array made from another library's tensor (``__cuda_array_interface__``) may report CuPy's
+    current device instead of its own."""
+    if dev is None:
+        return
+    where = view.arr.device.id
+    try:
+        where = _cupy().cuda.runtime.pointerGetAttributes(view.arr.data.ptr).device
+    except Exception:  # not a device pointer CUDA knows: keep what the array says
+        pass
+    if where != dev:
+        raise ValueError(f"{what} is on GPU {where} but this rank's communicator uses GPU {dev}")
 
 
 def _new_device_out(x, xv: DeviceView, stream) -> DeviceView:
