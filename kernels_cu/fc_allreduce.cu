@@ -666,8 +666,8 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
 // Most threads per block (flashcomm_cupy/backends/gpu.py: LLQ_MAX_THREADS).
 // Two blocks per SM must fit, for every block to be resident: 32-element
 // units need more than 128 registers (the batched receives), so 128 threads;
-// 16-element builds fit 128 registers at 256 threads, except the float32
-// two-shot with an INT8 step, which the host runs at 128 (llq_threads).
+// 16-element builds fit 128 registers at 256 threads, except the two-shots
+// with an INT8 step, which the host runs at 128 (llq_threads).
 #define FC_LLQ_THREADS (FC_ELEMS == 16 ? 256 : 128)
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
