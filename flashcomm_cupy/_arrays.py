@@ -230,7 +230,10 @@ def _torch_view(t, what) -> DeviceView:
     raw = t.detach()
     if name == "bfloat16":
         raw = raw.view(_torch().int16)
-    arr = cp.asarray(raw)
+    # On the tensor's own GPU: CuPy copies a foreign array of another device onto the current one,
+    # and a result written into that copy would never reach the caller (nor would the device check see it).
+    with cp.cuda.Device(t.get_device()):
+        arr = cp.asarray(raw)
     if name == "bfloat16":
         arr = arr.view(cp.uint16)
     return DeviceView(arr, DTYPES[name], lambda v: t)
