@@ -103,3 +103,21 @@ def test_unrotate_helpers_match_hadamard(host_helpers, g):
     host_helpers.scale_signs(_ptr(got), _ptr(signs), ctypes.c_float(hadamard.norm(g)), ctypes.c_int(g),
                              ctypes.c_longlong(got.size))
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_several_gpus_per_node_across_nodes_fall_back_to_nccl_with_one_warning(monkeypatch):
+    """A multi-node job with several GPUs per node gets NCCL and a warning naming why, not an error
+    (the RS-only/AG-only kernels the hierarchical path needs there do not exist yet)."""
+    import types
+    from flashcomm_cupy.backends import hierarchical, nccl
+
+    class StubNccl:
+        def __init__(self, comm, **options):
+            self.options = options
+
+    monkeypatch.setattr(hierarchical._mpi, "node_layout", lambda comm, per_node=None: NodeLayout.blocks(4, 2))
+    monkeypatch.setattr(nccl, "NcclBackend", StubNccl)
+    comm = types.SimpleNamespace(Get_rank=lambda: 0)
+    with pytest.warns(RuntimeWarning, match="2 nodes x 2 ranks.*falling back to NCCL"):
+        backend = hierarchical.make_cuda_backend(comm, timeout_s=5, max_blocks=8)
+    assert isinstance(backend, StubNccl) and backend.options == {"timeout_s": 5}

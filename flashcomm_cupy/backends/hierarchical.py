@@ -47,8 +47,18 @@ def make_cuda_backend(comm, ranks_per_node=None, **options):
     override of :func:`flashcomm_cupy._mpi.node_layout`.
     """
     nodes = _mpi.node_layout(comm, ranks_per_node)
-    if nodes.spans_nodes:
+    if nodes.spans_nodes and nodes.uniform and nodes.ranks_per_node == 1:
         return HierarchicalGpuBackend(comm, nodes, **options)
+    if nodes.spans_nodes:
+        # Several GPUs per node need reduce-scatter-only and all-gather-only flash kernels (not
+        # written yet): run NCCL, as for any layout the flash kernels cannot serve, and say why.
+        import warnings
+        from .nccl import NcclBackend
+        if comm.Get_rank() == 0:
+            warnings.warn(f"flashcomm: the ranks span {nodes.label()}; the hierarchical all-reduce runs one "
+                          "GPU per node only so far (it needs reduce-scatter-only and all-gather-only flash "
+                          "kernels): falling back to NCCL", RuntimeWarning, stacklevel=3)
+        return NcclBackend(comm, **{k: v for k, v in options.items() if k in ("device", "timeout_s")})
     from .gpu import make_gpu_backend
     return make_gpu_backend(comm, **options)
 
