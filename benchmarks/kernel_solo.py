@@ -58,11 +58,10 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     a = args[0]
     a["in_ptr"], a["out_ptr"], a["n"], a["seg_elems"] = x.data.ptr, out.data.ptr, n, seg
     a["peers"][:world] = ws.data.ptr  # every peer aliased to this GPU's workspace
-    a["err"], a["slot_bytes"], a["flags_off"] = err.data.ptr, layout.slot_bytes, layout.flags_off
-    a["rs_off"], a["ag_off"], a["os_off"] = layout.rs_off, layout.ag_off, layout.os_off
-    a["timeout_ns"] = 10 ** 10
+    layout.fill_args(a)
+    a["err"], a["timeout_ns"] = err.data.ptr, 10 ** 10
     a["rank"], a["world"], a["group"], a["flags"] = rank, world, mode.group_size, 0
-    a["max_blocks"], a["rot_norm"], a["units"] = max_blocks, np.float32(1 / np.sqrt(128.0)), units
+    a["rot_norm"], a["units"] = np.float32(1 / np.sqrt(128.0)), units
     names = {"twoshot": "fc_twoshot", "oneshot": "fc_oneshot", "staged": "fc_twoshot_staged"}
     fn = _kernels.function(names["staged" if staged else algo], KERNEL_DTYPE_CODE[dtype_name], mode.rs_bits, mode.ag_bits)
     smem = 0

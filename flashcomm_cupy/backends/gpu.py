@@ -239,13 +239,8 @@ class FlashGpuBackend(CudaBackend):
         cupy.cuda.runtime.memcpy(self.ws.peer_ptrs[self.rank] + layout.poison_peers_off, bases.ctypes.data,
                                  bases.nbytes, cupy.cuda.runtime.memcpyDefault)
         a["err"] = self._err_ptr
-        a["slot_bytes"] = layout.slot_bytes
-        a["flags_off"] = layout.flags_off
-        a["rs_off"], a["ag_off"], a["os_off"] = layout.rs_off, layout.ag_off, layout.os_off
-        a["rank"], a["world"], a["max_blocks"] = self.rank, self.world_size, layout.max_blocks
-        a["ll_off"], a["ll_slot_bytes"] = layout.ll_off, layout.ll_slot_bytes
-        a["ts_epoch_off"], a["os_epoch_off"] = layout.ts_epoch_off, layout.os_epoch_off
-        a["ll_epoch_off"], a["poison_off"] = layout.ll_epoch_off, layout.poison_off
+        layout.fill_args(a)
+        a["rank"], a["world"] = self.rank, self.world_size
         a["timeout_ns"] = int(self.timeout_s * 1e9)
 
     def precompile(self, dtypes=("float16", "bfloat16", "float32"),

@@ -114,6 +114,15 @@ class WorkspaceLayout:
     def total(self) -> int:
         return _up(self.ll_off + self.ll_bytes, _ALLOC_ALIGN)
 
+    def fill_args(self, a) -> None:
+        """Write every workspace offset and size of this layout into an FcArgs record ``a``
+        (``flashcomm_cupy._kernels.ARGS_DTYPE``): the kernels derive none of them."""
+        a["slot_bytes"], a["max_blocks"], a["flags_off"] = self.slot_bytes, self.max_blocks, self.flags_off
+        a["rs_off"], a["ag_off"], a["os_off"] = self.rs_off, self.ag_off, self.os_off
+        a["ll_off"], a["ll_slot_bytes"] = self.ll_off, self.ll_slot_bytes
+        a["ts_epoch_off"], a["os_epoch_off"] = self.ts_epoch_off, self.os_epoch_off
+        a["ll_epoch_off"], a["poison_off"] = self.ll_epoch_off, self.poison_off
+
 
 _CANARY_SRC = r"""
 extern "C" __global__ void fc_canary(unsigned int* dst, unsigned int value, unsigned int* back) {
