@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import click
-
 from .options import (backend_option, check_outputs, command, json_option, make_console, mpi_launch,
                       open_communicator, output_width, transport_option)
 

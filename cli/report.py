@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from flashcomm_cupy.harness.results import BenchResult, Row
 from flashcomm_cupy.harness.sizes import format_size

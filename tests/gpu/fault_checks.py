@@ -285,7 +285,6 @@ class Cases:
 
     def subnormals(self):
         """bf16 and float32 subnormals are summed as IEEE does (no flush to zero): bit-exact vs the reference."""
-        import cupy
         comm = self.comm()
         ok_all, detail = True, []
         tiny = {"bfloat16": np.array([1, 2, 0x7F, 0x8001], dtype=np.uint16).view(bfloat16),
