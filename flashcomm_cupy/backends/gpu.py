@@ -18,7 +18,7 @@ import numpy as np
 from .. import _kernels, tuning
 from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
-from ..errors import DEFAULT_TIMEOUT_S, FlashTimeoutError, resolve_timeout  # noqa: F401  (re-exported)
+from ..errors import FlashTimeoutError, resolve_timeout
 from .cuda_util import CudaBackend, select_device
 from .ipc import MAX_RANKS, PeerAccessError, WorkspaceLayout
 from .nccl import _NCCL_DTYPE, NcclBackend, NcclCommunicatorHandle
@@ -42,7 +42,7 @@ def llq_threads(elems: int, itemsize: int, algo: str, rs_bits: int, ag_bits: int
 
     The launch bounds allow up to LLQ_MAX_THREADS; ptxas keeps every 16-element
     build at <= 128 registers except the two-shots with an INT8 step (161-169
-    registers since the poison protocol's per-lane failure state, NOTES v23;
+    registers since the poison protocol's per-lane failure state;
     the float32 one was at 157-159 before), of which only one 256-thread block
     fits an SM, so those run 128 threads.  tests/test_kernels_compile.py checks
     this against ptxas.
