@@ -6,7 +6,7 @@
 # STAGES is a comma list run in order: info, checks (full GPU checks at NP
 # ranks), checks-ll (LL protocol and timeouts only), checks-staged (the staged two-shot), hier-checks and
 # hier-bench (hierarchical all-reduce, 2 GPUs as 2 nodes, NCCL on sockets), llab (lossless bench with
-# the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), tune,
+# the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), checks-q (quick checks at NP ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
 # accuracy, minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
@@ -162,6 +162,8 @@ for stage in ${STAGES//,/ }; do
         log "rc=$?"
       fi
       run 30 python3 benchmarks/check_table_log.py "$OUT"/table-2x*.log ;;
+    checks-q)  # the quick sweep of every section at NP ranks (3-8 rank runs)
+      run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     checks-quick)
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
     pytest)
