@@ -19,7 +19,8 @@
 // * after `timeout_ns` a wait records which peer did not arrive in host-mapped
 //   memory (FC_ERR_TIMEOUT), raises `abort` (every later wait of this rank
 //   gives up at its next check) and, before anything else happens, stores a
-//   poison word into every rank's workspace, its own included (fc_poison_all):
+//   poison word into every rank's workspace, its own first (before the abort,
+//   so no block of this rank can give up unpoisoned) (fc_poison_all):
 //   each peer's pending wait gives up at its next check (every 1024 polls) and
 //   records FC_ERR_POISON, and every later call on any rank sees the poison;
 // * a kernel whose block found poison, at its start or after its last wait,
@@ -138,10 +139,16 @@ __device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, c
   int src = 0;
   const fc_u32 p = fc_first_poison(poison, world, &src);
   if (p) {
-    fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, epoch);
+    // My own word: another block of this rank timed out and records that itself.
+    if (src != rank) fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, epoch);
     return true;
   }
   if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
+  // My own poison word first, then abort: a block of this rank that gives up
+  // because of the abort reaches its end check (fc_block_poisoned) within a few
+  // microseconds, sooner than the stores to the peers land, and must find the
+  // poison there or it would leave its partial sums behind (seen at 4 ranks).
+  fc_st_release_sys(const_cast<fc_u32*>(poison) + rank, FC_POISON | ((fc_u32)peer & 0xFFu));
   fc_record(err, rank, FC_ERR_TIMEOUT, peer, (fc_u32)peer, epoch);
   fc_poison_all(poison, rank, world, err->late);
   return true;
@@ -204,7 +211,7 @@ __device__ __forceinline__ bool fc_block_poisoned(const FcWait& w) {
 __device__ __noinline__ void fc_record_poisoned(volatile FcError* err, const fc_u32* poison, int rank, int world) {
   int src = 0;
   const fc_u32 p = fc_first_poison(poison, world, &src);
-  if (p) fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, 0);
+  if (p && src != rank) fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, 0);
 }
 
 // NaN over out[o * seg + off, min(n, o * seg + off + len)) for o < nseg: the
