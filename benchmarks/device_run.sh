@@ -8,7 +8,7 @@
 # hier-bench (hierarchical all-reduce, 2 GPUs as 2 nodes, NCCL on sockets), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), checks-q (quick checks at NP ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
-# accuracy, minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
+# accuracy, bench-ab (5 sizes, 7 repeats), torch-lite (torch checks, example, eager cost under torchrun), minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
 # example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
 # cut cells), and the
@@ -93,6 +93,8 @@ for stage in ${STAGES//,/ }; do
     bench)
       run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 --eager \
         --json "$OUT/bench-${NP}x-$TAG.json" --plot "$OUT/bench-${NP}x.png" ;;
+    bench-ab)  # the reliability issue's before/after rows: 5 sizes, 7 repeats, NCCL in the same run
+      run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 16 --bits none,8,4 -r 7 --json "$OUT/bench-ab-${NP}x-$TAG.json" ;;
     bench2)
       run 120 $MPI 2 $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 \
         --json "$OUT/bench-2x-$TAG.json" ;;
@@ -115,14 +117,19 @@ for stage in ${STAGES//,/ }; do
       run 150 env NP="$NP" LAYERS="${LAYERS:-80}" REPEATS="${REPEATS:-3}" \
         bash benchmarks/model_sweep.sh "$OUT/model-${NP}x-$TAG.json" ;;
     eager)  # host cost per eager call: Communicator.all_reduce (CuPy, torch) vs NCCL, and by launch path
-      run 400 $MPI "$NP" python3 benchmarks/eager_host.py --calls 1000 --paths --json "$OUT/eager-${NP}x-$TAG.json" ;;
+      run 400 $MPI "$NP" python3 benchmarks/eager_host.py --calls 200 --repeats 7 --paths --json "$OUT/eager-${NP}x-$TAG.json" ;;
     torch)  # issue 18: torch bootstrap without MPI, custom ops in graphs and torch.compile, TP example, eager cost
       TORCHRUN="python3 -m torch.distributed.run --standalone --nproc-per-node $NP"
       run 400 $TORCHRUN tests/gpu/torch_gpu_checks.py
       run 200 $MPI "$NP" python3 tests/gpu/torch_gpu_checks.py
       run 300 $TORCHRUN examples/tp_mlp.py --graph
       run 200 $MPI "$NP" python3 examples/tp_mlp.py --iters 50
-      run 400 $TORCHRUN benchmarks/eager_host.py --calls 1000 --json "$OUT/eager-torchrun-${NP}x-$TAG.json" ;;
+      run 400 $TORCHRUN benchmarks/eager_host.py --calls 200 --repeats 7 --json "$OUT/eager-torchrun-${NP}x-$TAG.json" ;;
+    torch-lite)  # the torch stage without the mpirun repeats: checks and the example under torchrun, eager cost
+      TORCHRUN="python3 -m torch.distributed.run --standalone --nproc-per-node $NP"
+      run 400 $TORCHRUN tests/gpu/torch_gpu_checks.py
+      run 300 $TORCHRUN examples/tp_mlp.py --graph
+      run 300 $TORCHRUN benchmarks/eager_host.py --calls 200 --repeats 7 --json "$OUT/eager-torchrun-${NP}x-$TAG.json" ;;
     variants)
       run 420 $MPI "$NP" python3 benchmarks/kernel_variants.py ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} \
         ${VARIANTS:+--variants "$VARIANTS"} ${CASES:+--only "$CASES"} --json "$OUT/variants-${NP}x-$TAG.json" ;;

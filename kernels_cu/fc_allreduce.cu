@@ -89,36 +89,38 @@ __device__ __forceinline__ unsigned char* fc_slot(const FcArgs& a, int rank_of_w
 }
 
 // A flag kernel's start: this block's epoch of the flag sets at `epoch_off`
-// into *e, and whether my workspace is poisoned (then the block takes
-// fc_flag_fail and stops).  The poison words are read by threads < world
-// alongside the epoch, under the barrier the epoch needs anyway.
-__device__ __forceinline__ bool fc_begin(const FcArgs& a, const FcWait& w, fc_i64 epoch_off, fc_u32* s_epoch,
-                                         fc_u32& e) {
+// into e.  No poison check here: a block of a poisoned communicator runs its
+// tiles like any other (its waits give up on the abort or the poison; what
+// it sends then is ordered after its own poison stores, fc_give_up) and its
+// end finds the poison and writes NaN.  A separate path for blocks that start
+// poisoned made ptxas spill the two-shot kernels (7 % at 256 MB).
+__device__ __forceinline__ fc_u32 fc_begin(const FcArgs& a, fc_i64 epoch_off, fc_u32* s_epoch) {
   const fc_u32* epochs = reinterpret_cast<const fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + epoch_off);
   if (threadIdx.x == 0) *s_epoch = epochs[blockIdx.x];
-  const bool any = fc_block_poisoned(w);
-  e = *s_epoch;
-  return any;
+  __syncthreads();
+  return *s_epoch;
 }
 
-// A flag kernel's end, after its last wait: the epoch moves on, unless a wait
-// of this call (of any rank) gave up -- then every rank is poisoned by now and
-// the block takes fc_flag_fail instead (true).
-__device__ __forceinline__ bool fc_end(const FcArgs& a, const FcWait& w, fc_i64 epoch_off, fc_u32 e) {
-  if (fc_block_poisoned(w)) return true;
-  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + epoch_off);
-  if (threadIdx.x == 0) epochs[blockIdx.x] = e;
-  return false;
-}
-
-// The failure path of a flag kernel's block (block-uniform): record who gave
-// up (nothing new when this rank did) and write NaN over every tile this block
-// handles in this call (nseg segments of a.seg_elems: the world for two-shot,
-// 1 for one-shot).  The epoch stays behind: the communicator is poisoned.
-template <int DT>
-__device__ __forceinline__ void fc_flag_fail(const FcArgs& a, int nseg, fc_i64 tile) {
-  if (threadIdx.x == 0) fc_record_poisoned(a.err, fc_wait_ctx(a).poison, a.rank, a.world);
-  fc_fill_nan_tiles<DT>(a.out, a.n, a.seg_elems, nseg, tile);
+// A flag kernel's end, after its last wait (block-uniform): the epoch moves
+// on; or, when any poison word is set -- a wait of this call gave up on some
+// rank, or the communicator was poisoned before -- record who gave up and
+// write NaN over every tile this block handles in this call (nseg segments
+// of a.seg_elems: the world for two-shot, 1 for one-shot), and the epoch
+// stays behind.  Out of line, and only the epoch travels as an argument (the
+// rest is read through a pointer to the __grid_constant__ kernel parameter):
+// anything else the kernel would have to keep live across its tile loop.
+template <int DT, bool ONESHOT>
+__device__ __noinline__ void fc_flag_end(const FcArgs* ap, fc_u32 e) {
+  const FcArgs& a = *ap;
+  const FcWait w = fc_wait_ctx(a);
+  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) +
+                                             (ONESHOT ? a.os_epoch_off : a.ts_epoch_off));
+  if (!fc_block_poisoned(w)) {
+    if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+    return;
+  }
+  if (threadIdx.x == 0) fc_record_poisoned(a.err, w.poison, a.rank, a.world);
+  fc_fill_nan_tiles<DT>(a.out, a.n, a.seg_elems, ONESHOT ? 1 : a.world, blockDim.x * FC_ELEMS * a.units);
 }
 
 // Decode `chunk` unit w into v, or zeros for a lane past the chunk's end.
@@ -177,8 +179,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
   unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
   const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
-  fc_u32 e;
-  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, a.world, tile);
+  fc_u32 e = fc_begin(a, a.ts_epoch_off, &s_epoch);
   float v[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -249,7 +250,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, tile);
+  fc_flag_end<DT, false>(&a, e);
 }
 
 // ------------------------------------------------------------------ staged two-shot
@@ -295,8 +296,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
   // buffer b: my input's unit, then one unit per other rank (j-th other rank)
   auto in_area = [&](int b) { return wbuf + b * buf_chunks; };
   auto src_area = [&](int b, int j) { return wbuf + b * buf_chunks + SH::IN + j * SH::SRC; };
-  fc_u32 e;
-  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, a.world, tile);
+  fc_u32 e = fc_begin(a, a.ts_epoch_off, &s_epoch);
   float v[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -421,7 +421,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       __syncwarp();
     }
   }
-  if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, tile);
+  fc_flag_end<DT, false>(&a, e);
 }
 
 template <int DT, int RSB>
@@ -438,8 +438,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
   const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
   const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
-  fc_u32 e;
-  if (fc_begin(a, fc_wait_ctx(a), a.os_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, 1, tile);
+  fc_u32 e = fc_begin(a, a.os_epoch_off, &s_epoch);
   float v[FC_ELEMS], acc[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
@@ -480,7 +479,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
     }
   }
-  if (fc_end(a, fc_wait_ctx(a), a.os_epoch_off, e)) fc_flag_fail<DT>(a, 1, tile);
+  fc_flag_end<DT, true>(&a, e);
 }
 
 // ------------------------------------------------------------------ LL protocol (lossless)
@@ -859,18 +858,18 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
 #else
 #define FC_TWOSHOT_BOUNDS __launch_bounds__(512)
 #endif
-extern "C" __global__ void FC_TWOSHOT_BOUNDS fc_twoshot(FcArgs a) {
+extern "C" __global__ void FC_TWOSHOT_BOUNDS fc_twoshot(const __grid_constant__ FcArgs a) {
   fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
 
 #if FC_RS_BITS != 0 && FC_DT != 2
 // Quantized 16-bit modes only: a float32 unit would need twice the shared memory.
-extern "C" __global__ void __launch_bounds__(512) fc_twoshot_staged(FcArgs a) {
+extern "C" __global__ void __launch_bounds__(512) fc_twoshot_staged(const __grid_constant__ FcArgs a) {
   fc_twoshot_staged_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(512) fc_oneshot(FcArgs a) {
+extern "C" __global__ void __launch_bounds__(512) fc_oneshot(const __grid_constant__ FcArgs a) {
   fc_oneshot_impl<FC_DT, FC_RS_BITS>(a);
 }
 

@@ -128,10 +128,27 @@ __device__ __noinline__ void fc_poison_all(const fc_u32* poison, int rank, int w
                       FC_POISON | (late & 0xFFu));
 }
 
+// This rank gives up on the communicator, because `late` was late (or a
+// peer said so): store my poison word into every rank's workspace (my own
+// first), THEN record the failure and raise abort.  In that order a block of
+// this rank that gives up on the abort -- and goes on computing, sending and
+// ending its call without a further check -- can neither pass its end check
+// unpoisoned (seen at 4 ranks before the order was fixed) nor send anything a
+// peer could acquire ahead of my poison word.  A rank poisoned by a peer
+// passes the poison on the same way, so the rule "whatever a rank sends after
+// it gave up is ordered after its own poison stores" needs no exception.
+__device__ __noinline__ void fc_give_up(volatile FcError* err, const fc_u32* poison, int rank, int world,
+                                        fc_u32 code, int peer, fc_u32 late, fc_u32 epoch) {
+  fc_st_release_sys(const_cast<fc_u32*>(poison) + rank, FC_POISON | (late & 0xFFu));
+  fc_poison_all(poison, rank, world, late);
+  fc_record(err, rank, code, peer, late, epoch);
+}
+
 // Called every 1024 polls of any wait: true when the wait must end, because
 // this rank already gave up (abort), a peer poisoned it, or this wait has run
-// past `timeout_ns`; the last two are recorded, and a timeout poisons every
-// rank at once.  (Out-of-line functions take scalars only: an aggregate
+// past `timeout_ns`; the last two go through fc_give_up.  My own poison word
+// alone means another block of this rank is giving up right now and records
+// why itself.  (Out-of-line functions take scalars only: an aggregate
 // argument would travel through local memory.)
 __device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, const fc_u32* poison,
                                              fc_i64 timeout_ns, int rank, int world, int peer, fc_u32 epoch) {
@@ -139,18 +156,11 @@ __device__ __noinline__ bool fc_wait_give_up(fc_u64 t0, volatile FcError* err, c
   int src = 0;
   const fc_u32 p = fc_first_poison(poison, world, &src);
   if (p) {
-    // My own word: another block of this rank timed out and records that itself.
-    if (src != rank) fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, epoch);
+    if (src != rank) fc_give_up(err, poison, rank, world, FC_ERR_POISON, src, p & 0xFFu, epoch);
     return true;
   }
   if ((fc_i64)(fc_globaltimer() - t0) <= timeout_ns) return false;
-  // My own poison word first, then abort: a block of this rank that gives up
-  // because of the abort reaches its end check (fc_block_poisoned) within a few
-  // microseconds, sooner than the stores to the peers land, and must find the
-  // poison there or it would leave its partial sums behind (seen at 4 ranks).
-  fc_st_release_sys(const_cast<fc_u32*>(poison) + rank, FC_POISON | ((fc_u32)peer & 0xFFu));
-  fc_record(err, rank, FC_ERR_TIMEOUT, peer, (fc_u32)peer, epoch);
-  fc_poison_all(poison, rank, world, err->late);
+  fc_give_up(err, poison, rank, world, FC_ERR_TIMEOUT, peer, (fc_u32)peer, epoch);
   return true;
 }
 
@@ -206,12 +216,12 @@ __device__ __forceinline__ bool fc_block_poisoned(const FcWait& w) {
   return __syncthreads_or(p != 0u);
 }
 
-// Called by one thread of a block that found its workspace poisoned at its
-// start: record who gave up (nothing new if this rank aborted itself).
+// Called by one thread of a block that found its workspace poisoned: record
+// who gave up and pass the poison on (nothing new if this rank gave up already).
 __device__ __noinline__ void fc_record_poisoned(volatile FcError* err, const fc_u32* poison, int rank, int world) {
   int src = 0;
   const fc_u32 p = fc_first_poison(poison, world, &src);
-  if (p && src != rank) fc_record(err, rank, FC_ERR_POISON, src, p & 0xFFu, 0);
+  if (p && src != rank && !err->abort) fc_give_up(err, poison, rank, world, FC_ERR_POISON, src, p & 0xFFu, 0);
 }
 
 // NaN over out[o * seg + off, min(n, o * seg + off + len)) for o < nseg: the
@@ -233,11 +243,25 @@ __device__ __forceinline__ void fc_fill_nan(void* out, fc_i64 n, fc_i64 seg, int
   }
 }
 
-// NaN over every tile (of `tile` elements, in each of nseg segments) that
-// this block handles in a flag kernel's call: tiles b, b + grid, ...
+// NaN over every tile (of `tile` elements, in each of nseg segments of `seg`)
+// that this block handles in a flag kernel's call: tiles b, b + grid, ...
+// Inlined into the out-of-line fc_flag_end: as a call of its own (one more
+// level of out-of-line calls) it made ptxas spill the two-shot kernels that
+// only call fc_flag_end, 200-350 B, whatever their own code.
 template <int DT>
-__device__ __noinline__ void fc_fill_nan_tiles(void* out, fc_i64 n, fc_i64 seg, int nseg, fc_i64 tile) {
-  const fc_i64 ntiles = (seg + tile - 1) / tile;
-  for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x)
-    fc_fill_nan<DT>(out, n, seg, nseg, ti * tile, min(tile, seg - ti * tile));
+__device__ __forceinline__ void fc_fill_nan_tiles(void* out, fc_i64 n, fc_i64 seg, int nseg, unsigned tile) {
+  typedef typename FcElem<DT>::T T;
+  T nan;
+  if constexpr (DT == 2) {
+    nan = __uint_as_float(0x7FC00000u);
+  } else {
+    nan = (T)(DT == 0 ? 0x7E00u : 0x7FC0u);
+  }
+  T* o = reinterpret_cast<T*>(out);
+  for (fc_i64 off = (fc_i64)blockIdx.x * tile; off < seg; off += (fc_i64)gridDim.x * tile)
+    for (int s = 0; s < nseg; ++s)
+      for (unsigned j = threadIdx.x; j < tile; j += blockDim.x) {
+        const fc_i64 k = off + j, i = (fc_i64)s * seg + k;
+        if (k < seg && i < n) o[i] = nan;
+      }
 }
