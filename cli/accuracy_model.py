@@ -6,7 +6,6 @@ communicator, prints rank 0's tables and writes ``--json`` / ``--plot``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -74,22 +73,11 @@ def run_model_accuracy(model: str, bits: Optional[Sequence[str]], group_sizes: O
         return
     print_tables(study)
     if json_path:
-        # non-finite values as null, as flashcomm_cupy.minilm.compare reads them
-        write_document(json_path, "accuracy", _finite_or_none(study.to_json()))
+        write_document(json_path, "accuracy", study.to_json())
         click.echo(f"wrote {json_path}")
     if plot_path:
         write_plot(study, plot_path)
         click.echo(f"wrote {plot_path}")
-
-
-def _finite_or_none(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 def meets_targets(row) -> bool:
