@@ -69,9 +69,8 @@ def node_layout(comm=None, ranks_per_node=None) -> NodeLayout:
     otherwise every rank raises ValueError with a one-line reason.
     """
     comm = get_comm(comm)
-    override = ranks_per_node
-    source = "ranks_per_node"
-    if override is None and settings.raw(settings.RANKS_PER_NODE) is not None:
+    override, source = ranks_per_node, "ranks_per_node"
+    if override is None:
         override, source = settings.raw(settings.RANKS_PER_NODE), f"${settings.RANKS_PER_NODE}"
     # Agree on the text first, check it after: a rank that raised alone, or skipped the split
     # below, would leave the others waiting in it.
@@ -99,8 +98,7 @@ def node_layout(comm=None, ranks_per_node=None) -> NodeLayout:
 def disagreement(everyone: List[Dict[str, Any]], what: str) -> Optional[str]:
     """The one-line message for ranks' ``{name: value}`` dicts that differ (None when all are equal).
 
-    It names each differing value and every rank's value of it.  Pure: the CPU backend applies
-    it to descriptions exchanged with bounded waits of its own.
+    It names each differing value and every rank's value of it.
     """
     if all(v == everyone[0] for v in everyone):
         return None
@@ -129,7 +127,7 @@ def call_description(elements: int, dtype: str, mode) -> Dict[str, Any]:
             "rotate": mode.rotate, "symmetric": mode.symmetric, "algo": mode.algo}
 
 
-#: the name this helper had before; kept for callers outside the package
+#: the name :func:`agree` had before (tests/test_dispatch.py still uses it)
 require_same_everywhere = agree
 
 
