@@ -226,11 +226,13 @@ def resolve(name: str, given: Any = None, argument: Optional[str] = None) -> Any
     """An API argument ``given``, else variable ``name``, else its default; checked either way.
 
     The one rule every ``option=`` with an environment fallback follows (``timeout_s``,
-    ``protocol``, ``transport``, ``tuning_path``).  A bad value raises ValueError naming
-    ``"<argument> (or $NAME)"``.
+    ``protocol``, ``transport``).  A bad value raises ValueError naming where it came from:
+    ``"<argument>"``, or ``"<argument> (or $NAME)"`` for the environment's.
     """
     var = variable(name)
-    text = raw(name) if given is None or given == "" else str(given).strip()
+    if given is not None and given != "":
+        return var.check(str(given).strip(), source=argument)
+    text = raw(name)
     if text is None:
         return var.default
     return var.check(text, source=f"{argument} (or ${name})" if argument else None)

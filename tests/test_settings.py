@@ -120,8 +120,11 @@ def test_an_argument_beats_the_environment_and_errors_name_both(monkeypatch):
     monkeypatch.setenv(settings.PROTOCOL, "ll")
     assert settings.resolve(settings.PROTOCOL, None, "protocol") == "ll"
     assert settings.resolve(settings.PROTOCOL, "flag", "protocol") == "flag"
-    with pytest.raises(ValueError, match=r"^protocol \(or \$FLASHCOMM_PROTOCOL\) must be one of auto, flag, ll"):
+    with pytest.raises(ValueError, match=r"^protocol must be one of auto, flag, ll, got 'fast'$"):
         settings.resolve(settings.PROTOCOL, "fast", "protocol")
+    monkeypatch.setenv(settings.PROTOCOL, "slow")
+    with pytest.raises(ValueError, match=r"^protocol \(or \$FLASHCOMM_PROTOCOL\) must be one of auto, flag, ll, got 'slow'$"):
+        settings.resolve(settings.PROTOCOL, None, "protocol")
     monkeypatch.delenv(settings.PROTOCOL)
     assert settings.resolve(settings.PROTOCOL, None, "protocol") == "auto"
 
