@@ -576,3 +576,27 @@ def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path, abor
     assert data["meta"]["interrupted"] is True
     assert len(data["rows"]) >= 3 and data["rows"][0]["size_bytes"] == 1024  # 1K (2 rows) and 4K at least
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- one JSON writer
+def test_every_command_writes_json_through_the_one_writer():
+    """One rule for every --json file: the schema flashcomm.<command>/1, and non-finite numbers as strings."""
+    import ast
+    cli_dir = Path(__file__).resolve().parent.parent / "cli"
+    for path in sorted(cli_dir.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = {f"{n.func.value.id}.{n.func.attr}" for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)}
+        assert "json.dump" not in calls, f"{path.name} writes JSON itself: use harness.results.write_document"
+        if "json_option(" in path.read_text() and path.name != "options.py":
+            assert "write_document" in path.read_text() or "results_io" in path.read_text(), path.name
+
+
+def test_documents_keep_non_finite_numbers_as_strings_and_read_back(tmp_path):
+    from flashcomm_cupy.harness.results import read_document, write_document
+    path = tmp_path / "a.json"
+    write_document(path, "accuracy", {"rows": [{"label": "int4", "rel": float("nan"), "worst": float("-inf")}]})
+    raw = json.loads(path.read_text())
+    assert raw["schema"] == "flashcomm.accuracy/1" and raw["rows"][0]["rel"] == "nan"
+    back = read_document(path)
+    assert math.isnan(back["rows"][0]["rel"]) and back["rows"][0]["worst"] == float("-inf")

@@ -146,7 +146,8 @@ def _decode_all(obj):
 
 def read_document(path) -> Dict[str, Any]:
     """A JSON file :func:`write_document` wrote, with ``"nan"``/``"inf"``/``"-inf"`` as floats again
-    wherever they stand (for documents without a typed reader such as :func:`read_json`)."""
+    wherever they stand (for documents without a typed reader such as :func:`read_json`; a text field
+    that is exactly one of those words would read back as a float too, and no document has one)."""
     with open(path, encoding="utf-8") as fh:
         return _decode_all(json.load(fh))
 
