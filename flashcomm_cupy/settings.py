@@ -10,12 +10,13 @@ Each :class:`Variable` has a ``scope``:
 
 * ``library`` -- read by the library on the production path (documented in README.md);
 * ``cli`` -- read by the ``flashcomm`` command only;
-* ``experiment`` -- kernel experiments (``benchmarks/``): never read on the production compile
-  path; a benchmark turns them into an explicit build value (:func:`experiment`);
+* ``experiment`` -- kernel experiments (``benchmarks/``): :func:`experiment` gathers them for an
+  explicit kernel build; production code should not read them (``_kernels`` still does, through
+  :func:`value`, until its loader takes the build as an argument);
 * ``internal`` -- set by flashcomm itself for its own child processes;
 * ``testing`` -- read by the test suite and CI scripts only.
 
-README.md's "Environment variables" table is :func:`markdown_table`; ``tests/test_settings.py``
+README.md's table of environment variables is :func:`markdown_table`; ``tests/test_settings.py``
 fails when the two disagree or when a ``FLASHCOMM_*`` name appears in the tree without a row here.
 """
 from __future__ import annotations
@@ -250,7 +251,7 @@ def raw(name: str, env: Optional[Mapping[str, str]] = None) -> Optional[str]:
 
 def experiment(env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """The ``experiment`` variables by name (kernel directory, defines, line info), for benchmarks
-    that turn them into an explicit kernel build; the production path never calls this."""
+    that turn them into an explicit kernel build."""
     return {v.name: v.read(_source(env)) for v in VARIABLES if v.scope == "experiment"}
 
 
