@@ -10,9 +10,9 @@ Each :class:`Variable` has a ``scope``:
 
 * ``library`` -- read by the library on the production path (documented in README.md);
 * ``cli`` -- read by the ``flashcomm`` command only;
-* ``experiment`` -- kernel experiments (``benchmarks/``): :func:`experiment` gathers them for an
-  explicit kernel build; production code should not read them (``_kernels`` still does, through
-  :func:`value`, until its loader takes the build as an argument);
+* ``experiment`` -- kernel experiments (``benchmarks/``), which turn them into an explicit kernel
+  build; production code should not read them (``_kernels`` still does, through :func:`value`,
+  until its loader takes the build as an argument);
 * ``internal`` -- set by flashcomm itself for its own child processes;
 * ``testing`` -- read by the test suite and CI scripts only.
 
@@ -247,12 +247,6 @@ def raw(name: str, env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """
     variable(name)
     return _source(env).get(name, "").strip() or None
-
-
-def experiment(env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
-    """The ``experiment`` variables by name (kernel directory, defines, line info), for benchmarks
-    that turn them into an explicit kernel build."""
-    return {v.name: v.read(_source(env)) for v in VARIABLES if v.scope == "experiment"}
 
 
 # ----------------------------------------------------------------------------- documentation
