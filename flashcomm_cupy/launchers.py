@@ -7,7 +7,10 @@ Rows are tried in order and the first variable that holds a number wins: the MPI
 first (their variables are the job's truth when several launchers nest, e.g. ``srun`` starting
 an MPI job), then Slurm, PALS and torchrun.  ``mpi`` rows are MPI launchers: a process they
 started is part of an MPI job (:func:`under_mpi_launcher`), and its size is the job's
-(:func:`launched_size`).
+(:func:`launched_size`).  torchrun's ``RANK`` and ``WORLD_SIZE`` are common words that a shell
+may hold for other reasons, so they count only with its rendezvous variables
+(:func:`launched_by_torchrun`); its ``LOCAL_RANK`` counts alone, as it always did for the GPU a
+rank picks.
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def _first(field: str, env: Mapping[str, str], mpi_only: bool = False) -> Option
     for launcher in LAUNCHERS:
         var = getattr(launcher, field)
         if var is None or var in seen or (mpi_only and not launcher.mpi):
+            continue
+        if launcher.name == "torchrun" and field in ("rank", "size") and not launched_by_torchrun(env):
             continue
         seen.add(var)
         text = env.get(var, "").strip()

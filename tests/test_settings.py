@@ -183,7 +183,8 @@ def test_every_row_is_documented_and_its_default_passes_its_own_check():
     ({"PMI_RANK": "5", "PMI_SIZE": "6", "PMI_LOCAL_RANK": "1"}, 5, 6, 1, True),
     ({"PMIX_RANK": "1"}, 1, 1, None, True),
     ({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3"}, 7, 1, 3, False),
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 1, 1, 1, False),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h"}, 1, 1, 1, False),
+    ({"RANK": "5", "LOCAL_RANK": "2"}, 0, 1, 2, False),  # RANK alone is some shell's variable, not torchrun's
     # an MPI job started by srun: the MPI variables win
     ({"SLURM_PROCID": "0", "PMIX_RANK": "3", "SLURM_LOCALID": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, 3, 1, 0, True),
     ({"OMPI_COMM_WORLD_RANK": " x "}, 0, 1, None, True),  # present but not a number: launched, rank unknown
