@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mpi_util import _is_open_mpi, find_mpiexec, mpi_env, require_mpi, run_in_group
+from mpi_util import _is_open_mpi, aborted_job_shm, find_mpiexec, mpi_env, require_mpi, run_in_group  # noqa: F401
 
 pytestmark = pytest.mark.mpi
 
@@ -41,47 +41,6 @@ def _without_launcher(extra=None):
     for var in LAUNCHER_VARS:
         env.pop(var, None)
     return env
-
-
-# ----------------------------------------------------------------------------- shared memory
-SHM = Path("/dev/shm")
-
-
-def _mapped_anywhere(path: Path) -> bool:
-    """True when some live process maps or holds ``path`` open (another job's segment)."""
-    name = str(path)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if name in (proc / "maps").read_text():
-                return True
-            if any(os.readlink(fd) == name for fd in (proc / "fd").iterdir()):
-                return True
-        except OSError:
-            continue
-    return False
-
-
-@pytest.fixture
-def aborted_job_shm():
-    """Removes the shared-memory segments an MPI job aborted by the test leaves behind.
-
-    MPI_Abort (how a failed or interrupted job ends without risking a hang) does not let
-    MPICH or Open MPI unlink their segments.  Only segments that appeared during the test
-    and that no live process holds are removed.
-    """
-    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
-    yield
-    if not SHM.is_dir():
-        return
-    for name in set(os.listdir(SHM)) - before:
-        path = SHM / name
-        if name.startswith(("mpich_shm_", "sm_segment.", "vader_segment.")) and not _mapped_anywhere(path):
-            try:
-                path.unlink()
-            except OSError:
-                pass
 
 
 # ----------------------------------------------------------------------------- bench
