@@ -21,7 +21,7 @@ from flashcomm_cupy.minilm.study import DEFAULT_SWEEP_TEXT as MODEL_DEFAULT_SWEE
 
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
-                      output_option, split_list, switch_option)
+                      output_option, require_quantizing_backend, split_list, switch_option)
 
 
 def _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype) -> List[DataSpec]:
@@ -229,7 +229,7 @@ def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, b
         cfg = StudyConfig(data=specs, bits=_study_bits(bits),
                           group_sizes=group_size, rotate=rotate, symmetric=symmetric, algo=algo[0],
                           ranks=ranks, residual_scale=residual_scale)
-        sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo)  # validate early
+        modes = sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo)  # validate early
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -237,6 +237,7 @@ def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, b
     if backend != "reference":
         communicator = open_communicator(backend)
         check_outputs({"--json": json_path, "--plot": plot_path}, communicator.mpi_comm)
+        require_quantizing_backend(communicator, modes, backend)
         if communicator.world_size < 2:
             communicator.close()
             raise click.UsageError(f"--backend {backend} measures a real all-reduce: launch with "

@@ -15,7 +15,7 @@ from flashcomm_cupy.accuracy import sweep_modes
 from flashcomm_cupy.dtypes import resolve_dtype
 from flashcomm_cupy.harness.results import write_document
 
-from .options import check_outputs, open_communicator
+from .options import check_outputs, open_communicator, require_quantizing_backend
 
 MODELS = ("minilm",)
 #: the thresholds docs/accuracy.md judges modes by; the table marks the modes that meet both
@@ -56,6 +56,7 @@ def run_model_accuracy(model: str, bits: Optional[Sequence[str]], group_sizes: O
     communicator = open_communicator("auto" if backend == "reference" else backend)
     try:
         check_outputs({"--json": json_path, "--plot": plot_path}, communicator.mpi_comm)
+        require_quantizing_backend(communicator, modes, backend)
     except click.ClickException:
         communicator.close()
         raise
