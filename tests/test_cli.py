@@ -559,3 +559,20 @@ def test_documents_keep_non_finite_numbers_as_strings_and_read_back(tmp_path):
     assert raw["schema"] == "flashcomm.accuracy/1" and raw["rows"][0]["rel"] == "nan"
     back = read_document(path)
     assert math.isnan(back["rows"][0]["rel"]) and back["rows"][0]["worst"] == float("-inf")
+
+
+def test_quantized_modes_on_the_nccl_backend_are_refused_with_the_reason():
+    import types
+
+    import click
+
+    from flashcomm_cupy.cli.options import require_quantizing_backend
+    from flashcomm_cupy.config import Mode
+    nccl, flash = types.SimpleNamespace(backend_name="nccl"), types.SimpleNamespace(backend_name="gpu")
+    lossless, int4 = [Mode.make(None)], [Mode.make(None), Mode.make(4)]
+    require_quantizing_backend(nccl, lossless, "nccl")
+    require_quantizing_backend(flash, int4, "gpu")
+    with pytest.raises(click.ClickException, match="^--backend nccl reduces losslessly, so only lossless modes"):
+        require_quantizing_backend(nccl, int4, "nccl")
+    with pytest.raises(click.ClickException, match="fell back to NCCL.*use --bits none"):
+        require_quantizing_backend(nccl, int4, "gpu")
