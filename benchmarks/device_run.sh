@@ -46,8 +46,8 @@ run() {  # run LIMIT_S CMD...: bounded, output to the log
 }
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/flashcomm-pip.log 2>&1 \
-  || { log "pip install failed; using PYTHONPATH"; export PYTHONPATH=$PWD; }
-FC="python3 -m flashcomm_cupy.cli.main"
+  || { log "pip install failed; using PYTHONPATH"; export PYTHONPATH=$PWD; FC_MAIN=cli.main; }
+FC="python3 -m ${FC_MAIN:-flashcomm_cupy.cli.main}"  # uninstalled, the checkout's cli/ is the package "cli"
 
 for stage in ${STAGES//,/ }; do
   case $stage in

@@ -78,8 +78,8 @@ def setup():
     except ImportError:
         torch = None
     if torch is not None and launched_by_torchrun():
-        import os
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        from flashcomm_cupy.launchers import launched_local_rank
+        local = launched_local_rank() or 0
         torch.cuda.set_device(local)
         cupy.cuda.Device(local).use()
         dist.init_process_group("nccl")

@@ -30,7 +30,7 @@ MD=${JSON%.json}.md
 MPIRUN=${MPIRUN:-$(command -v mpirun || command -v mpiexec)}
 LAUNCH=("$MPIRUN")
 if "$MPIRUN" --version 2>/dev/null | grep -q "Open MPI"; then LAUNCH+=(--bind-to none); fi
-if command -v flashcomm >/dev/null; then FC=(flashcomm); else FC=(python3 -m flashcomm_cupy.cli.main); export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; fi
+if command -v flashcomm >/dev/null; then FC=(flashcomm); else FC=(python3 -m cli.main); export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; fi
 
 set -x
 "${LAUNCH[@]}" -n "$NP" "${FC[@]}" model --model "$MODEL" \

@@ -16,24 +16,16 @@ from flashcomm_cupy.harness.results import write_document
 
 from flashcomm_cupy.accuracy import (DEFAULT_BITS, DEFAULT_GROUP_SIZES, GENERATED_KINDS, DataSpec, Row,
                                      StudyConfig, run_study, sweep_modes)
-from flashcomm_cupy.harness.launch import env_rank
+from flashcomm_cupy.launchers import launched_rank
 from flashcomm_cupy.minilm.study import DEFAULT_SWEEP_TEXT as MODEL_DEFAULT_SWEEP
 
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
-                      output_option, switch_option)
-
-
-def _split(values) -> List[str]:
-    """Multiple options that also accept comma-separated lists: ``--bits 8,4 --bits 4/8``."""
-    out = []
-    for v in values:
-        out.extend(p.strip() for p in str(v).split(",") if p.strip())
-    return out
+                      output_option, require_quantizing_backend, split_list, switch_option)
 
 
 def _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype) -> List[DataSpec]:
-    kinds = _split(data)
+    kinds = split_list(data)
     for k in kinds:
         if k not in GENERATED_KINDS:
             raise click.BadParameter(f"{k!r} is not one of {', '.join(GENERATED_KINDS)}", param_hint="--data")
@@ -52,7 +44,7 @@ def _data_specs(data, input_file, per_rank, elements, hidden, seed, dtype) -> Li
 
 def _progress(text: str) -> None:
     """Progress on stderr, from rank 0 only."""
-    if env_rank() == 0:
+    if launched_rank() == 0:
         click.echo(f"[flashcomm accuracy] {text}", err=True)
 
 
@@ -237,7 +229,7 @@ def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, b
         cfg = StudyConfig(data=specs, bits=_study_bits(bits),
                           group_sizes=group_size, rotate=rotate, symmetric=symmetric, algo=algo[0],
                           ranks=ranks, residual_scale=residual_scale)
-        sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo)  # validate early
+        modes = sweep_modes(cfg.bits, cfg.group_sizes, cfg.rotate, cfg.symmetric, cfg.algo)  # validate early
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -245,6 +237,7 @@ def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, b
     if backend != "reference":
         communicator = open_communicator(backend)
         check_outputs({"--json": json_path, "--plot": plot_path}, communicator.mpi_comm)
+        require_quantizing_backend(communicator, modes, backend)
         if communicator.world_size < 2:
             communicator.close()
             raise click.UsageError(f"--backend {backend} measures a real all-reduce: launch with "
@@ -260,7 +253,7 @@ def accuracy(data, input_file, per_rank, ranks, elements, hidden, dtype, seed, b
         rows = run_study(cfg, communicator, progress=_progress)
         communicator.close()
 
-    is_root = rows is not None if communicator is not None else env_rank() == 0
+    is_root = rows is not None if communicator is not None else launched_rank() == 0
     if not is_root:
         return
     distributed = communicator is not None

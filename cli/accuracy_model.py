@@ -6,7 +6,6 @@ communicator, prints rank 0's tables and writes ``--json`` / ``--plot``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,7 +15,7 @@ from flashcomm_cupy.accuracy import sweep_modes
 from flashcomm_cupy.dtypes import resolve_dtype
 from flashcomm_cupy.harness.results import write_document
 
-from .options import check_outputs, open_communicator
+from .options import check_outputs, open_communicator, require_quantizing_backend
 
 MODELS = ("minilm",)
 #: the thresholds docs/accuracy.md judges modes by; the table marks the modes that meet both
@@ -57,6 +56,7 @@ def run_model_accuracy(model: str, bits: Optional[Sequence[str]], group_sizes: O
     communicator = open_communicator("auto" if backend == "reference" else backend)
     try:
         check_outputs({"--json": json_path, "--plot": plot_path}, communicator.mpi_comm)
+        require_quantizing_backend(communicator, modes, backend)
     except click.ClickException:
         communicator.close()
         raise
@@ -74,22 +74,11 @@ def run_model_accuracy(model: str, bits: Optional[Sequence[str]], group_sizes: O
         return
     print_tables(study)
     if json_path:
-        # non-finite values as null, as flashcomm_cupy.minilm.compare reads them
-        write_document(json_path, "accuracy", _finite_or_none(study.to_json()))
+        write_document(json_path, "accuracy", study.to_json())
         click.echo(f"wrote {json_path}")
     if plot_path:
         write_plot(study, plot_path)
         click.echo(f"wrote {plot_path}")
-
-
-def _finite_or_none(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 def meets_targets(row) -> bool:

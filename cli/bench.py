@@ -6,7 +6,8 @@ import click
 from . import table
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
-                      output_option, parse_size_option, switch_option, transport_option)
+                      output_option, parse_size_option, require_quantizing_backend, switch_option,
+                      transport_option)
 
 #: defaults that differ between the GPU and the CPU backend
 GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
@@ -95,10 +96,7 @@ def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dt
             raise click.BadParameter(f"max bytes {hi} is below min bytes {lo}", param_hint="'-e'")
         sizes = sweep_sizes(lo, hi, stepfactor, dtype.itemsize)
         modes = build_modes(bits, algo, rotate, symmetric, group_size)
-        if comm.backend_name == "nccl" and any(not m.lossless for m in modes):
-            raise click.ClickException(
-                "the flash GPU kernels are unavailable here (the backend fell back to NCCL; see the "
-                "warning above), so only lossless modes can run: use --bits none")
+        require_quantizing_backend(comm, modes, backend)
         config = SweepConfig(
             counts=[s.count for s in sizes], dtype=dtype, modes=modes,
             warmup=pick(warmup, "warmup"), iters=pick(iters, "iters"), repeats=pick(repeats, "repeats"),

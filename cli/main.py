@@ -12,7 +12,6 @@ escapes on one rank, so the other ranks never hang in a collective.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
@@ -20,7 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import click
 
 from flashcomm_cupy import __version__
-from flashcomm_cupy.harness.launch import env_rank
+from flashcomm_cupy.launchers import launched_rank, launched_size
 
 #: name -> (module relative to this package, attribute, one-line help)
 LAZY_COMMANDS: Dict[str, Tuple[str, str, str]] = {
@@ -32,8 +31,6 @@ LAZY_COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "tune": (".tune", "tune", "Measure the one-shot/two-shot crossover and write a tuning table."),
 }
 _PACKAGE = __package__ or "flashcomm_cupy.cli"
-#: job size variables that an MPI launcher sets in every rank it starts
-_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def _unavailable(name: str, exc: BaseException) -> click.Command:
@@ -113,7 +110,7 @@ def _mpi_world():
 
 def _rank() -> int:
     world = _mpi_world()
-    return world.Get_rank() if world is not None else env_rank()
+    return world.Get_rank() if world is not None else launched_rank()
 
 
 def _one_line(text: str) -> str:
@@ -128,19 +125,10 @@ def _report(message: str, every_rank: bool) -> None:
         click.echo(f"[rank {rank}] flashcomm: error: {message}", err=True)
 
 
-def _launched_size() -> int:
-    """The job's size as the MPI launcher announced it (1 when not launched by one)."""
-    for var in _SIZE_ENV:
-        value = os.environ.get(var, "").strip()
-        if value.isdigit():
-            return int(value)
-    return 1
-
-
 def _abort_job(code: int) -> None:
     """Abort every rank when MPI runs with more than one rank; otherwise return."""
     world = _mpi_world()
-    if world is None and _launched_size() > 1:
+    if world is None and launched_size() > 1:
         # This rank failed before it initialized MPI, while the others may already wait
         # in a collective (or in MPI_Init for this rank): initialize it only to abort.
         try:

@@ -18,7 +18,7 @@ from flashcomm_cupy.model.config import PRESETS
 
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, dtype_option,
                       group_size_option, json_option, mpi_launch, open_communicator, output_option,
-                      switch_option, transport_option)
+                      require_quantizing_backend, switch_option, transport_option)
 
 DEFAULT_LAYERS = 4
 
@@ -153,7 +153,7 @@ CPU_DEFAULTS = {"model_name": "tiny", "layers": 2, "tokens": "64", "context": 64
 @click.option("--attn-block-mb", type=click.IntRange(1), default=1024, show_default=True,
               help="Memory bound for one block of prefill attention scores.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@backend_option(extra=("nccl",), help_extra=" nccl: the GPU backend's NCCL collective for every mode.")
+@backend_option()
 @json_option("Write meta and rows as JSON (rank 0).")
 @output_option("--markdown", "markdown_path", "Write the table and its notes as markdown (rank 0).")
 @transport_option
@@ -184,6 +184,7 @@ def model(model_name, hidden, heads, kv_heads, head_dim, ffn, num_layers, layers
     comm = open_communicator(backend)
     with comm:
         check_outputs({"--json": json_path, "--markdown": markdown_path}, comm.mpi_comm)
+        require_quantizing_backend(comm, modes, backend)
         root = comm.rank == 0
         on_gpu = comm.backend.xp is not np
         defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS

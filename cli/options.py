@@ -33,12 +33,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from flashcomm_cupy import settings
+from flashcomm_cupy.backends import registry
 from flashcomm_cupy.config import FLASH_ALGOS, SUPPORTED_GROUP_SIZES, parse_bits
 from flashcomm_cupy.dtypes import resolve_dtype
 from flashcomm_cupy.harness import launch
 from flashcomm_cupy.harness.sizes import parse_size
 
-BACKEND_CHOICES = ("auto", "gpu", "cpu")
+#: what ``--backend`` accepts: every name of the backend registry
+BACKEND_CHOICES = registry.NAMES
+#: the module a relaunch runs: this command line's own ``main`` (installed or not)
+MAIN_MODULE = (__package__ or "flashcomm_cupy.cli") + ".main"
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 SWITCH_VALUES = {"off": (False,), "on": (True,), "both": (False, True),
                  "0": (False,), "1": (True,)}
@@ -61,7 +66,8 @@ def command_line() -> str:
 
 
 # ----------------------------------------------------------------------------- parsers
-def _split(value) -> List[str]:
+def split_list(value) -> List[str]:
+    """A repeatable option that also takes comma lists: ``("8,4", "4/8")`` -> ``["8", "4", "4/8"]``."""
     items = value if isinstance(value, (list, tuple)) else [value]
     return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
 
@@ -69,7 +75,7 @@ def _split(value) -> List[str]:
 def parse_bits_list(ctx, param, value) -> List[Tuple]:
     """``none,8,4,4/8`` -> [(None, None), (8, 8), (4, 4), (4, 8)]."""
     out = []
-    for item in _split(value):
+    for item in split_list(value):
         try:
             pair = parse_bits(item)
         except ValueError as exc:
@@ -85,7 +91,7 @@ def algo_list_parser(allowed: Sequence[str]):
     """A click callback parsing a comma list of algorithms from ``allowed``."""
     def parse(ctx, param, value) -> List[str]:
         out = []
-        for item in _split(value):
+        for item in split_list(value):
             item = item.lower()
             if item not in allowed:
                 raise click.BadParameter(f"{item!r} is not one of {', '.join(allowed)}")
@@ -116,7 +122,7 @@ def parse_dtype(ctx, param, value):
 
 def parse_dtype_list(ctx, param, value):
     out = []
-    for item in _split(value):
+    for item in split_list(value):
         dt = parse_dtype(ctx, param, item)
         if dt not in out:
             out.append(dt)
@@ -133,7 +139,7 @@ def parse_size_option(ctx, param, value) -> Optional[int]:
 
 
 def parse_count_list(ctx, param, value) -> List[int]:
-    return [parse_size_option(ctx, param, item) for item in _split(value)]
+    return [parse_size_option(ctx, param, item) for item in split_list(value)]
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -150,21 +156,21 @@ def switch_option(name: str, help_text: str, default: str = "off"):
 
 
 def backend_option(extra: Sequence[str] = (), default: str = "auto", help_extra: str = ""):
-    """``--backend auto|gpu|cpu`` (plus a command's ``extra`` choices)."""
+    """``--backend`` with the registry's names (plus a command's ``extra`` choices)."""
+    described = "; ".join(f"{spec.name}: {spec.summary}" for spec in registry.BACKENDS.values())
     return click.option(
         "--backend", type=click.Choice(BACKEND_CHOICES + tuple(extra)), default=default, show_default=True,
-        help="auto: the flash GPU kernels when CuPy sees a GPU, else the CPU backend (MPI processes)."
-             + help_extra)
+        help=f"auto: gpu when CuPy sees a GPU, else cpu; {described}." + help_extra)
 
 
 def _set_transport(ctx, param, value):
-    if value is not None:  # every rank parses the same command line
-        os.environ["FLASHCOMM_TRANSPORT"] = value
+    if value is not None:  # every rank parses the same command line, so every rank sets the same
+        settings.override(settings.TRANSPORT, value)
     return value
 
 
 transport_option = click.option(
-    "--transport", type=click.Choice(["auto", "ipc", "host"]), default=None, expose_value=False,
+    "--transport", type=click.Choice(settings.TRANSPORTS), default=None, expose_value=False,
     callback=_set_transport, is_eager=True,
     help="Where the flash kernels' workspaces live: ipc (GPU memory over NVLink/PCIe P2P), host (shared host "
          "memory, for GPUs without peer access; the NCCL baseline then runs with NCCL_P2P_DISABLE=1), or auto "
@@ -180,7 +186,7 @@ def bits_option(default: str, help_text: str = "flashcomm modes: none (lossless)
 
 def _parse_group_sizes(ctx, param, value) -> List[int]:
     out = []
-    for item in _split(value):
+    for item in split_list(value):
         if not item.isdigit() or int(item) not in SUPPORTED_GROUP_SIZES:
             raise click.BadParameter(f"{item!r} is not one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
         if int(item) not in out:
@@ -289,14 +295,14 @@ def maybe_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool, who
     ``who``: what needs the GPUs, for the messages (default: "--backend gpu")."""
     if no_relaunch or launch.under_launcher() or backend == "reference":
         return  # accuracy's reference backend simulates its ranks in this process
-    gpus = launch.cuda_device_count() if backend in ("auto", "gpu", "nccl") else 0
-    if backend == "gpu":
+    gpus = launch.cuda_device_count() if backend == registry.AUTO or registry.needs_gpu(backend) else 0
+    if registry.needs_gpu(backend):
         require_cupy(who or f"--backend {backend}")
     try:
         plan = launch.plan_relaunch(backend, np_ranks, no_relaunch, gpus)
         if plan is None:
             return
-        status = launch.relaunch(plan, original_args(),
+        status = launch.relaunch(plan, original_args(), module=MAIN_MODULE,
                                  announce=lambda text: click.echo(f"flashcomm: {text}", err=True))
     except launch.LaunchError as exc:
         raise click.ClickException(str(exc)) from None
@@ -354,19 +360,27 @@ def open_communicator(backend: str, who: Optional[str] = None, **options):
     """
     from flashcomm_cupy import Communicator
     from flashcomm_cupy import _mpi
-    if backend == "gpu":
+    if registry.needs_gpu(backend):
+        who = who or (None if backend == "gpu" else f"--backend {backend}")
         # The checks are each rank's own (hosts and CUDA_VISIBLE_DEVICES may differ): agree
         # first, so that every rank raises or none does and all enter the collectives below.
-        problems = _mpi.get_comm().allgather(_gpu_problem(_mpi.local_size(), who))
-        bad = [(r, p) for r, p in enumerate(problems) if p is not None]
-        if bad:
-            rank, problem = bad[0]
-            same = all(p == problem for p in problems)
-            raise click.ClickException(problem if same else f"rank {rank}: {problem}")
+        problem = _mpi.first_failure(_mpi.get_comm(), _gpu_problem(_mpi.local_size(), who), name_rank=True)
+        if problem:
+            raise click.ClickException(problem)
     try:
         return Communicator(backend=backend, **options)
     except ImportError as exc:
         raise click.ClickException(f"cannot start the {backend} backend: {exc}") from None
+
+
+def require_quantizing_backend(comm, modes, asked: str) -> None:
+    """:class:`click.ClickException` when quantized ``modes`` would run on the NCCL backend, which
+    reduces losslessly only; ``asked`` is the ``--backend`` given (NCCL by name, or the fallback)."""
+    if comm.backend_name != "nccl" or all(m.lossless for m in modes):
+        return
+    why = ("--backend nccl reduces losslessly" if asked == "nccl" else
+           "the flash GPU kernels are unavailable here (the backend fell back to NCCL; see the warning above)")
+    raise click.ClickException(f"{why}, so only lossless modes can run: use --bits none")
 
 
 # ----------------------------------------------------------------------------- output

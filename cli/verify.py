@@ -7,7 +7,7 @@ import click
 
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, make_console, mpi_launch, open_communicator,
-                      output_width, parse_count_list, switch_option)
+                      output_width, parse_count_list, require_quantizing_backend, switch_option)
 
 DEFAULT_LENGTHS = "1,127,4099,65537"
 #: GPUs also get a length that spans many thread blocks and chunks
@@ -54,10 +54,7 @@ def verify(ctx, bits, rotate, symmetric, algo, dtype, lengths, group_size, inpla
             if comm.backend.xp.__name__ != "numpy":
                 lengths += list(GPU_EXTRA_LENGTHS)
         modes = build_modes(bits, algo, rotate, symmetric, group_size)
-        if comm.backend_name == "nccl" and any(not m.lossless for m in modes):
-            raise click.ClickException(
-                "the flash GPU kernels are unavailable here (the backend fell back to NCCL; see the "
-                "warning above), so only lossless modes can run: use --bits none")
+        require_quantizing_backend(comm, modes, backend)
         console = make_console(comm.rank)
         console.print(f"# flashcomm verify: backend {comm.backend_name}, {comm.world_size} ranks, "
                       f"{len(modes)} modes + baseline x {len(dtypes)} dtypes x {len(lengths)} lengths",

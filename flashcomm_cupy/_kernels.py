@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import settings
+
 KERNEL_SOURCE = "fc_allreduce.cu"
 
 
@@ -20,7 +22,7 @@ def kernel_dir() -> Path:
     ``$FLASHCOMM_KERNEL_DIR`` overrides it, for A/B timing of two kernel
     versions in one run (``benchmarks/kernel_variants.py``).
     """
-    override = os.environ.get("FLASHCOMM_KERNEL_DIR")
+    override = settings.value(settings.KERNEL_DIR)
     if override:
         cand = Path(override).resolve()
         if not (cand / KERNEL_SOURCE).is_file():
@@ -86,7 +88,7 @@ def profiling_defines() -> tuple:
     ``benchmarks/kernel_variants.py`` (``FC_PROFILE_NO_WAIT``,
     ``FC_PROFILE_LOCAL_DATA``): those kernels compute wrong results.
     """
-    return tuple(f"-D{d}" for d in os.environ.get("FLASHCOMM_KERNEL_DEFINES", "").split())
+    return tuple(f"-D{d}" for d in settings.value(settings.KERNEL_DEFINES))
 
 
 #: elements per thread and unit (FC_ELEMS in fc_common.cuh) unless a module asks for fewer
@@ -153,7 +155,7 @@ def _compiled(directory: Path, dtype_code: int, rs_bits: int, ag_bits: int, elem
                               f"-DFC_SOURCE_DIGEST=0x{source_digest(directory)}ull") + defines
     if elems != DEFAULT_UNIT_ELEMS:
         options += (f"-DFC_ELEMS={int(elems)}",)
-    if os.environ.get("FLASHCOMM_KERNEL_LINEINFO"):
+    if settings.value(settings.KERNEL_LINEINFO):
         options += ("-lineinfo",)
     return load_module((directory / KERNEL_SOURCE).read_text(), options)
 

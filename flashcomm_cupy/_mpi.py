@@ -1,13 +1,12 @@
 """The only module that bootstraps mpi4py: the world communicator, the local rank, the node layout."""
 from __future__ import annotations
 
-import os
 import socket
+from typing import Any, Dict, List, Optional
 
-from .topology import RANKS_PER_NODE_ENV, NodeLayout, check_ranks_per_node
-
-_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
-                    "SLURM_LOCALID", "PALS_LOCAL_RANKID", "LOCAL_RANK")
+from . import settings
+from .launchers import launched_local_rank
+from .topology import NodeLayout, check_ranks_per_node
 
 
 def mpi():
@@ -29,16 +28,15 @@ def get_comm(comm=None):
 def local_rank(comm=None) -> int:
     """This process's rank among the processes of its node.
 
-    Launcher variables (Open MPI, MPICH/Hydra, PALS, Slurm) are read first;
+    The launcher's variables (:mod:`flashcomm_cupy.launchers`) are read first;
     the portable fallback splits the communicator by shared memory.  A
     torch.distributed group (:mod:`flashcomm_cupy.torch_group`) answers itself.
     """
     if hasattr(comm, "node_rank_and_size"):
         return comm.node_rank_and_size()[0]
-    for var in _LOCAL_RANK_VARS:
-        value = os.environ.get(var)
-        if value is not None and value.strip().isdigit():
-            return int(value)
+    launched = launched_local_rank()
+    if launched is not None:
+        return launched
     comm = get_comm(comm)
     node = comm.Split_type(mpi().COMM_TYPE_SHARED)
     try:
@@ -71,13 +69,13 @@ def node_layout(comm=None, ranks_per_node=None) -> NodeLayout:
     otherwise every rank raises ValueError with a one-line reason.
     """
     comm = get_comm(comm)
-    override = ranks_per_node
-    source = "ranks_per_node"
-    if override is None and os.environ.get(RANKS_PER_NODE_ENV, "").strip():
-        override, source = os.environ[RANKS_PER_NODE_ENV].strip(), f"${RANKS_PER_NODE_ENV}"
-    # Agree first: a rank that skipped the split below would leave the others waiting in it.
-    require_same_everywhere(comm, {"ranks_per_node override": None if override is None else str(override)},
-                            "node layout overrides (ranks_per_node= or $" + RANKS_PER_NODE_ENV + ")")
+    override, source = ranks_per_node, "ranks_per_node"
+    if override is None:
+        override, source = settings.raw(settings.RANKS_PER_NODE), f"${settings.RANKS_PER_NODE}"
+    # Agree on the text first, check it after: a rank that raised alone, or skipped the split
+    # below, would leave the others waiting in it.
+    agree(comm, {"ranks_per_node override": None if override is None else str(override)},
+          "node layout overrides (ranks_per_node= or $" + settings.RANKS_PER_NODE + ")")
     if override is not None:
         return NodeLayout.blocks(comm.Get_size(), check_ranks_per_node(override, comm.Get_size(), source))
     if hasattr(comm, "node_rank_and_size"):  # a torch.distributed group: ranks of one host name a node
@@ -91,20 +89,61 @@ def node_layout(comm=None, ranks_per_node=None) -> NodeLayout:
     return NodeLayout.from_node_keys(comm.allgather(lowest_rank_on_node))
 
 
-def require_same_everywhere(comm, settings: dict, what: str) -> None:
-    """Raise ValueError on every rank unless all ranks hold equal ``settings`` (collective).
+# ----------------------------------------------------------------------------- agreement between ranks
+# Two questions every collective set-up asks, answered here once:
+#   agree          -- do all ranks hold the same values?  (settings that shape shared memory or
+#                     pick kernels, a call's arguments): ValueError on every rank otherwise;
+#   first_failure  -- did any rank fail a local step?  (opening a handle, a GPU check): every rank
+#                     learns the first failure, so all raise together or none does.
+def disagreement(everyone: List[Dict[str, Any]], what: str) -> Optional[str]:
+    """The one-line message for ranks' ``{name: value}`` dicts that differ (None when all are equal).
+
+    It names each differing value and every rank's value of it.
+    """
+    if all(v == everyone[0] for v in everyone):
+        return None
+    keys = list(dict.fromkeys(k for v in everyone for k in v))
+    differ = [k for k in keys if any(v.get(k) != everyone[0].get(k) for v in everyone)]
+    detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={v.get(k)!r}" for r, v in enumerate(everyone))
+                       for k in differ)
+    return f"flashcomm: {what} differ between ranks ({detail})"
+
+
+def agree(comm, values: Dict[str, Any], what: str) -> None:
+    """Raise ValueError on every rank unless all ranks hold equal ``values`` (collective).
 
     For settings that shape shared memory or pick kernels: ranks that
     disagree would read each other's workspace at different offsets, or wait
     for calls their peers never make.
     """
-    everyone = comm.allgather(settings)
-    odd = [r for r, s in enumerate(everyone) if s != everyone[0]]
-    if odd:
-        keys = [k for k in settings if any(s.get(k) != everyone[0].get(k) for s in everyone)]
-        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={s.get(k)!r}" for r, s in enumerate(everyone))
-                           for k in keys)
-        raise ValueError(f"flashcomm: {what} differ between ranks ({detail})")
+    message = disagreement(comm.allgather(values), what)
+    if message:
+        raise ValueError(message)
+
+
+def call_description(elements: int, dtype: str, mode) -> Dict[str, Any]:
+    """What every rank's call of one all-reduce must agree on, by name (for :func:`agree`)."""
+    return {"elements": int(elements), "dtype": dtype, "bits": mode.bits_label, "group_size": mode.group_size,
+            "rotate": mode.rotate, "symmetric": mode.symmetric, "algo": mode.algo}
+
+
+#: the name :func:`agree` had before (tests/test_dispatch.py still uses it)
+require_same_everywhere = agree
+
+
+def first_failure(comm, failure: Optional[str], name_rank: bool = False) -> Optional[str]:
+    """Every rank learns the first rank's failure, or None when no rank failed (collective).
+
+    ``name_rank``: prefix "rank R: " unless every rank failed the same way.
+    """
+    everyone = comm.allgather(failure)
+    bad = [(r, f) for r, f in enumerate(everyone) if f]
+    if not bad:
+        return None
+    rank, first = bad[0]
+    if name_rank and any(f != first for f in everyone):
+        return f"rank {rank}: {first}"
+    return first
 
 
 def clean_version(text: str) -> str:

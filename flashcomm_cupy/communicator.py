@@ -14,9 +14,12 @@ import numpy as np
 
 from . import _arrays
 from ._eager import EagerCache
+from .backends import registry
 from .config import Mode
 
-BACKENDS = ("auto", "cpu", "gpu", "nccl")
+#: every ``backend=`` name (:mod:`flashcomm_cupy.backends.registry`)
+BACKENDS = registry.NAMES
+gpu_available = registry.gpu_available
 
 #: open communicators by handle, a creation number.  Construction is collective, so
 #: every rank numbers the same communicators alike: closing them in reverse creation
@@ -35,32 +38,8 @@ def communicator_by_handle(handle: int) -> "Communicator":
                          "(closed, or never created here)") from None
 
 
-def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device (never raises)."""
-    try:
-        import cupy
-    except Exception:
-        return False
-    try:
-        return bool(cupy.is_available()) and cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
 def _make_backend(name: str, comm, options: dict):
-    if name == "auto":
-        name = "gpu" if gpu_available() else "cpu"
-    if name == "cpu":
-        from .backends.cpu import CpuBackend
-        return CpuBackend(comm, **options)
-    if name == "gpu":
-        # the flash backend on one node, the hierarchical one across nodes
-        from .backends.hierarchical import make_cuda_backend
-        return make_cuda_backend(comm, **options)
-    if name == "nccl":
-        from .backends.nccl import NcclBackend
-        return NcclBackend(comm, **options)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return registry.make(name, comm, **options)
 
 
 class Communicator:
@@ -73,7 +52,7 @@ class Communicator:
     group : torch.distributed ProcessGroup, optional
         Bootstrap over this group instead of MPI (e.g. under ``torchrun``;
         see :meth:`from_torch`); no MPI library is needed then.
-    backend : {"auto", "gpu", "cpu", "nccl"}
+    backend : {"auto", "gpu", "cpu", "nccl"} (:data:`BACKENDS`)
         "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
         back to NCCL, with one warning naming the reason, when CUDA IPC or
         peer access does not work between the ranks; when the ranks span

@@ -10,13 +10,11 @@ made anew (docs/reliability.md).
 """
 from __future__ import annotations
 
-import math
-import os
+from . import settings
 
-DEFAULT_TIMEOUT_S = 30.0
-#: far beyond any useful bound, and small enough that the kernels' int64 nanoseconds cannot overflow
-MAX_TIMEOUT_S = 1e6
-TIMEOUT_ENV = "FLASHCOMM_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
+MAX_TIMEOUT_S = settings.MAX_TIMEOUT_S
+TIMEOUT_ENV = settings.TIMEOUT_S
 
 
 class FlashTimeoutError(RuntimeError):
@@ -36,16 +34,4 @@ def resolve_timeout(timeout_s=None) -> float:
     Raises ValueError (naming where the value came from) unless it is a
     finite number of seconds in (0, 1e6].
     """
-    source = "timeout_s"
-    if timeout_s is None:
-        raw = os.environ.get(TIMEOUT_ENV)
-        if raw is None or not raw.strip():
-            return DEFAULT_TIMEOUT_S
-        source, timeout_s = f"${TIMEOUT_ENV}", raw
-    try:
-        value = float(timeout_s)
-    except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a number of seconds, got {timeout_s!r}") from None
-    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
-        raise ValueError(f"{source} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
-    return value
+    return settings.resolve(settings.TIMEOUT_S, timeout_s, "timeout_s")

@@ -18,10 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
-#: environment variable of the testing override (see :meth:`NodeLayout.blocks`)
-RANKS_PER_NODE_ENV = "FLASHCOMM_RANKS_PER_NODE"
-
-
 @dataclass(frozen=True)
 class NodeLayout:
     """The global ranks of each node, nodes in order of their lowest rank, ranks ascending."""

@@ -45,6 +45,8 @@ import socket
 
 import numpy as np
 
+from .launchers import launched_by_torchrun  # noqa: F401  (public here since the torchrun bootstrap)
+
 
 def is_torch_group(obj) -> bool:
     """True for a ``torch.distributed`` ProcessGroup (without importing torch)."""
@@ -189,11 +191,6 @@ class TorchGroupComm:
 
     def __repr__(self):
         return f"TorchGroupComm(rank={self._rank}, size={self._size}, backend={self._dist.get_backend(self.group)})"
-
-
-def launched_by_torchrun(env=os.environ) -> bool:
-    """True in a process started by ``torchrun`` / torch elastic (it sets the rendezvous variables)."""
-    return "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env)
 
 
 def init_torch_from_mpi(mpi_comm, backend: str, timeout_s: float = 600.0) -> None:

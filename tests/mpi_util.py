@@ -191,3 +191,44 @@ def run_mpi_code(code: str, nprocs: int, timeout: float = DEFAULT_TIMEOUT_S,
         return run_mpi(path, nprocs, timeout=timeout, env=env, mpi4py_run=mpi4py_run)
     finally:
         os.unlink(path)
+
+
+# ----------------------------------------------------------------------------- shared memory
+SHM = Path("/dev/shm")
+
+
+def _mapped_anywhere(path: Path) -> bool:
+    """True when some live process maps or holds ``path`` open (another job's segment)."""
+    name = str(path)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if name in (proc / "maps").read_text():
+                return True
+            if any(os.readlink(fd) == name for fd in (proc / "fd").iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture
+def aborted_job_shm():
+    """Removes the shared-memory segments an MPI job aborted by the test leaves behind.
+
+    MPI_Abort (how a failed or interrupted job ends without risking a hang) does not let
+    MPICH or Open MPI unlink their segments.  Only segments that appeared during the test
+    and that no live process holds are removed.
+    """
+    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+    yield
+    if not SHM.is_dir():
+        return
+    for name in set(os.listdir(SHM)) - before:
+        path = SHM / name
+        if name.startswith(("mpich_shm_", "sm_segment.", "vader_segment.")) and not _mapped_anywhere(path):
+            try:
+                path.unlink()
+            except OSError:
+                pass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mpi_util import _is_open_mpi, find_mpiexec, mpi_env, require_mpi, run_in_group
+from mpi_util import _is_open_mpi, aborted_job_shm, find_mpiexec, mpi_env, require_mpi, run_in_group  # noqa: F401
 
 pytestmark = pytest.mark.mpi
 
@@ -41,47 +41,6 @@ def _without_launcher(extra=None):
     for var in LAUNCHER_VARS:
         env.pop(var, None)
     return env
-
-
-# ----------------------------------------------------------------------------- shared memory
-SHM = Path("/dev/shm")
-
-
-def _mapped_anywhere(path: Path) -> bool:
-    """True when some live process maps or holds ``path`` open (another job's segment)."""
-    name = str(path)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if name in (proc / "maps").read_text():
-                return True
-            if any(os.readlink(fd) == name for fd in (proc / "fd").iterdir()):
-                return True
-        except OSError:
-            continue
-    return False
-
-
-@pytest.fixture
-def aborted_job_shm():
-    """Removes the shared-memory segments an MPI job aborted by the test leaves behind.
-
-    MPI_Abort (how a failed or interrupted job ends without risking a hang) does not let
-    MPICH or Open MPI unlink their segments.  Only segments that appeared during the test
-    and that no live process holds are removed.
-    """
-    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
-    yield
-    if not SHM.is_dir():
-        return
-    for name in set(os.listdir(SHM)) - before:
-        path = SHM / name
-        if name.startswith(("mpich_shm_", "sm_segment.", "vader_segment.")) and not _mapped_anywhere(path):
-            try:
-                path.unlink()
-            except OSError:
-                pass
 
 
 # ----------------------------------------------------------------------------- bench
@@ -576,3 +535,44 @@ def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path, abor
     assert data["meta"]["interrupted"] is True
     assert len(data["rows"]) >= 3 and data["rows"][0]["size_bytes"] == 1024  # 1K (2 rows) and 4K at least
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- one JSON writer
+def test_every_command_writes_json_through_the_one_writer():
+    """One rule for every --json file: the schema flashcomm.<command>/1, and non-finite numbers as strings."""
+    import ast
+    cli_dir = Path(__file__).resolve().parent.parent / "cli"
+    for path in sorted(cli_dir.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = {f"{n.func.value.id}.{n.func.attr}" for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)}
+        assert "json.dump" not in calls, f"{path.name} writes JSON itself: use harness.results.write_document"
+        if "json_option(" in path.read_text() and path.name != "options.py":
+            assert "write_document" in path.read_text() or "results_io" in path.read_text(), path.name
+
+
+def test_documents_keep_non_finite_numbers_as_strings_and_read_back(tmp_path):
+    from flashcomm_cupy.harness.results import read_document, write_document
+    path = tmp_path / "a.json"
+    write_document(path, "accuracy", {"rows": [{"label": "int4", "rel": float("nan"), "worst": float("-inf")}]})
+    raw = json.loads(path.read_text())
+    assert raw["schema"] == "flashcomm.accuracy/1" and raw["rows"][0]["rel"] == "nan"
+    back = read_document(path)
+    assert math.isnan(back["rows"][0]["rel"]) and back["rows"][0]["worst"] == float("-inf")
+
+
+def test_quantized_modes_on_the_nccl_backend_are_refused_with_the_reason():
+    import types
+
+    import click
+
+    from flashcomm_cupy.cli.options import require_quantizing_backend
+    from flashcomm_cupy.config import Mode
+    nccl, flash = types.SimpleNamespace(backend_name="nccl"), types.SimpleNamespace(backend_name="gpu")
+    lossless, int4 = [Mode.make(None)], [Mode.make(None), Mode.make(4)]
+    require_quantizing_backend(nccl, lossless, "nccl")
+    require_quantizing_backend(flash, int4, "gpu")
+    with pytest.raises(click.ClickException, match="^--backend nccl reduces losslessly, so only lossless modes"):
+        require_quantizing_backend(nccl, int4, "nccl")
+    with pytest.raises(click.ClickException, match="fell back to NCCL.*use --bits none"):
+        require_quantizing_backend(nccl, int4, "gpu")

@@ -59,6 +59,20 @@ def test_cli_is_a_subpackage_of_flashcomm_cupy():
     assert path in (REPO_ROOT / "cli", Path(flashcomm_cupy.__file__).resolve().parent / "cli")
 
 
+def test_the_package_path_is_its_own_directory_only():
+    """No __path__ surgery: flashcomm_cupy.cli comes from the install's mapping, not from the checkout root."""
+    assert [Path(p).resolve() for p in flashcomm_cupy.__path__] == [LIBRARY]
+
+
+def test_an_uninstalled_checkout_runs_the_command_line_as_cli_main():
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "--version"], capture_output=True, text=True,
+                          cwd=str(REPO_ROOT), timeout=120)
+    assert proc.returncode == 0 and "flashcomm, version" in proc.stdout, proc.stderr
+    from flashcomm_cupy.harness import launch
+    assert launch.build_command("mpiexec", "mpich", 2, ["bench"], python="py", module="cli.main")[-3:] == \
+        ["-m", "cli.main", "bench"]
+
+
 def test_kernel_sources_are_found_inside_the_package():
     from flashcomm_cupy import _kernels
     kdir = _kernels.kernel_dir()

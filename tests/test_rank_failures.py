@@ -11,9 +11,10 @@ import textwrap
 
 import pytest
 
-from mpi_util import run_mpi_code
+from mpi_util import aborted_job_shm, run_mpi_code  # noqa: F401  (the fixture below)
 
-pytestmark = pytest.mark.mpi
+# every test here ends a job with MPI_Abort, which leaves MPI's shared-memory segments behind
+pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("aborted_job_shm")]
 
 TIMEOUT_S = 20
 

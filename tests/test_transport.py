@@ -180,8 +180,10 @@ def test_transport_option_sets_the_environment_for_every_rank(monkeypatch):
     import click
     from click.testing import CliRunner
 
+    from flashcomm_cupy import settings
     from flashcomm_cupy.cli.options import transport_option
     monkeypatch.delenv(transport.ENV_VAR, raising=False)
+    monkeypatch.setattr(settings, "_overrides", {})  # the flag's override ends with the test
     seen = []
 
     @click.command()

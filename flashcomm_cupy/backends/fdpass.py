@@ -22,6 +22,8 @@ import struct
 import time
 from typing import List, Sequence
 
+from .._mpi import first_failure
+
 #: header of every hand-off message: sender rank, number of descriptors
 _HEADER = struct.Struct("<ii")
 #: at most this many descriptors per rank (kernel limit per SCM_RIGHTS message: 253)
@@ -34,10 +36,6 @@ class FdExchangeError(RuntimeError):
 
 def _socket_name(token: str, rank: int) -> str:
     return f"\0flashcomm-fd-{token}-{rank}"
-
-
-def _agree(comm, failure):
-    return next((f for f in comm.allgather(failure) if f), None)
 
 
 def _remaining(deadline: float) -> float:
@@ -107,7 +105,7 @@ def exchange_fds(comm, fds: Sequence[int], timeout_s: float = 30.0) -> List[List
     try:
         if failure is None:
             failure = _exchange(listener, token, rank, world, fds, [p for p, _ in infos], received, timeout_s)
-        failure = _agree(comm, failure)
+        failure = first_failure(comm, failure)
     finally:
         listener.close()
     if failure is not None:

@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 
-from .. import _kernels, tuning
+from .. import _kernels, _mpi, settings, tuning
 from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
 from ..errors import FlashTimeoutError, resolve_timeout
@@ -191,20 +191,16 @@ class FlashGpuBackend(CudaBackend):
         self.table = tuning.load(tuning_path)
         #: (threads, blocks, units[, protocol[, staged]]) forced on every flash launch; set only by tuning sweeps
         self.force_launch = None
-        protocol = protocol or os.environ.get("FLASHCOMM_PROTOCOL") or "auto"
-        if protocol not in ("auto",) + tuning.PROTOCOLS:
-            raise ValueError(f"protocol (or $FLASHCOMM_PROTOCOL) must be 'auto', 'flag' or 'll', got {protocol!r}")
+        protocol = settings.resolve(settings.PROTOCOL, protocol, "protocol")
         #: "auto" (the table's choice), or "flag" / "ll" forced where they apply
         self.protocol = protocol
         #: "driver": cuLaunchKernel with the plan's prebuilt parameters; "cupy": RawKernel.__call__
         self.launcher = "driver"
         #: "auto", "ipc" or "host" as asked; ``self.ws.transport`` says which one runs
         self.transport = resolve_transport(transport)
-        from .._mpi import require_same_everywhere
-        require_same_everywhere(comm, {"max_blocks": int(max_blocks), "max_threads": self.max_threads,
-                                       "slot_bytes": self.slot_bytes, "protocol": self.protocol,
-                                       "transport": self.transport,
-                                       "tuning table": self.table.digest()}, "flash backend settings")
+        _mpi.agree(comm, {"max_blocks": int(max_blocks), "max_threads": self.max_threads,
+                          "slot_bytes": self.slot_bytes, "protocol": self.protocol, "transport": self.transport,
+                          "tuning table": self.table.digest()}, "flash backend settings")
         self._plans = {}
         self._closed = True  # until every resource below exists
         self.ws = None
@@ -557,13 +553,7 @@ class FlashGpuBackend(CudaBackend):
         return threads, blocks, seg, units
 
     def _validate(self, n, name, mode):
-        mine = (n, name, mode.bits_label, mode.group_size, mode.rotate, mode.symmetric, mode.algo)
-        everyone = self.mpi_comm.allgather(mine)
-        odd = [r for r, v in enumerate(everyone) if v != everyone[0]]
-        if odd:
-            raise ValueError(
-                "all_reduce arguments differ between ranks: rank 0 has (n, dtype, bits, group, rotate, sym, algo)="
-                f"{everyone[0]}, " + ", ".join(f"rank {r} has {everyone[r]}" for r in odd))
+        _mpi.agree(self.mpi_comm, _mpi.call_description(n, name, mode), "all_reduce arguments")
 
     def reset_ll_slots(self):
         """Fill every LL slot with the sentinel again (collective).

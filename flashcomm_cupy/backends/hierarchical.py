@@ -125,8 +125,7 @@ class HierarchicalGpuBackend(CudaBackend):
         name = dtype_name(dt)
         stream = stream or cupy.cuda.get_current_stream()
         if self.validate:
-            _mpi.require_same_everywhere(self.mpi_comm, {"count": int(x.size), "dtype": name,
-                                                         "mode": mode.label}, "all_reduce arguments")
+            _mpi.agree(self.mpi_comm, _mpi.call_description(int(x.size), name, mode), "all_reduce arguments")
         algo = self.resolve_algo(x.nbytes, mode, dt.itemsize)
         if algo == "nccl" or mode.is_baseline:
             if not mode.lossless and not mode.is_baseline:

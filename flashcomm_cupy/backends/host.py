@@ -27,7 +27,8 @@ import socket
 import numpy as np
 
 from . import cuda_driver
-from .ipc import MAX_RANKS, PeerAccessError, Workspace, WorkspaceLayout, agree, check_canaries, one_host_failure
+from .._mpi import first_failure
+from .ipc import MAX_RANKS, PeerAccessError, Workspace, WorkspaceLayout, check_canaries, one_host_failure
 from .shm import NodeSegment, SharedMemoryError
 
 
@@ -69,9 +70,9 @@ class HostWorkspace(Workspace):
         except SharedMemoryError as exc:
             raise PeerAccessError(str(exc)) from None
         failure = self._register()
-        failure = agree(mpi_comm, failure)
+        failure = first_failure(mpi_comm, failure)
         if failure is None:
-            failure = agree(mpi_comm, check_canaries(mpi_comm, self.peer_ptrs, self.ptr))
+            failure = first_failure(mpi_comm, check_canaries(mpi_comm, self.peer_ptrs, self.ptr))
         if failure is not None:
             self.close()
             raise PeerAccessError(failure)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._mpi import first_failure
+
 MAX_RANKS = 8
 #: the poison area's layout (FC_POISON_PEERS_OFF / FC_POISON_AREA_BYTES in fc_signal.cuh)
 POISON_PEERS_OFF = 32
@@ -153,11 +155,6 @@ class PeerAccessError(RuntimeError):
     access, no room in ``/dev/shm``, ...); the message says why."""
 
 
-def agree(comm, failure):
-    """Every rank learns the first failure of any rank (or None); collective."""
-    return next((f for f in comm.allgather(failure) if f), None)
-
-
 def check_canaries(comm, peer_ptrs, own_ptr):
     """Store a canary through every peer pointer from a kernel, load it back, then check
     arrivals in this rank's own workspace at ``own_ptr``; the failure message or None.
@@ -261,16 +258,13 @@ class IpcWorkspace(Workspace):
                    or one_host_failure([h for h, _, _ in infos], "CUDA IPC"))
         if failure is None:
             failure = self._open_peers([h for _, h, _ in infos])
-        failure = self._agree(failure)
+        failure = first_failure(self.comm, failure)
         if failure is None:
-            failure = self._agree(self._check_canaries())
+            failure = first_failure(self.comm, self._check_canaries())
         if failure is not None:
             self.close()
             raise PeerAccessError(failure)
         self.peer_table = cupy.asarray(np.array(self.peer_ptrs + [0] * (MAX_RANKS - self.world), dtype=np.uint64))
-
-    def _agree(self, failure):
-        return agree(self.comm, failure)
 
     def _open_peers(self, handles):
         import cupy

@@ -32,6 +32,8 @@ import secrets
 import time
 from typing import Callable, Optional
 
+from .._mpi import first_failure
+
 SHM_DIR = "/dev/shm"
 DEFAULT_PREFIX = "flashcomm"
 #: A name older than this whose creator is gone is a leftover of a killed job: a live job
@@ -97,11 +99,6 @@ def sweep_leftovers(prefix: str = DEFAULT_PREFIX, shm_dir: str = SHM_DIR, age_s:
     return removed
 
 
-def _agree(comm, failure):
-    """Every rank learns the first failure of any rank (or None)."""
-    return next((f for f in comm.allgather(failure) if f), None)
-
-
 class NodeSegment:
     """``nbytes`` of shared memory mapped by every rank of ``comm`` (which must be one node).
 
@@ -129,7 +126,7 @@ class NodeSegment:
         path = os.path.join(shm_dir, name) if name else None
         if failure is None and self.rank != 0:
             failure = self._attach(path)
-        failure = _agree(comm, failure)
+        failure = first_failure(comm, failure)
         if path is not None:  # every rank has mapped it (or given up): the name has served its purpose
             try:
                 os.unlink(path)

@@ -22,20 +22,16 @@ rank cannot receive some peers over IPC and others through host memory.
 """
 from __future__ import annotations
 
-import os
-
+from .. import settings
 from .ipc import IpcWorkspace, PeerAccessError
 
-TRANSPORTS = ("auto", "ipc", "host")
-ENV_VAR = "FLASHCOMM_TRANSPORT"
+TRANSPORTS = settings.TRANSPORTS
+ENV_VAR = settings.TRANSPORT
 
 
 def resolve_transport(transport=None) -> str:
     """``transport``, else ``$FLASHCOMM_TRANSPORT``, else "auto"; ValueError for anything else."""
-    name = transport or os.environ.get(ENV_VAR) or "auto"
-    if name not in TRANSPORTS:
-        raise ValueError(f"transport (or ${ENV_VAR}) must be one of {', '.join(TRANSPORTS)}, got {name!r}")
-    return name
+    return settings.resolve(settings.TRANSPORT, transport, "transport")
 
 
 def _candidates(transport: str):

@@ -27,7 +27,8 @@ import socket
 
 from . import cuda_driver
 from .fdpass import FdExchangeError, exchange_fds
-from .ipc import PeerAccessError, Workspace, WorkspaceLayout, agree, check_canaries, one_host_failure
+from .._mpi import first_failure
+from .ipc import PeerAccessError, Workspace, WorkspaceLayout, check_canaries, one_host_failure
 
 HANDOFF_TIMEOUT_S = 30.0
 
@@ -72,11 +73,11 @@ class VmmWorkspace(Workspace):
         failure = (next((f for _, _, f in infos if f), None)
                    or one_host_failure([h for h, _, _ in infos], "sharing virtual-memory handles"))
         if failure is None:
-            failure = agree(mpi_comm, self._map_peers(fd, [n for _, n, _ in infos]))
+            failure = first_failure(mpi_comm, self._map_peers(fd, [n for _, n, _ in infos]))
         if fd >= 0:
             os.close(fd)
         if failure is None:
-            failure = agree(mpi_comm, check_canaries(mpi_comm, self.peer_ptrs, self.ptr))
+            failure = first_failure(mpi_comm, check_canaries(mpi_comm, self.peer_ptrs, self.ptr))
         if failure is not None:
             self.close()
             raise PeerAccessError(failure)

@@ -17,15 +17,15 @@ import sys
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence
 
+from .. import launchers, settings
+from ..backends import registry
+
 #: set in the child's environment so a relaunched process never relaunches again
-RELAUNCH_ENV = "FLASHCOMM_RELAUNCHED"
-#: environment variables that a running MPI launcher sets in every rank
-LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK",
-                "PMIX_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID")
-_RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+RELAUNCH_ENV = settings.RELAUNCHED
 #: the CPU backend's relaunch runs this many ranks at most, fewer on a host with fewer cores (at least 2)
 DEFAULT_CPU_RANKS = 4
 MPI_INSTALL_HINT = 'pip install "flashcomm-cupy[mpi]" (brings MPICH) or install Open MPI'
+#: the module a relaunch runs when its caller names none (the installed ``flashcomm`` command)
 CLI_MODULE = "flashcomm_cupy.cli.main"
 
 
@@ -35,22 +35,12 @@ class LaunchError(RuntimeError):
 
 def under_launcher(env: Mapping[str, str] = os.environ) -> bool:
     """True when this process was started by mpiexec/mpirun/srun (or by our relaunch)."""
-    return env.get(RELAUNCH_ENV) == "1" or any(v in env for v in LAUNCHER_ENV)
-
-
-def env_rank(env: Mapping[str, str] = os.environ) -> int:
-    """This process's MPI rank as the launcher announced it (0 when not launched)."""
-    for var in _RANK_ENV:
-        value = env.get(var, "").strip()
-        if value.isdigit():
-            return int(value)
-    return 0
+    return settings.raw(RELAUNCH_ENV, env) == "1" or launchers.under_mpi_launcher(env)
 
 
 def cuda_device_count() -> int:
     """CUDA devices CuPy sees (0 without CuPy or a GPU; never raises)."""
-    from ..communicator import gpu_available
-    if not gpu_available():
+    if not registry.gpu_available():
         return 0
     try:
         import cupy
@@ -92,7 +82,7 @@ def plan_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool, gpus
     * already under a launcher, or ``no_relaunch``: never.
     * ``np_ranks`` given: that many ranks (1 runs here); more ranks than
       GPUs with a GPU backend is a :class:`LaunchError`.
-    * ``backend`` "gpu"/"nccl": one rank per GPU (none: LaunchError).
+    * a GPU backend (:func:`registry.needs_gpu`: "gpu", "nccl"): one rank per GPU (none: LaunchError).
     * ``backend`` "auto": one rank per GPU with >= 2 GPUs; a single GPU runs
       here; no GPU: the CPU backend on :func:`default_cpu_ranks` ranks.
     * ``backend`` "cpu": :func:`default_cpu_ranks` ranks.
@@ -101,8 +91,8 @@ def plan_relaunch(backend: str, np_ranks: Optional[int], no_relaunch: bool, gpus
     """
     if no_relaunch or under_launcher(env):
         return None
-    wants_gpu = backend in ("gpu", "nccl") or (backend == "auto" and gpus > 0)
-    if backend in ("gpu", "nccl") and gpus == 0:
+    wants_gpu = registry.needs_gpu(backend) or (backend == registry.AUTO and gpus > 0)
+    if registry.needs_gpu(backend) and gpus == 0:
         raise LaunchError(f"--backend {backend} needs a CUDA GPU, and CuPy sees none")
     if np_ranks is not None:
         if np_ranks < 1:
@@ -136,7 +126,7 @@ def find_mpiexec(env: Mapping[str, str] = os.environ) -> str:
 
     ``FLASHCOMM_MPIEXEC`` overrides the search.
     """
-    override = env.get("FLASHCOMM_MPIEXEC")
+    override = settings.value(settings.MPIEXEC, env)
     if override:
         return override
     for name in ("mpiexec", "mpirun"):
@@ -165,8 +155,9 @@ def is_root() -> bool:
 
 
 def build_command(mpiexec: str, flavor: str, nranks: int, args: Sequence[str],
-                  python: str = sys.executable, root: Optional[bool] = None) -> List[str]:
-    """The argv that reruns ``python -m flashcomm_cupy.cli.main *args`` on ``nranks`` ranks.
+                  python: str = sys.executable, root: Optional[bool] = None,
+                  module: str = CLI_MODULE) -> List[str]:
+    """The argv that reruns ``python -m <module> *args`` on ``nranks`` ranks.
 
     Open MPI refuses root without ``--allow-run-as-root`` and more ranks than
     cores without ``--oversubscribe``; MPICH needs neither.
@@ -177,7 +168,7 @@ def build_command(mpiexec: str, flavor: str, nranks: int, args: Sequence[str],
         if root:
             cmd.append("--allow-run-as-root")
         cmd.append("--oversubscribe")
-    cmd += ["-n", str(nranks), python, "-m", CLI_MODULE, *args]
+    cmd += ["-n", str(nranks), python, "-m", module, *args]
     return cmd
 
 
@@ -201,14 +192,14 @@ def terminal_columns(stream=None) -> Optional[int]:
 
 
 def relaunch(plan: LaunchPlan, args: Sequence[str], announce=None,
-             env: Mapping[str, str] = os.environ) -> int:
-    """Run the command again under mpiexec as ``plan`` says; return its exit status.
+             env: Mapping[str, str] = os.environ, module: str = CLI_MODULE) -> int:
+    """Run ``python -m <module> *args`` again under mpiexec as ``plan`` says; return its exit status.
 
     ``announce(text)`` is told what happens (the CLI prints it).  Ctrl-C is
     forwarded to mpiexec, which forwards it to the ranks.
     """
     mpiexec = find_mpiexec(env)
-    cmd = build_command(mpiexec, mpiexec_flavor(mpiexec), plan.nranks, args)
+    cmd = build_command(mpiexec, mpiexec_flavor(mpiexec), plan.nranks, args, module=module)
     if announce is not None:
         announce(f"{plan.reason}\n  $ {' '.join(shlex.quote(c) for c in cmd)}")
     proc = subprocess.Popen(cmd, env=child_env(env, terminal_columns()))

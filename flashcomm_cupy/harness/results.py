@@ -134,6 +134,24 @@ def write_document(path, kind: str, body: Dict[str, Any]) -> None:
         fh.write(dumps_document(document(kind, body)) + "\n")
 
 
+def _decode_all(obj):
+    if isinstance(obj, str):
+        return _NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _decode_all(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_all(v) for v in obj]
+    return obj
+
+
+def read_document(path) -> Dict[str, Any]:
+    """A JSON file :func:`write_document` wrote, with ``"nan"``/``"inf"``/``"-inf"`` as floats again
+    wherever they stand (for documents without a typed reader such as :func:`read_json`; a text field
+    that is exactly one of those words would read back as a float too, and no document has one)."""
+    with open(path, encoding="utf-8") as fh:
+        return _decode_all(json.load(fh))
+
+
 def dumps(result: BenchResult) -> str:
     """Strict JSON text of ``result``."""
     return dumps_document(result.to_dict())

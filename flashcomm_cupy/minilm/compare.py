@@ -22,9 +22,11 @@ the runs are not comparable (other corpus, other TP size, no shared mode).
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from typing import List, Tuple
+
+from ..harness.results import read_document
 
 #: |delta (1 - mean cos)| <= COS_REL * (1 - mean cos) + COS_ABS
 COS_REL, COS_ABS = 0.05, 2e-6
@@ -55,18 +57,23 @@ def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
     for ra, rb in shared:
         why = []
         deficit = 1 - ra["mean_cos"]
-        if abs(ra["mean_cos"] - rb["mean_cos"]) > COS_REL * deficit + COS_ABS:
+        if not _close(ra["mean_cos"], rb["mean_cos"], COS_REL * deficit + COS_ABS):
             why.append(f"mean cos {ra['mean_cos']:.6f} vs {rb['mean_cos']:.6f}")
         for key in ("top1", "top5"):
-            if abs(ra[key] - rb[key]) * queries > QUERY_FLIPS + 1e-9:
+            if not _close(ra[key] * queries, rb[key] * queries, QUERY_FLIPS + 1e-9):
                 why.append(f"{key} {100 * ra[key]:.1f} % vs {100 * rb[key]:.1f} %")
         for site, va in ra["site_rel_rms"].items():
             vb = rb["site_rel_rms"].get(site)
-            if vb is None or abs(va - vb) > RMS_REL * va + RMS_ABS:
+            if not _close(va, vb, RMS_REL * va + RMS_ABS):
                 why.append(f"{site} rel RMS {va:.4g} vs {vb}")
         if why:
             bad.append(f"{ra['label']}: " + "; ".join(why))
     return fatal, bad
+
+
+def _close(x, y, tolerance) -> bool:
+    """|x - y| <= tolerance; False when either is missing or not finite (a broken run never agrees)."""
+    return x is not None and y is not None and math.isfinite(x) and math.isfinite(y) and abs(x - y) <= tolerance
 
 
 def _compare_lossless(a: dict, b: dict, queries: int) -> List[str]:
@@ -78,7 +85,7 @@ def _compare_lossless(a: dict, b: dict, queries: int) -> List[str]:
         if len(sa) != len(sb) or diff > SAMPLE_ABS:
             why.append(f"lossless embeddings differ by {diff:.3g} (> {SAMPLE_ABS:g})")
     for key in ("lossless_accuracy_top1", "lossless_accuracy_top5"):
-        if key in a and key in b and abs(a[key] - b[key]) * queries > QUERY_FLIPS + 1e-9:
+        if key in a and key in b and not _close(a[key] * queries, b[key] * queries, QUERY_FLIPS + 1e-9):
             why.append(f"{key} {100 * a[key]:.1f} % vs {100 * b[key]:.1f} %")
     return [f"lossless forward: {w}" for w in why]
 
@@ -101,10 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("first", help="a flashcomm accuracy --model minilm --json result (e.g. the CPU run)")
     parser.add_argument("second", help="another one (e.g. the GPU run, made with --corpus FIRST)")
     args = parser.parse_args(argv)
-    with open(args.first) as f:
-        a = json.load(f)
-    with open(args.second) as f:
-        b = json.load(f)
+    a, b = read_document(args.first), read_document(args.second)
     fatal, bad = compare(a, b)
     if fatal:
         print("not comparable: " + "; ".join(fatal), file=sys.stderr)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .. import settings
+
 SHIPPED = Path(__file__).with_name("default.json")
 USER = Path(os.path.expanduser("~/.cache/flashcomm/tuning.json"))
 
@@ -145,7 +147,7 @@ class TuningTable:
 
 def load(path: Optional[str] = None) -> TuningTable:
     """The table in force (see the module docstring for the search order)."""
-    candidates = [path, os.environ.get("FLASHCOMM_TUNING"), USER, SHIPPED]
+    candidates = [path, settings.value(settings.TUNING), USER, SHIPPED]
     for cand in candidates:
         if cand and Path(cand).is_file():
             with open(cand) as fh:
