@@ -20,6 +20,7 @@ from mpi_util import mpi_skip_reason
 
 LAUNCHES = pytest.StashKey[dict]()
 SESSION_START = pytest.StashKey[float]()
+OUTCOME = pytest.StashKey[multi_gpu.Outcome]()
 
 
 def pytest_addoption(parser):
@@ -41,8 +42,6 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "multi_gpu(n): runs the body under mpiexec, one rank per GPU: at n ranks, "
-                                       "or without n at each --gpu-worlds size (tests/multi_gpu.py)")
     config.stash[LAUNCHES] = {}
     config.stash[SESSION_START] = time.monotonic()
     rank_results = config.getoption("gpu_rank_results")
@@ -132,8 +131,20 @@ def pytest_pyfunc_call(pyfuncitem):
         return None
     outcome = pyfuncitem.funcargs["ctx"].outcome(pyfuncitem.nodeid)
     pyfuncitem.user_properties.append(("seconds_on_ranks", round(outcome.seconds, 2)))
+    pyfuncitem.stash[OUTCOME] = outcome
     multi_gpu.report(outcome)
     return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A parent test that failed on its ranks reports their text alone (no ``Failed:``, no traceback
+    of this conftest), in the terminal's summary line and in the JUnit message alike."""
+    rep = yield
+    outcome = item.stash.get(OUTCOME, None)
+    if call.when == "call" and rep.failed and outcome is not None and outcome.status == "failed":
+        rep.longrepr = outcome.text
+    return rep
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from mpi_util import REPO_ROOT, find_mpiexec, mpi_env, mpi_skip_reason, mpiexec_command, run_bounded
+from mpi_util import find_mpiexec, mpi_env, mpiexec_command, run_bounded
 
 DEFAULT_WORLDS = (2, 4, 8)
 #: a launch's bound when neither the test module (``MPI_TIMEOUT_S``) nor ``--gpu-timeout`` sets one
