@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import multi_gpu
-from flashcomm_cupy.communicator import gpu_available
 from mpi_util import mpi_skip_reason
 
 LAUNCHES = pytest.StashKey[dict]()
@@ -73,11 +73,17 @@ def pytest_collection_modifyitems(config, items):
             if reason is not None:
                 item.add_marker(pytest.mark.skip(reason=reason))
     gpu_items = [item for item in items if "gpu" in item.keywords and item not in multi]
-    if not gpu_items or gpu_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA GPUs (CuPy with a visible device); none here")
-    for item in gpu_items:
-        item.add_marker(skip)
+    reason = gpu_items and not in_ranks(config) and single_gpu_skip_reason()
+    for item in gpu_items if reason else ():
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def single_gpu_skip_reason():
+    """Why a plain ``gpu`` test cannot run here (no CuPy, no GPU), or None; CuPy is not imported."""
+    if importlib.util.find_spec("cupy") is None:
+        return "needs CUDA GPUs and CuPy; CuPy is not installed"
+    count, how = multi_gpu.visible_gpus()
+    return f"needs CUDA GPUs; none visible ({how})" if count == 0 else None
 
 
 @pytest.fixture(scope="module")

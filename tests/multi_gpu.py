@@ -51,8 +51,9 @@ DEFAULT_TIMEOUT_S = 600.0
 FAILURES_SHOWN = 5
 #: output lines quoted when a launch ends without saying why (a crash before pytest could record)
 OUTPUT_TAIL_LINES = 25
-#: every launch runs with these (besides mpi_util.mpi_env's): NVLink multicast off, as on the device machine
-GPU_ENV = {"NCCL_NVLS_ENABLE": "0"}
+#: every launch runs with these unless the environment sets them (besides mpi_util.mpi_env's):
+#: NVLink multicast off, as benchmarks/device_run.sh has it
+GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 # ---------------------------------------------------------------------------- options and counting
@@ -251,6 +252,18 @@ class Launch:
                 *self.rank_options]
         return mpiexec_command(find_mpiexec(), self.world, argv)
 
+    def environment(self) -> Dict[str, str]:
+        """The ranks' environment: this one, mpi_util's launch settings, GPU_ENV's defaults, the module's
+        ``MPI_ENV``; without ``PYTEST_ADDOPTS`` (a --junitxml there would have every rank write one file)
+        and without mpi_env's one-thread limits (meant for CPU ranks on 2 cores: the GPU checks' NumPy
+        reference runs as it does under the scripts)."""
+        defaults = {k: v for k, v in GPU_ENV.items() if k not in os.environ}
+        env = mpi_env({**defaults, **self.env})
+        for name in ("PYTEST_ADDOPTS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            if name not in os.environ or name == "PYTEST_ADDOPTS":
+                env.pop(name, None)
+        return env
+
     def run(self) -> LaunchRecords:
         """Launch (once) and read what every rank recorded; bounded by ``timeout_s``."""
         if self.records is None:
@@ -258,7 +271,7 @@ class Launch:
             for old in self.directory.glob("rank-*.jsonl"):
                 old.unlink()
             t0 = time.monotonic()
-            done = run_bounded(self.command(), self.timeout_s, mpi_env({**GPU_ENV, **self.env}))
+            done = run_bounded(self.command(), self.timeout_s, self.environment())
             (self.directory / "launch.log").write_text(done.output)
             self.records = LaunchRecords.read(self.directory, self.world, returncode=done.returncode,
                                               timed_out=done.timed_out, timeout_s=self.timeout_s,

@@ -220,3 +220,14 @@ def test_every_fault_case_has_a_test():
               if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
               and isinstance(n.func.value, ast.Name) and n.func.value.id == "ctx"}
     assert public == called
+
+
+def test_a_launch_environment_has_the_module_settings_and_no_pytest_addopts(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTEST_ADDOPTS", "--junitxml=every-rank.xml")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # the caller's choice wins over the default
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
+    env = multi_gpu.Launch(module=FAKE, world=2, nodeids=[], directory=tmp_path, timeout_s=1,
+                           env={"FLASHCOMM_RANKS_PER_NODE": "1"}).environment()
+    assert "PYTEST_ADDOPTS" not in env
+    assert env["NCCL_NVLS_ENABLE"] == "1" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert env["FLASHCOMM_RANKS_PER_NODE"] == "1" and env["HYDRA_LAUNCHER"] == "fork"
