@@ -49,7 +49,7 @@ DEFAULT_WORLDS = (2, 4, 8)
 DEFAULT_TIMEOUT_S = 600.0
 #: failure lines shown per rank (the rest are counted; launch.log and rank-R.jsonl keep them all)
 FAILURES_SHOWN = 5
-#: output lines quoted when a launch ends without saying why (a crash before pytest could record)
+#: output lines quoted when a launch ends without saying why (a crash before pytest could record, a timeout)
 OUTPUT_TAIL_LINES = 25
 #: every launch runs with these unless the environment sets them (besides mpi_util.mpi_env's):
 #: NVLink multicast off, as benchmarks/device_run.sh has it
@@ -209,7 +209,7 @@ class LaunchRecords:
         crash = self.first_crash()
         if crash and crash[0] != nodeid:
             head += f"; first crash: {crash[0].rsplit('::', 1)[-1]} on rank {crash[1]}: {crash[2]}"
-        elif not crash and not self.timed_out:
+        elif not crash and (started or not self.timed_out):  # the output may say what it was doing
             tail = self.output.rstrip().splitlines()[-OUTPUT_TAIL_LINES:]
             head += "; last output lines:\n  " + "\n  ".join(tail)
         if not started and self.timed_out:

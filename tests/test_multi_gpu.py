@@ -108,8 +108,10 @@ def test_a_skip_on_every_rank_is_a_skip_and_on_some_a_failure():
 
 def test_a_timeout_says_where_each_rank_was():
     hung = phases("a") + [{"nodeid": "b", "event": "start"}]
-    rec = multi_gpu.LaunchRecords(2, {0: hung, 1: phases("a")}, returncode=-9, timed_out=True, timeout_s=30)
-    assert rec.outcome("b").text == "rank 0, rank 1: the launch timed out after 30 s in this test"
+    rec = multi_gpu.LaunchRecords(2, {0: hung, 1: phases("a")}, returncode=-9, timed_out=True, timeout_s=30,
+                                  output="  [staged] 12.0 s\n")
+    assert rec.outcome("b").text == ("rank 0, rank 1: the launch timed out after 30 s in this test; "
+                                     "last output lines:\n    [staged] 12.0 s")
     assert rec.outcome("c").text == ("rank 0, rank 1: the launch timed out after 30 s; "
                                      "rank 0 in b, rank 1 in a")
 
