@@ -179,6 +179,39 @@ def _run_in_group(cmd, timeout, env, merge_stderr, what):
     return proc
 
 
+def _descendants(pid: int) -> list:
+    """Every process below ``pid`` (children first found through /proc's parent links)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every process below it: Open MPI starts its ranks in
+    process groups of their own, which a kill of the launcher's group alone would leave running."""
+    below = _descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for child in below:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _communicate_in_group(cmd, timeout, env, merge_stderr):
     """(the finished process, whether it ran past ``timeout`` and its whole group was killed)."""
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE,
@@ -188,7 +221,7 @@ def _communicate_in_group(cmd, timeout, env, merge_stderr):
         out, err = proc.communicate(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         timed_out = True
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err or ""), timed_out

@@ -183,6 +183,20 @@ def test_a_hung_launch_is_killed_at_its_timeout(tmp_path):
     assert run.outcome(run.nodeids[0]).status == "passed"
     hung = run.outcome(run.nodeids[1])
     assert hung.status == "failed" and "the launch timed out after 12 s in this test" in hung.text
+    assert not processes_mentioning(str(run.directory)), "a rank outlived its launch's timeout"
+
+
+def processes_mentioning(text: str) -> list:
+    """PIDs whose command line contains ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 # ---------------------------------------------------------------------------- the GPU modules cover their scripts
