@@ -9,7 +9,7 @@
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), checks-q (quick checks at NP ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
 # accuracy, minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest-gpu (alias pytest: the GPU
-# checks as named pytest tests at NP ranks; env PYTEST_GPU, PYTEST_GPU_ARGS), checks-quick, faults (the fault matrix; env FAULTS), eager (host
+# checks as named pytest tests at NP ranks; env PYTEST_GPU, PYTEST_GPU_ARGS, PYTEST_GPU_BUDGET), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
 # example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
 # cut cells), and the
@@ -167,13 +167,16 @@ for stage in ${STAGES//,/ }; do
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     checks-quick)
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
-    pytest|pytest-gpu)  # the GPU checks as named pytest tests (tests/multi_gpu.py) at NP ranks: one mpiexec per
-      # test module, JUnit XML and summary.json in $OUT.  env PYTEST_GPU: test files or node ids (default tests/gpu,
-      # more than one call's 600 s: pick modules), PYTEST_GPU_ARGS: more options (--gpu-quick, -k EXPR, --gpu-worlds 2,3)
-      mkdir -p "$OUT/pytest-gpu-$NP"
-      run 590 env COLUMNS=250 python3 -m pytest ${PYTEST_GPU:-tests/gpu} -m gpu -p no:cacheprovider -rA \
-        --gpu-worlds "$NP" --gpu-budget 540 --gpu-results "$OUT/pytest-gpu-$NP" \
-        --junitxml "$OUT/pytest-gpu-$NP.xml" ${PYTEST_GPU_ARGS:-} ;;
+    pytest|pytest-gpu)  # the GPU checks as named pytest tests (tests/multi_gpu.py) at NP ranks, one mpiexec per
+      # test module.  env PYTEST_GPU: test files or node ids (default tests/gpu; all of it takes longer than one
+      # device call: pick modules), PYTEST_GPU_ARGS: more options (--gpu-quick, -k EXPR, --gpu-worlds 2,3).
+      # Into $OUT (few files come back): the JUnit XML, summary.json, and the launches' logs and rank records as a tarball.
+      R=/tmp/flashcomm-pytest-gpu-$NP; rm -rf "$R"
+      run 560 env COLUMNS=250 python3 -m pytest ${PYTEST_GPU:-tests/gpu} -m gpu -p no:cacheprovider -rA \
+        --gpu-worlds "$NP" --gpu-budget "${PYTEST_GPU_BUDGET:-480}" --gpu-results "$R" \
+        --junitxml "$OUT/pytest-gpu-$NP.xml" ${PYTEST_GPU_ARGS:-}
+      [ -f "$R/summary.json" ] && cp "$R/summary.json" "$OUT/pytest-gpu-$NP-summary.json"
+      [ -d "$R" ] && tar -czf "$OUT/pytest-gpu-$NP-logs.tar.gz" -C "$R" . ;;
     # ---- transports (issue 17): host memory, and one GPU visible per rank (IPC through virtual-memory handles)
     host-checks)  # the full gpu_checks under the host transport
       run 540 $MPI "$NP" -x FLASHCOMM_TRANSPORT=host python3 tests/gpu/gpu_checks.py ;;

@@ -83,7 +83,7 @@ def physical_gpus() -> Tuple[int, str]:
             return sum(line.startswith("GPU ") for line in out.stdout.splitlines()), "nvidia-smi -L"
         return 0, f"nvidia-smi -L exited with status {out.returncode}"
     nodes = [n for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n)] if os.path.isdir("/dev") else []
-    return len(nodes), "no nvidia-smi; /dev/nvidiaN device nodes"
+    return len(nodes), "no nvidia-smi; counted /dev/nvidiaN"
 
 
 def visible_gpus(cuda_visible_devices: Optional[str] = None) -> Tuple[int, str]:
