@@ -5,8 +5,8 @@
 Every rank runs the same checks in the same order (they are collective).
 Rank 0 regenerates every rank's inputs, computes the reference and compares
 bit for bit; the other ranks' outputs are compared with rank 0's by hash.
-Exit status 0 only if every check passed.  ``tests/gpu/test_gpu.py`` wraps
-this for pytest (marker ``gpu``).
+Exit status 0 only if every check passed.  ``tests/gpu/test_flash_gpu.py`` runs each
+section (``Sections``) as a pytest test (marker ``multi_gpu``).
 """
 from __future__ import annotations
 
