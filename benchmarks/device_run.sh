@@ -8,8 +8,7 @@
 # hier-bench (hierarchical all-reduce, 2 GPUs as 2 nodes, NCCL on sockets), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), checks-q (quick checks at NP ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
-# accuracy, minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest-gpu (alias pytest: the GPU
-# checks as named pytest tests at NP ranks; env PYTEST_GPU, PYTEST_GPU_ARGS, PYTEST_GPU_BUDGET), checks-quick, faults (the fault matrix; env FAULTS), eager (host
+# accuracy, minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
 # example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
 # cut cells), and the
@@ -20,6 +19,8 @@
 # per-instruction source counters as CSV); transports (issue 17; one stage per device call):
 # host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
 # rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model.
+# pytest-gpu (alias pytest): the GPU checks as named pytest tests at NP ranks (env PYTEST_GPU, PYTEST_GPU_ARGS,
+# PYTEST_GPU_BUDGET; see the stage).
 # NP defaults to the GPU count.
 # Logs and JSON land in $OUT (the device tool brings them back).
 set -uo pipefail
