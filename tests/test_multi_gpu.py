@@ -179,10 +179,11 @@ def test_a_crash_aborts_the_launch_and_the_rest_say_why(tmp_path):
 @pytest.mark.mpi
 def test_a_hung_launch_is_killed_at_its_timeout(tmp_path):
     require_mpi()
-    run = launch(tmp_path, ["test_ranks_sum", "test_rank0_hangs"], timeout_s=12)
+    # 20 s: both ranks must start pytest and pass the first test before the hang (seconds on a loaded 2-core runner)
+    run = launch(tmp_path, ["test_ranks_sum", "test_rank0_hangs"], timeout_s=20)
     assert run.outcome(run.nodeids[0]).status == "passed"
     hung = run.outcome(run.nodeids[1])
-    assert hung.status == "failed" and "the launch timed out after 12 s in this test" in hung.text
+    assert hung.status == "failed" and "the launch timed out after 20 s in this test" in hung.text
     assert not processes_mentioning(str(run.directory)), "a rank outlived its launch's timeout"
 
 
