@@ -19,6 +19,8 @@
 # per-instruction source counters as CSV); transports (issue 17; one stage per device call):
 # host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
 # rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model.
+# pytest-gpu (alias pytest): the GPU checks as named pytest tests at NP ranks (env PYTEST_GPU, PYTEST_GPU_ARGS,
+# PYTEST_GPU_BUDGET; see the stage).
 # NP defaults to the GPU count.
 # Logs and JSON land in $OUT (the device tool brings them back).
 set -uo pipefail
@@ -173,8 +175,16 @@ for stage in ${STAGES//,/ }; do
       run 300 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
     checks-quick)
       run 240 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups ;;
-    pytest)
-      run 500 python3 -m pytest -m gpu tests/gpu -q ;;
+    pytest|pytest-gpu)  # the GPU checks as named pytest tests (tests/multi_gpu.py) at NP ranks, one mpiexec per
+      # test module.  env PYTEST_GPU: test files or node ids (default tests/gpu; all of it takes longer than one
+      # device call: pick modules), PYTEST_GPU_ARGS: more options (--gpu-quick, -k EXPR, --gpu-worlds 2,3).
+      # Into $OUT (few files come back): the JUnit XML, summary.json, and the launches' logs and rank records as a tarball.
+      R=/tmp/flashcomm-pytest-gpu-$NP; rm -rf "$R"
+      run 560 env COLUMNS=250 python3 -m pytest ${PYTEST_GPU:-tests/gpu} -m gpu -p no:cacheprovider -rA \
+        --gpu-worlds "$NP" --gpu-budget "${PYTEST_GPU_BUDGET:-480}" --gpu-results "$R" \
+        --junitxml "$OUT/pytest-gpu-$NP.xml" ${PYTEST_GPU_ARGS:-}
+      [ -f "$R/summary.json" ] && cp "$R/summary.json" "$OUT/pytest-gpu-$NP-summary.json"
+      [ -d "$R" ] && tar -czf "$OUT/pytest-gpu-$NP-logs.tar.gz" -C "$R" . ;;
     # ---- transports (issue 17): host memory, and one GPU visible per rank (IPC through virtual-memory handles)
     host-checks)  # the full gpu_checks under the host transport
       run 540 $MPI "$NP" -x FLASHCOMM_TRANSPORT=host python3 tests/gpu/gpu_checks.py ;;

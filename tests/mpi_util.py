@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -88,6 +89,13 @@ def mpi_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
+def mpiexec_command(mpiexec: str, nprocs: int, argv: Sequence[str]) -> list:
+    """``mpiexec -n nprocs argv...``; Open MPI also gets ``--oversubscribe --bind-to none`` (more
+    ranks than cores in CI; a rank's threads -- NCCL's, CUDA's -- not pinned to one core on a GPU host)."""
+    extra = ["--oversubscribe", "--bind-to", "none"] if _is_open_mpi(mpiexec) else []
+    return [mpiexec, *extra, "-n", str(nprocs), *map(str, argv)]
+
+
 def run_mpi(script, nprocs: int, args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
             env: Optional[dict] = None, mpi4py_run: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m mpi4py script args...`` on ``nprocs`` ranks; return the finished process.
@@ -100,12 +108,8 @@ def run_mpi(script, nprocs: int, args: Sequence[str] = (), timeout: float = DEFA
     the tests of that handling need.  On timeout the whole process group is
     killed and the test fails with the output collected so far.
     """
-    mpiexec = require_mpi()
-    cmd = [mpiexec]
-    if _is_open_mpi(mpiexec):
-        cmd.append("--oversubscribe")
     runner = ["-m", "mpi4py"] if mpi4py_run else []
-    cmd += ["-n", str(nprocs), sys.executable, *runner, str(script), *map(str, args)]
+    cmd = mpiexec_command(require_mpi(), nprocs, [sys.executable, *runner, str(script), *map(str, args)])
     return run_in_group(cmd, timeout, mpi_env(env), merge_stderr=True,
                         what=f"mpiexec -n {nprocs} {Path(script).name}")
 
@@ -169,16 +173,77 @@ def run_in_group(cmd, timeout: float, env: dict, merge_stderr: bool = False,
 
 
 def _run_in_group(cmd, timeout, env, merge_stderr, what):
+    proc, timed_out = _communicate_in_group(cmd, timeout, env, merge_stderr)
+    if timed_out:
+        pytest.fail(f"{what or ' '.join(map(str, cmd))} timed out after {timeout} s:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _descendants(pid: int) -> list:
+    """Every process below ``pid`` (children first found through /proc's parent links)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every process below it: Open MPI starts its ranks in
+    process groups of their own, which a kill of the launcher's group alone would leave running."""
+    below = _descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for child in below:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _communicate_in_group(cmd, timeout, env, merge_stderr):
+    """(the finished process, whether it ran past ``timeout`` and its whole group was killed)."""
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
+        timed_out = False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
-        pytest.fail(f"{what or ' '.join(map(str, cmd))} timed out after {timeout} s:\n{out}\n{err or ''}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err or "")
+        timed_out = True
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err or ""), timed_out
+
+
+@dataclass
+class BoundedRun:
+    """How a :func:`run_bounded` command ended: exit status, stdout and stderr merged, timed out or not."""
+    returncode: int
+    output: str
+    timed_out: bool
+
+
+def run_bounded(cmd, timeout: float, env: dict) -> BoundedRun:
+    """Like :func:`run_in_group`, but a timeout is an outcome, not a test failure: the caller
+    reports what the command got done before its group was killed."""
+    before = _shm_names()
+    try:
+        proc, timed_out = _communicate_in_group(cmd, timeout, env, merge_stderr=True)
+    finally:
+        remove_mpi_leftovers(before)
+    return BoundedRun(proc.returncode, proc.stdout, timed_out)
 
 
 def run_mpi_code(code: str, nprocs: int, timeout: float = DEFAULT_TIMEOUT_S,

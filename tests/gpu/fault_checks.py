@@ -32,6 +32,9 @@ KERNELS = [
     ("quantized LL one-shot", "ll", "oneshot", 8, 1 << 14, False),
     ("quantized LL two-shot", "ll", "twoshot", 4, 1 << 16, False),
 ]
+#: the kernels of the dead-peer cases (a rank that never comes, then calls after everyone gave up)
+DEAD_PEER_KERNELS = [KERNELS[0], KERNELS[4]]
+DEFAULT_BOUND_S = 2.0
 
 
 class Cases:
@@ -62,7 +65,7 @@ class Cases:
             print(f"{outcome:4} {case}: " + " | ".join(f"r{r}: {d}" for r, d in enumerate(details)), flush=True)
             self.rows.append((case, outcome, details))
         if not ok:
-            self.failures.append(case)
+            self.failures.append(f"{case}: {detail}")
 
     def comm(self, protocol="auto"):
         c = fc.Communicator(self.world, backend="gpu", timeout_s=self.bound_s, protocol=protocol)
@@ -304,10 +307,18 @@ class Cases:
         comm.close()
 
 
+def precompile(world_comm):
+    """Compile every module first, under the default bound: a rank still compiling (seconds on a
+    fresh machine) would otherwise look late to a 2-second bound."""
+    warm = fc.Communicator(world_comm, backend="gpu")
+    warm.backend.precompile()
+    warm.close()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="", help="comma list: late,dead,graphs,numpy,misaligned,two,epochs,subnormals")
-    p.add_argument("--bound", type=float, default=2.0, help="timeout_s of the communicators under test")
+    p.add_argument("--bound", type=float, default=DEFAULT_BOUND_S, help="timeout_s of the communicators under test")
     args = p.parse_args(argv)
     from mpi4py import MPI
     cases = Cases(MPI.COMM_WORLD, args.bound)
@@ -316,15 +327,10 @@ def main(argv=None):
             ("misaligned", cases.misaligned_side_stream), ("two", cases.two_communicators_opposite_order),
             ("numpy", cases.numpy_absent_peer), ("graphs", cases.graph_replays)]
     plan += [("late", lambda k=k: cases.late_peer(*k)) for k in KERNELS]
-    plan += [("dead", lambda: cases.late_peer(*KERNELS[0], dead=True)),
-             ("dead", lambda: cases.late_peer(*KERNELS[4], dead=True))]
+    plan += [("dead", lambda k=k: cases.late_peer(*k, dead=True)) for k in DEAD_PEER_KERNELS]
     t0 = time.perf_counter()
     cases.log(f"flashcomm GPU fault matrix: {cases.size} ranks, bound {args.bound:g} s")
-    # Compile every module first, under the default bound: a rank still compiling
-    # (seconds on a fresh machine) would otherwise look late to a 2-second bound.
-    warm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
-    warm.backend.precompile()
-    warm.close()
+    precompile(MPI.COMM_WORLD)
     cases.log(f"kernels compiled/loaded in {time.perf_counter() - t0:.1f} s")
     for name, fn in plan:
         if only and name not in only:

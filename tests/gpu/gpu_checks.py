@@ -5,8 +5,8 @@
 Every rank runs the same checks in the same order (they are collective).
 Rank 0 regenerates every rank's inputs, computes the reference and compares
 bit for bit; the other ranks' outputs are compared with rank 0's by hash.
-Exit status 0 only if every check passed.  ``tests/gpu/test_gpu.py`` wraps
-this for pytest (marker ``gpu``).
+Exit status 0 only if every check passed.  ``tests/gpu/test_flash_gpu.py`` runs each
+section (``Sections``) as a pytest test (marker ``multi_gpu``).
 """
 from __future__ import annotations
 
@@ -575,6 +575,73 @@ def run_plan(ck: Checker, plan, only=()):
         ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
 
 
+#: the sections of the checks, in the order they run
+SECTIONS = ("codec", "exact", "groups", "api", "many", "graphs", "large", "ll", "staged")
+#: the timeout checks, after the sections: (protocol, bits, algo, staged)
+TIMEOUT_CASES = (("flag", 8, "twoshot", False), ("ll", None, "oneshot", False), ("ll", 4, "twoshot", False),
+                 ("ll", 8, "oneshot", False), ("flag", 4, "twoshot", True))
+
+
+def timeout_label(case) -> str:
+    protocol, bits, algo, staged = case
+    return f"{protocol}{' staged' if staged else ''}, bits {bits}, {algo}"
+
+
+class Sections:
+    """The checks of this script by name on one communicator (kernels compiled once), for main()
+    and for tests/gpu/test_flash_gpu.py.  Collective: every rank runs the same sections in order."""
+
+    def __init__(self, quick=False, calls=10_000, replays=1000, large_mib=256):
+        from mpi4py import MPI
+        self.world_comm = MPI.COMM_WORLD
+        self.comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
+        self.ck = ck = Checker(self.comm)
+        self.failures = ck.failures
+        ck.log(f"flashcomm GPU checks: {self.comm.world_size} ranks, backend {self.comm.backend_name}")
+        if self.comm.backend_name != "gpu":  # (another backend has no flash kernels to compile or check)
+            ck.fail(f"flash GPU backend unavailable (fell back to {self.comm.backend_name})")
+        else:
+            t0 = time.perf_counter()
+            self.comm.backend.precompile()
+            ck.log(f"kernels compiled/loaded in {time.perf_counter() - t0:.1f} s")
+        sizes = [1, 2, 31, 127, 1000, 4099, 65_537, 1_000_003] if not quick else [1, 127, 4099, 65_537]
+        self.plan = [
+            ("codec", ck.check_codec_bytes),
+            ("exact", lambda: ck.check_exact(sizes)),
+            ("groups", ck.check_group_sizes),
+            ("api", ck.check_api),
+            ("many", lambda: ck.check_many_calls(calls if not quick else 1000)),
+            ("graphs", lambda: ck.check_graph_replays(replays if not quick else 100)),
+            ("large", lambda: ck.check_large(large_mib << 20)),
+            ("ll", lambda: ck.check_ll(2000 if not quick else 300)),
+            ("staged", lambda: ck.check_staged(1000 if not quick else 200)),
+        ]
+        assert tuple(name for name, _ in self.plan) == SECTIONS
+
+    def run(self, name: str) -> None:
+        """One section (an exception propagates: the caller decides how the job ends)."""
+        t0 = time.perf_counter()
+        dict(self.plan)[name]()
+        self.ck.log(f"  [{name}] {time.perf_counter() - t0:.1f} s")
+
+    def timeout(self, case) -> None:
+        """One of TIMEOUT_CASES, on a communicator of its own (this one is closed first, as in main())."""
+        self.close()
+        what = timeout_label(case)
+        protocol, bits, algo, staged = case
+        ok, msg = check_timeout(self.world_comm, protocol=protocol, bits=bits, algo=algo, staged=staged)
+        ok_all = all(self.world_comm.allgather(ok))
+        if self.ck.rank == 0:
+            print((f"timeout ({what}): OK " if ok_all else f"FAIL timeout ({what}): ") + msg, flush=True)
+        if not ok_all:
+            self.ck.failures.append(f"timeout ({what}): " + (msg if not ok else "failed on another rank"))
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smaller sweep (for 2- and 3-rank runs)")
@@ -584,42 +651,16 @@ def main(argv=None):
     p.add_argument("--large-mib", type=int, default=256)
     args = p.parse_args(argv)
     from mpi4py import MPI
-    comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
-    ck = Checker(comm)
-    ck.log(f"flashcomm GPU checks: {comm.world_size} ranks, backend {comm.backend_name}")
-    if comm.backend_name != "gpu":
-        ck.fail("flash GPU backend unavailable (fell back)")
-    t0 = time.perf_counter()
-    comm.backend.precompile()
-    ck.log(f"kernels compiled/loaded in {time.perf_counter() - t0:.1f} s")
+    sections = Sections(args.quick, args.calls, args.replays, args.large_mib)
+    ck = sections.ck
     only = set(filter(None, args.only.split(",")))
-    sizes = [1, 2, 31, 127, 1000, 4099, 65_537, 1_000_003] if not args.quick else [1, 127, 4099, 65_537]
-    plan = [
-        ("codec", ck.check_codec_bytes),
-        ("exact", lambda: ck.check_exact(sizes)),
-        ("groups", ck.check_group_sizes),
-        ("api", ck.check_api),
-        ("many", lambda: ck.check_many_calls(args.calls if not args.quick else 1000)),
-        ("graphs", lambda: ck.check_graph_replays(args.replays if not args.quick else 100)),
-        ("large", lambda: ck.check_large(args.large_mib << 20)),
-        ("ll", lambda: ck.check_ll(2000 if not args.quick else 300)),
-        ("staged", lambda: ck.check_staged(1000 if not args.quick else 200)),
-    ]
     t_all = time.perf_counter()
-    run_plan(ck, plan, only)
-    comm.close()
-    for protocol, bits, algo, staged in (("flag", 8, "twoshot", False), ("ll", None, "oneshot", False),
-                                         ("ll", 4, "twoshot", False), ("ll", 8, "oneshot", False),
-                                         ("flag", 4, "twoshot", True)):
-        if only and "timeout" not in only:
-            break
-        what = f"{protocol}{' staged' if staged else ''}, bits {bits}, {algo}"
-        ok, msg = check_timeout(MPI.COMM_WORLD, protocol=protocol, bits=bits, algo=algo, staged=staged)
-        ok = all(MPI.COMM_WORLD.allgather(ok))
-        if ck.rank == 0:
-            print((f"timeout ({what}): OK " if ok else f"FAIL timeout ({what}): ") + msg, flush=True)
-        if not ok:
-            ck.failures.append(f"timeout ({what})")
+    if not ck.failures:
+        run_plan(ck, sections.plan, only)
+    sections.close()
+    if not ck.failures and (not only or "timeout" in only):
+        for case in TIMEOUT_CASES:
+            sections.timeout(case)
     failures = MPI.COMM_WORLD.allreduce(len(ck.failures))
     if ck.rank == 0:
         print(f"{'OK' if failures == 0 else 'FAILED'}: {ck.count} exactness cases, {failures} failures, "

@@ -98,10 +98,8 @@ def check_graph(ck: Checker, replays: int):
                                   nodes=backend.nodes)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="fewer sizes and group sizes")
-    args = p.parse_args(argv)
+def open_checker() -> Checker:
+    """The hierarchical backend's checker; its failures say so when the backend is another."""
     from mpi4py import MPI
     comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
     ck = Checker(comm)
@@ -110,14 +108,28 @@ def main(argv=None):
     if comm.backend_name != "hierarchical":
         ck.fail(f"expected the hierarchical backend (one GPU per node), got {comm.backend_name}: "
                 "set FLASHCOMM_RANKS_PER_NODE=1 on one host")
-    else:
-        sizes = [0, 1, 127, 4099, 65_537, 1_000_003] if not args.quick else [1, 4099, 65_537]
-        groups = (32, 128, 1024) if not args.quick else (128,)
+    return ck
+
+
+def plan(ck: Checker, quick: bool) -> list:
+    """The checks, ``(name, fn)`` in order, for main() and tests/gpu/test_hierarchical_gpu.py."""
+    sizes = [0, 1, 127, 4099, 65_537, 1_000_003] if not quick else [1, 4099, 65_537]
+    groups = (32, 128, 1024) if not quick else (128,)
+    return [("exact", lambda: check_exact(ck, sizes, groups)), ("nonfinite", lambda: check_nonfinite(ck)),
+            ("graph", lambda: check_graph(ck, 3))]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="fewer sizes and group sizes")
+    args = p.parse_args(argv)
+    from mpi4py import MPI
+    ck = open_checker()
+    if not ck.failures:
         t_all = time.perf_counter()
-        run_plan(ck, [("exact", lambda: check_exact(ck, sizes, groups)), ("nonfinite", lambda: check_nonfinite(ck)),
-                      ("graph", lambda: check_graph(ck, 3))])
+        run_plan(ck, plan(ck, args.quick))
         ck.log(f"checks took {time.perf_counter() - t_all:.0f} s")
-    comm.close()
+    ck.comm.close()
     failures = MPI.COMM_WORLD.allreduce(len(ck.failures))
     if ck.rank == 0:
         print(f"{'OK' if failures == 0 else 'FAILED'}: {ck.count} hierarchical cases, {failures} failures",

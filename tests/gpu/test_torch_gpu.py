@@ -1,8 +1,13 @@
-"""GPU tests of the PyTorch integration: ``tests/gpu/torch_gpu_checks.py`` under torchrun (no MPI) on 2 GPUs.
+"""The PyTorch integration on GPUs: ``torch_gpu_checks.py``'s checks as tests.
 
-Run on a GPU host with:  python -m pytest -m gpu tests/gpu/test_torch_gpu.py
-Skipped without 2 CUDA GPUs or without torch.
+    python -m pytest tests/gpu/test_torch_gpu.py --gpu-worlds 2,4
+
+Each check runs at each ``--gpu-worlds`` size, its body on every rank of one ``mpiexec -n W``
+launch (``tests/multi_gpu.py``; the communicator from MPI, torch.distributed initialised from it).
+``test_under_torchrun`` runs the whole script under torchrun on 2 GPUs, the bootstrap without MPI.
+Skipped without torch.
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,15 +15,90 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.gpu
+import multi_gpu
 
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")]
+multi = pytest.mark.multi_gpu
+#: device_run.sh's torch stage gives the script 200 s under mpirun (torch.compile compiles on every rank)
+MPI_TIMEOUT_S = 600
 HERE = Path(__file__).resolve().parent
-torch = pytest.importorskip("torch")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs")
-def test_torch_checks_under_torchrun_on_two_gpus():
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0",
+class TorchChecks:
+    """torch_gpu_checks.py's checks by name, on one communicator and torch process group."""
+
+    def __init__(self):
+        import torch
+
+        import torch_gpu_checks
+        self.module = torch_gpu_checks
+        self.comm = torch_gpu_checks.setup()
+        self.dev = torch.device("cuda", torch.cuda.current_device())
+        self.checks = torch_gpu_checks.Checks(self.comm)
+        self.failures = self.checks.failures
+
+    def run(self, name: str) -> None:
+        self.module.run_check(self.checks, getattr(self.module, name), self.dev)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+        self.comm.close()
+        dist.destroy_process_group()
+
+
+def rank_context(config):
+    return TorchChecks()
+
+
+@multi
+def test_tensors(ctx):
+    """CUDA tensors of each dtype and codec: in place, out=, a new result; bit for bit."""
+    ctx.run("check_tensors")
+
+
+@multi
+def test_cache_never_stale(ctx):
+    """The eager cache: repeated calls, one address seen with two dtypes, non-contiguous views."""
+    ctx.run("check_cache_never_stale")
+
+
+@multi
+def test_host_inputs(ctx):
+    """CPU tensors and NumPy arrays on the GPU backend."""
+    ctx.run("check_host_inputs")
+
+
+@multi
+def test_misaligned_and_errors(ctx):
+    """A misaligned input on a side stream; partial overlap, out on another GPU, host arrays under capture refused."""
+    ctx.run("check_misaligned_and_errors")
+
+
+@multi
+def test_graph(ctx):
+    """Both custom ops inside torch.cuda.graph, replayed on new data."""
+    ctx.run("check_graph")
+
+
+@multi
+def test_compile(ctx):
+    """The custom ops under torch.compile (inductor, fullgraph) equal eager."""
+    ctx.run("check_compile")
+
+
+@multi
+def test_cupy(ctx):
+    """CuPy arrays in place beside the torch process group."""
+    ctx.run("check_cupy")
+
+
+def test_under_torchrun():
+    """The whole script under torchrun on 2 GPUs (torch's bootstrap, no MPI): 0 failures on each rank."""
+    count, how = multi_gpu.visible_gpus()
+    if count < 2:
+        pytest.skip(f"needs 2 GPUs, {count} visible ({how})")
+    env = dict(os.environ, **multi_gpu.GPU_ENV,
                PYTHONPATH=str(HERE.parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(HERE / "torch_gpu_checks.py")]

@@ -208,7 +208,7 @@ def check_compile(c: Checks, dev):
         c.ok(torch.equal(got, want), f"torch.compile(fullgraph) equals eager, seed {seed}")
 
 
-def check_cupy(c: Checks):
+def check_cupy(c: Checks, dev=None):
     import cupy
     for bits in BITS:
         xs, want = expected(c.comm, 4096, "float16", bits, seed=30)
@@ -230,20 +230,25 @@ def setup():
     return comm
 
 
+#: the checks, in the order main() runs them; each takes (Checks, device)
+CHECKS = (check_tensors, check_cache_never_stale, check_host_inputs, check_misaligned_and_errors, check_graph,
+          check_compile, check_cupy)
+
+
+def run_check(c: Checks, check, dev) -> None:
+    """One check; an exception is reported as a failure and the next check goes on (the peers run the same checks)."""
+    try:
+        check(c, dev)
+    except Exception:  # noqa: BLE001
+        c.ok(False, f"{check.__name__} raised:\n{traceback.format_exc()}")
+
+
 def main():
     comm = setup()
     dev = torch.device("cuda", torch.cuda.current_device())
     c = Checks(comm)
-    for check in (check_tensors, check_cache_never_stale, check_host_inputs, check_misaligned_and_errors,
-                  check_graph, check_compile):
-        try:
-            check(c, dev)
-        except Exception:  # noqa: BLE001  (report, go on: the peers run the same checks)
-            c.ok(False, f"{check.__name__} raised:\n{traceback.format_exc()}")
-    try:
-        check_cupy(c)
-    except Exception:  # noqa: BLE001
-        c.ok(False, f"check_cupy raised:\n{traceback.format_exc()}")
+    for check in CHECKS:
+        run_check(c, check, dev)
     c.ok("mpi4py" not in sys.modules or not launched_by_torchrun(), "mpi4py imported under torchrun")
     print(f"torch_gpu_checks rank {c.rank}: {c.count} checks, {len(c.failures)} failures, "
           f"{len(comm._eager)} cached launches", flush=True)

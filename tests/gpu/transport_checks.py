@@ -100,6 +100,54 @@ def check_virtual_memory_handles(comm, log) -> list:
     return []
 
 
+class TransportChecks:
+    """The checks of this script on one communicator, for main() and tests/gpu/test_transport_gpu.py.
+    Collective: every rank calls the same checks in the same order; each appends to ``failures``."""
+
+    def __init__(self, expect: str = ""):
+        from mpi4py import MPI
+        self.world_comm = MPI.COMM_WORLD
+        self.comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
+        self.rank, self.world = self.comm.rank, self.comm.world_size
+        self.expect = expect
+        self.failures = []
+        self.compiled = False
+        desc = self.comm.describe()
+        self.transports = self.world_comm.allgather(desc.get("transport"))
+        self.log(f"flashcomm transport checks: {self.world} ranks, backend {self.comm.backend_name}, transport "
+                 f"{self.transports[0]}, NCCL P2P disabled: {desc.get('nccl_p2p_disabled')}, devices "
+                 + ", ".join(self.world_comm.allgather(f"{desc.get('gpu')} [{desc.get('pci_bus_id')}]")))
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def check_transport(self) -> None:
+        """The flash backend runs, on the same transport on every rank, the one expected."""
+        if self.comm.backend_name != "gpu":
+            self.failures.append("flash GPU backend unavailable (fell back to NCCL)")
+        elif len(set(self.transports)) != 1 or not str(self.transports[0]).startswith(self.expect):
+            self.failures.append(f"transport {self.transports} is not {self.expect!r}")
+
+    def check_vmm(self) -> None:
+        self.failures += check_virtual_memory_handles(self.comm, self.log)
+
+    def check_stale_reads(self, calls: int) -> None:
+        if not self.compiled:
+            t0 = time.perf_counter()
+            self.comm.backend.precompile(dtypes=("float16",))
+            self.log(f"kernels compiled/loaded in {time.perf_counter() - t0:.1f} s")
+            self.compiled = True
+        wrong = check_stale_reads(self.comm, calls, self.log)
+        if wrong:
+            self.failures.append(f"stale reads: {wrong} wrong elements")
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--expect", default="", help="prefix the transport in use must have, e.g. host or 'ipc (virtual'")
@@ -108,41 +156,23 @@ def main(argv=None):
     p.add_argument("--kill", action="store_true", help="the last rank SIGKILLs itself after set-up")
     args = p.parse_args(argv)
     from mpi4py import MPI
-    comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
-    rank, world = comm.rank, comm.world_size
-
-    def log(msg):
-        if rank == 0:
-            print(msg, flush=True)
-
-    failures = []
-    desc = comm.describe()
-    transports = MPI.COMM_WORLD.allgather(desc.get("transport"))
-    log(f"flashcomm transport checks: {world} ranks, backend {comm.backend_name}, transport {transports[0]}, "
-        f"NCCL P2P disabled: {desc.get('nccl_p2p_disabled')}, devices "
-        + ", ".join(MPI.COMM_WORLD.allgather(f"{desc.get('gpu')} [{desc.get('pci_bus_id')}]")))
-    if comm.backend_name != "gpu":
-        failures.append("flash GPU backend unavailable (fell back to NCCL)")
-    elif len(set(transports)) != 1 or not str(transports[0]).startswith(args.expect):
-        failures.append(f"transport {transports} is not {args.expect!r}")
-    if args.vmm and comm.backend_name == "gpu":
-        failures += check_virtual_memory_handles(comm, log)
+    checks = TransportChecks(args.expect)
+    rank, world = checks.rank, checks.world
+    checks.check_transport()
+    if args.vmm and checks.comm.backend_name == "gpu":
+        checks.check_vmm()
     if args.kill:
         MPI.COMM_WORLD.Barrier()
         if rank == world - 1:
             os.kill(os.getpid(), signal.SIGKILL)
         MPI.COMM_WORLD.Barrier()  # the job ends here
-    if not failures:
-        t0 = time.perf_counter()
-        comm.backend.precompile(dtypes=("float16",))
-        log(f"kernels compiled/loaded in {time.perf_counter() - t0:.1f} s")
-        if check_stale_reads(comm, args.calls, log):
-            failures.append("stale reads: wrong elements")
-    comm.close()
-    failures = list(dict.fromkeys(f for fs in MPI.COMM_WORLD.allgather(failures) for f in fs))
+    if not checks.failures:
+        checks.check_stale_reads(args.calls)
+    checks.close()
+    failures = list(dict.fromkeys(f for fs in MPI.COMM_WORLD.allgather(checks.failures) for f in fs))
     for f in failures:
-        log(f"FAIL {f}")
-    log(f"{'OK' if not failures else 'FAILED'}: transport checks, {len(failures)} failures")
+        checks.log(f"FAIL {f}")
+    checks.log(f"{'OK' if not failures else 'FAILED'}: transport checks, {len(failures)} failures")
     return 0 if not failures else 1
 
 
