@@ -3,10 +3,12 @@
 For each message size, every candidate (algorithm x threads x blocks) runs
 the same graph-timed loop as ``flashcomm bench`` (:func:`.timing.measure`);
 the fastest per size and class (lossless, quantized) becomes a row of a
-:class:`flashcomm_cupy.tuning.TuningTable`.  Quantized rows are tuned on
-``tune_bits`` (INT4 by default); where INT4 runs LL, INT8 is timed on the LL
-candidates and the best flag choice too (:func:`wide_entries`), for the modes with a wider step;
-where INT4 runs the staged two-shot, INT8 is timed on it and on the best plain flag choice.
+:class:`flashcomm_cupy.backends.flash.table.TuningTable` (its ``narrow`` and ``lossless``
+candidate lists: the fastest, then the best flag choice where the fastest is LL).  Quantized rows
+are tuned on ``tune_bits`` (INT4 by default); where INT4 runs LL, INT8 is timed on the LL
+candidates and the best flag choice too (:func:`wide_entries`), for the ``wide`` list of the modes
+with a wider step; where INT4 runs the staged two-shot, INT8 is timed on it and on the best plain
+flag choice.  Every timed launch is passed to the backend as ``force=`` (nothing is left set).
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .. import tuning
+from ..backends.flash import table as tuning
+from ..backends.flash.plan import Force
+from ..backends.flash.table import merge  # noqa: F401 - ``flashcomm tune`` merges through here
 from ..config import Mode
 from .timing import measure
 
@@ -101,18 +105,14 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
             LL or staged kernels it asks for cannot serve it."""
             algo, protocol = launch["algo"], launch["protocol"]
             mode = Mode.make(bits, 128, algo=algo)
-            backend.force_launch = None if algo == "nccl" else (launch["threads"], launch["blocks"],
-                                                                launch["units"], protocol,
-                                                                bool(launch.get("staged", False)))
-            try:
-                if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
-                    return None  # too large for the LL slots: the flag candidates cover it
-                if launch.get("staged") and backend.resolve_protocol(nbytes, mode, item) != "staged":
-                    return None  # float32, or too little shared memory: the plain kernel would run
-                return measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
-                               warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
-            finally:
-                backend.force_launch = None
+            force = None if algo == "nccl" else Force.of(launch)
+            ran = backend.resolve_protocol(nbytes, mode, item, force=force)
+            if protocol == "ll" and ran != "ll":
+                return None  # too large for the LL slots: the flag candidates cover it
+            if launch.get("staged") and ran != "staged":
+                return None  # float32, or too little shared memory: the plain kernel would run
+            return measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype, force=force),
+                           warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
 
         row = {"max_bytes": int(nbytes)}
         for cls, bits in (("lossless", None), ("quantized", tune_bits)):
@@ -147,29 +147,11 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
                 if cls == "quantized" and "quantized_wide" in row:
                     progress(f"{nbytes:>11} B {'int' + str(wide_bits):9} -> {row['quantized_wide']}")
-        rows.append(row)
+        rows.append(tuning.upgrade_row(row))
         del x, out
     info = backend.describe()
-    return {"card": info.get("gpu"), "date": datetime.date.today().isoformat(), "dtype": np.dtype(dtype).name,
-            "tuned_bits": tune_bits, "wide_bits": wide_bits,
-            "worlds": {tuning.world_key(world, getattr(backend.ws, "transport", "ipc")): rows}}
+    section = {"card": info.get("gpu"), "world": world, "transport": getattr(backend.ws, "transport", "ipc"),
+               "date": datetime.date.today().isoformat(), "dtype": np.dtype(dtype).name,
+               "tuned_bits": tune_bits, "wide_bits": wide_bits, "rows": rows}
+    return {"format": tuning.FORMAT, "sections": [section]}
 
-
-def merge(base: dict, new: dict) -> dict:
-    """``base`` updated with ``new``: per world size, ``new``'s rows replace the rows
-    within their size range and the rows outside it stay, so re-tuning a range of sizes
-    keeps the rest of the table (a table can hold several world sizes).  The table's
-    card, date and note become ``new``'s."""
-    out = dict(base or {})
-    worlds = dict(out.get("worlds", {}))
-    for world, rows in new.get("worlds", {}).items():
-        if not rows:
-            continue
-        lo, hi = min(r["max_bytes"] for r in rows), max(r["max_bytes"] for r in rows)
-        # old rows inside the re-tuned range go, even off the new size grid (another -f)
-        kept = {row["max_bytes"]: row for row in worlds.get(world, []) if not lo <= row["max_bytes"] <= hi}
-        kept.update({row["max_bytes"]: row for row in rows})
-        worlds[world] = [kept[k] for k in sorted(kept)]
-    out.update({k: v for k, v in new.items() if k != "worlds"})
-    out["worlds"] = worlds
-    return out
