@@ -42,8 +42,9 @@ def _as_recorded(plan):
 
 def test_select_plan_reproduces_every_recorded_decision():
     with gzip.open(HERE / "decisions.json.gz", "rt") as fh:
-        recorded = json.load(fh)["decisions"]
-    tables = {name: TuningTable(data, name) for name, data in grid.tables().items()}
+        fixture = json.load(fh)
+    recorded = fixture["decisions"]
+    tables = {name: TuningTable(data, name) for name, data in fixture["tables"].items()}
     limits = {w[0]: _limits(w[0]) for w in grid.WORKSPACES}
     modes = {}
     cases = list(grid.cases())

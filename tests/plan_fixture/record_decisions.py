@@ -5,7 +5,8 @@ Run once at commit ce74c20 (the last one whose ``FlashGpuBackend`` still had ``_
 It builds the backend object the way tests/test_dispatch.py did (hardware faked: kernels
 are names, the occupancy probe is :func:`fake_blocks_per_sm`) over a grid of tables,
 workspace shapes, world sizes, dtypes, modes, sizes, protocol settings and forced launches,
-and writes ``decisions.json.gz``.  ``tests/test_plan.py`` checks that ``select_plan``
+and writes ``decisions.json.gz`` with the tables it used (in the format of the time), so the
+check does not depend on files that change later (the shipped table, the device logs).  ``tests/test_plan.py`` checks that ``select_plan``
 reproduces every decision exactly.  The grid itself (:func:`cases`) is shared with the test.
 """
 from __future__ import annotations
@@ -164,5 +165,5 @@ if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent.parent))
     recs = _record()
     with gzip.open(FIXTURE, "wt") as fh:
-        json.dump({"commit": "ce74c20", "decisions": recs}, fh, separators=(",", ":"))
+        json.dump({"commit": "ce74c20", "tables": tables(), "decisions": recs}, fh, separators=(",", ":"))
     print(f"{len(recs)} decisions -> {FIXTURE}")

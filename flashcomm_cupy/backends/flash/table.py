@@ -239,8 +239,10 @@ def dumps(data: dict) -> str:
     data = upgrade(data)
     lines = ["{", f' "format": {json.dumps(FORMAT)},', ' "sections": [']
     for i, sec in enumerate(data["sections"]):
-        head = {k: v for k, v in sec.items() if k != "rows"}
-        lines.append("  {" + json.dumps(head, sort_keys=True)[1:-1] + ', "rows": [')
+        first = ("card", "world", "transport")
+        head = {k: sec.get(k, "ipc" if k == "transport" else None) for k in first}
+        head.update(sorted((k, v) for k, v in sec.items() if k not in first + ("rows",)))
+        lines.append("  {" + json.dumps(head)[1:-1] + ', "rows": [')
         for j, row in enumerate(sec["rows"]):
             lines.append(f'   {{"max_bytes": {int(row["max_bytes"])},')
             classes = [c for c in codecs.CLASSES if c in row]
