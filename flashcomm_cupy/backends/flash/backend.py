@@ -199,9 +199,12 @@ class FlashGpuBackend(CudaBackend):
         except BaseException:  # IPC refused, out of memory, a peer's failure: leave nothing behind
             self._release()
             raise
+        # The table's section is picked by card: ranks on different kinds of GPU (which could pick
+        # different sections, hence different kernels) all take the first section listed.
         self.limits = Limits.of_layout(self.ws.layout, max_threads=self.max_threads, sm_count=self.sm_count,
                                        uniform_gpus=self.uniform_gpus, transport=self.ws.transport,
-                                       card=self.card, blocks_per_sm=self._blocks_per_sm)
+                                       card=self.card if self.uniform_gpus else None,
+                                       blocks_per_sm=self._blocks_per_sm)
         self._closed = False
 
     @property
@@ -411,7 +414,7 @@ class FlashGpuBackend(CudaBackend):
     def describe(self):
         info = super().describe()
         peers = self.mpi_comm.allgather(self.ws.peer_ptrs and [True] * self.world_size)
-        section = self.table.section(self.world_size, self.ws.transport, self.card)
+        section = self.table.section(self.world_size, self.ws.transport, self.limits.card)
         info.update(workspace_bytes=self.ws.layout.total, max_blocks=self.ws.layout.max_blocks,
                     timeout_s=self.timeout_s, tuning_table=dict(self.table.describe(),
                                                                 rows_of=section and section[0]),
