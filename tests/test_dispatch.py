@@ -41,6 +41,27 @@ def limits(world=4, max_blocks=264, slot_bytes=48 << 10, per_sm=2, **facts):
                             blocks_per_sm=lambda kernel, build, threads, smem: per_sm, **facts)
 
 
+def fake_backend(world=4, table=TABLE, protocol="auto", **lim):
+    """A flash backend with real plans and no GPU (``resolve_algo``/``resolve_protocol`` only),
+    for tests of code that asks a backend what it would run (cli/info)."""
+    from flashcomm_cupy.backends.flash.backend import FlashGpuBackend
+    b = object.__new__(FlashGpuBackend)
+    b.world_size, b.protocol, b._forced, b._plans = world, protocol, None, {}
+    b.table, b.limits = tuning.TuningTable(table, "test"), limits(world, **lim)
+    return b
+
+
+def test_the_backend_answers_resolve_questions_from_its_cached_plan():
+    b = fake_backend(table=LL_TABLE)
+    assert (b.resolve_algo(4096, Mode.make(None)), b.resolve_protocol(4096, Mode.make(None))) == ("oneshot", "ll")
+    assert b.resolve_protocol(1 << 20, Mode.make(4), itemsize=4) == "flag"
+    assert b.plan(2048, "float16", Mode.make(None)) is b.plan(2048, np.float16, Mode.make(None))
+    assert b.resolve_algo(64 << 20, Mode.make(4, algo="twoshot"), force=Force(256, 264, 1)) == "twoshot"
+    b.force_launch = (128, 16, 1, "ll")  # the deprecated alias: a Force for every later call
+    assert b.force_launch == Force(128, 16, 1, "ll")
+    assert b.plan(2048, "float16", Mode.make(None, algo="twoshot")).choice == tuning.Choice("twoshot", 128, 16, 1, "ll")
+
+
 def plan(n, mode, dtype="float16", world=4, table=TABLE, force=None, protocol="auto", **lim):
     return select_plan(n, dtype, mode, world=world, table=tuning.TuningTable(table, "test"),
                        limits=limits(world, **lim), force=force, protocol=protocol)

@@ -186,6 +186,7 @@ class FlashGpuBackend(CudaBackend):
                                        "transport": self.transport, "kernel build": self.kernel_build,
                                        "tuning table": self.table.digest()}, "flash backend settings")
         self._forced = None
+        self._plans = {}
         self._launches = {}
         self._closed = True  # until every resource below exists
         self.flash_ws = None
@@ -246,9 +247,19 @@ class FlashGpuBackend(CudaBackend):
         self._forced = Force.of(value)
 
     def plan(self, n: int, dtype, mode: Mode, force: Optional[Force] = None) -> Plan:
-        """What a call of ``n`` elements of ``dtype`` in ``mode`` runs (cached with its launch)."""
-        launch = self.prepared(n, dtype_name(np.dtype(dtype)) if not isinstance(dtype, str) else dtype, mode, force)
-        return launch.plan if isinstance(launch, Launch) else launch
+        """What a call of ``n`` elements of ``dtype`` in ``mode`` runs (cached; compiles nothing
+        but, for the staged two-shot, the kernel the occupancy probe asks about)."""
+        name = dtype if isinstance(dtype, str) else dtype_name(np.dtype(dtype))
+        force = Force.of(force) if force is not None else self._forced
+        key = (n, name, mode, force, self.protocol)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = select_plan(n, name, mode, world=self.world_size, table=self.table, limits=self.limits,
+                               force=force, protocol=self.protocol)
+            if len(self._plans) >= 1024:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def resolve_algo(self, nbytes: int, mode: Mode, itemsize: int = 2, force: Optional[Force] = None) -> str:
         return self.plan(max(1, nbytes // itemsize), _dtype_of_itemsize(itemsize), mode, force).algo
@@ -267,8 +278,7 @@ class FlashGpuBackend(CudaBackend):
         launch = self._launches.get(key)
         if launch is not None:
             return launch
-        plan = select_plan(n, name, mode, world=self.world_size, table=self.table, limits=self.limits,
-                           force=force, protocol=self.protocol)
+        plan = self.plan(n, name, mode, force)
         if plan.uses_nccl:
             launch = plan
         else:
