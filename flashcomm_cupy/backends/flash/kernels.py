@@ -186,8 +186,9 @@ def kernel(name: str, key, build: KernelBuild = SHIPPED):
     return function(name, key.dtype_code, key.rs_bits, key.ag_bits, key.unit_elems, build)
 
 
-def load_source(filename: str, options: tuple = (), build: KernelBuild = SHIPPED):
-    """A module of one other ``.cu`` file of the kernel directory (the IPC canary, the model's
-    kernels), built with the base options, ``-I`` the directory and ``options``."""
-    directory = build.source_dir()
-    return load_module((directory / filename).read_text(), BASE_OPTIONS + (f"-I{directory}",) + tuple(options))
+def read_source(filename: str, build: KernelBuild = SHIPPED) -> str:
+    """The text of one ``.cu`` file of the kernel directory, for the kernels outside the
+    all-reduce that CuPy compiles as it compiles any source (the IPC canary, the benchmark
+    model's kernels: CuPy's own options, ``-ftz=true`` among them, as when they were Python
+    strings)."""
+    return (build.source_dir() / filename).read_text()
