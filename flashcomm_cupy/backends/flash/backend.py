@@ -426,8 +426,10 @@ class FlashGpuBackend(CudaBackend):
         peers = self.mpi_comm.allgather(self.ws.peer_ptrs and [True] * self.world_size)
         section = self.table.section(self.world_size, self.ws.transport, self.limits.card)
         info.update(workspace_bytes=self.ws.layout.total, max_blocks=self.ws.layout.max_blocks,
-                    timeout_s=self.timeout_s, tuning_table=dict(self.table.describe(),
-                                                                rows_of=section and section[0]),
+                    timeout_s=self.timeout_s,
+                    tuning_table=dict(self.table.describe(), rows_in_use=dict(zip(("card", "world", "transport"),
+                                                                                  section)) if section else
+                                      "built-in heuristics"),
                     peer_access=peers, transport=describe_transport(self.ws),
                     nccl_p2p_disabled=self.nccl_p2p_disabled)
         if not self.kernel_build.is_shipped:
