@@ -44,6 +44,12 @@ class CodecSpec:
     lo_bits: int
     #: bits per element in the high plane (INT6's top two bits; 0 elsewhere)
     hi_bits: int
+    #: largest relative RMS error of an all-reduce whose narrowest step is this codec, on Gaussian
+    #: data (the checks' bound).  A b-bit asymmetric group of Gaussian data has a step of
+    #: ~5 sigma / (2**b - 1) and an RMS error of step/sqrt(12) per quantization; a two-shot
+    #: all-reduce quantizes twice, so int4 lands near 13 %, int6 near 3 %, int8 near 0.8 %
+    #: (symmetric codecs and large groups are somewhat worse).  The bounds leave ~2x headroom.
+    rel_rms_bound: float
 
     @property
     def wide(self) -> bool:
@@ -83,7 +89,7 @@ class CodecSpec:
         return self.bits / 8 + 4 * (1 if symmetric else 2) / group_size
 
 
-CODECS = {4: CodecSpec(4, 4, 0), 6: CodecSpec(6, 4, 2), 8: CodecSpec(8, 8, 0)}
+CODECS = {4: CodecSpec(4, 4, 0, 0.30), 6: CodecSpec(6, 4, 2, 0.06), 8: CodecSpec(8, 8, 0, 0.02)}
 
 
 def spec(bits: int) -> CodecSpec:
