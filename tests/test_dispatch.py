@@ -245,10 +245,12 @@ def test_tune_keeps_ll_for_int8_only_where_int8_measured_faster_with_it():
     flag = {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag", "us": 14.0}
     times = {id(ll64): 12e-6, id(ll128): 10e-6, id(ll_two): None, id(flag): 13e-6}
     assert wide_entries([ll64, ll128, ll_two], flag, lambda e: times[id(e)]) == \
-        {"quantized_wide": dict(ll128, us=10.0), "quantized_wide_flag": flag}  # INT8's own best LL shape
+        [dict(ll128, us=10.0), flag]  # INT8's own best LL shape, then the flag choice
     times[id(flag)] = 9e-6
-    assert wide_entries([ll64, ll128, ll_two], flag, lambda e: times[id(e)]) == {"quantized_wide": dict(flag, us=9.0)}
-    assert wide_entries([ll_two], flag, lambda e: times[id(e)]) == {"quantized_wide": dict(flag, us=9.0)}
+    assert wide_entries([ll64, ll128, ll_two], flag, lambda e: times[id(e)]) == [dict(flag, us=9.0)]
+    assert wide_entries([ll_two], flag, lambda e: times[id(e)]) == [dict(flag, us=9.0)]
+    times[id(flag)] = None
+    assert wide_entries([ll_two], flag, lambda e: times[id(e)]) == []
 
 
 def test_calls_the_ll_kernels_cannot_serve_fall_back_to_the_rows_flag_choice():

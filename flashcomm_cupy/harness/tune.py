@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from .. import codecs
 from ..backends.flash import table as tuning
 from ..backends.flash.plan import Force
 from ..backends.flash.table import merge  # noqa: F401 - ``flashcomm tune`` merges through here
@@ -62,14 +63,15 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
         yield "nccl", 0, 0, 0, "flag", False
 
 
-def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
-    """The ``quantized_wide`` entry (plus ``quantized_wide_flag`` where it is LL) of a row whose
-    INT4 best is LL (``entries``: every LL candidate) or the staged two-shot (``entries``: that choice).
+def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> list:
+    """The ``wide`` candidates of a row whose INT4 best is LL (``entries``: every LL candidate)
+    or the staged two-shot (``entries``: that choice); empty where nothing could be timed.
 
     INT6/INT8 units take 1.5-2x the bytes of INT4 in LL form and fill an LL slot
     (or a staging buffer) with fewer elements, so INT8 gets its own search: ``time_wide``
     (seconds, or None where LL cannot serve it) times it with every entry
-    and with the best (plain) flag choice; the fastest serves those modes.
+    and with the best (plain) flag choice; the fastest serves those modes, followed by the
+    flag choice where the fastest is LL (for the calls the LL kernels cannot serve).
     """
     t_flag = time_wide(flag_entry)
     best = None
@@ -78,11 +80,9 @@ def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Op
         if t is not None and (best is None or t < best[0]):
             best = (t, entry)
     if best is not None and (t_flag is None or best[0] < t_flag):
-        wide = {"quantized_wide": dict(best[1], us=round(best[0] * 1e6, 2))}
-        if best[1]["protocol"] == "ll":
-            wide["quantized_wide_flag"] = flag_entry  # for the calls the LL kernels cannot serve
-        return wide
-    return {"quantized_wide": dict(flag_entry, us=round(t_flag * 1e6, 2))} if t_flag is not None else {}
+        fastest = dict(best[1], us=round(best[0] * 1e6, 2))
+        return [fastest, flag_entry] if fastest["protocol"] == "ll" else [fastest]
+    return [dict(flag_entry, us=round(t_flag * 1e6, 2))] if t_flag is not None else []
 
 
 def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int = 20, repeats: int = 5,
@@ -115,7 +115,7 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                            warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
 
         row = {"max_bytes": int(nbytes)}
-        for cls, bits in (("lossless", None), ("quantized", tune_bits)):
+        for cls, bits in ((codecs.LOSSLESS, None), (codecs.NARROW, tune_bits)):
             best = best_flag = best_plain = None
             ll_entries = []
             for algo, threads, blocks, units, protocol, staged in candidates(nbytes, bits is None,
@@ -135,19 +135,23 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                     best_flag = entry
                 if protocol == "flag" and not staged and (best_plain is None or t < best_plain[0]):
                     best_plain = entry
-            row[cls] = best[1]
-            if best[1]["protocol"] == "ll" and best_flag is not None:
-                row[cls + "_flag"] = best_flag[1]  # for calls the LL kernels cannot serve
-                if cls == "quantized" and wide_bits:
-                    row.update(wide_entries(ll_entries, best_flag[1], lambda e: time_choice(e, wide_bits)))
-            elif best[1].get("staged") and cls == "quantized" and wide_bits and best_plain is not None:
-                # INT8 takes more shared memory per unit (fewer blocks per SM): it may prefer the plain kernel
-                row.update(wide_entries([best[1]], best_plain[1], lambda e: time_choice(e, wide_bits)))
+            # the fastest, then (where it is LL) the best flag choice, for calls the LL kernels cannot serve
+            row[cls] = [best[1]] + ([best_flag[1]] if best[1]["protocol"] == "ll" and best_flag else [])
+            if cls == codecs.NARROW:
+                wide = []
+                if best[1]["protocol"] == "ll" and best_flag is not None and wide_bits:
+                    wide = wide_entries(ll_entries, best_flag[1], lambda e: time_choice(e, wide_bits))
+                elif best[1].get("staged") and wide_bits and best_plain is not None:
+                    # INT8 takes more shared memory per unit (fewer blocks per SM): it may prefer the plain kernel
+                    wide = wide_entries([best[1]], best_plain[1], lambda e: time_choice(e, wide_bits))
+                # not timed on INT8: INT4's LL shape is no guide for wider units, its flag choices serve
+                row[codecs.WIDE] = wide or [c for c in row[cls] if c["protocol"] != "ll"] or \
+                    [dict({k: v for k, v in best[1].items() if k != "us"}, protocol="flag")]
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
-                if cls == "quantized" and "quantized_wide" in row:
-                    progress(f"{nbytes:>11} B {'int' + str(wide_bits):9} -> {row['quantized_wide']}")
-        rows.append(tuning.upgrade_row(row))
+                if cls == codecs.NARROW and wide:
+                    progress(f"{nbytes:>11} B {'int' + str(wide_bits):9} -> {wide[0]}")
+        rows.append(row)
         del x, out
     info = backend.describe()
     section = {"card": info.get("gpu"), "world": world, "transport": getattr(backend.ws, "transport", "ipc"),
