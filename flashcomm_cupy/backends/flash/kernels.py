@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .layout import ARGS_DTYPE, ERR_POISON, ERR_TIMEOUT, ERROR_FIELDS, FLAG_ROTATE, FLAG_SYM  # noqa: F401
-
 KERNEL_SOURCE = "fc_allreduce.cu"
 
 
