@@ -124,15 +124,6 @@ def _emit(rows, comm, row):
               f"  eager {row['eager_us']:7.2f} us  {row['le_nccl']}", flush=True)
 
 
-def cupy_launch(launch, x, out) -> None:
-    """``launch`` (a prepared flash launch) through CuPy's ``RawKernel.__call__`` instead of the
-    driver call the backend makes: what marshalling the arguments in Python costs."""
-    import cupy
-    launch.ptrs[0], launch.ptrs[1] = x.data.ptr, out.data.ptr
-    launch.fn(launch.grid, launch.block, (launch.args,), stream=cupy.cuda.get_current_stream(),
-              shared_mem=launch.smem)
-
-
 def path_rows(comm, clock, out_rows: list):
     import cupy
 
@@ -146,8 +137,12 @@ def path_rows(comm, clock, out_rows: list):
         row = {"case": label, "bytes": nbytes}
         row["driver"] = clock.per_call_us(lambda: backend.all_reduce(x, out, mode, dtype=np.float16))[1]
         launch = backend.prepared(n, "float16", mode)
-        if hasattr(launch, "fn"):  # the same launch through RawKernel.__call__ (CuPy marshals the arguments)
-            row["cupy"] = clock.per_call_us(lambda: cupy_launch(launch, x, out))[1]
+        if getattr(launch, "func", 0):  # the same call with the launch through RawKernel.__call__
+            func, launch.func = launch.func, 0  # (CuPy marshals the arguments) instead of cuLaunchKernel
+            try:
+                row["cupy"] = clock.per_call_us(lambda: backend.all_reduce(x, out, mode, dtype=np.float16))[1]
+            finally:
+                launch.func = func
         row["plan lookup"] = clock.per_call_us(lambda: backend.prepared(n, "float16", mode))[1]
         if bits is None:
             nccl = Mode.make(None, algo="nccl")
