@@ -341,17 +341,19 @@ class FlashGpuBackend(CudaBackend):
         launch = self.prepared(n, name, mode)
         if isinstance(launch, Launch) and not launch.func:
             return None
-        check, protocol = self._raise_if_failed, self.protocol
+        # locals, not attribute chains, on the hot path (self._closed is read first: err is
+        # never read once the record is freed)
+        err, check, protocol = self.flash_ws.error, self._raise_if_failed, self.protocol
 
         def unusable():
-            if self._closed or self.flash_ws.error[0]:
+            if self._closed or err[0]:
                 check()
             return self._forced is not None or self.protocol != protocol
         if not isinstance(launch, Launch):
             nccl_call, count, nccl_dtype = self.nccl.comm.allReduce, n, _NCCL_DTYPE[name]
 
             def launch_nccl(x_ptr, out_ptr, stream_ptr):
-                if self._closed or self.flash_ws.error[0] or self._forced is not None or self.protocol != protocol:
+                if self._closed or err[0] or self._forced is not None or self.protocol != protocol:
                     if unusable():
                         return False
                 nccl_call(x_ptr, out_ptr, count, nccl_dtype, 0, stream_ptr)
@@ -361,7 +363,7 @@ class FlashGpuBackend(CudaBackend):
         func, gx, bx, smem, params = launch.func, launch.grid[0], launch.block[0], launch.smem, launch.params_ptr
 
         def launch_kernel(x_ptr, out_ptr, stream_ptr):
-            if self._closed or self.flash_ws.error[0] or self._forced is not None or self.protocol != protocol:
+            if self._closed or err[0] or self._forced is not None or self.protocol != protocol:
                 if unusable():
                     return False
             ptrs[0] = x_ptr
