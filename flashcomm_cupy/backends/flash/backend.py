@@ -386,9 +386,8 @@ class FlashGpuBackend(CudaBackend):
     def _raise_if_failed(self):
         if self._closed:
             raise RuntimeError("this flashcomm GPU backend is closed")
-        record = self.flash_ws.failure()
-        if record is not None:
-            raise error_from_record(record, self.timeout_s)
+        if self.flash_ws.error[0]:  # the kernels wrote the record: a wait failed
+            raise error_from_record(self.flash_ws.failure(), self.timeout_s)
 
     def check(self):
         """Raise the recorded error, if a call of this communicator failed (no synchronization)."""
