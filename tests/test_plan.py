@@ -162,9 +162,11 @@ def test_staged_needs_uniform_gpus_and_room_on_an_sm():
     assert select_plan(1 << 24, "bfloat16", mode, limits=Limits(264), **run).protocol == "flag"  # no probe
 
 
-def test_mpi_is_refused_and_builds_name_their_module():
+def test_mpi_and_unknown_protocols_are_refused_and_builds_name_their_module():
     with pytest.raises(ValueError, match="mpi"):
         select_plan(1, "float16", Mode.make(None, algo="mpi"), world=2, table=SHIPPED, limits=limits(2))
+    with pytest.raises(ValueError, match="protocol"):
+        select_plan(1, "float16", Mode.make(None), world=2, table=SHIPPED, limits=limits(2), protocol="lamport")
     p = select_plan(1 << 20, "float32", Mode.make((4, 8), 1024, algo="twoshot"), world=2, table=SHIPPED,
                     limits=limits(2), force=Force(128, 0, 1, "ll"))
     assert p.build == KernelKey(2, 4, 8, 32)

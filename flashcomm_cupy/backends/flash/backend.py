@@ -23,7 +23,8 @@ from ..nccl import _NCCL_DTYPE, NcclCommunicatorHandle
 from ..transport import describe as describe_transport, resolve_transport
 from . import kernels, table as tuning
 from .layout import ERR_POISON, FLAG_ROTATE, FLAG_SYM
-from .plan import ELEMS_PER_THREAD, LLQ_UNIT_ELEMS, Force, KernelKey, Limits, Plan, select_plan
+from .plan import (ELEMS_PER_THREAD, LLQ_UNIT_ELEMS, PROTOCOL_SETTINGS, Force, KernelKey, Limits, Plan,
+                   select_plan)
 from .workspace import FlashWorkspace, environment
 
 try:  # cuLaunchKernel with a prebuilt parameter array: the eager path's host cost is the launch
@@ -31,7 +32,6 @@ try:  # cuLaunchKernel with a prebuilt parameter array: the eager path's host co
 except Exception:  # pragma: no cover - older CuPy: launch through RawKernel.__call__
     _launch_kernel = None
 
-PROTOCOL_SETTINGS = ("auto",) + tuning.PROTOCOLS
 
 
 def _dtype_of_itemsize(itemsize: int) -> str:

@@ -36,6 +36,8 @@ SLOT_RESERVE = 256
 MIN_SLOT_BYTES = 2 * ELEMS_PER_THREAD * 128 + SLOT_RESERVE
 #: the algorithms whose launch shape a :class:`Force` may set
 FORCEABLE_ALGOS = ("oneshot", "twoshot")
+#: the backend's protocol settings: the table's choice, or the flag / LL protocol wherever it serves
+PROTOCOL_SETTINGS = ("auto", "flag", "ll")
 
 
 def llq_threads(elems: int, itemsize: int, algo: str, rs_bits: int, ag_bits: int) -> int:
@@ -179,10 +181,11 @@ def select_plan(n: int, dtype, mode: Mode, *, world: int, table: TuningTable, li
     flag-protocol candidate, "ll" runs the LL kernels wherever they can serve the call.
     ``force`` replaces the table's launch for modes that name "oneshot" or "twoshot".
 
-    The table's first candidate runs (for ``algo="auto"``; a mode naming another algorithm keeps
-    a candidate of its own algorithm, else gets the heuristic's shape for it), except where it
-    asks for LL and the LL kernels cannot serve the call (the tiles would need more blocks than
-    can be resident): then the first flag-protocol candidate runs.  Quantized modes never run
+    The table's first candidate runs (a mode naming an algorithm takes it where it is of that
+    algorithm, else that algorithm with the heuristic's thread count), except where it asks for
+    LL and the LL kernels cannot serve the call (the tiles would need more blocks than can be
+    resident): then the first flag-protocol candidate runs, chosen the same way.  Where no
+    section of the table covers the call, the heuristic's candidates stand in.  Quantized modes never run
     NCCL (a row whose choice is NCCL gets the heuristic).  The staged two-shot runs where its
     choice asks for it, the mode is quantized, the data is 16-bit, the GPUs are uniform and at
     least one block fits an SM; the plain flag two-shot elsewhere.
@@ -191,6 +194,8 @@ def select_plan(n: int, dtype, mode: Mode, *, world: int, table: TuningTable, li
     name, itemsize = dtype_name(dt), dt.itemsize
     if mode.algo == "mpi":
         raise ValueError("algo='mpi' is the CPU backend's baseline; use 'nccl' on GPUs")
+    if protocol not in PROTOCOL_SETTINGS:
+        raise ValueError(f"protocol must be one of {PROTOCOL_SETTINGS}, got {protocol!r}")
     force = Force.of(force)
     nbytes = n * itemsize
     cls = codecs.tuning_class(mode.rs_bits, mode.ag_bits)
