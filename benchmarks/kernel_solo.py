@@ -19,7 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -33,15 +32,21 @@ def parse_bytes(text: str) -> int:
 
 
 def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0, max_blocks=264,
-                 slot_bytes=48 << 10):
-    """(function, grid, block, args, keepalive) for one solo launch; compiles on first use."""
-    import cupy
-    from flashcomm_cupy import _kernels, tuning
-    from flashcomm_cupy.backends.gpu import FlashGpuBackend
-    from flashcomm_cupy.backends.ipc import WorkspaceLayout
-    from flashcomm_cupy.config import Mode
-    from flashcomm_cupy.dtypes import KERNEL_DTYPE_CODE
+                 slot_bytes=48 << 10, build=None):
+    """(function, grid, block, args, keepalive, used shape) for one solo launch; compiles on first use.
 
+    The launch is what the backend would run for a forced ``shape`` (``select_plan`` with this
+    GPU's limits), on a workspace whose peers all alias this GPU's own.
+    """
+    import cupy
+    from flashcomm_cupy.backends.flash import kernels
+    from flashcomm_cupy.backends.flash.backend import launch_args, resident_blocks
+    from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, WorkspaceLayout
+    from flashcomm_cupy.backends.flash.plan import Force, Limits, select_plan
+    from flashcomm_cupy.backends.flash.table import TuningTable
+    from flashcomm_cupy.config import Mode
+
+    build = build or kernels.SHIPPED
     staged = algo == "staged"  # the staged flag two-shot (quantized 16-bit modes)
     algo = "twoshot" if staged else algo
     mode = Mode.make(bits, 128, algo=algo)
@@ -51,29 +56,24 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     n = nbytes // np.dtype(dtype_name).itemsize
     x = cupy.asarray(np.random.default_rng(0).standard_normal(n).astype(dtype_name))
     out = cupy.empty_like(x)
-    fake = SimpleNamespace(ws=SimpleNamespace(layout=layout), max_threads=512, world_size=world)
-    choice = tuning.Choice(algo, shape[0], shape[1], shape[2])
-    threads, blocks, seg, units = FlashGpuBackend._launch_shape(fake, choice, n, dtype_name, mode)
-    args = np.zeros(1, dtype=_kernels.ARGS_DTYPE)
-    a = args[0]
-    a["in_ptr"], a["out_ptr"], a["n"], a["seg_elems"] = x.data.ptr, out.data.ptr, n, seg
+    sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
+    limits = Limits.of_layout(layout, sm_count=sms, blocks_per_sm=lambda kernel, key, threads, smem:
+                              resident_blocks(kernels.kernel(kernel, key, build), threads, smem))
+    plan = select_plan(n, dtype_name, mode, world=world, table=TuningTable({}, "none"), limits=limits,
+                       force=Force(shape[0], shape[1], shape[2], "flag", staged))
+    if staged and plan.protocol != "staged":
+        raise SystemExit(f"staged: the staged two-shot does not serve this call ({plan})")
+    base = np.zeros(1, dtype=ARGS_DTYPE)
+    a = base[0]
     a["peers"][:world] = ws.data.ptr  # every peer aliased to this GPU's workspace
     layout.fill_args(a)
     a["err"], a["timeout_ns"] = err.data.ptr, 10 ** 10
-    a["rank"], a["world"], a["group"], a["flags"] = rank, world, mode.group_size, 0
-    a["rot_norm"], a["units"] = np.float32(1 / np.sqrt(128.0)), units
-    names = {"twoshot": "fc_twoshot", "oneshot": "fc_oneshot", "staged": "fc_twoshot_staged"}
-    fn = _kernels.function(names["staged" if staged else algo], KERNEL_DTYPE_CODE[dtype_name], mode.rs_bits, mode.ag_bits)
-    smem = 0
-    if staged:  # the grid the backend would launch: no more blocks than fit the SMs at once
-        from flashcomm_cupy.backends.gpu import _resident_blocks, staged_twoshot_smem
-        smem = staged_twoshot_smem(np.dtype(dtype_name).itemsize, mode.rs_bits, mode.ag_bits, world, threads)
-        per_sm = _resident_blocks(fn, threads, smem)
-        if per_sm < 1:
-            raise SystemExit(f"staged: {smem} bytes of shared memory do not fit an SM")
-        sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
-        blocks = min(blocks, sms * per_sm)
-    return fn, (blocks,), (threads,), args, (ws, err, x, out), (threads, blocks, units, smem)
+    a["rank"], a["world"] = rank, world
+    args = launch_args(base, plan, n, mode)
+    args[0]["in_ptr"], args[0]["out_ptr"] = x.data.ptr, out.data.ptr
+    fn = kernels.kernel(plan.kernel, plan.build, build)
+    return (fn, (plan.blocks,), (plan.threads,), args, (ws, err, x, out),
+            (plan.threads, plan.blocks, plan.units, plan.smem))
 
 
 def time_launch(fn, grid, block, args, iters, smem=0):
@@ -113,17 +113,17 @@ def main(argv=None):
         dirs.append((name, None, defines.replace(",", " ")))
     if args.base_dir:
         dirs.append(("base", os.path.abspath(args.base_dir), ""))
+    from flashcomm_cupy.backends.flash.kernels import KernelBuild
+    from flashcomm_cupy import settings
+    lineinfo = settings.value(settings.KERNEL_LINEINFO)  # for Nsight Compute's source view (ncu stage)
     for label, kdir, defines in dirs:
-        os.environ.pop("FLASHCOMM_KERNEL_DIR", None)
-        if kdir:
-            os.environ["FLASHCOMM_KERNEL_DIR"] = kdir
-        os.environ["FLASHCOMM_KERNEL_DEFINES"] = f"{PROFILE_DEFINES} {defines}"
+        build = KernelBuild(kdir, tuple(f"{PROFILE_DEFINES} {defines}".split()), lineinfo)
         for size, algo in ((sz, al) for sz in args.bytes.split(",") for al in args.algo.split(",")):
             for bits, shape in ((b, sh) for b in args.bits.split(",") for sh in shapes):
                 b = None if bits == "none" else int(bits)
                 fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, algo, shape,
                                                                   max_blocks=args.max_blocks,
-                                                                  slot_bytes=args.slot_kib << 10)
+                                                                  slot_bytes=args.slot_kib << 10, build=build)
                 us = time_launch(fn, grid, block, kargs, args.iters, used[-1])
                 print(f"solo {label:>4} world={args.world} {algo} {size:>5} bits={bits:>4} "
                       f"shape={used}: {us:9.1f} us", flush=True)

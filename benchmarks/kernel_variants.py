@@ -13,7 +13,11 @@ differ only in compile-time switches:
   workspace: the same bytes through HBM, none over NVLink;
 * ``local+no-wait``: compute and HBM traffic only;
 * ``base``: with ``--base-dir``, the ``full`` kernel from another source
-  directory (``FLASHCOMM_KERNEL_DIR``), for an A/B of two versions in one run.
+  directory, for an A/B of two versions in one run.
+
+Each variant is a communicator built with its own ``kernel_build``
+(:class:`flashcomm_cupy.backends.flash.kernels.KernelBuild`); each case passes its
+launch as ``force=``.
 
 LL cases (``protocol`` "ll") skip the ``local`` variants (LL readers poll the
 peers' slots, which local-only writers never fill); after a ``no-wait``
@@ -66,6 +70,22 @@ VARIANTS = [
 ]
 
 
+def reset_ll_slots(backend) -> None:
+    """Fill every LL slot of ``backend``'s workspace with the sentinel again (collective).
+
+    Only for profiling builds (``FC_PROFILE_NO_WAIT``), whose readers empty
+    slots before the peers' data lands, leaving stale payloads behind.
+    """
+    import cupy
+    dev = cupy.cuda.Device(backend.device_id)
+    dev.synchronize()
+    backend.mpi_comm.Barrier()  # no peer is still writing into my slots
+    lay = backend.ws.layout
+    cupy.cuda.runtime.memset(backend.ws.ptr + lay.ll_off, 0xFF, lay.ll_bytes)
+    dev.synchronize()
+    backend.mpi_comm.Barrier()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-dir", help="kernel source directory of the version to compare against")
@@ -80,6 +100,8 @@ def main(argv=None):
 
     import cupy
     from flashcomm_cupy import Communicator
+    from flashcomm_cupy.backends.flash.kernels import KernelBuild
+    from flashcomm_cupy.backends.flash.plan import Force
     from flashcomm_cupy.config import Mode
     from flashcomm_cupy.harness.timing import measure
 
@@ -94,40 +116,34 @@ def main(argv=None):
         variants = [v for v in variants if v[0] in keep]
     cases = [c for c in CASES if not args.only or c[0] in args.only.split(",")]
 
-    comm = Communicator(backend="gpu")
-    backend = comm.backend
-    rank = comm.rank
     rows = []
-    try:
-        for vlabel, kdir, defines in variants:
-            os.environ.pop("FLASHCOMM_KERNEL_DIR", None)
-            if kdir:
-                os.environ["FLASHCOMM_KERNEL_DIR"] = kdir
-            os.environ["FLASHCOMM_KERNEL_DEFINES"] = defines
-            backend._plans.clear()  # plans hold the compiled function
-            for clabel, nbytes, bits, algo, threads, blocks, units, protocol in cases:
-                if protocol == "ll" and "FC_PROFILE_LOCAL_DATA" in defines:
-                    continue  # LL slots are always the peers': local-only LL readers would wait forever
-                n = nbytes // 2
-                x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
-                out = cupy.empty_like(x)
-                mode = Mode.make(bits, 128, algo=algo)
-                backend.force_launch = ((threads, blocks, units, "flag", True) if protocol == "staged"
-                                        else (threads, blocks, units, protocol))
-                t = measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=np.float16),
-                            warmup=2, iters=args.iters, repeats=args.repeats, graph=True, eager=False).primary_s
-                backend.force_launch = None
-                row = {"variant": vlabel, "case": clabel, "bytes": nbytes, "us": round(t * 1e6, 2),
-                       "shape": [threads, blocks, units], "protocol": protocol}
-                rows.append(row)
-                if rank == 0:
-                    print(f"{vlabel:>14} {clabel:>18} {row['us']:10.1f} us", flush=True)
-                del x, out
-            if "FC_PROFILE_NO_WAIT" in defines:
-                backend.reset_ll_slots()  # its LL readers left late payloads in the slots
-    finally:
-        os.environ.pop("FLASHCOMM_KERNEL_DEFINES", None)
-        os.environ.pop("FLASHCOMM_KERNEL_DIR", None)
+    comm = None
+    for vlabel, kdir, defines in variants:
+        if comm is not None:
+            comm.close()
+        comm = Communicator(backend="gpu", kernel_build=KernelBuild(kdir, tuple(defines.split())))
+        backend = comm.backend
+        rank = comm.rank
+        for clabel, nbytes, bits, algo, threads, blocks, units, protocol in cases:
+            if protocol == "ll" and "FC_PROFILE_LOCAL_DATA" in defines:
+                continue  # LL slots are always the peers': local-only LL readers would wait forever
+            n = nbytes // 2
+            x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
+            out = cupy.empty_like(x)
+            mode = Mode.make(bits, 128, algo=algo)
+            force = (Force(threads, blocks, units, "flag", True) if protocol == "staged"
+                     else Force(threads, blocks, units, protocol))
+            t = measure(backend, comm.mpi_comm,
+                        lambda: backend.all_reduce(x, out, mode, dtype=np.float16, force=force),
+                        warmup=2, iters=args.iters, repeats=args.repeats, graph=True, eager=False).primary_s
+            row = {"variant": vlabel, "case": clabel, "bytes": nbytes, "us": round(t * 1e6, 2),
+                   "shape": [threads, blocks, units], "protocol": protocol}
+            rows.append(row)
+            if rank == 0:
+                print(f"{vlabel:>14} {clabel:>18} {row['us']:10.1f} us", flush=True)
+            del x, out
+        if "FC_PROFILE_NO_WAIT" in defines:
+            reset_ll_slots(backend)  # its LL readers left late payloads in the slots
     info = backend.describe()  # collective: every rank calls it
     if rank == 0:
         labels = [v[0] for v in variants]

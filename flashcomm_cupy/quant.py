@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import codecs
 from .config import Codec
 
 F32 = np.float32
@@ -110,12 +111,12 @@ def plane_layout(n: int, codec: Codec):
     groups = n // g
     regions = {}
     off = 0
-    lo_bytes = n if codec.bits == 8 else n // 2
+    lo_bytes, hi_bytes = codecs.spec(codec.bits).plane_bytes(n)
     regions["lo"] = (off, lo_bytes)
     off = _align(off + lo_bytes)
-    if codec.bits == 6:
-        regions["hi"] = (off, n // 4)
-        off = _align(off + n // 4)
+    if hi_bytes:
+        regions["hi"] = (off, hi_bytes)
+        off = _align(off + hi_bytes)
     regions["scales"] = (off, 4 * groups)
     off = _align(off + 4 * groups)
     if not codec.symmetric:

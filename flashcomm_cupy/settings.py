@@ -11,8 +11,7 @@ Each :class:`Variable` has a ``scope``:
 * ``library`` -- read by the library on the production path (documented in README.md);
 * ``cli`` -- read by the ``flashcomm`` command only;
 * ``experiment`` -- kernel experiments (``benchmarks/``), which turn them into an explicit kernel
-  build; production code should not read them (``_kernels`` still does, through :func:`value`,
-  until its loader takes the build as an argument);
+  build (``KernelBuild``); production code never reads them;
 * ``internal`` -- set by flashcomm itself for its own child processes;
 * ``testing`` -- read by the test suite and CI scripts only.
 
@@ -124,8 +123,6 @@ TUNING = "FLASHCOMM_TUNING"
 RANKS_PER_NODE = "FLASHCOMM_RANKS_PER_NODE"
 MPIEXEC = "FLASHCOMM_MPIEXEC"
 RELAUNCHED = "FLASHCOMM_RELAUNCHED"
-KERNEL_DIR = "FLASHCOMM_KERNEL_DIR"
-KERNEL_DEFINES = "FLASHCOMM_KERNEL_DEFINES"
 KERNEL_LINEINFO = "FLASHCOMM_KERNEL_LINEINFO"
 
 PROTOCOLS = ("auto", "flag", "ll")
@@ -157,12 +154,6 @@ VARIABLES: Tuple[Variable, ...] = (
              "`mpiexec`, else `mpirun`, on `PATH`)", _path),
     Variable(RELAUNCHED, "internal", "`1`", False,
              "Set in the ranks of a relaunch, so that they never relaunch again", _one),
-    Variable(KERNEL_DIR, "experiment", "directory", None,
-             "Kernel sources to build instead of the shipped `kernels_cu/`, for A/B timing "
-             "(`benchmarks/kernel_variants.py`, `kernel_solo.py`)", _path),
-    Variable(KERNEL_DEFINES, "experiment", "words", (),
-             "Extra `-D` defines for the kernel build, space separated (profiling builds such as "
-             "`FC_PROFILE_NO_WAIT`, whose results are wrong on purpose)", _words),
     Variable(KERNEL_LINEINFO, "experiment", "flag", False,
              "Set (not `0`): build the kernels with `-lineinfo` (source lines in Nsight Compute)", _flag),
     Variable("FLASHCOMM_NVCC_CACHE", "testing", "directory or `off`", None,
@@ -179,6 +170,11 @@ VARIABLES: Tuple[Variable, ...] = (
 )
 
 BY_NAME: Dict[str, Variable] = {v.name: v for v in VARIABLES}
+#: variables flashcomm no longer reads, and what replaced them
+RETIRED: Dict[str, str] = {
+    "FLASHCOMM_KERNEL_DIR": "an experiment passes KernelBuild(directory=...) (backends/flash/kernels.py)",
+    "FLASHCOMM_KERNEL_DEFINES": "an experiment passes KernelBuild(defines=...) (backends/flash/kernels.py)",
+}
 
 
 def variable(name: str) -> Variable:

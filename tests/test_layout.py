@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashcomm_cupy import _kernels
-from flashcomm_cupy.backends.ipc import MAX_RANKS, POISON_AREA_BYTES, WorkspaceLayout
+from flashcomm_cupy.backends import ipc
+from flashcomm_cupy.backends.flash import layout as flash_layout
+from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, MAX_RANKS, POISON_AREA_BYTES, WorkspaceLayout
 
 OFFSET_FIELDS = ("slot_bytes", "max_blocks", "flags_off", "rs_off", "ag_off", "os_off", "ll_off", "ll_slot_bytes",
                  "ts_epoch_off", "os_epoch_off", "ll_epoch_off", "poison_off")
@@ -14,7 +15,7 @@ OFFSET_FIELDS = ("slot_bytes", "max_blocks", "flags_off", "rs_off", "ag_off", "o
 @pytest.mark.parametrize("world,max_blocks", [(2, 264), (8, 132), (3, 1)])
 def test_the_kernels_get_every_offset_from_the_layout(world, max_blocks):
     layout = WorkspaceLayout(world, max_blocks, 48 << 10)
-    a = np.zeros(1, dtype=_kernels.ARGS_DTYPE)[0]
+    a = np.zeros(1, dtype=ARGS_DTYPE)[0]
     layout.fill_args(a)
     for field in OFFSET_FIELDS:
         assert int(a[field]) == getattr(layout, field), field
@@ -30,3 +31,9 @@ def test_flag_sets_epochs_and_poison_words_never_overlap_the_slots(world, max_bl
     assert lay.ll_epoch_off - lay.os_epoch_off == 4 * max_blocks
     assert lay.poison_off - lay.ll_epoch_off == 4 * max_blocks
     assert lay.poison_off + POISON_AREA_BYTES <= lay.rs_off < lay.ag_off < lay.os_off < lay.ll_off < lay.total
+
+
+def test_the_layout_has_one_home_and_its_old_import_paths_name_the_same_objects():
+    from flashcomm_cupy import _kernels
+    assert ipc.WorkspaceLayout is WorkspaceLayout and ipc.MAX_RANKS == MAX_RANKS
+    assert _kernels.ARGS_DTYPE is flash_layout.ARGS_DTYPE and _kernels.ERROR_FIELDS is flash_layout.ERROR_FIELDS

@@ -94,15 +94,17 @@ def test_kernel_binaries_are_keyed_on_every_source(tmp_path, monkeypatch):
     header = tmp_path / "fc_quant.cuh"
     header.write_text(header.read_text() + "\n// edited\n")
     assert _kernels.source_digest(tmp_path) != before
-    monkeypatch.setenv("FLASHCOMM_KERNEL_DIR", str(tmp_path))
-    assert _kernels.kernel_dir() == tmp_path.resolve()
-    monkeypatch.setenv("FLASHCOMM_KERNEL_DIR", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="FLASHCOMM_KERNEL_DIR"):
-        _kernels.kernel_dir()
-    monkeypatch.setenv("FLASHCOMM_KERNEL_DEFINES", "FC_PROFILE_NO_WAIT  FC_PROFILE_LOCAL_DATA")
-    assert _kernels.profiling_defines() == ("-DFC_PROFILE_NO_WAIT", "-DFC_PROFILE_LOCAL_DATA")
-    monkeypatch.delenv("FLASHCOMM_KERNEL_DEFINES")
-    assert _kernels.profiling_defines() == ()
+    # experiments name their sources and switches explicitly; the production build reads no environment
+    monkeypatch.setenv("FLASHCOMM_KERNEL_DIR", str(tmp_path / "ignored"))
+    monkeypatch.setenv("FLASHCOMM_KERNEL_DEFINES", "FC_PROFILE_NO_WAIT")
+    assert _kernels.SHIPPED.source_dir() == _kernels.kernel_dir() == (REPO_ROOT / "kernels_cu").resolve()
+    assert _kernels.SHIPPED.options() == ()
+    assert _kernels.KernelBuild(str(tmp_path)).source_dir() == tmp_path.resolve()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        _kernels.KernelBuild(str(tmp_path / "missing")).source_dir()
+    build = _kernels.KernelBuild(defines=("FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA"), lineinfo=True)
+    assert build.options() == ("-DFC_PROFILE_NO_WAIT", "-DFC_PROFILE_LOCAL_DATA", "-lineinfo")
+    assert not build.is_shipped and _kernels.KernelBuild().is_shipped
 
 
 def _imports(path: Path):

@@ -1,22 +1,7 @@
 """The CUDA IPC workspace every rank exports, and the real peer-access check.
 
-Layout of one rank's workspace (bytes; all offsets 4 KiB aligned):
-
-====================  =====================================================
-canary                ``uint32[8]`` written by peers during the access check
-flags                 three flag sets (reduce-scatter, all-gather, one-shot),
-                      each ``uint32[8 ranks][max_blocks]``, then this rank's
-                      per-block epochs of the two-shot and of the one-shot
-                      sets and per-block LL call counters (each
-                      ``uint32[max_blocks]``), then the poison words
-                      ``uint32[8 ranks]`` (kernels_cu/fc_signal.cuh)
-rs slots              ``[world][max_blocks]`` slots of ``slot_bytes``
-ag slots              ``[world][max_blocks]`` slots
-one-shot slots        ``[2 parities][world][max_blocks]`` slots
-LL slots              ``[2 parities][2 areas][world][max_blocks]`` slots of
-                      ``ll_slot_bytes``, filled with 0xFF bytes (the "empty"
-                      sentinel of kernels_cu/fc_ll.cuh) instead of zeros
-====================  =====================================================
+The workspace's layout is :class:`flashcomm_cupy.backends.flash.layout.WorkspaceLayout` (re-exported
+here); the canary kernel is ``kernels_cu/fc_canary.cu``.
 
 Exported memory is freed only after every peer closed its handle to it
 (close, barrier, free): a rank that frees early makes a slower peer's
@@ -25,114 +10,13 @@ Exported memory is freed only after every peer closed its handle to it
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
 import numpy as np
 
 from .._mpi import first_failure
 
-MAX_RANKS = 8
-#: the poison area's layout (FC_POISON_PEERS_OFF / FC_POISON_AREA_BYTES in fc_signal.cuh)
-POISON_PEERS_OFF = 32
-POISON_AREA_BYTES = POISON_PEERS_OFF + 8 * MAX_RANKS
-_PAGE = 4096
-_ALLOC_ALIGN = 2 << 20  # IPC shares whole allocations; keep ours on their own 2 MiB
-
-
-def _up(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
-
-
-@dataclass(frozen=True)
-class WorkspaceLayout:
-    world: int
-    max_blocks: int
-    slot_bytes: int
-    ll_slot_bytes: int = 8 << 10
-
-    @property
-    def canary_off(self) -> int:
-        return 0
-
-    @property
-    def flags_off(self) -> int:
-        return _PAGE
-
-    @property
-    def flag_set_bytes(self) -> int:
-        return 4 * MAX_RANKS * self.max_blocks
-
-    @property
-    def ts_epoch_off(self) -> int:
-        """Per-block epochs of the two-shot's reduce-scatter and all-gather flag sets."""
-        return self.flags_off + 3 * self.flag_set_bytes
-
-    @property
-    def os_epoch_off(self) -> int:
-        """Per-block epochs of the one-shot flag set (counted apart: see fc_signal.cuh)."""
-        return self.ts_epoch_off + 4 * self.max_blocks
-
-    @property
-    def ll_epoch_off(self) -> int:
-        """Per-block LL call counters."""
-        return self.os_epoch_off + 4 * self.max_blocks
-
-    @property
-    def poison_off(self) -> int:
-        """The poison area (fc_signal.cuh): ``uint32[8]`` poison words, one per source rank and
-        non-zero once that rank gave up, then at :attr:`poison_peers_off` every rank's
-        workspace base as this rank maps it (``uint64[8]``, written by the host)."""
-        return self.ll_epoch_off + 4 * self.max_blocks
-
-    @property
-    def poison_peers_off(self) -> int:
-        return self.poison_off + POISON_PEERS_OFF
-
-    @property
-    def rs_off(self) -> int:
-        return _up(self.poison_off + POISON_AREA_BYTES, _PAGE)
-
-    @property
-    def region_bytes(self) -> int:
-        return self.world * self.max_blocks * self.slot_bytes
-
-    @property
-    def ag_off(self) -> int:
-        return self.rs_off + self.region_bytes
-
-    @property
-    def os_off(self) -> int:
-        return self.ag_off + self.region_bytes
-
-    @property
-    def ll_off(self) -> int:
-        return self.os_off + 2 * self.region_bytes
-
-    @property
-    def ll_bytes(self) -> int:
-        return 2 * 2 * self.world * self.max_blocks * self.ll_slot_bytes
-
-    @property
-    def total(self) -> int:
-        return _up(self.ll_off + self.ll_bytes, _ALLOC_ALIGN)
-
-    def fill_args(self, a) -> None:
-        """Write every workspace offset and size of this layout into an FcArgs record ``a``
-        (``flashcomm_cupy._kernels.ARGS_DTYPE``): the kernels derive none of them."""
-        a["slot_bytes"], a["max_blocks"], a["flags_off"] = self.slot_bytes, self.max_blocks, self.flags_off
-        a["rs_off"], a["ag_off"], a["os_off"] = self.rs_off, self.ag_off, self.os_off
-        a["ll_off"], a["ll_slot_bytes"] = self.ll_off, self.ll_slot_bytes
-        a["ts_epoch_off"], a["os_epoch_off"] = self.ts_epoch_off, self.os_epoch_off
-        a["ll_epoch_off"], a["poison_off"] = self.ll_epoch_off, self.poison_off
-
-
-_CANARY_SRC = r"""
-extern "C" __global__ void fc_canary(unsigned int* dst, unsigned int value, unsigned int* back) {
-  *(volatile unsigned int*)dst = value;
-  __threadfence_system();
-  back[0] = *(volatile unsigned int*)dst;
-}
-"""
+from .flash import kernels
+from .flash.layout import MAX_RANKS, POISON_AREA_BYTES, POISON_PEERS_OFF, WorkspaceLayout  # noqa: F401
 
 
 def _bounded_barrier(comm, timeout_s: float) -> bool:
@@ -167,7 +51,7 @@ def check_canaries(comm, peer_ptrs, own_ptr):
     rank, world = comm.Get_rank(), comm.Get_size()
     failure = None
     try:  # whatever fails here, this rank still joins the barrier below
-        kernel = cupy.RawKernel(_CANARY_SRC, "fc_canary")
+        kernel = cupy.RawKernel(kernels.read_source("fc_canary.cu"), "fc_canary")
         back = cupy.zeros(1, dtype=cupy.uint32)
         for r, p in enumerate(peer_ptrs):
             if r == rank:

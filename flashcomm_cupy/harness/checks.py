@@ -20,14 +20,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .. import codecs
 from ..config import Mode
 
-#: rel-RMS bounds by the narrowest bit width of a mode.  A b-bit asymmetric
-#: group of Gaussian data has a step of ~5 sigma / (2**b - 1) and an RMS error
-#: of step/sqrt(12) per quantization; a two-shot all-reduce quantizes twice,
-#: so int4 lands near 13 %, int6 near 3 %, int8 near 0.8 % (symmetric codecs
-#: and large groups are somewhat worse).  The bounds leave ~2x headroom.
-QUANTIZED_REL_RMS_BOUND = {8: 0.02, 6: 0.06, 4: 0.30}
+#: rel-RMS bounds by the narrowest bit width of a mode (:attr:`flashcomm_cupy.codecs.CodecSpec.rel_rms_bound`,
+#: which says where they come from)
+QUANTIZED_REL_RMS_BOUND = {bits: spec.rel_rms_bound for bits, spec in codecs.CODECS.items()}
 
 #: lossless results round once to the data type; allow a few ulps of slack
 #: for the float32 summation order.

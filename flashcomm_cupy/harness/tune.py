@@ -3,10 +3,12 @@
 For each message size, every candidate (algorithm x threads x blocks) runs
 the same graph-timed loop as ``flashcomm bench`` (:func:`.timing.measure`);
 the fastest per size and class (lossless, quantized) becomes a row of a
-:class:`flashcomm_cupy.tuning.TuningTable`.  Quantized rows are tuned on
-``tune_bits`` (INT4 by default); where INT4 runs LL, INT8 is timed on the LL
-candidates and the best flag choice too (:func:`wide_entries`), for the modes with a wider step;
-where INT4 runs the staged two-shot, INT8 is timed on it and on the best plain flag choice.
+:class:`flashcomm_cupy.backends.flash.table.TuningTable` (its ``narrow`` and ``lossless``
+candidate lists: the fastest, then the best flag choice where the fastest is LL).  Quantized rows
+are tuned on ``tune_bits`` (INT4 by default); where INT4 runs LL, INT8 is timed on the LL
+candidates and the best flag choice too (:func:`wide_entries`), for the ``wide`` list of the modes
+with a wider step; where INT4 runs the staged two-shot, INT8 is timed on it and on the best plain
+flag choice.  Every timed launch is passed to the backend as ``force=`` (nothing is left set).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .. import tuning
+from .. import codecs
+from ..backends.flash import table as tuning
+from ..backends.flash.plan import Force
+from ..backends.flash.table import merge  # noqa: F401 - ``flashcomm tune`` merges through here
 from ..config import Mode
 from .timing import measure
 
@@ -58,14 +63,15 @@ def candidates(nbytes: int, lossless: bool, max_blocks: int):
         yield "nccl", 0, 0, 0, "flag", False
 
 
-def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> dict:
-    """The ``quantized_wide`` entry (plus ``quantized_wide_flag`` where it is LL) of a row whose
-    INT4 best is LL (``entries``: every LL candidate) or the staged two-shot (``entries``: that choice).
+def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Optional[float]]) -> list:
+    """The ``wide`` candidates of a row whose INT4 best is LL (``entries``: every LL candidate)
+    or the staged two-shot (``entries``: that choice); empty where nothing could be timed.
 
     INT6/INT8 units take 1.5-2x the bytes of INT4 in LL form and fill an LL slot
     (or a staging buffer) with fewer elements, so INT8 gets its own search: ``time_wide``
     (seconds, or None where LL cannot serve it) times it with every entry
-    and with the best (plain) flag choice; the fastest serves those modes.
+    and with the best (plain) flag choice; the fastest serves those modes, followed by the
+    flag choice where the fastest is LL (for the calls the LL kernels cannot serve).
     """
     t_flag = time_wide(flag_entry)
     best = None
@@ -74,11 +80,9 @@ def wide_entries(entries: list, flag_entry: dict, time_wide: Callable[[dict], Op
         if t is not None and (best is None or t < best[0]):
             best = (t, entry)
     if best is not None and (t_flag is None or best[0] < t_flag):
-        wide = {"quantized_wide": dict(best[1], us=round(best[0] * 1e6, 2))}
-        if best[1]["protocol"] == "ll":
-            wide["quantized_wide_flag"] = flag_entry  # for the calls the LL kernels cannot serve
-        return wide
-    return {"quantized_wide": dict(flag_entry, us=round(t_flag * 1e6, 2))} if t_flag is not None else {}
+        fastest = dict(best[1], us=round(best[0] * 1e6, 2))
+        return [fastest, flag_entry] if fastest["protocol"] == "ll" else [fastest]
+    return [dict(flag_entry, us=round(t_flag * 1e6, 2))] if t_flag is not None else []
 
 
 def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int = 20, repeats: int = 5,
@@ -101,21 +105,17 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
             LL or staged kernels it asks for cannot serve it."""
             algo, protocol = launch["algo"], launch["protocol"]
             mode = Mode.make(bits, 128, algo=algo)
-            backend.force_launch = None if algo == "nccl" else (launch["threads"], launch["blocks"],
-                                                                launch["units"], protocol,
-                                                                bool(launch.get("staged", False)))
-            try:
-                if protocol == "ll" and backend.resolve_protocol(nbytes, mode, item) != "ll":
-                    return None  # too large for the LL slots: the flag candidates cover it
-                if launch.get("staged") and backend.resolve_protocol(nbytes, mode, item) != "staged":
-                    return None  # float32, or too little shared memory: the plain kernel would run
-                return measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype),
-                               warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
-            finally:
-                backend.force_launch = None
+            force = None if algo == "nccl" else Force.of(launch)
+            ran = backend.resolve_protocol(nbytes, mode, item, force=force)
+            if protocol == "ll" and ran != "ll":
+                return None  # too large for the LL slots: the flag candidates cover it
+            if launch.get("staged") and ran != "staged":
+                return None  # float32, or too little shared memory: the plain kernel would run
+            return measure(backend, comm.mpi_comm, lambda: backend.all_reduce(x, out, mode, dtype=dtype, force=force),
+                           warmup=2, iters=iters, repeats=repeats, graph=True, eager=False).primary_s
 
         row = {"max_bytes": int(nbytes)}
-        for cls, bits in (("lossless", None), ("quantized", tune_bits)):
+        for cls, bits in ((codecs.LOSSLESS, None), (codecs.NARROW, tune_bits)):
             best = best_flag = best_plain = None
             ll_entries = []
             for algo, threads, blocks, units, protocol, staged in candidates(nbytes, bits is None,
@@ -135,41 +135,27 @@ def tune(comm, sizes: Iterable[int], dtype=np.float16, tune_bits=4, iters: int =
                     best_flag = entry
                 if protocol == "flag" and not staged and (best_plain is None or t < best_plain[0]):
                     best_plain = entry
-            row[cls] = best[1]
-            if best[1]["protocol"] == "ll" and best_flag is not None:
-                row[cls + "_flag"] = best_flag[1]  # for calls the LL kernels cannot serve
-                if cls == "quantized" and wide_bits:
-                    row.update(wide_entries(ll_entries, best_flag[1], lambda e: time_choice(e, wide_bits)))
-            elif best[1].get("staged") and cls == "quantized" and wide_bits and best_plain is not None:
-                # INT8 takes more shared memory per unit (fewer blocks per SM): it may prefer the plain kernel
-                row.update(wide_entries([best[1]], best_plain[1], lambda e: time_choice(e, wide_bits)))
+            # the fastest, then (where it is LL) the best flag choice, for calls the LL kernels cannot serve
+            row[cls] = [best[1]] + ([best_flag[1]] if best[1]["protocol"] == "ll" and best_flag else [])
+            if cls == codecs.NARROW:
+                wide = []
+                if best[1]["protocol"] == "ll" and best_flag is not None and wide_bits:
+                    wide = wide_entries(ll_entries, best_flag[1], lambda e: time_choice(e, wide_bits))
+                elif best[1].get("staged") and wide_bits and best_plain is not None:
+                    # INT8 takes more shared memory per unit (fewer blocks per SM): it may prefer the plain kernel
+                    wide = wide_entries([best[1]], best_plain[1], lambda e: time_choice(e, wide_bits))
+                # not timed on INT8: INT4's LL shape is no guide for wider units, its flag choices serve
+                row[codecs.WIDE] = wide or [c for c in row[cls] if c["protocol"] != "ll"] or \
+                    [dict({k: v for k, v in best[1].items() if k != "us"}, protocol="flag")]
             if progress:
                 progress(f"{nbytes:>11} B {cls:9} -> {best[1]}")
-                if cls == "quantized" and "quantized_wide" in row:
-                    progress(f"{nbytes:>11} B {'int' + str(wide_bits):9} -> {row['quantized_wide']}")
+                if cls == codecs.NARROW and wide:
+                    progress(f"{nbytes:>11} B {'int' + str(wide_bits):9} -> {wide[0]}")
         rows.append(row)
         del x, out
     info = backend.describe()
-    return {"card": info.get("gpu"), "date": datetime.date.today().isoformat(), "dtype": np.dtype(dtype).name,
-            "tuned_bits": tune_bits, "wide_bits": wide_bits,
-            "worlds": {tuning.world_key(world, getattr(backend.ws, "transport", "ipc")): rows}}
+    section = {"card": info.get("gpu"), "world": world, "transport": getattr(backend.ws, "transport", "ipc"),
+               "date": datetime.date.today().isoformat(), "dtype": np.dtype(dtype).name,
+               "tuned_bits": tune_bits, "wide_bits": wide_bits, "rows": rows}
+    return {"format": tuning.FORMAT, "sections": [section]}
 
-
-def merge(base: dict, new: dict) -> dict:
-    """``base`` updated with ``new``: per world size, ``new``'s rows replace the rows
-    within their size range and the rows outside it stay, so re-tuning a range of sizes
-    keeps the rest of the table (a table can hold several world sizes).  The table's
-    card, date and note become ``new``'s."""
-    out = dict(base or {})
-    worlds = dict(out.get("worlds", {}))
-    for world, rows in new.get("worlds", {}).items():
-        if not rows:
-            continue
-        lo, hi = min(r["max_bytes"] for r in rows), max(r["max_bytes"] for r in rows)
-        # old rows inside the re-tuned range go, even off the new size grid (another -f)
-        kept = {row["max_bytes"]: row for row in worlds.get(world, []) if not lo <= row["max_bytes"] <= hi}
-        kept.update({row["max_bytes"]: row for row in rows})
-        worlds[world] = [kept[k] for k in sorted(kept)]
-    out.update({k: v for k, v in new.items() if k != "worlds"})
-    out["worlds"] = worlds
-    return out

@@ -109,79 +109,6 @@ def masked_softmax_(xp, scores, queries: int, scale: float):
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
-_TYPES = {
-    "float16": ("#include <cuda_fp16.h>\ntypedef __half T;",
-                "__half2float(v)", "__float2half_rn(v)"),
-    "bfloat16": ("#include <cuda_bf16.h>\ntypedef __nv_bfloat16 T;",
-                 "__bfloat162float(v)", "__float2bfloat16_rn(v)"),
-    "float32": ("typedef float T;", "v", "v"),
-}
-
-_SOURCE = r"""
-__TYPE_HEADER__
-__device__ __forceinline__ float to_f(T v) { return __TO_F__; }
-__device__ __forceinline__ T from_f(float v) { return __FROM_F__; }
-
-// Block-wide max or sum; every thread gets the result.
-__device__ float block_reduce(float v, bool take_max) {
-    __shared__ float shm[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = take_max ? fmaxf(v, w) : v + w;
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = (blockDim.x + 31) >> 5;
-    if (lane == 0) shm[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = (lane < warps) ? shm[lane] : (take_max ? -3.402823466e38f : 0.f);
-        for (int o = 16; o > 0; o >>= 1) {
-            float w = __shfl_xor_sync(0xffffffffu, v, o);
-            v = take_max ? fmaxf(v, w) : v + w;
-        }
-        if (lane == 0) shm[0] = v;
-    }
-    __syncthreads();
-    const float r = shm[0];
-    __syncthreads();  // the next call may overwrite shm
-    return r;
-}
-
-extern "C" __global__ void rms_norm(const T* x, const T* w, T* y, int cols, float eps) {
-    const long long row = blockIdx.x;
-    const T* xr = x + row * cols;
-    T* yr = y + row * cols;
-    float ss = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) { float v = to_f(xr[j]); ss += v * v; }
-    const float inv = rsqrtf(block_reduce(ss, false) / cols + eps);
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = from_f((to_f(xr[j]) * inv) * to_f(w[j]));
-}
-
-extern "C" __global__ void silu_mul(const T* gu, T* y, long long total, int width) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / width, col = i - row * width;
-        const float g = to_f(gu[row * 2 * width + col]);
-        const float u = to_f(gu[row * 2 * width + width + col]);
-        y[i] = from_f(g / (1.f + __expf(-g)) * u);
-    }
-}
-
-extern "C" __global__ void masked_softmax(T* s, int keys, int queries, float scale) {
-    const long long row = blockIdx.x;
-    T* sr = s + row * keys;
-    const int visible = (int)(row % queries) + (keys - queries) + 1;
-    float m = -3.402823466e38f;
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, to_f(sr[j]) * scale);
-    m = block_reduce(m, true);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) sum += __expf(to_f(sr[j]) * scale - m);
-    const float inv = 1.f / block_reduce(sum, false);
-    for (int j = threadIdx.x; j < keys; j += blockDim.x)
-        sr[j] = from_f(j < visible ? __expf(to_f(sr[j]) * scale - m) * inv : 0.f);
-}
-"""
-
 _modules = {}
 
 
@@ -193,14 +120,13 @@ def _threads(cols: int) -> int:
 
 
 def _kernel(dtype, name: str):
-    """The compiled kernel ``name`` for ``dtype`` (compiled once per process)."""
+    """The compiled kernel ``name`` for ``dtype`` (``kernels_cu/fc_model_ops.cu``, compiled once per process)."""
     import cupy
 
-    from ..dtypes import dtype_name
+    from ..backends.flash import kernels
+    from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
     key = dtype_name(dtype)
     if key not in _modules:
-        header, to_f, from_f = _TYPES[key]
-        code = (_SOURCE.replace("__TYPE_HEADER__", header).replace("__TO_F__", to_f)
-                .replace("__FROM_F__", from_f))
-        _modules[key] = cupy.RawModule(code=code, options=("--std=c++17",))
+        _modules[key] = cupy.RawModule(code=kernels.read_source("fc_model_ops.cu"),
+                                       options=("--std=c++17", f"-DFC_MODEL_DT={KERNEL_DTYPE_CODE[key]}"))
     return _modules[key].get_function(name)

@@ -425,13 +425,13 @@ class Checker:
             backend.force_launch = shape + ("flag", True)
             try:
                 backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
-                plan = backend._plan(int(x.size), dtype, mode)
+                plan = backend.plan(int(x.size), dtype, mode)
             finally:
                 backend.force_launch = None
-            staged = plan is not None and plan.smem > 0
+            staged = plan.algo != "nccl" and plan.smem > 0
             ran += int(staged)
             # it must run wherever its shared memory fits a block (threads as launched)
-            threads = plan.block[0] if plan is not None else shape[0]
+            threads = plan.threads if plan.algo != "nccl" else shape[0]
             fits = staged_twoshot_smem(2, mode.rs_bits, mode.ag_bits, self.world, threads) <= optin
             if staged != fits:
                 wrong_kernel.append(f"{shape} {dtype} {mode.label}: staged={staged}, fits={fits}")

@@ -1,0 +1,64 @@
+"""select_plan makes every decision the flash backend made before it existed.
+
+``tests/plan_fixture/decisions.json.gz`` holds 115k decisions (algo, protocol, kernel, build,
+threads, blocks, segment, units, LL tile, shared memory) of the backend at commit ce74c20,
+recorded by ``tests/plan_fixture/record_decisions.py`` over tables, workspace shapes, worlds
+2..8, dtypes, modes, sizes 1..2^28, protocol settings and forced launches.  Here the same grid
+goes through the pure ``select_plan`` and every field must match.
+"""
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashcomm_cupy.backends.flash.plan import Force, Limits, select_plan
+from flashcomm_cupy.backends.flash.table import TuningTable
+
+HERE = Path(__file__).resolve().parent / "plan_fixture"
+sys.path.insert(0, str(HERE))
+import record_decisions as grid  # noqa: E402
+
+sys.path.remove(str(HERE))
+
+
+def _limits(ws):
+    _, max_blocks, slot_bytes, max_threads, sm_count, uniform, transport = next(w for w in grid.WORKSPACES if w[0] == ws)
+    return Limits(max_blocks=max_blocks, max_threads=max_threads, slot_bytes=max(slot_bytes, 2 * 32 * 128 + 256),
+                  sm_count=sm_count, uniform_gpus=uniform, transport=transport,
+                  blocks_per_sm=lambda kernel, build, threads, smem: grid.fake_blocks_per_sm(threads, smem))
+
+
+def _as_recorded(plan):
+    rec = {"algo": plan.algo, "protocol": plan.protocol}
+    if not plan.uses_nccl:
+        b = plan.build
+        rec.update(kernel=plan.kernel, build=[b.dtype_code, b.rs_bits, b.ag_bits, b.unit_elems],
+                   threads=plan.threads, blocks=plan.blocks, seg=plan.seg_elems, units=plan.units,
+                   ll_tile=plan.ll_tile, smem=plan.smem)
+    return rec
+
+
+def test_select_plan_reproduces_every_recorded_decision():
+    with gzip.open(HERE / "decisions.json.gz", "rt") as fh:
+        fixture = json.load(fh)
+    recorded = fixture["decisions"]
+    tables = {name: TuningTable(data, name) for name, data in fixture["tables"].items()}
+    limits = {w[0]: _limits(w[0]) for w in grid.WORKSPACES}
+    modes = {}
+    cases = list(grid.cases())
+    assert len(cases) == len(recorded)
+    wrong = []
+    for (table, ws, world, protocol, force, dtype, spec, algo, n), want in zip(cases, recorded):
+        mode = modes.get((spec, algo)) or modes.setdefault((spec, algo), grid.mode_of(spec, algo))
+        try:
+            got = _as_recorded(select_plan(n, dtype, mode, world=world, table=tables[table], limits=limits[ws],
+                                           force=Force.of(force), protocol=protocol))
+        except Exception as exc:  # noqa: BLE001 - the recorded decision may be an error
+            got = {"error": type(exc).__name__}
+        if "build" in want and len(want["build"]) == 3:  # recorded before the unit size was explicit
+            want = dict(want, build=want["build"] + [32])
+        if got != want:
+            wrong.append(((table, ws, world, protocol, force, dtype, spec, algo, n), want, got))
+    assert not wrong, f"{len(wrong)} decisions differ, e.g.:\n" + "\n".join(map(str, wrong[:5]))
