@@ -117,9 +117,13 @@ def skip_reason(world: int, worlds: Sequence[int], gpus: Tuple[int, str], mpi_re
 
 
 def world_of(item) -> Optional[int]:
-    """The world size of a multi_gpu test item (its closest ``multi_gpu(n)`` marker), else None."""
-    marker = item.get_closest_marker("multi_gpu")
-    return int(marker.args[0]) if marker is not None and marker.args else None
+    """The world size of a multi_gpu test item (its nearest ``multi_gpu(n)`` marker with an n), else None."""
+    # Every marker, not only the closest: a bare @multi_gpu on the function itself is closer than the
+    # multi_gpu(w) its world parameter carries, and would hide the world.
+    for marker in item.iter_markers("multi_gpu"):
+        if marker.args:
+            return int(marker.args[0])
+    return None
 
 
 def world_params(marker, worlds: Sequence[int]) -> list:

@@ -81,6 +81,25 @@ def phases(nodeid, call="passed", **call_fields):
     return recs + [{"nodeid": nodeid, "when": "teardown", "outcome": "passed"}]
 
 
+class _Item:
+    """A collected test item's markers, nearest first (what pytest's ``iter_markers`` yields)."""
+
+    def __init__(self, *markers):
+        self.markers = markers
+
+    def iter_markers(self, name):
+        return (m for m in self.markers if m.name == name)
+
+
+def test_the_world_comes_from_the_parameter_even_under_a_bare_function_marker():
+    # @pytest.mark.multi_gpu on the function itself is nearer than the multi_gpu(w) of its world
+    # parameter; the world must still be w (it was None: every such test skipped everywhere).
+    bare, param = pytest.mark.multi_gpu.mark, pytest.mark.multi_gpu(4).mark
+    assert multi_gpu.world_of(_Item(bare, param)) == 4
+    assert multi_gpu.world_of(_Item(param, bare)) == 4
+    assert multi_gpu.world_of(_Item(bare)) is None
+
+
 def test_every_rank_passing_is_a_pass():
     rec = multi_gpu.LaunchRecords(2, {0: phases("t"), 1: phases("t")})
     assert rec.outcome("t") == multi_gpu.Outcome("passed", "", 1.5)
