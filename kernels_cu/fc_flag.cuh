@@ -39,14 +39,15 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
   fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
-  const int t = threadIdx.x, nt = blockDim.x;
-  const int group = RSB ? a.group : FC_ELEMS;
-  const int gl = group / FC_ELEMS, lig = t % gl;
-  const bool rot = RSB && (a.flags & FC_FLAG_ROTATE), sym = a.flags & FC_FLAG_SYM;
+  const FcTile<RSB> L(a);
+  const int t = L.t, nt = L.nt;
+  const int gl = L.gl, lig = L.lig;
+  const bool rot = L.rot, sym = L.sym;
+  const FcStoreEpilogue<DT, RSB> epi(a, L);
   const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
   unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
-  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
-  const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
+  const fc_i64 tile = L.tile;
+  const fc_i64 ntiles = L.ntiles(a);
   fc_u32 e;
   if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, a.world, tile);
   float v[FC_ELEMS];
@@ -80,17 +81,14 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         const int w = u * nt + t;
         const bool active = (fc_i64)w * FC_ELEMS < nchunk;
         float acc[FC_ELEMS];
-#pragma unroll
-        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
-        for (int s = 0; s < a.world; ++s) {
-          if (s == a.rank) {
-            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, gl, lig, v, stage);
-          } else {
-            fc_receive<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, active, gl, sym, v, stage);
-          }
-#pragma unroll
-          for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
-        }
+        fc_owner_sum(
+            a.world, a.rank, active, acc, v,
+            [&](float (&x)[FC_ELEMS]) {
+              fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, gl, lig, x, stage);
+            },
+            [&](int s, float (&x)[FC_ELEMS]) {
+              fc_decode<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, gl, sym, x, stage);
+            });
         typename AG::Packed p;
         AG::pack(acc, gl, sym, p);
         for (int k = 1; k < a.world; ++k) {
@@ -98,7 +96,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
           AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym, stage);
         }
         AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-        fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, rot, gl, lig, v, stage, true);
+        epi(mine + (fc_i64)w * FC_ELEMS, limit, v, stage);
       }
     }
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
@@ -115,7 +113,7 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
         const int w = u * nt + t;
         const bool active = (fc_i64)w * FC_ELEMS < nchunk;
         fc_receive<AG>(src, nchunk, w, active, gl, sym, v, stage);
-        fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, limit, rot, gl, lig, v, stage, true);
+        epi(start + (fc_i64)w * FC_ELEMS, limit, v, stage);
       }
     }
   }
