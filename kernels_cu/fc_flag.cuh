@@ -32,92 +32,117 @@
 #include "fc_poison.cuh"
 #include "fc_reduce.cuh"
 
+// The flag two-shot's phases for one tile of every segment (toff elements
+// into each segment, nchunk elements long).  fc_twoshot_impl puts a round of
+// signals between them: reduce_scatter writes my RS slot at every other owner;
+// owner reads my RS slots once every source has signalled and writes my AG
+// slot at every peer; all_gather reads my AG slots once every owner has
+// signalled.  (The slot-reuse argument at the top of this file needs both
+// rounds: a reduce-scatter-only or all-gather-only kernel must still signal
+// the other flag set when it is done reading.)
+
+// 1. reduce-scatter: my contribution to every other owner's tile.
+template <int DT, int RSB>
+__device__ __forceinline__ void fc_twoshot_reduce_scatter(const FcArgs& a, const FcTile<RSB>& L, fc_i64 toff,
+                                                          fc_i64 nchunk, float (&v)[FC_ELEMS], fc_v4* stage) {
+  typedef FcCodec<DT, RSB> RS;
+  for (int k = 1; k < a.world; ++k) {
+    const int o = (a.rank + k) % a.world;
+    const fc_i64 start = o * a.seg_elems + toff;
+    if (start >= a.n) continue;  // all padding: nothing sent, nothing read
+    unsigned char* dst = fc_slot(a, o, a.rs_off, 0, a.rank);
+    const fc_i64 limit = min(a.n, start + nchunk);
+    for (int u = 0; u < a.units; ++u) {
+      const int w = L.unit(u);
+      typename RS::Packed p;
+      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.sym, L.gl, L.lig, v, p,
+                            stage);
+      RS::write(p, dst, nchunk, w, L.gl, L.sym, stage);
+    }
+  }
+}
+
+// 2. owner: sum in rank order (own values exact), re-quantize, all-gather;
+// the owner keeps exactly what it sent.
+template <int DT, int RSB, int AGB, typename Epi>
+__device__ __forceinline__ void fc_twoshot_owner(const FcArgs& a, const FcTile<RSB>& L, fc_i64 toff, fc_i64 nchunk,
+                                                 float (&v)[FC_ELEMS], fc_v4* stage, const Epi& epi) {
+  typedef FcCodec<DT, RSB> RS;
+  typedef FcCodec<DT, AGB> AG;
+  const fc_i64 mine = a.rank * a.seg_elems + toff;
+  if (mine < a.n) {
+    const fc_i64 limit = min(a.n, mine + nchunk);
+    for (int u = 0; u < a.units; ++u) {
+      const int w = L.unit(u);
+      const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+      float acc[FC_ELEMS];
+      fc_owner_sum(
+          a.world, a.rank, active, acc, v,
+          [&](float (&x)[FC_ELEMS]) {
+            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.gl, L.lig, x, stage);
+          },
+          [&](int s, float (&x)[FC_ELEMS]) {
+            fc_decode<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, L.gl, L.sym, x, stage);
+          });
+      typename AG::Packed p;
+      AG::pack(acc, L.gl, L.sym, p);
+      for (int k = 1; k < a.world; ++k) {
+        const int q = (a.rank + k) % a.world;
+        AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, L.gl, L.sym, stage);
+      }
+      AG::unpack(p, L.sym, v);
+      epi(mine + (fc_i64)w * FC_ELEMS, limit, v, stage);
+    }
+  }
+}
+
+// 3. all-gather: every other owner's reduced tile.
+template <int DT, int RSB, int AGB, typename Epi>
+__device__ __forceinline__ void fc_twoshot_all_gather(const FcArgs& a, const FcTile<RSB>& L, fc_i64 toff,
+                                                      fc_i64 nchunk, float (&v)[FC_ELEMS], fc_v4* stage,
+                                                      const Epi& epi) {
+  for (int k = 1; k < a.world; ++k) {
+    const int o = (a.rank + k) % a.world;
+    const fc_i64 start = o * a.seg_elems + toff;
+    if (start >= a.n) continue;
+    const unsigned char* src = fc_slot(a, a.rank, a.ag_off, 0, o);
+    const fc_i64 limit = min(a.n, start + nchunk);
+    for (int u = 0; u < a.units; ++u) {
+      const int w = L.unit(u);
+      const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+      fc_receive<FcCodec<DT, AGB> >(src, nchunk, w, active, L.gl, L.sym, v, stage);
+      epi(start + (fc_i64)w * FC_ELEMS, limit, v, stage);
+    }
+  }
+}
+
 template <int DT, int RSB, int AGB>
 __device__ void fc_twoshot_impl(const FcArgs& a) {
   __shared__ fc_u32 s_epoch;
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   fc_v4* const stage = fc_warp_stage(s_stage);
-  typedef FcCodec<DT, RSB> RS;
-  typedef FcCodec<DT, AGB> AG;
   const FcTile<RSB> L(a);
-  const int t = L.t, nt = L.nt;
-  const int gl = L.gl, lig = L.lig;
-  const bool rot = L.rot, sym = L.sym;
   const FcStoreEpilogue<DT, RSB> epi(a, L);
   const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
-  unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
-  const fc_i64 tile = L.tile;
+  unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 ntiles = L.ntiles(a);
   fc_u32 e;
-  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, a.world, tile);
+  if (fc_begin(a, fc_wait_ctx(a), a.ts_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, a.world, L.tile);
   float v[FC_ELEMS];
 
   for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
     ++e;
-    const fc_i64 toff = ti * tile;
-    const fc_i64 nchunk = min(tile, a.seg_elems - toff);
-    // 1. reduce-scatter: my contribution to every other owner's tile.
-    for (int k = 1; k < a.world; ++k) {
-      const int o = (a.rank + k) % a.world;
-      const fc_i64 start = o * a.seg_elems + toff;
-      if (start >= a.n) continue;  // all padding: nothing sent, nothing read
-      unsigned char* dst = fc_slot(a, o, a.rs_off, 0, a.rank);
-      const fc_i64 limit = min(a.n, start + nchunk);
-      for (int u = 0; u < a.units; ++u) {
-        const int w = u * nt + t;
-        typename RS::Packed p;
-        fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, sym, gl, lig, v, p, stage);
-        RS::write(p, dst, nchunk, w, gl, sym, stage);
-      }
-    }
+    const fc_i64 toff = ti * L.tile;
+    const fc_i64 nchunk = min(L.tile, a.seg_elems - toff);
+    fc_twoshot_reduce_scatter<DT, RSB>(a, L, toff, nchunk, v, stage);
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
-
-    // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
-    const fc_i64 mine = a.rank * a.seg_elems + toff;
-    if (mine < a.n) {
-      const fc_i64 limit = min(a.n, mine + nchunk);
-      for (int u = 0; u < a.units; ++u) {
-        const int w = u * nt + t;
-        const bool active = (fc_i64)w * FC_ELEMS < nchunk;
-        float acc[FC_ELEMS];
-        fc_owner_sum(
-            a.world, a.rank, active, acc, v,
-            [&](float (&x)[FC_ELEMS]) {
-              fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, gl, lig, x, stage);
-            },
-            [&](int s, float (&x)[FC_ELEMS]) {
-              fc_decode<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, gl, sym, x, stage);
-            });
-        typename AG::Packed p;
-        AG::pack(acc, gl, sym, p);
-        for (int k = 1; k < a.world; ++k) {
-          const int q = (a.rank + k) % a.world;
-          AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym, stage);
-        }
-        AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-        epi(mine + (fc_i64)w * FC_ELEMS, limit, v, stage);
-      }
-    }
+    fc_twoshot_owner<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
     fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a));
-
-    // 3. all-gather: every other owner's reduced tile.
-    for (int k = 1; k < a.world; ++k) {
-      const int o = (a.rank + k) % a.world;
-      const fc_i64 start = o * a.seg_elems + toff;
-      if (start >= a.n) continue;
-      const unsigned char* src = fc_slot(a, a.rank, a.ag_off, 0, o);
-      const fc_i64 limit = min(a.n, start + nchunk);
-      for (int u = 0; u < a.units; ++u) {
-        const int w = u * nt + t;
-        const bool active = (fc_i64)w * FC_ELEMS < nchunk;
-        fc_receive<AG>(src, nchunk, w, active, gl, sym, v, stage);
-        epi(start + (fc_i64)w * FC_ELEMS, limit, v, stage);
-      }
-    }
+    fc_twoshot_all_gather<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
   }
-  if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, tile);
+  if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, L.tile);
 }
 
 // ------------------------------------------------------------------ staged two-shot
@@ -147,14 +172,16 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
   typedef FcStagedTwoshot<DT, RSB, AGB> SH;
-  const int t = threadIdx.x, nt = blockDim.x;
-  const int group = a.group;
-  const int gl = group / FC_ELEMS, lig = t % gl, gs = __ffs(gl) - 1;
-  const bool rot = a.flags & FC_FLAG_ROTATE, sym = a.flags & FC_FLAG_SYM;
+  const FcTile<RSB> L(a);
+  const FcStoreEpilogue<DT, RSB> epi(a, L);
+  const int t = L.t, nt = L.nt;
+  const int group = L.group;
+  const int gl = L.gl, lig = L.lig, gs = __ffs(gl) - 1;
+  const bool rot = L.rot, sym = L.sym;
   const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
-  unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
-  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
-  const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
+  unsigned char* my_ws = fc_ws(a, a.rank);
+  const fc_i64 tile = L.tile;
+  const fc_i64 ntiles = L.ntiles(a);
   const int nsrc = a.world - 1;
   const int buf_chunks = SH::buffer_chunks(a.world);
   // per warp: the fc_warp_gather/scatter stage, then two buffers
@@ -223,9 +250,10 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
         fc_cp_async_wait<1>();
         const int w = u * nt + t;
         const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+        // fc_owner_sum's sum, written out: through the helper ptxas schedules this
+        // kernel differently (benchmarks/sass_diff.py), and it is the one most tuned.
         float acc[FC_ELEMS];
-#pragma unroll
-        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
+        fc_zero(acc);
         for (int s = 0; s < a.world; ++s) {
           if (s == a.rank) {
             fc_staged_elems<DT>(in_area(u & 1), v);
@@ -234,10 +262,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
             typename RS::Packed p;
             fc_staged_unit<RSB>(src_area(u & 1, s < a.rank ? s : s - 1), w, gs, sym, p);
             RS::unpack(p, sym, v);
-            if (!active) {
-#pragma unroll
-              for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
-            }
+            if (!active) fc_zero(v);
           }
 #pragma unroll
           for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
@@ -249,7 +274,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
           AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, gl, sym, stage);
         }
         AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-        fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, rot, gl, lig, v, stage, true);
+        epi(mine + (fc_i64)w * FC_ELEMS, limit, v, stage);
         __syncwarp();
       }
     }
@@ -284,7 +309,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
 #pragma unroll
           for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
         }
-        fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), rot, gl, lig, v, stage, true);
+        epi(start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), v, stage);
       }
       __syncwarp();
     }
@@ -298,14 +323,15 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
-  const int t = threadIdx.x, nt = blockDim.x;
-  const int group = RSB ? a.group : FC_ELEMS;
-  const int gl = group / FC_ELEMS, lig = t % gl;
-  const bool rot = RSB && (a.flags & FC_FLAG_ROTATE), sym = a.flags & FC_FLAG_SYM;
+  const FcTile<RSB> L(a);
+  const FcStoreEpilogue<DT, RSB> epi(a, L);
+  const int t = L.t, nt = L.nt;
+  const int gl = L.gl, lig = L.lig;
+  const bool rot = L.rot, sym = L.sym;
   const fc_i64 os_set = 2 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
-  unsigned char* my_ws = reinterpret_cast<unsigned char*>(a.peers[a.rank]);
-  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
-  const fc_i64 ntiles = (a.seg_elems + tile - 1) / tile;
+  unsigned char* my_ws = fc_ws(a, a.rank);
+  const fc_i64 tile = L.tile;
+  const fc_i64 ntiles = L.ntiles(a);
   fc_u32 e;
   if (fc_begin(a, fc_wait_ctx(a), a.os_epoch_off, &s_epoch, e)) return fc_flag_fail<DT>(a, 1, tile);
   float v[FC_ELEMS], acc[FC_ELEMS];
@@ -331,21 +357,15 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       const int w = u * nt + t;
       const bool active = (fc_i64)w * FC_ELEMS < nchunk;
       const fc_i64 base = toff + (fc_i64)w * FC_ELEMS;
-#pragma unroll
-      for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
-      for (int s = 0; s < a.world; ++s) {
-        if (s == a.rank) {
-          // My own contribution exactly as the peers decode it (re-packed from my input).
-          typename RS::Packed p;
-          fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
-          RS::unpack(p, sym, v);
-        } else {
-          fc_receive<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, w, active, gl, sym, v, stage);
-        }
-#pragma unroll
-        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
-      }
-      fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
+      fc_owner_sum(
+          a.world, a.rank, active, acc, v,
+          [&](float (&x)[FC_ELEMS]) {
+            fc_input_as_sent<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, x, stage);
+          },
+          [&](int s, float (&x)[FC_ELEMS]) {
+            fc_decode<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, w, gl, sym, x, stage);
+          });
+      epi(base, limit, acc, stage);
     }
   }
   if (fc_end(a, fc_wait_ctx(a), a.os_epoch_off, e)) fc_flag_fail<DT>(a, 1, tile);

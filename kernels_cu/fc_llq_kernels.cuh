@@ -47,13 +47,15 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
   constexpr int B = FC_LLQ_BATCH;
-  const int t = threadIdx.x, nt = blockDim.x;
-  const int gl = a.group / FC_ELEMS, lig = t % gl;
-  const bool rot = a.flags & FC_FLAG_ROTATE, sym = a.flags & FC_FLAG_SYM;
+  const FcTile<RSB> L(a);
+  const FcStoreEpilogue<DT, RSB> epi(a, L);
+  const int t = L.t, nt = L.nt;
+  const int gl = L.gl, lig = L.lig;
+  const bool rot = L.rot, sym = L.sym;
   const FcLLCall call = fc_ll_begin(a);
   const fc_u32 e = call.e;
   const int par = e & 1;
-  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
+  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;  // L.tile, read after fc_ll_begin's load as before
   const fc_i64 toff = blockIdx.x * tile;
   const fc_i64 nchunk = min(tile, a.seg_elems - toff);
   float v[FC_ELEMS];
@@ -83,27 +85,16 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     const int w = u * nt + t;
     const bool active = (fc_i64)w * FC_ELEMS < nchunk;
     float acc[FC_ELEMS];
-#pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
-    for (int s0 = 0; s0 < a.world; s0 += B) {
-      FcUnit<RSB> got[B];
-      if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
-#pragma unroll
-      for (int j = 0; j < B; ++j) {
-        if (s0 + j >= a.world) break;
-        if (s0 + j == a.rank) {
-          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, v, stage);
-        } else {
-          RS::unpack(got[j], sym, v);
-          if (!active) {
-#pragma unroll
-            for (int i = 0; i < FC_ELEMS; ++i) v[i] = 0.0f;
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
-      }
-    }
+    FcUnit<RSB> got[B];
+    fc_owner_sum<B>(
+        a.world, a.rank, active, acc, v,
+        [&](int s0) {
+          if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
+        },
+        [&](float (&x)[FC_ELEMS]) {
+          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, x, stage);
+        },
+        [&](int j, int, float (&x)[FC_ELEMS]) { RS::unpack(got[j], sym, x); });
     typename AG::Packed p;
     AG::pack(acc, gl, sym, p);
     if (active && !failed) {
@@ -111,7 +102,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
         fc_llq_write<AGB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 1, a.rank) + (fc_i64)w * FcLLq<AGB>::BYTES, p);
     }
     AG::unpack(p, sym, v);  // the owner keeps exactly what it sent
-    fc_store_output<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, rot, gl, lig, v, stage, true);
+    epi(mine + (fc_i64)w * FC_ELEMS, mine_limit, v, stage);
   }
 
   // 3. all-gather: every other owner's reduced tile.
@@ -127,8 +118,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
         if (s0 + j == a.rank) continue;
         const fc_i64 start = (s0 + j) * a.seg_elems + toff;
         AG::unpack(got[j], sym, v);
-        fc_store_output<DT>(a, start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), rot, gl, lig, v, stage,
-                            true);
+        epi(start + (fc_i64)w * FC_ELEMS, min(a.n, start + nchunk), v, stage);
       }
     }
   }
@@ -147,13 +137,15 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   constexpr int B = FC_LLQ_BATCH;
-  const int t = threadIdx.x, nt = blockDim.x;
-  const int gl = a.group / FC_ELEMS, lig = t % gl;
-  const bool rot = a.flags & FC_FLAG_ROTATE, sym = a.flags & FC_FLAG_SYM;
+  const FcTile<RSB> L(a);
+  const FcStoreEpilogue<DT, RSB> epi(a, L);
+  const int t = L.t, nt = L.nt;
+  const int gl = L.gl, lig = L.lig;
+  const bool rot = L.rot, sym = L.sym;
   const FcLLCall call = fc_ll_begin(a);
   const fc_u32 e = call.e;
   const int par = e & 1;
-  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;
+  const fc_i64 tile = (fc_i64)nt * FC_ELEMS * a.units;  // L.tile, read after fc_ll_begin's load as before
   const fc_i64 toff = blockIdx.x * tile;
   const fc_i64 nchunk = min(tile, a.seg_elems - toff);
   const fc_i64 limit = min(a.n, toff + nchunk);
@@ -176,6 +168,8 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
     const int w = u * nt + t;
     const bool active = (fc_i64)w * FC_ELEMS < nchunk;
     const fc_i64 base = toff + (fc_i64)w * FC_ELEMS;
+    // fc_owner_sum's sum, written out: through the helper ptxas schedules this
+    // kernel differently (benchmarks/sass_diff.py).
     float acc[FC_ELEMS];
 #pragma unroll
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;
@@ -200,7 +194,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
         for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
       }
     }
-    fc_store_output<DT>(a, base, limit, rot, gl, lig, acc, stage, true);
+    epi(base, limit, acc, stage);
   }
   if (fc_ll_end(a, call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, 1, toff, nchunk);
 }

@@ -44,6 +44,16 @@ __device__ __forceinline__ void fc_pack_input(const FcArgs& a, fc_i64 base, fc_i
   C::pack(v, gl, sym, p);
 }
 
+// My own contribution exactly as the peers decode it (re-packed from my
+// input): what the one-shots add for me, so every rank sums the same values.
+template <int DT, typename C>
+__device__ __forceinline__ void fc_input_as_sent(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access, bool rot,
+                                                 bool sym, int gl, int lig, float (&v)[FC_ELEMS], fc_v4* stage) {
+  typename C::Packed p;
+  fc_pack_input<DT, C>(a, base, limit, access, rot, sym, gl, lig, v, p, stage);
+  C::unpack(p, sym, v);
+}
+
 // Store the lane's unit of summed values (rotated back first when the mode
 // rotates) into my output from element `base`; elements >= limit stay untouched.
 template <int DT>
