@@ -38,7 +38,7 @@ def kernel_sources() -> list:
     return sorted(p for p in d.iterdir() if p.suffix in (".cu", ".cuh"))
 
 
-# Mirror of `struct FcArgs` in fc_allreduce.cu (natural alignment, 232 bytes;
+# Mirror of `struct FcArgs` in fc_args.cuh (natural alignment, 248 bytes;
 # tests/test_kernels_compile.py pins every offset with static_asserts).
 _ARG_FIELDS = [
     ("in_ptr", "<u8", 0), ("out_ptr", "<u8", 8), ("n", "<i8", 16), ("seg_elems", "<i8", 24), ("err", "<u8", 32),
@@ -47,16 +47,17 @@ _ARG_FIELDS = [
     ("group", "<i4", 96), ("flags", "<i4", 100), ("max_blocks", "<i4", 104), ("rot_norm", "<f4", 108),
     ("units", "<i4", 112), ("ll_tile", "<i4", 116), ("ll_off", "<i8", 120), ("ll_slot_bytes", "<i8", 128),
     ("peers", ("<u8", (8,)), 136), ("ts_epoch_off", "<i8", 200), ("os_epoch_off", "<i8", 208),
-    ("ll_epoch_off", "<i8", 216), ("poison_off", "<i8", 224),
+    ("ll_epoch_off", "<i8", 216), ("poison_off", "<i8", 224), ("ag_flags_off", "<i8", 232),
+    ("os_flags_off", "<i8", 240),
 ]
 ARGS_DTYPE = np.dtype({
     "names": [f for f, _, _ in _ARG_FIELDS],
     "formats": [t for _, t, _ in _ARG_FIELDS],
     "offsets": [o for _, _, o in _ARG_FIELDS],
-    "itemsize": 232,
+    "itemsize": 248,
 })
 
-# Mirror of `struct FcError` in fc_signal.cuh (eight uint32 words in host-mapped
+# Mirror of `struct FcError` in fc_args.cuh (eight uint32 words in host-mapped
 # memory; pinned by tests/test_kernels_compile.py) and its codes.
 ERROR_FIELDS = ("code", "rank", "peer", "block", "epoch", "abort", "late", "pad")
 ERR_TIMEOUT = 1  # FC_ERR_TIMEOUT: this rank waited past the bound for `peer`

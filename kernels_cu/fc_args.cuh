@@ -35,7 +35,9 @@ struct FcArgs {
   fc_i64 n;             // message length in elements
   fc_i64 seg_elems;     // two-shot: elements per owner segment; one-shot: padded length
   FcError* err;         // host-mapped error record
-  fc_i64 slot_bytes, flags_off, rs_off, ag_off, os_off, timeout_ns;
+  fc_i64 slot_bytes;
+  fc_i64 flags_off;  // the two-shot's reduce-scatter flag set (fc_signal.cuh); the other sets: *_flags_off
+  fc_i64 rs_off, ag_off, os_off, timeout_ns;
   int rank, world, group, flags, max_blocks;
   float rot_norm;
   int units;    // FC_ELEMS-element units per thread per tile: more data per synchronization
@@ -48,6 +50,8 @@ struct FcArgs {
   // per-block epochs of the two-shot and the one-shot flag sets, per-block LL
   // call counters, and the poison words [source rank] (fc_signal.cuh).
   fc_i64 ts_epoch_off, os_epoch_off, ll_epoch_off, poison_off;
+  // ... and the two-shot's all-gather flag set and the one-shot flag set.
+  fc_i64 ag_flags_off, os_flags_off;
 };
 
 // The layout both sides agree on (natural alignment, no padding).
@@ -87,5 +91,7 @@ FC_ASSERT_FIELD(FcArgs, ts_epoch_off, 200);
 FC_ASSERT_FIELD(FcArgs, os_epoch_off, 208);
 FC_ASSERT_FIELD(FcArgs, ll_epoch_off, 216);
 FC_ASSERT_FIELD(FcArgs, poison_off, 224);
-static_assert(sizeof(FcArgs) == 232, "sizeof(FcArgs)");
+FC_ASSERT_FIELD(FcArgs, ag_flags_off, 232);
+FC_ASSERT_FIELD(FcArgs, os_flags_off, 240);
+static_assert(sizeof(FcArgs) == 248, "sizeof(FcArgs)");
 #undef FC_ASSERT_FIELD

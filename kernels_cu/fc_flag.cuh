@@ -123,7 +123,6 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
   fc_v4* const stage = fc_warp_stage(s_stage);
   const FcTile<RSB> L(a);
   const FcStoreEpilogue<DT, RSB> epi(a, L);
-  const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 ntiles = L.ntiles(a);
   fc_u32 e;
@@ -138,8 +137,8 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
     fc_twoshot_owner<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
-    fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a));
+    fc_signal_peers(a.peers, a.ag_flags_off, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.ag_flags_off, a.max_blocks, e, fc_wait_ctx(a));
     fc_twoshot_all_gather<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
   }
   if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, L.tile);
@@ -178,7 +177,6 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
   const int group = L.group;
   const int gl = L.gl, lig = L.lig, gs = __ffs(gl) - 1;
   const bool rot = L.rot, sym = L.sym;
-  const fc_i64 flag_set = 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 tile = L.tile;
   const fc_i64 ntiles = L.ntiles(a);
@@ -278,8 +276,8 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
         __syncwarp();
       }
     }
-    fc_signal_peers(a.peers, a.flags_off + flag_set, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off + flag_set, a.max_blocks, e, fc_wait_ctx(a));
+    fc_signal_peers(a.peers, a.ag_flags_off, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.ag_flags_off, a.max_blocks, e, fc_wait_ctx(a));
 
     // 3. all-gather: every other owner's reduced tile, one unit of each per job.
     auto fetch3 = [&](int u) {
@@ -328,7 +326,6 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
-  const fc_i64 os_set = 2 * 4 * FC_MAX_RANKS * (fc_i64)a.max_blocks;
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 tile = L.tile;
   const fc_i64 ntiles = L.ntiles(a);
@@ -351,8 +348,8 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
         RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, w, gl, sym, stage);
       }
     }
-    fc_signal_peers(a.peers, a.flags_off + os_set, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off + os_set, a.max_blocks, e, fc_wait_ctx(a));
+    fc_signal_peers(a.peers, a.os_flags_off, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.os_flags_off, a.max_blocks, e, fc_wait_ctx(a));
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       const bool active = (fc_i64)w * FC_ELEMS < nchunk;

@@ -61,6 +61,16 @@ class WorkspaceLayout:
         return 4 * MAX_RANKS * self.max_blocks
 
     @property
+    def ag_flags_off(self) -> int:
+        """The two-shot's all-gather flag set (after the reduce-scatter set at :attr:`flags_off`)."""
+        return self.flags_off + self.flag_set_bytes
+
+    @property
+    def os_flags_off(self) -> int:
+        """The one-shot flag set."""
+        return self.flags_off + 2 * self.flag_set_bytes
+
+    @property
     def ts_epoch_off(self) -> int:
         """Per-block epochs of the two-shot's reduce-scatter and all-gather flag sets."""
         return self.flags_off + 3 * self.flag_set_bytes
@@ -122,6 +132,7 @@ class WorkspaceLayout:
         a["ll_off"], a["ll_slot_bytes"] = self.ll_off, self.ll_slot_bytes
         a["ts_epoch_off"], a["os_epoch_off"] = self.ts_epoch_off, self.os_epoch_off
         a["ll_epoch_off"], a["poison_off"] = self.ll_epoch_off, self.poison_off
+        a["ag_flags_off"], a["os_flags_off"] = self.ag_flags_off, self.os_flags_off
 
 
 _CANARY_SRC = r"""
