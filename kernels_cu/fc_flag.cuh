@@ -37,9 +37,16 @@
 // signals between them: reduce_scatter writes my RS slot at every other owner;
 // owner reads my RS slots once every source has signalled and writes my AG
 // slot at every peer; all_gather reads my AG slots once every owner has
-// signalled.  (The slot-reuse argument at the top of this file needs both
-// rounds: a reduce-scatter-only or all-gather-only kernel must still signal
-// the other flag set when it is done reading.)
+// signalled.
+// Reduce-scatter-only and all-gather-only kernels (a hierarchical all-reduce's
+// node-local halves) are these phases with one change each, and are not built
+// yet because each needs a host contract first (which precision the shard
+// travels in between the halves, and its reference): the slot-reuse argument
+// at the top of this file needs both rounds of signals, so an RS-only kernel
+// is reduce_scatter, signal/wait on the RS set, the owner's sum stored without
+// the AG writes, then signal/wait on the AG set ("my RS slots are read"); an
+// AG-only kernel is signal/wait on the RS set ("my AG slots are read"), the
+// owner's AG writes of its shard, signal/wait on the AG set, all_gather.
 
 // 1. reduce-scatter: my contribution to every other owner's tile.
 template <int DT, int RSB>

@@ -96,12 +96,17 @@ __device__ __forceinline__ void fc_zero(float (&v)[FC_ELEMS]) {
 // acc = ((+0 + x_0) + x_1) + ... + x_{world-1} in float32, one rounding per
 // add, in rank order, where x_rank is my own contribution as own(v) produces
 // it (exact, or exactly as the peers decode it) and x_s of a peer is what
-// peer(j, v) decodes -- zeros for a lane past the tile's end (`active` false),
-// whatever the slot holds there.
+// peer(j, s, v) decodes -- zeros for a lane past the tile's end (`active`
+// false), whatever the slot holds there.
 // Sources arrive in batches of B (the quantized LL kernels poll B sources at a
 // time so their round trips overlap): batch(s0) fetches sources s0 .. s0+B-1
-// and peer(j, v) decodes the j-th of the current batch.  The flag kernels
-// read each source where they decode it: B = 1, batch() does nothing.
+// and peer(j, s, v) decodes source s, the j-th of the current batch.  The flag
+// kernels read each source where they decode it: B = 1, batch() does nothing.
+// Users: the flag two-shot and one-shot, the quantized LL two-shot.  Two
+// kernels write the same sum out, because through this helper ptxas schedules
+// them differently (benchmarks/sass_diff.py): the staged two-shot and the
+// quantized LL one-shot; the lossless LL kernels add whole 16-byte vectors
+// (fc_ll_reduce_vector: the same order, from +0, no lane past a tile).
 template <int B, typename Batch, typename Own, typename Peer>
 __device__ __forceinline__ void fc_owner_sum(int world, int rank, bool active, float (&acc)[FC_ELEMS],
                                              float (&v)[FC_ELEMS], Batch&& batch, Own&& own, Peer&& peer) {

@@ -10,7 +10,7 @@
 // partially overlapping stores exist.  Reduce-scatter and all-gather rounds
 // use two separate flag sets (RS, AG), one-shot rounds a third with data slots
 // alternating by epoch parity, so a fast peer never overwrites a flag or a
-// slot that a slow peer still needs (see fc_allreduce.cu for the argument).
+// slot that a slow peer still needs (see fc_flag.cuh for the argument).
 // The two-shot (RS, AG) and the one-shot sets count their rounds with separate
 // per-block epochs, so neither set can fall 2^31 rounds behind its counter
 // however long the other algorithm runs alone.
