@@ -130,6 +130,10 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
   fc_v4* const stage = fc_warp_stage(s_stage);
   const FcTile<RSB> L(a);
   const FcStoreEpilogue<DT, RSB> epi(a, L);
+  // Read once here, where the kernels used to derive it: read at each use
+  // (after the waits), ptxas allocated worse (benchmarks/sass_diff.py: the
+  // float32 lossless one-shot spilled 336 instead of 124 bytes).
+  const fc_i64 ag_flags = a.ag_flags_off;
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 ntiles = L.ntiles(a);
   fc_u32 e;
@@ -144,8 +148,8 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
     fc_twoshot_owner<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
-    fc_signal_peers(a.peers, a.ag_flags_off, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.ag_flags_off, a.max_blocks, e, fc_wait_ctx(a));
+    fc_signal_peers(a.peers, ag_flags, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, ag_flags, a.max_blocks, e, fc_wait_ctx(a));
     fc_twoshot_all_gather<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
   }
   if (fc_end(a, fc_wait_ctx(a), a.ts_epoch_off, e)) fc_flag_fail<DT>(a, a.world, L.tile);
@@ -184,6 +188,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
   const int group = L.group;
   const int gl = L.gl, lig = L.lig, gs = __ffs(gl) - 1;
   const bool rot = L.rot, sym = L.sym;
+  const fc_i64 ag_flags = a.ag_flags_off;  // read once here: see fc_twoshot_impl
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 tile = L.tile;
   const fc_i64 ntiles = L.ntiles(a);
@@ -283,8 +288,8 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
         __syncwarp();
       }
     }
-    fc_signal_peers(a.peers, a.ag_flags_off, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.ag_flags_off, a.max_blocks, e, fc_wait_ctx(a));
+    fc_signal_peers(a.peers, ag_flags, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, ag_flags, a.max_blocks, e, fc_wait_ctx(a));
 
     // 3. all-gather: every other owner's reduced tile, one unit of each per job.
     auto fetch3 = [&](int u) {
@@ -333,6 +338,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
+  const fc_i64 os_flags = a.os_flags_off;  // read once here: see fc_twoshot_impl
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 tile = L.tile;
   const fc_i64 ntiles = L.ntiles(a);
@@ -355,8 +361,8 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
         RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, w, gl, sym, stage);
       }
     }
-    fc_signal_peers(a.peers, a.os_flags_off, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.os_flags_off, a.max_blocks, e, fc_wait_ctx(a));
+    fc_signal_peers(a.peers, os_flags, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, os_flags, a.max_blocks, e, fc_wait_ctx(a));
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       const bool active = (fc_i64)w * FC_ELEMS < nchunk;
