@@ -6,6 +6,7 @@
 // intrinsic (__fadd_rn, __fmul_rn, ...) so the compiler cannot contract it
 // into an FMA: the NumPy reference does two roundings, and so must we.
 #pragma once
+#include "fc_profile.cuh"
 
 typedef unsigned char fc_u8;
 typedef unsigned short fc_u16;

@@ -109,9 +109,7 @@ __device__ __forceinline__ fc_v4 fc_ll_pick(bool is_mine, const fc_v4& mine, con
 template <int N, typename Reload, typename PeerOf>
 __device__ __forceinline__ bool fc_ll_poll(fc_u32 pending, Reload reload, PeerOf peer_of, const FcWait& w,
                                            fc_u32 epoch) {
-#ifdef FC_PROFILE_NO_WAIT  // timing variant only: use whatever is in the slots (wrong results)
-  pending = 0;
-#endif
+  if constexpr (FC_PROFILE_SKIPS_WAITS) pending = 0;  // timing variant only (fc_profile.cuh): wrong results
   if (!pending) return true;
   const fc_u64 t0 = fc_globaltimer();
   for (fc_u32 spins = 1; pending; ++spins) {

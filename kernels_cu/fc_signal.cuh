@@ -10,7 +10,7 @@
 // partially overlapping stores exist.  Reduce-scatter and all-gather rounds
 // use two separate flag sets (RS, AG), one-shot rounds a third with data slots
 // alternating by epoch parity, so a fast peer never overwrites a flag or a
-// slot that a slow peer still needs (see fc_allreduce.cu for the argument).
+// slot that a slow peer still needs (see fc_flag.cuh for the argument).
 // The two-shot (RS, AG) and the one-shot sets count their rounds with separate
 // per-block epochs, so neither set can fall 2^31 rounds behind its counter
 // however long the other algorithm runs alone.
@@ -34,10 +34,8 @@
 // communicator clears the poison.
 #pragma once
 #include "fc_common.cuh"
+#include "fc_args.cuh"  // FcError and its codes
 
-// Error record codes (mirrored by flashcomm_cupy.backends.gpu.ERR_*).
-#define FC_ERR_TIMEOUT 1u  // this rank waited past the bound for `peer`
-#define FC_ERR_POISON 2u   // rank `peer` gave up and poisoned this rank
 // A poison word: FC_POISON | the rank the first failure waited for.  Never 0.
 #define FC_POISON 0x100u
 // The poison area of a workspace: the words [source rank], then every rank's
@@ -45,17 +43,6 @@
 // reach the peers without the kernel's arguments.
 #define FC_POISON_PEERS_OFF 32
 #define FC_POISON_AREA_BYTES (FC_POISON_PEERS_OFF + 8 * FC_MAX_RANKS)
-
-struct FcError {
-  fc_u32 code;   // 0 ok, FC_ERR_TIMEOUT or FC_ERR_POISON
-  fc_u32 rank;   // this rank
-  fc_u32 peer;   // TIMEOUT: the rank it waited for; POISON: the rank that gave up
-  fc_u32 block;  // block index
-  fc_u32 epoch;  // round it waited for
-  fc_u32 abort;  // set once: every later wait returns immediately
-  fc_u32 late;   // the rank the first failure of the communicator waited for
-  fc_u32 pad;
-};
 
 // What every bounded wait needs: the error record, this rank's poison words
 // (one per source rank, in its own workspace) and the bound.
@@ -198,10 +185,10 @@ __device__ __forceinline__ void fc_signal_peers(const fc_u64* peers, fc_i64 set_
 // after its last wait, see fc_block_poisoned).
 __device__ __forceinline__ void fc_wait_peers(unsigned char* my_ws, fc_i64 set_off, int max_blocks, fc_u32 e,
                                               const FcWait& w) {
-#ifdef FC_PROFILE_NO_WAIT  // timing variant only (benchmarks/kernel_variants.py): results are wrong
-  __syncthreads();
-  return;
-#endif
+  if constexpr (FC_PROFILE_SKIPS_WAITS) {  // timing variant only (fc_profile.cuh): results are wrong
+    __syncthreads();
+    return;
+  }
   const int k = threadIdx.x;
   if (k < w.world && k != w.rank)
     fc_wait_flag(fc_flag(my_ws, set_off, k, blockIdx.x, max_blocks), e, w.err, w.poison, w.timeout_ns, w.rank,

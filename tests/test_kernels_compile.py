@@ -186,7 +186,8 @@ def _assert_compiles_with(tmp_path, name, checks, defines):
 
 
 def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
-    """``_kernels.ARGS_DTYPE`` (what the host fills) has FcArgs' exact field offsets and size."""
+    """``_kernels.ARGS_DTYPE`` (what the host fills) has FcArgs' exact field offsets and size (fc_args.cuh
+    pins the same numbers on the device side), and ``FLAG_*`` are the kernels' flag bits."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA toolkit absent)")
@@ -196,6 +197,8 @@ def test_kernel_argument_struct_matches_the_host_mirror(tmp_path):
     checks = [f'static_assert(__builtin_offsetof(FcArgs, {device_name.get(f, f)}) == {dt.fields[f][1]}, "{f}");'
               for f in dt.names]
     checks.append(f'static_assert(sizeof(FcArgs) == {dt.itemsize}, "sizeof(FcArgs)");')
+    checks += [f'static_assert(FC_FLAG_ROTATE == {_kernels.FLAG_ROTATE}, "FcArgs.flags: rotate");',
+               f'static_assert(FC_FLAG_SYM == {_kernels.FLAG_SYM}, "FcArgs.flags: symmetric");']
     _assert_compiles_with(tmp_path, "args_layout", checks, ("FC_DT=0", "FC_RS_BITS=0", "FC_AG_BITS=0"))
 
 

@@ -9,7 +9,7 @@ from flashcomm_cupy.backends.flash import layout as flash_layout
 from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, MAX_RANKS, POISON_AREA_BYTES, WorkspaceLayout
 
 OFFSET_FIELDS = ("slot_bytes", "max_blocks", "flags_off", "rs_off", "ag_off", "os_off", "ll_off", "ll_slot_bytes",
-                 "ts_epoch_off", "os_epoch_off", "ll_epoch_off", "poison_off")
+                 "ts_epoch_off", "os_epoch_off", "ll_epoch_off", "poison_off", "ag_flags_off", "os_flags_off")
 
 
 @pytest.mark.parametrize("world,max_blocks", [(2, 264), (8, 132), (3, 1)])
@@ -26,6 +26,7 @@ def test_flag_sets_epochs_and_poison_words_never_overlap_the_slots(world, max_bl
     lay = WorkspaceLayout(world, max_blocks, 48 << 10)
     set_bytes = 4 * MAX_RANKS * max_blocks
     assert lay.ts_epoch_off == lay.flags_off + 3 * set_bytes  # after the RS, AG and one-shot flag sets
+    assert (lay.ag_flags_off, lay.os_flags_off) == (lay.flags_off + set_bytes, lay.flags_off + 2 * set_bytes)
     # the two-shot and one-shot epochs are separate words (fc_signal.cuh: no 2^31 gap between sets)
     assert lay.os_epoch_off - lay.ts_epoch_off == 4 * max_blocks
     assert lay.ll_epoch_off - lay.os_epoch_off == 4 * max_blocks

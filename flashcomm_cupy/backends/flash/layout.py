@@ -61,6 +61,16 @@ class WorkspaceLayout:
         return 4 * MAX_RANKS * self.max_blocks
 
     @property
+    def ag_flags_off(self) -> int:
+        """The two-shot's all-gather flag set (after the reduce-scatter set at :attr:`flags_off`)."""
+        return self.flags_off + self.flag_set_bytes
+
+    @property
+    def os_flags_off(self) -> int:
+        """The one-shot flag set."""
+        return self.flags_off + 2 * self.flag_set_bytes
+
+    @property
     def ts_epoch_off(self) -> int:
         """Per-block epochs of the two-shot's reduce-scatter and all-gather flag sets."""
         return self.flags_off + 3 * self.flag_set_bytes
@@ -122,9 +132,10 @@ class WorkspaceLayout:
         a["ll_off"], a["ll_slot_bytes"] = self.ll_off, self.ll_slot_bytes
         a["ts_epoch_off"], a["os_epoch_off"] = self.ts_epoch_off, self.os_epoch_off
         a["ll_epoch_off"], a["poison_off"] = self.ll_epoch_off, self.poison_off
+        a["ag_flags_off"], a["os_flags_off"] = self.ag_flags_off, self.os_flags_off
 
 
-# Mirror of `struct FcArgs` in fc_allreduce.cu (natural alignment, 232 bytes;
+# Mirror of `struct FcArgs` in kernels_cu/fc_args.cuh (natural alignment, 248 bytes;
 # tests/test_kernels_compile.py pins every offset with static_asserts).
 _ARG_FIELDS = [
     ("in_ptr", "<u8", 0), ("out_ptr", "<u8", 8), ("n", "<i8", 16), ("seg_elems", "<i8", 24), ("err", "<u8", 32),
@@ -133,16 +144,17 @@ _ARG_FIELDS = [
     ("group", "<i4", 96), ("flags", "<i4", 100), ("max_blocks", "<i4", 104), ("rot_norm", "<f4", 108),
     ("units", "<i4", 112), ("ll_tile", "<i4", 116), ("ll_off", "<i8", 120), ("ll_slot_bytes", "<i8", 128),
     ("peers", ("<u8", (8,)), 136), ("ts_epoch_off", "<i8", 200), ("os_epoch_off", "<i8", 208),
-    ("ll_epoch_off", "<i8", 216), ("poison_off", "<i8", 224),
+    ("ll_epoch_off", "<i8", 216), ("poison_off", "<i8", 224), ("ag_flags_off", "<i8", 232),
+    ("os_flags_off", "<i8", 240),
 ]
 ARGS_DTYPE = np.dtype({
     "names": [f for f, _, _ in _ARG_FIELDS],
     "formats": [t for _, t, _ in _ARG_FIELDS],
     "offsets": [o for _, _, o in _ARG_FIELDS],
-    "itemsize": 232,
+    "itemsize": 248,
 })
 
-# Mirror of `struct FcError` in fc_signal.cuh (eight uint32 words in host-mapped
+# Mirror of `struct FcError` in kernels_cu/fc_args.cuh (eight uint32 words in host-mapped
 # memory; pinned by tests/test_kernels_compile.py) and its codes.
 ERROR_FIELDS = ("code", "rank", "peer", "block", "epoch", "abort", "late", "pad")
 ERR_TIMEOUT = 1  # FC_ERR_TIMEOUT: this rank waited past the bound for `peer`
