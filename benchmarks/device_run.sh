@@ -85,7 +85,8 @@ for stage in ${STAGES//,/ }; do
       # on a fresh machine two ranks compile every kernel module (~2 min) before checking
       run 240 $MPI 2 python3 tests/gpu/gpu_checks.py --quick --large-mib 64
       [ "$NG" -ge 3 ] && run 200 $MPI 3 python3 tests/gpu/gpu_checks.py --quick --large-mib 64 ;;
-    tune)
+    tune)  # this card's NP-rank rows merged into a copy of the shipped table ($OUT/tuning.json: the next default.json)
+      [ -f "$OUT/tuning.json" ] || cp flashcomm_cupy/tuning/default.json "$OUT/tuning.json"
       run 300 $MPI "$NP" $FC tune -o "$OUT/tuning.json"
       export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
     tune-range)  # re-tune TUNE_MIN..TUNE_MAX into a copy of the shipped table (other rows kept)
@@ -209,8 +210,8 @@ for stage in ${STAGES//,/ }; do
         --json "$OUT/bench-host-${NP}x-$TAG.json"
       run 120 bash -c "$MPI $NP -x NCCL_DEBUG=INFO $FC bench --transport host -b 64K -e 64K --bits 4 -r 1 -n 2 -w 1 2>&1 \
         | grep -E 'via (SHM|P2P|NET)|transport host' | sort | uniq -c | head -12" ;;
-    host-tune)  # host-transport rows ("N/host") into a copy of the shipped table
-      cp flashcomm_cupy/tuning/default.json "$OUT/tuning.json"
+    host-tune)  # host-transport rows ("N/host") into a copy of the shipped table (or the one tune made before)
+      [ -f "$OUT/tuning.json" ] || cp flashcomm_cupy/tuning/default.json "$OUT/tuning.json"
       run 500 $MPI "$NP" $FC tune --transport host -o "$OUT/tuning.json"
       export FLASHCOMM_TUNING="$OUT/tuning.json" ;;
     host-model)  # the TTFT study with the host transport (NCCL-SHM baseline)
