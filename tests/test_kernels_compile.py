@@ -290,3 +290,17 @@ def test_every_quantized_ll_launch_fits_two_blocks_per_sm(builds):
             if 2 * threads * (-(-used // 8) * 8) > SM_REGISTERS:  # registers go to threads in steps of 8
                 over.append(f"FC_ELEMS={elems} dt={dt} {rs}/{ag} {algo}: {used} registers x {threads} threads")
     assert not over, "two blocks do not fit an SM:\n" + "\n".join(over)
+
+
+@pytest.mark.parametrize("header", sorted(p.name for p in KERNEL_DIR.glob("*.cuh")))
+def test_every_header_compiles_on_its_own(tmp_path, header):
+    """Each header includes what it uses (the headers are built bottom-up; fc_allreduce.cu lists them),
+    so any one of them can be included first."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    src = tmp_path / f"only_{header}.cu"
+    src.write_text(f'#include "{header}"\n')
+    build = _run_nvcc(nvcc, ("-c", "-fdevice-syntax-only", f"-arch={SPECIALISATION_ARCH}", "-std=c++17",
+                             f"-I{KERNEL_DIR}", str(src)), tmp_path / f"only_{header}.o", _kernel_digest() + header)
+    assert build.ok, build.log
