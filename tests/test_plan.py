@@ -100,7 +100,9 @@ def test_the_running_cards_rows_serve_it_and_other_cards_fall_back_to_the_first_
     h100 = SHIPPED.candidates(4, 1 << 20, "narrow", card=H100)
     assert SHIPPED.section(4, card=H200) == (H200, 4, "ipc")
     assert SHIPPED.section(4, card="NVIDIA B200") == (H100, 4, "ipc")  # untuned card: the first listed
-    assert SHIPPED.section(2, card=H200) == (H100, 2, "ipc")  # no H200 rows at 2 ranks
+    assert SHIPPED.section(2, card=H200) == (H200, 2, "ipc")
+    assert SHIPPED.section(2, card=H200, transport="host") == (H200, 2, "host")
+    assert SHIPPED.section(4, card=H200, transport="host") is None  # no host rows at 4 ranks: the heuristic
     assert SHIPPED.section(3, card=H200) is None  # no rows at all: the heuristic
     assert SHIPPED.candidates(4, 1 << 20, "narrow", card=None) == h100
     # the plan follows the card's candidates

@@ -88,5 +88,5 @@ def test_merge_replaces_the_retuned_range_of_one_section_and_keeps_the_rest():
 def test_the_shipped_table_keeps_the_h100_rows_by_card_beside_the_h200_ones():
     t = tuning.load(str(tuning.SHIPPED))
     assert list(t.sections) == [("NVIDIA H100 80GB HBM3", 2, "ipc"), ("NVIDIA H100 80GB HBM3", 4, "ipc"),
-                                ("NVIDIA H200", 4, "ipc")]
+                                ("NVIDIA H200", 4, "ipc"), ("NVIDIA H200", 2, "ipc"), ("NVIDIA H200", 2, "host")]
     assert t.describe()["worlds"] == [2, 4]
