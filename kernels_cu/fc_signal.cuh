@@ -211,17 +211,22 @@ __device__ __noinline__ void fc_record_poisoned(volatile FcError* err, const fc_
   if (p && src != rank && !err->abort) fc_give_up(err, poison, rank, world, FC_ERR_POISON, src, p & 0xFFu, 0);
 }
 
+// The quiet NaN of element type DT as it is stored (float16 and bfloat16 as their bits).
+template <int DT>
+__device__ __forceinline__ typename FcElem<DT>::T fc_nan() {
+  if constexpr (DT == 2) {
+    return __uint_as_float(0x7FC00000u);
+  } else {
+    return (typename FcElem<DT>::T)(DT == 0 ? 0x7E00u : 0x7FC0u);
+  }
+}
+
 // NaN over out[o * seg + off, min(n, o * seg + off + len)) for o < nseg: the
 // output elements of one block tile in every segment (nseg = 1: the message).
 template <int DT>
 __device__ __forceinline__ void fc_fill_nan(void* out, fc_i64 n, fc_i64 seg, int nseg, fc_i64 off, fc_i64 len) {
   typedef typename FcElem<DT>::T T;
-  T nan;
-  if constexpr (DT == 2) {
-    nan = __uint_as_float(0x7FC00000u);
-  } else {
-    nan = (T)(DT == 0 ? 0x7E00u : 0x7FC0u);
-  }
+  const T nan = fc_nan<DT>();
   T* o = reinterpret_cast<T*>(out);
   for (int s = 0; s < nseg; ++s) {
     const fc_i64 start = (fc_i64)s * seg + off;
@@ -238,12 +243,7 @@ __device__ __forceinline__ void fc_fill_nan(void* out, fc_i64 n, fc_i64 seg, int
 template <int DT>
 __device__ __forceinline__ void fc_fill_nan_tiles(void* out, fc_i64 n, fc_i64 seg, int nseg, unsigned tile) {
   typedef typename FcElem<DT>::T T;
-  T nan;
-  if constexpr (DT == 2) {
-    nan = __uint_as_float(0x7FC00000u);
-  } else {
-    nan = (T)(DT == 0 ? 0x7E00u : 0x7FC0u);
-  }
+  const T nan = fc_nan<DT>();
   T* o = reinterpret_cast<T*>(out);
   for (fc_i64 off = (fc_i64)blockIdx.x * tile; off < seg; off += (fc_i64)gridDim.x * tile)
     for (int s = 0; s < nseg; ++s)
