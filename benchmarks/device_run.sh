@@ -12,7 +12,7 @@
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
 # example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
 # cut cells), and the
-# kernel-profiling stages: variants (kernel_variants.py; env BASE_KERNELS,
+# kernel-profiling stages: ll-ab (the poison protocol's cost in the LL kernels; env BASE_KERNELS), variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
@@ -136,6 +136,14 @@ for stage in ${STAGES//,/ }; do
     variants)
       run 420 $MPI "$NP" python3 benchmarks/kernel_variants.py ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} \
         ${VARIANTS:+--variants "$VARIANTS"} ${CASES:+--only "$CASES"} --json "$OUT/variants-${NP}x-$TAG.json" ;;
+    ll-ab)  # what the poison protocol costs the LL kernels (4 KB-1 MB): the shipped kernels, the LL hooks of
+      # fc_profile.cuh (no start-time poison read; no end vote/fill), and BASE_KERNELS (e.g. an untracked
+      # `git archive db65e49 kernels_cu`, the kernels before the protocol: timing only) in one run
+      run 420 $MPI "$NP" python3 benchmarks/kernel_variants.py ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} \
+        --variants "base,full,ll-no-read,ll-no-fail,ll-neither" \
+        --define-sets "ll-no-read=FC_PROFILE_LL_NO_POISON_READ;ll-no-fail=FC_PROFILE_LL_NO_FAIL_PATH;ll-neither=FC_PROFILE_LL_NO_POISON_READ FC_PROFILE_LL_NO_FAIL_PATH" \
+        --only "ll 4K 1shot,ll 4K 2shot,ll 1M 1shot,ll 1M 2shot,llq int4 4K,llq int4 1M" --repeats 7 \
+        --json "$OUT/ll-ab-${NP}x-$TAG.json" ;;
     solo)  # one GPU: compute + HBM side of the kernels (kernel_solo.py), A/B against BASE_KERNELS
       run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
         --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" \

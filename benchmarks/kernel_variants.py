@@ -55,6 +55,7 @@ CASES = [
     ("int4 4K 1shot", 4 << 10, 4, "oneshot", 128, 8, 1, "flag"),
     ("ll 4K 1shot", 4 << 10, None, "oneshot", 128, 0, 1, "ll"),
     ("ll 4K 2shot", 4 << 10, None, "twoshot", 128, 0, 1, "ll"),
+    ("ll 1M 1shot", 1 << 20, None, "oneshot", 256, 0, 1, "ll"),
     ("ll 1M 2shot", 1 << 20, None, "twoshot", 256, 0, 1, "ll"),
     ("llq int4 4K", 4 << 10, 4, "twoshot", 128, 0, 1, "ll"),
     ("llq int4 1M", 1 << 20, 4, "twoshot", 64, 0, 1, "ll"),

@@ -9,6 +9,7 @@
 #include "fc_common.cuh"
 #include "fc_args.cuh"
 #include "fc_signal.cuh"
+#include "fc_profile.cuh"
 
 // What this rank's bounded waits need, from the arguments.
 __device__ __forceinline__ FcWait fc_wait_ctx(const FcArgs& a) {
@@ -65,7 +66,9 @@ struct FcLLCall {
 __device__ __forceinline__ FcLLCall fc_ll_begin(const FcArgs& a) {
   fc_u32* counter = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.ll_epoch_off) +
                     blockIdx.x;
-  const fc_u32 poison = threadIdx.x < a.world ? fc_ld_volatile_u32(fc_wait_ctx(a).poison + threadIdx.x) : 0u;
+  fc_u32 poison = 0u;
+  if constexpr (!FC_PROFILE_LL_SKIPS_POISON_READ)
+    poison = threadIdx.x < a.world ? fc_ld_volatile_u32(fc_wait_ctx(a).poison + threadIdx.x) : 0u;
   return FcLLCall{counter, *counter + 1, poison};
 }
 
@@ -75,6 +78,11 @@ __device__ __forceinline__ FcLLCall fc_ll_begin(const FcArgs& a) {
 // tile (the counter stays behind: the communicator is poisoned for good).
 // A lane that failed receives and sends nothing more until then.
 __device__ __forceinline__ bool fc_ll_end(const FcArgs& a, const FcLLCall& c, bool failed) {
+  if constexpr (FC_PROFILE_LL_SKIPS_FAIL_PATH) {  // timing variant only (fc_profile.cuh): no failure path
+    __syncthreads();
+    if (threadIdx.x == 0) *c.counter = c.e;
+    return false;
+  }
   // every thread has read the counter before it moves on
   if (__syncthreads_or(failed || c.poison != 0u)) {
     if (threadIdx.x == 0) fc_record_poisoned(a.err, fc_wait_ctx(a).poison, a.rank, a.world);

@@ -8,6 +8,10 @@
 //   FC_PROFILE_NO_WAIT     skip every wait for peers (fc_wait_peers, fc_ll_poll): wrong results
 //   FC_PROFILE_LOCAL_DATA  payload stores stay in this rank's workspace (fc_slot): no NVLink
 //                          payload, wrong results
+//   FC_PROFILE_LL_NO_POISON_READ  the LL kernels skip the start-time poison read (fc_ll_begin)
+//   FC_PROFILE_LL_NO_FAIL_PATH    the LL kernels' end is a plain barrier: no vote, no NaN fill,
+//                          no record (fc_ll_end); with the one above, what the poison protocol
+//                          costs the LL kernels (benchmarks/NOTES.md v24)
 //   FC_TWOSHOT_THREADS / FC_TWOSHOT_MINB
 //                          the flag two-shot's launch bounds, e.g. 256 and 3 for three
 //                          256-thread blocks per SM (benchmarks/NOTES.md)
@@ -23,6 +27,18 @@
 #define FC_PROFILE_KEEPS_DATA_LOCAL true
 #else
 #define FC_PROFILE_KEEPS_DATA_LOCAL false
+#endif
+
+#ifdef FC_PROFILE_LL_NO_POISON_READ
+#define FC_PROFILE_LL_SKIPS_POISON_READ true
+#else
+#define FC_PROFILE_LL_SKIPS_POISON_READ false
+#endif
+
+#ifdef FC_PROFILE_LL_NO_FAIL_PATH
+#define FC_PROFILE_LL_SKIPS_FAIL_PATH true
+#else
+#define FC_PROFILE_LL_SKIPS_FAIL_PATH false
 #endif
 
 // The flag two-shot's launch bounds (the product's: 512 threads).
