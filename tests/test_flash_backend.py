@@ -142,3 +142,15 @@ def test_settings_are_checked(fake_gpu):
         flash_backend.FlashGpuBackend(_Comm(), tuning_path=table, protocol="lamport")
     with pytest.raises(ValueError, match="max_threads"):
         flash_backend.FlashGpuBackend(_Comm(), tuning_path=table, max_threads=100)
+
+
+def test_eager_calls_routed_to_nccl_go_through_the_bounded_handle(fake_gpu):
+    # The eager fast path of a call the plan gives to NCCL must use the handle's all_reduce, which
+    # refuses calls after an NCCL abort and remembers the stream, so synchronize()/wait()/close()
+    # bound the wait for it; the raw communicator's allReduce would do neither.
+    seen, table = fake_gpu
+    b = flash_backend.FlashGpuBackend(_Comm(), tuning_path=table)
+    launch = b.eager_launcher(1 << 20, "float16", Mode.make(None))  # lossless past the LL row: NCCL
+    assert launch is not None and launch(0x1000, 0x2000, 7)
+    assert seen["nccl"] == [(0x1000, 0x2000, 1 << 20, "float16", 7)]
+    b.close()

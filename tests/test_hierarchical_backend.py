@@ -111,7 +111,7 @@ def test_several_gpus_per_node_across_nodes_fall_back_to_nccl_with_one_warning(m
     import types
     from flashcomm_cupy.backends import hierarchical, nccl
 
-    class StubNccl:
+    class StubNccl(nccl.NcclBackend):  # the real option filter (fallback), no NCCL
         def __init__(self, comm, **options):
             self.options = options
 
@@ -119,5 +119,5 @@ def test_several_gpus_per_node_across_nodes_fall_back_to_nccl_with_one_warning(m
     monkeypatch.setattr(nccl, "NcclBackend", StubNccl)
     comm = types.SimpleNamespace(Get_rank=lambda: 0)
     with pytest.warns(RuntimeWarning, match="2 nodes x 2 ranks.*falling back to NCCL"):
-        backend = hierarchical.make_cuda_backend(comm, timeout_s=5, max_blocks=8)
-    assert isinstance(backend, StubNccl) and backend.options == {"timeout_s": 5}
+        backend = hierarchical.make_cuda_backend(comm, timeout_s=5, max_blocks=8, protocol="ll")
+    assert isinstance(backend, StubNccl) and backend.options == {"timeout_s": 5, "max_blocks": 8}

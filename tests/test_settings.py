@@ -276,3 +276,16 @@ def test_a_call_description_holds_everything_a_call_must_agree_on():
     b = _mpi.call_description(10, "float16", Mode.make(None, group_size=128))
     assert _mpi.disagreement([a, b], "all_reduce arguments") == (
         "flashcomm: all_reduce arguments differ between ranks (group_size: rank 0=64, rank 1=128)")
+
+
+def test_backend_auto_must_resolve_the_same_on_every_rank(monkeypatch):
+    # a rank whose CUDA fails would pick "cpu" while its peers pick "gpu" and wait in other collectives
+    from flashcomm_cupy.backends import registry
+
+    class Split:
+        def allgather(self, value):
+            return [value, {"backend": "gpu" if value["backend"] == "cpu" else "cpu"}]
+
+    monkeypatch.setattr(registry, "gpu_available", lambda: False)
+    with pytest.raises(ValueError, match="backends picked for backend='auto'.*differ between ranks.*rank 0='cpu', rank 1='gpu'"):
+        registry.make("auto", Split())

@@ -100,7 +100,13 @@ def _no_transport(monkeypatch):
     def fail(comm, **options):
         raise PeerAccessError("no peer path")
     monkeypatch.setattr(gpu, "FlashGpuBackend", fail)
-    monkeypatch.setattr(gpu, "NcclBackend", lambda comm, **opts: "nccl backend")
+    class StubNccl(gpu.NcclBackend):  # the real option filter (fallback), no NCCL
+        def __init__(self, comm, **options):
+            self.options = options
+
+        def __eq__(self, other):
+            return other == "nccl backend"
+    monkeypatch.setattr(gpu, "NcclBackend", StubNccl)
     monkeypatch.setattr(gpu, "_warned", False)
 
 
@@ -109,6 +115,14 @@ def test_auto_falls_back_to_nccl_with_a_warning_when_no_transport_works(monkeypa
     _no_transport(monkeypatch)
     with pytest.warns(RuntimeWarning, match="no transport for the flash kernels works here.*no peer path"):
         assert gpu.make_gpu_backend(_Comm()) == "nccl backend"
+
+
+def test_the_nccl_fallback_keeps_the_bound_and_the_device(monkeypatch):
+    monkeypatch.delenv(transport.ENV_VAR, raising=False)
+    _no_transport(monkeypatch)
+    with pytest.warns(RuntimeWarning):
+        backend = gpu.make_gpu_backend(_Comm(), timeout_s=5, device=1, validate=True, protocol="ll", max_threads=256)
+    assert backend.options == {"timeout_s": 5, "device": 1, "validate": True}
 
 
 @pytest.mark.parametrize("how", ["argument", "environment"])

@@ -41,5 +41,4 @@ def make_gpu_backend(comm, **options):
             warnings.warn(f"flashcomm: no transport for the flash kernels works here, falling back to NCCL: {exc}",
                           RuntimeWarning, stacklevel=3)
             _warned = True
-        opts = {k: v for k, v in options.items() if k in ("device",)}
-        return NcclBackend(comm, **opts)
+        return NcclBackend.fallback(comm, options)

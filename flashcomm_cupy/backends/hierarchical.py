@@ -58,7 +58,7 @@ def make_cuda_backend(comm, ranks_per_node=None, **options):
             warnings.warn(f"flashcomm: the ranks span {nodes.label()}; the hierarchical all-reduce runs one "
                           "GPU per node only so far (it needs reduce-scatter-only and all-gather-only flash "
                           "kernels): falling back to NCCL", RuntimeWarning, stacklevel=3)
-        return NcclBackend(comm, **{k: v for k, v in options.items() if k in ("device", "timeout_s")})
+        return NcclBackend.fallback(comm, options)
     from .gpu import make_gpu_backend
     return make_gpu_backend(comm, **options)
 

@@ -105,8 +105,17 @@ class NcclBackend(CudaBackend):
     name = "nccl"
     baseline_algo = "nccl"
 
+    #: options it takes (the flash backend's sizing options are accepted and have no effect)
+    OPTIONS = ("device", "timeout_s", "validate", "workspace_bytes", "max_blocks")
+
+    @classmethod
+    def fallback(cls, comm, options: dict) -> "NcclBackend":
+        """The NCCL backend standing in for another backend built with ``options``: the options it
+        takes are kept (the device, the bound ``timeout_s``), the others dropped."""
+        return cls(comm, **{k: v for k, v in options.items() if k in cls.OPTIONS})
+
     def __init__(self, comm, **options):
-        unknown = set(options) - {"device", "timeout_s", "validate", "workspace_bytes", "max_blocks"}
+        unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise TypeError(f"unknown option(s) for the nccl backend: {sorted(unknown)}")
         self.mpi_comm = comm

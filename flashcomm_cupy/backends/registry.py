@@ -69,5 +69,12 @@ def needs_gpu(name: str) -> bool:
 
 
 def make(name: str, comm, **options):
-    """Backend ``name`` over ``comm`` (collective)."""
-    return spec(name).make(comm, **options)
+    """Backend ``name`` over ``comm`` (collective).  "auto" is decided on each rank (can it use a
+    GPU?) and must come out the same everywhere: ranks on different backends would wait in
+    different collectives, so they all raise instead, naming who chose what."""
+    row = spec(name)
+    if name == AUTO and comm is not None and hasattr(comm, "allgather"):
+        from .. import _mpi
+        _mpi.agree(comm, {"backend": row.name}, "the backends picked for backend='auto' (a rank picks gpu where "
+                                               "CuPy sees a GPU; pass backend= to choose)")
+    return row.make(comm, **options)

@@ -20,7 +20,7 @@ from ...config import Mode
 from ...dtypes import dtype_name
 from ...errors import FlashTimeoutError, resolve_timeout
 from ..cuda_util import CudaBackend, select_device
-from ..nccl import _NCCL_DTYPE, NcclCommunicatorHandle
+from ..nccl import NcclCommunicatorHandle
 from ..transport import describe as describe_transport, resolve_transport
 from . import kernels, table as tuning
 from .layout import ERR_POISON, FLAG_ROTATE, FLAG_SYM
@@ -345,13 +345,15 @@ class FlashGpuBackend(CudaBackend):
                 check()
             return self._forced is not None or self.protocol != protocol
         if not isinstance(launch, Launch):
-            nccl_call, count, nccl_dtype = self.nccl.comm.allReduce, n, _NCCL_DTYPE[name]
+            # Through the handle, not its raw communicator: it refuses calls after an NCCL abort and
+            # remembers the stream, so synchronize(), wait() and close() bound the wait for this call.
+            nccl_all_reduce, count = self.nccl.all_reduce, n
 
             def launch_nccl(x_ptr, out_ptr, stream_ptr):
                 if self._closed or err[0] or self._forced is not None or self.protocol != protocol:
                     if unusable():
                         return False
-                nccl_call(x_ptr, out_ptr, count, nccl_dtype, 0, stream_ptr)
+                nccl_all_reduce(x_ptr, out_ptr, count, name, stream_ptr)
                 return True
             return launch_nccl
         ptrs = (ctypes.c_uint64 * 2).from_address(launch.args.ctypes.data)
@@ -402,6 +404,11 @@ class FlashGpuBackend(CudaBackend):
     def _release(self):
         """Free whatever exists of the workspace, the NCCL communicator and the error record."""
         import cupy
+        try:
+            if self.nccl is not None:  # NCCL-routed calls first, bounded: past the bound NCCL is aborted
+                self.nccl.wait_streams(None, self.timeout_s)
+        except Exception:
+            pass
         try:
             cupy.cuda.Device(self.device_id).synchronize()
         except Exception:

@@ -231,7 +231,10 @@ class TuningTable:
     def save(self, path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dumps(self.data))
+        # atomically: ranks of a later job (or of this one) may read it while it is written
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(dumps(self.data))
+        os.replace(tmp, path)
 
 
 def dumps(data: dict) -> str:
