@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from flashcomm_cupy.backends.flash.plan import PROTOCOL_SETTINGS as PROTOCOL_CHOICES
+
 from . import table
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
@@ -53,7 +55,7 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 4 << 20, "iters": 5, "warmup": 
 @json_option("Write the results (with machine and versions) as JSON.")
 @output_option("--csv", "csv_path", "Write the result rows as CSV.")
 @output_option("--plot", "plot_path", "Plot latency and speedup vs size to a PNG (needs the 'plot' extra).")
-@click.option("--protocol", type=click.Choice(["auto", "flag", "ll"]), default=None,
+@click.option("--protocol", type=click.Choice(list(PROTOCOL_CHOICES)), default=None,
               help="GPU signalling protocol: the tuning table's choice (auto), or flag / ll forced wherever "
                    "it applies (default: $FLASHCOMM_PROTOCOL or auto).")
 @transport_option
@@ -73,16 +75,16 @@ def bench(ctx, minbytes, maxbytes, stepfactor, iters, warmup, repeats, check, dt
     from flashcomm_cupy.harness import SweepConfig, build_modes, sweep_sizes
 
     outputs = {"--json": json_path, "--csv": csv_path, "--plot": plot_path}
-    comm = open_communicator(backend)
+    # --protocol is a constructor option of the GPU backend (checked and agreed between ranks there)
+    from flashcomm_cupy.backends import registry
+    gpu_options = {"protocol": protocol} if protocol is not None and registry.spec(backend).name == "gpu" else {}
+    comm = open_communicator(backend, **gpu_options)
     with comm:
         check_outputs(outputs, comm.mpi_comm)
         on_gpu = comm.backend.xp is not np
-        if protocol is not None:
-            if comm.backend_name == "gpu":
-                comm.backend.protocol = protocol
-            elif protocol != "auto":
-                raise click.ClickException(f"--protocol {protocol} needs the flash GPU backend, "
-                                           f"not {comm.backend_name}")
+        if protocol not in (None, "auto") and getattr(comm.backend, "protocol", None) != protocol:
+            raise click.ClickException(f"--protocol {protocol} needs the flash GPU backend, "
+                                       f"not {comm.backend_name}")
         if graph and not on_gpu:
             # -G 1 is a GPU default that scripts pass everywhere: run eagerly, record graph false, say so
             graph = 0

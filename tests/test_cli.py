@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from flashcomm_cupy import launchers, settings
 from mpi_util import _is_open_mpi, aborted_job_shm, find_mpiexec, mpi_env, require_mpi, run_in_group  # noqa: F401
 
 pytestmark = pytest.mark.mpi
 
 CLI = [sys.executable, "-m", "flashcomm_cupy.cli.main"]
-LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
-                 "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "FLASHCOMM_RELAUNCHED")
+#: every variable by which a process knows it was launched (the one launcher table, plus the relaunch marker)
+LAUNCHER_VARS = tuple(v for launcher in launchers.LAUNCHERS for v in launcher.variables) + (settings.RELAUNCHED,)
 
 
 def _run(cmd, timeout=120, env=None):

@@ -78,7 +78,7 @@ class HierarchicalGpuBackend(CudaBackend):
     baseline_algo = "nccl"
 
     #: options of the flash backend accepted, as by the NCCL backend, without effect here
-    IGNORED_OPTIONS = ("timeout_s", "workspace_bytes", "max_blocks")
+    IGNORED_OPTIONS = ("timeout_s", "workspace_bytes", "max_blocks", "protocol")
 
     def __init__(self, comm, nodes: NodeLayout, device=None, validate: bool = False, **options):
         unknown = set(options) - set(self.IGNORED_OPTIONS)
