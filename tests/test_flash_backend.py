@@ -154,3 +154,18 @@ def test_eager_calls_routed_to_nccl_go_through_the_bounded_handle(fake_gpu):
     assert launch is not None and launch(0x1000, 0x2000, 7)
     assert seen["nccl"] == [(0x1000, 0x2000, 1 << 20, "float16", 7)]
     b.close()
+
+
+def test_a_setting_that_fails_on_one_rank_raises_on_every_rank(fake_gpu):
+    # A rank whose local set-up fails (here: the peer's) must not leave this rank waiting in the
+    # next collective: every rank learns the failure in one exchange and raises.
+    _, table = fake_gpu
+
+    class PeerFails(_Comm):
+        def allgather(self, value):
+            if value is None:  # the exchange of local failures: the peer had one
+                return [None, "ValueError: protocol (or $FLASHCOMM_PROTOCOL) must be one of auto, flag, ll"]
+            return [value, value]
+
+    with pytest.raises(RuntimeError, match="could not start on another rank.*rank 1: ValueError: protocol"):
+        flash_backend.FlashGpuBackend(PeerFails(), tuning_path=table)

@@ -150,32 +150,25 @@ class FlashGpuBackend(CudaBackend):
             raise ValueError("max_threads must be 64, 128, 256 or 512")
         self.device_id = select_device(comm, device)
         self.validate = bool(validate)
-        self.timeout_s = resolve_timeout(timeout_s)
-        self.max_threads = int(max_threads)
-        self.slot_bytes = int(slot_bytes)
-        if self.slot_bytes % 16:
-            raise ValueError(f"slot_bytes must be a multiple of 16 (16-byte vector accesses), got {slot_bytes}")
-        self.kernel_build = kernel_build or kernels.SHIPPED
-        props = cupy.cuda.runtime.getDeviceProperties(self.device_id)
-        self.sm_count = int(props["multiProcessorCount"])
-        card = props.get("name", b"")
-        self.card = card.decode(errors="replace") if isinstance(card, bytes) else str(card)
-        if max_blocks is None:
-            # Two co-resident 256-thread blocks per SM (<= 128 registers each): while one
-            # waits for its peers the other computes.  All blocks must be resident at
-            # once, since block b waits for block b of every peer.
-            max_blocks = 2 * self.sm_count
+        # Local steps (any of them may fail on one rank only: a bad value in one rank's
+        # environment, an unreadable tuning file) end in one collective that every rank reaches,
+        # so a failure raises on every rank instead of leaving the others in the next collective.
+        failure, device_kind = None, None
+        try:
+            max_blocks = self._local_settings(cupy, timeout_s, max_threads, slot_bytes, kernel_build, max_blocks,
+                                              tuning_path, protocol, transport)
+            device_kind = self._device_kind
+        except Exception as exc:
+            failure = exc
+        problem = _mpi.first_failure(comm, None if failure is None else f"{type(failure).__name__}: {failure}",
+                                     name_rank=True)
+        if failure is not None:
+            raise failure
+        if problem:
+            raise RuntimeError(f"flashcomm: the flash backend could not start on another rank ({problem})")
         # The staged two-shot sizes its grid by an occupancy query on this GPU, and every
         # rank must launch the same grid: it runs only where all ranks have the same GPU.
-        device_kind = tuple(props.get(k) for k in ("name", "major", "minor", "multiProcessorCount",
-                                                    "sharedMemPerMultiprocessor", "regsPerMultiprocessor"))
         self.uniform_gpus = len(set(comm.allgather(device_kind))) == 1
-        self.table = tuning.load(tuning_path)
-        protocol = settings.resolve(settings.PROTOCOL, protocol, "protocol")
-        #: "auto" (the table's choice), or "flag" / "ll" forced where they apply
-        self.protocol = protocol
-        #: "auto", "ipc" or "host" as asked; ``self.ws.transport`` says which one runs
-        self.transport = resolve_transport(transport)
         _mpi.agree(comm, {"max_blocks": int(max_blocks), "max_threads": self.max_threads,
                           "slot_bytes": self.slot_bytes, "protocol": self.protocol, "transport": self.transport,
                           "kernel build": self.kernel_build, "tuning table": self.table.digest()},
@@ -229,6 +222,33 @@ class FlashGpuBackend(CudaBackend):
     # ------------------------------------------------------------------ plans
     def supported_algos(self):
         return ("oneshot", "twoshot", "nccl")
+
+    def _local_settings(self, cupy, timeout_s, max_threads, slot_bytes, kernel_build, max_blocks, tuning_path,
+                        protocol, transport) -> int:
+        """This rank's settings, device facts and tuning table (no collective); the block count."""
+        self.timeout_s = resolve_timeout(timeout_s)
+        self.max_threads = int(max_threads)
+        self.slot_bytes = int(slot_bytes)
+        if self.slot_bytes % 16:
+            raise ValueError(f"slot_bytes must be a multiple of 16 (16-byte vector accesses), got {slot_bytes}")
+        self.kernel_build = kernel_build or kernels.SHIPPED
+        props = cupy.cuda.runtime.getDeviceProperties(self.device_id)
+        self.sm_count = int(props["multiProcessorCount"])
+        card = props.get("name", b"")
+        self.card = card.decode(errors="replace") if isinstance(card, bytes) else str(card)
+        if max_blocks is None:
+            # Two co-resident 256-thread blocks per SM (<= 128 registers each): while one
+            # waits for its peers the other computes.  All blocks must be resident at
+            # once, since block b waits for block b of every peer.
+            max_blocks = 2 * self.sm_count
+        self._device_kind = tuple(props.get(k) for k in ("name", "major", "minor", "multiProcessorCount",
+                                                          "sharedMemPerMultiprocessor", "regsPerMultiprocessor"))
+        self.table = tuning.load(tuning_path)
+        #: "auto" (the table's choice), or "flag" / "ll" forced where they apply
+        self.protocol = settings.resolve(settings.PROTOCOL, protocol, "protocol")
+        #: "auto", "ipc" or "host" as asked; ``self.ws.transport`` says which one runs
+        self.transport = resolve_transport(transport)
+        return max_blocks
 
     @property
     def force_launch(self) -> Optional[Force]:
