@@ -16,11 +16,21 @@ from pathlib import Path
 import pytest
 
 import multi_gpu
-from mpi_util import mpi_skip_reason
+from mpi_util import _shm_names, mpi_skip_reason, remove_mpi_leftovers
 
 LAUNCHES = pytest.StashKey[dict]()
 SESSION_START = pytest.StashKey[float]()
 OUTCOME = pytest.StashKey[multi_gpu.Outcome]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mpi_segments_left_behind():
+    """Whatever MPI segments the session's jobs left in /dev/shm (aborted on purpose, killed on a
+    timeout) and no process still holds are removed at its end; the per-test clean-ups
+    (mpi_util.run_in_group, aborted_job_shm) run while a killed rank may still map them."""
+    before = _shm_names()
+    yield
+    remove_mpi_leftovers(before)
 
 
 def pytest_addoption(parser):

@@ -141,10 +141,14 @@ def _open_or_mapped_paths() -> set:
     return paths
 
 
+#: what MPI implementations put in /dev/shm (MPICH; Open MPI's sm and vader transports)
+MPI_SHM_PREFIXES = ("mpich_shm_", "sm_segment.", "vader_segment.")
+
+
 def remove_mpi_leftovers(before: set) -> None:
-    """A job that aborts leaves MPICH's own ``/dev/shm/mpich_shm_*`` segment behind: remove
-    those that appeared since ``before`` and that no process has open or mapped."""
-    new = [n for n in _shm_names() - before if n.startswith("mpich_shm_")]
+    """A job that aborts (MPI_Abort, a killed rank) leaves its MPI's ``/dev/shm`` segments
+    behind: remove those that appeared since ``before`` and that no process has open or mapped."""
+    new = [n for n in _shm_names() - before if n.startswith(MPI_SHM_PREFIXES)]
     if not new:
         return
     used = _open_or_mapped_paths()
@@ -259,25 +263,6 @@ def run_mpi_code(code: str, nprocs: int, timeout: float = DEFAULT_TIMEOUT_S,
 
 
 # ----------------------------------------------------------------------------- shared memory
-SHM = Path("/dev/shm")
-
-
-def _mapped_anywhere(path: Path) -> bool:
-    """True when some live process maps or holds ``path`` open (another job's segment)."""
-    name = str(path)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if name in (proc / "maps").read_text():
-                return True
-            if any(os.readlink(fd) == name for fd in (proc / "fd").iterdir()):
-                return True
-        except OSError:
-            continue
-    return False
-
-
 @pytest.fixture
 def aborted_job_shm():
     """Removes the shared-memory segments an MPI job aborted by the test leaves behind.
@@ -286,14 +271,6 @@ def aborted_job_shm():
     MPICH or Open MPI unlink their segments.  Only segments that appeared during the test
     and that no live process holds are removed.
     """
-    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+    before = _shm_names()
     yield
-    if not SHM.is_dir():
-        return
-    for name in set(os.listdir(SHM)) - before:
-        path = SHM / name
-        if name.startswith(("mpich_shm_", "sm_segment.", "vader_segment.")) and not _mapped_anywhere(path):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+    remove_mpi_leftovers(before)
