@@ -155,9 +155,8 @@ class FlashGpuBackend(CudaBackend):
         # so a failure raises on every rank instead of leaving the others in the next collective.
         failure, device_kind = None, None
         try:
-            max_blocks = self._local_settings(cupy, timeout_s, max_threads, slot_bytes, kernel_build, max_blocks,
-                                              tuning_path, protocol, transport)
-            device_kind = self._device_kind
+            max_blocks, device_kind = self._local_settings(cupy, timeout_s, max_threads, slot_bytes, kernel_build,
+                                                           max_blocks, tuning_path, protocol, transport)
         except Exception as exc:
             failure = exc
         problem = _mpi.first_failure(comm, None if failure is None else f"{type(failure).__name__}: {failure}",
@@ -224,8 +223,9 @@ class FlashGpuBackend(CudaBackend):
         return ("oneshot", "twoshot", "nccl")
 
     def _local_settings(self, cupy, timeout_s, max_threads, slot_bytes, kernel_build, max_blocks, tuning_path,
-                        protocol, transport) -> int:
-        """This rank's settings, device facts and tuning table (no collective); the block count."""
+                        protocol, transport) -> tuple:
+        """This rank's settings, device facts and tuning table (no collective); the block count
+        and what kind of GPU this is (ranks compare it: the staged two-shot needs one kind)."""
         self.timeout_s = resolve_timeout(timeout_s)
         self.max_threads = int(max_threads)
         self.slot_bytes = int(slot_bytes)
@@ -241,14 +241,14 @@ class FlashGpuBackend(CudaBackend):
             # waits for its peers the other computes.  All blocks must be resident at
             # once, since block b waits for block b of every peer.
             max_blocks = 2 * self.sm_count
-        self._device_kind = tuple(props.get(k) for k in ("name", "major", "minor", "multiProcessorCount",
-                                                          "sharedMemPerMultiprocessor", "regsPerMultiprocessor"))
+        device_kind = tuple(props.get(k) for k in ("name", "major", "minor", "multiProcessorCount",
+                                                    "sharedMemPerMultiprocessor", "regsPerMultiprocessor"))
         self.table = tuning.load(tuning_path)
         #: "auto" (the table's choice), or "flag" / "ll" forced where they apply
         self.protocol = settings.resolve(settings.PROTOCOL, protocol, "protocol")
         #: "auto", "ipc" or "host" as asked; ``self.ws.transport`` says which one runs
         self.transport = resolve_transport(transport)
-        return max_blocks
+        return max_blocks, device_kind
 
     @property
     def force_launch(self) -> Optional[Force]:
