@@ -133,12 +133,13 @@ def test_every_mode_gives_a_finite_row_on_two_cpu_ranks(tmp_path):
     assert int8["mean_cos"] > int4["mean_cos"] and int8["max_rel_rms"] < int4["max_rel_rms"]
     assert len(data["outliers"]) == 12 and corpus.Corpus.from_json(data).digest() == data["corpus"]["digest"]
     assert np.asarray(data["lossless_sample"]).shape == (8, 384)
+    assert all(r["algos_run"] == ["twoshot"] for r in quantized)  # the CPU backend's auto: two-shot
 
 
 # ----------------------------------------------------------------------------- comparing two runs
-def _result(mean_cos=0.999, top1=1.0, rel=0.01, digest="abc", ranks=2):
+def _result(mean_cos=0.999, top1=1.0, rel=0.01, digest="abc", ranks=2, algos=("twoshot",)):
     row = {"label": "int8 g128", "mean_cos": mean_cos, "top1": top1, "top5": 1.0, "max_rel_rms": rel,
-           "site_rel_rms": {"L0.attn": rel, "L0.ffn": rel}}
+           "site_rel_rms": {"L0.attn": rel, "L0.ffn": rel}, "algos_run": list(algos)}
     return {"backend": "cpu", "ranks": ranks, "dtype": "float32", "queries": 300,
             "corpus": {"digest": digest}, "rows": [row]}
 
@@ -162,3 +163,14 @@ def test_compare_accepts_the_forwards_rounding_and_flags_more(capsys, tmp_path):
     assert compare.main([str(paths[0]), str(paths[0])]) == 0 and "AGREE" in capsys.readouterr().out
     assert compare.main([str(paths[0]), str(paths[1])]) == 1
     assert compare.main([str(paths[0]), str(paths[2])]) == 2
+
+
+def test_compare_refuses_studies_whose_all_reduces_ran_other_algorithms():
+    """One-shot quantizes once and two-shot twice: the GPU's auto (one-shot for small messages)
+    against the CPU's (two-shot) differs by design, not by the forward's rounding."""
+    from flashcomm_cupy.minilm import compare
+    fatal, _ = compare.compare(_result(), _result(algos=("oneshot",)))
+    assert len(fatal) == 1 and "--algo twoshot" in fatal[0] and "int8 g128 ran twoshot vs oneshot" in fatal[0]
+    older = _result()
+    del older["rows"][0]["algos_run"]  # a study from before the field: compared as before
+    assert compare.compare(older, _result(algos=("oneshot",))) == ([], [])

@@ -52,6 +52,12 @@ def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
     shared = [(r, rows_b[r["label"]]) for r in a["rows"] if r["label"] in rows_b]
     if not shared:
         fatal.append("no mode in common")
+    other_algos = [f"{ra['label']} ran {'+'.join(ra['algos_run'])} vs {'+'.join(rb['algos_run'])}"
+                   for ra, rb in shared if ra.get("algos_run") and rb.get("algos_run")
+                   and ra["algos_run"] != rb["algos_run"]]
+    if other_algos:  # one-shot quantizes once, two-shot twice: their errors differ by design
+        fatal.append("different all-reduce algorithms (run the second study with --algo "
+                     f"{'+'.join(shared[0][0]['algos_run'])}): " + "; ".join(other_algos[:3]))
     queries = a.get("queries") or 1
     bad = _compare_lossless(a, b, queries)
     for ra, rb in shared:

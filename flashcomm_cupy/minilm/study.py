@@ -67,6 +67,9 @@ class ModeRow:
     top5: float
     site_rel_rms: Dict[str, float]
     seconds: float
+    #: the algorithms the backend ran for this mode's all-reduces (what ``algo="auto"`` resolved to):
+    #: one-shot quantizes once, two-shot twice, so two studies compare only when these agree
+    algos_run: List[str] = None
 
     @property
     def label(self) -> str:
@@ -160,7 +163,8 @@ def run_minilm_study(communicator, modes: Sequence[Mode], corpus: Corpus, dtype=
         _check_ranks_agree(communicator, emb, mode.label)
         if root:
             rows.append(_measure(mode, emb, lossless, len(corpus.pairs), reducer.rel_rms(),
-                                 total_wire_bytes(mode, dtype.itemsize), time.perf_counter() - start))
+                                 total_wire_bytes(mode, dtype.itemsize), time.perf_counter() - start,
+                                 sorted(reducer.algos_run)))
     if not root:
         return None
     truth = np.arange(len(corpus.pairs))
@@ -191,8 +195,11 @@ class _Reducer:
         self.sq_ref = {s: 0.0 for s in sites(layers)}
         self.count = {s: 0 for s in sites(layers)}
         self.peak = {}
+        self.algos_run = set()
 
     def _all_reduce(self, payload, mode: Mode):
+        if mode is self.mode:
+            self.algos_run.add(self.comm.backend.resolve_algo(payload.nbytes, mode, payload.dtype.itemsize))
         return self.comm.all_reduce(payload, bits=(mode.rs_bits, mode.ag_bits), group_size=mode.group_size,
                                     algo=mode.algo, rotate=mode.rotate, symmetric=mode.symmetric)
 
@@ -255,7 +262,7 @@ def _top_documents(emb: np.ndarray, queries: int) -> np.ndarray:
 
 
 def _measure(mode: Mode, emb: np.ndarray, lossless: np.ndarray, queries: int, site_rel_rms: Dict[str, float],
-             bytes_per_element: float, seconds: float) -> ModeRow:
+             bytes_per_element: float, seconds: float, algos_run: List[str]) -> ModeRow:
     def unit(a):
         return a / np.linalg.norm(a, axis=1, keepdims=True)
 
@@ -264,4 +271,5 @@ def _measure(mode: Mode, emb: np.ndarray, lossless: np.ndarray, queries: int, si
     overlap = [len(set(a) & set(b)) / TOP_K for a, b in zip(top, ref)]
     return ModeRow(mode=mode, bytes_per_element=bytes_per_element, mean_cos=float(cos.mean()),
                    worst_cos=float(cos.min()), top1=float(np.mean(top[:, 0] == ref[:, 0])),
-                   top5=float(np.mean(overlap)), site_rel_rms=site_rel_rms, seconds=seconds)
+                   top5=float(np.mean(overlap)), site_rel_rms=site_rel_rms, seconds=seconds,
+                   algos_run=algos_run)
