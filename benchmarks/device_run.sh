@@ -14,11 +14,12 @@
 # cut cells), and the
 # kernel-profiling stages: ll-ab (the poison protocol's cost in the LL kernels; env BASE_KERNELS), variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
-# SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
+# SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_ROTATE (off, on, both), SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
 # per-instruction source counters as CSV); transports (issue 17; one stage per device call):
 # host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
-# rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model.
+# rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model; hier-parts (issue 20: the hierarchical
+# all-reduce's encode/all-gather/decode apart; env HIER_SIZES).
 # pytest-gpu (alias pytest): the GPU checks as named pytest tests at NP ranks (env PYTEST_GPU, PYTEST_GPU_ARGS,
 # PYTEST_GPU_BUDGET; see the stage).
 # NP defaults to the GPU count.
@@ -144,9 +145,12 @@ for stage in ${STAGES//,/ }; do
         --define-sets "ll-no-read=FC_PROFILE_LL_NO_POISON_READ;ll-no-fail=FC_PROFILE_LL_NO_FAIL_PATH;ll-neither=FC_PROFILE_LL_NO_POISON_READ FC_PROFILE_LL_NO_FAIL_PATH" \
         --only "ll 4K 1shot,ll 4K 2shot,ll 1M 1shot,ll 1M 2shot,llq int4 4K,llq int4 1M" --repeats 7 \
         --json "$OUT/ll-ab-${NP}x-$TAG.json" ;;
+    hier-parts)  # issue 20: the hierarchical all-reduce's parts timed apart (2 GPUs as 2 nodes, NCCL on sockets)
+      run 300 env FLASHCOMM_RANKS_PER_NODE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 $MPI "$NP" \
+        python3 benchmarks/hier_parts.py --sizes "${HIER_SIZES:-16M,64M,256M}" --bits 4,8 --json "$OUT/hier-parts-${NP}x-$TAG.json" ;;
     solo)  # one GPU: compute + HBM side of the kernels (kernel_solo.py), A/B against BASE_KERNELS
       run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
-        --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" \
+        --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" --rotate "${SOLO_ROTATE:-off}" \
         --shape "${SOLO_SHAPE:-256,264,2}" --max-blocks "${SOLO_MAX_BLOCKS:-264}" --slot-kib "${SOLO_SLOT_KIB:-48}" \
         ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} ${SOLO_DEFINE_SETS:+--define-sets "$SOLO_DEFINE_SETS"} ;;
     ncu)  # Nsight Compute on the solo kernel (details into the log)
