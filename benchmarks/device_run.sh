@@ -114,7 +114,9 @@ for stage in ${STAGES//,/ }; do
       # The model wheel (84 MB) cannot travel in one call: see docs/accuracy.md for the two-part carry into /tmp/minilm.
       [ -d /tmp/minilm/site ] && export PYTHONPATH=/tmp/minilm/site${PYTHONPATH:+:$PYTHONPATH}
       CPU_JSON=${MINILM_CPU_JSON:-benchmarks/results/minilm-cpu-2ranks.json}
-      run 450 $MPI "$NP" $FC accuracy --model minilm --backend gpu --corpus "$CPU_JSON" \
+      # --algo twoshot: the CPU backend's auto; the GPU's auto runs one-shot for these messages (one quantization
+      # instead of two), which a comparison must not mix (minilm.compare refuses it)
+      run 450 $MPI "$NP" $FC accuracy --model minilm --backend gpu --corpus "$CPU_JSON" --algo "${MINILM_ALGO:-twoshot}" \
         --json "$OUT/minilm-gpu-${NP}x.json" --plot "$OUT/minilm-gpu-${NP}x.png"
       run 60 python3 -m flashcomm_cupy.minilm.compare "$CPU_JSON" "$OUT/minilm-gpu-${NP}x.json" ;;
     model)
