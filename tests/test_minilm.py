@@ -148,7 +148,7 @@ def test_compare_accepts_the_forwards_rounding_and_flags_more(capsys, tmp_path):
     from flashcomm_cupy.minilm import compare
     a = _result()
     assert compare.compare(a, _result(mean_cos=0.99901, rel=0.01001)) == ([], [])
-    fatal, bad = compare.compare(a, _result(mean_cos=0.998, top1=0.97, rel=0.02))
+    fatal, bad = compare.compare(a, _result(mean_cos=0.998, top1=0.97, rel=0.02))  # 9 queries of 300
     assert not fatal and len(bad) == 1 and "mean cos" in bad[0] and "top1" in bad[0] and "L0.ffn" in bad[0]
     a["lossless_sample"] = [[0.6, 0.8]]
     assert compare.compare(a, dict(_result(), lossless_sample=[[0.600001, 0.8]])) == ([], [])
@@ -174,3 +174,12 @@ def test_compare_refuses_studies_whose_all_reduces_ran_other_algorithms():
     older = _result()
     del older["rows"][0]["algos_run"]  # a study from before the field: compared as before
     assert compare.compare(older, _result(algos=("oneshot",))) == ([], [])
+
+
+def test_retrieval_margin_grows_with_the_queries_that_miss():
+    """3 queries plus the square root of the misses (of the run that misses more)."""
+    from flashcomm_cupy.minilm import compare
+    assert compare.compare(_result(top1=1.0), _result(top1=1.0 - 4 / 300))[1] == []  # 4 <= 3 + 2
+    assert compare.compare(_result(top1=1.0), _result(top1=1.0 - 6 / 300))[1] != []  # 6 > 3 + 2.45
+    assert compare.compare(_result(top1=200 / 300), _result(top1=187 / 300))[1] == []  # 13 <= 3 + 10.6
+    assert compare.compare(_result(top1=200 / 300), _result(top1=185 / 300))[1] != []  # 15 > 3 + 10.7

@@ -12,7 +12,8 @@ a different rounding of the same forward measured: the CPU study re-run
 with every weight matmul in float64 (rounded once to float32) moved
 ``1 - mean cos`` by at most 0.56 % of itself, each site's rel RMS by at most
 0.2 % of itself, and top-1 / top-5 agreement by at most 1 query of 300 (six
-modes, int8 g128 to int4 g128; docs/accuracy.md).  The worst cosine is not
+modes, int8 g128 to int4 g128; docs/accuracy.md).  Retrieval agreement is a
+count of near-ties, so its margin grows with the mode's misses (_query_tolerance).  The worst cosine is not
 compared: it is one text's, and moved by up to 0.013 (int8 g1024).
 CuPy's float32 matmuls must stay float32 (no ``CUPY_TF32=1``).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from typing import List, Tuple
 
@@ -32,7 +34,8 @@ from ..harness.results import read_document
 COS_REL, COS_ABS = 0.05, 2e-6
 #: |delta rel RMS| <= RMS_REL * rel RMS + RMS_ABS, per all-reduce site
 RMS_REL, RMS_ABS = 0.02, 1e-6
-#: top-1 / top-5 agreement may differ by this many queries (near-ties among the documents flip)
+#: top-1 / top-5 agreement may differ by this many queries (near-ties among the documents flip), plus
+#: the square root of the queries that disagree with the lossless run (see _query_tolerance)
 QUERY_FLIPS = 3
 #: the lossless embeddings (unit vectors) of the sample texts: float32 rounding of two forwards differs
 #: by ~1e-7 (TP vs single rank: 1.3e-7); a wrong forward differs at the 1e-2 level
@@ -48,8 +51,8 @@ def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
         fatal.append(f"different TP sizes: {a.get('ranks')} vs {b.get('ranks')} ranks")
     if a.get("dtype") != b.get("dtype"):
         fatal.append(f"different all-reduce payloads: {a.get('dtype')} vs {b.get('dtype')}")
-    rows_b = {r["label"]: r for r in b["rows"]}
-    shared = [(r, rows_b[r["label"]]) for r in a["rows"] if r["label"] in rows_b]
+    rows_b = {_mode_key(r): r for r in b["rows"]}
+    shared = [(r, rows_b[_mode_key(r)]) for r in a["rows"] if _mode_key(r) in rows_b]
     if not shared:
         fatal.append("no mode in common")
     other_algos = [f"{ra['label']} ran {'+'.join(ra['algos_run'])} vs {'+'.join(rb['algos_run'])}"
@@ -66,7 +69,7 @@ def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
         if not _close(ra["mean_cos"], rb["mean_cos"], COS_REL * deficit + COS_ABS):
             why.append(f"mean cos {ra['mean_cos']:.6f} vs {rb['mean_cos']:.6f}")
         for key in ("top1", "top5"):
-            if not _close(ra[key] * queries, rb[key] * queries, QUERY_FLIPS + 1e-9):
+            if not _close(ra[key] * queries, rb[key] * queries, _query_tolerance(ra[key], rb[key], queries)):
                 why.append(f"{key} {100 * ra[key]:.1f} % vs {100 * rb[key]:.1f} %")
         for site, va in ra["site_rel_rms"].items():
             vb = rb["site_rel_rms"].get(site)
@@ -75,6 +78,24 @@ def compare(a: dict, b: dict) -> Tuple[List[str], List[str]]:
         if why:
             bad.append(f"{ra['label']}: " + "; ".join(why))
     return fatal, bad
+
+
+def _query_tolerance(agree_a: float, agree_b: float, queries: int) -> float:
+    """How many queries two runs' retrieval agreement may differ by: QUERY_FLIPS + sqrt(misses).
+
+    A query whose neighbours differ from the lossless run's sits near a tie, and a different
+    rounding of the forward re-draws which of those near-ties flip; with ``misses`` such queries
+    the count spreads by about its square root (2xH200 against the CPU run: INT4 modes with 19-105
+    misses differed by 2-6 queries, INT8 modes by at most 3).
+    """
+    misses = queries * (1.0 - min(agree_a, agree_b))
+    return QUERY_FLIPS + math.sqrt(max(misses, 0.0)) + 1e-9
+
+
+def _mode_key(row: dict) -> str:
+    """A row's mode without the forced algorithm (``int8 g32 [twoshot]`` -> ``int8 g32``): which
+    algorithm ran is compared through ``algos_run``, so an ``auto`` study meets a forced one."""
+    return re.sub(r" \[\w+\]$", "", row["label"])
 
 
 def _close(x, y, tolerance) -> bool:
@@ -125,7 +146,7 @@ def main(argv=None) -> int:
         print(f"DISAGREE beyond the forward's rounding in {len(bad)} modes:\n  " + "\n  ".join(bad))
         return 1
     print(f"AGREE: every shared mode within the forward's rounding (mean cos {COS_REL:g} x (1 - cos) + {COS_ABS:g}, "
-          f"rel RMS {RMS_REL:g} x + {RMS_ABS:g}, retrieval {QUERY_FLIPS} queries)")
+          f"rel RMS {RMS_REL:g} x + {RMS_ABS:g}, retrieval {QUERY_FLIPS} + sqrt(misses) queries)")
     return 0
 
 
