@@ -11,7 +11,10 @@ With one GPU per simulated node and NCCL forced onto its socket transport
   all-gather of the codes, decode and sum, one after another;
 * ``ag``: NCCL's all-gather of exactly the bytes ``hier`` all-gathers
   (``quant.wire_nbytes`` of the padded message), alone;
-* ``local = hier - ag``: what encode, decode, the sums and the launches add.
+* ``local``: ``hier`` with the backend's NCCL all-gather replaced by nothing (results wrong,
+  time right): encode, decode, the sums and the launches alone;
+* ``hier - ag - local``: what running them one after another with the all-gather costs beyond
+  the sum of the parts (the all-gather slower inside the call than alone, say).
 
 ``flat / ag`` is the most a scheme that all-gathers these codes through NCCL
 can gain, however well it overlaps its local work; ``flat / hier`` is what the
@@ -51,6 +54,17 @@ def timed_ms(mpi, fn, iters: int, repeats: int) -> float:
     return mpi.allreduce(float(np.median(samples)), op=_max())
 
 
+def _local_only_ms(mpi, comm, call, iters: int, repeats: int) -> float:
+    """``call``'s time with the hierarchical backend's inter-node all-gather made a no-op."""
+    handle = comm.backend.nccl
+    real = handle.all_gather
+    handle.all_gather = lambda *args, **kwargs: None
+    try:
+        return timed_ms(mpi, call, iters, repeats)
+    finally:
+        handle.all_gather = real
+
+
 def _max():
     from mpi4py import MPI
     return MPI.MAX
@@ -82,7 +96,7 @@ def main(argv=None) -> int:
     stream = cupy.cuda.get_current_stream()
     rows = []
     if rank == 0:
-        print(f"{'size':>6} {'mode':>6} {'flat ms':>9} {'hier ms':>9} {'ag ms':>9} {'local ms':>9} "
+        print(f"{'size':>6} {'mode':>6} {'flat ms':>9} {'hier ms':>9} {'ag ms':>9} {'local ms':>9} {'rest ms':>8} "
               f"{'ag MB':>8} {'ag GB/s':>8} {'flat GB/s':>9} {'flat/hier':>9} {'flat/ag':>8}", flush=True)
     for size_text in args.sizes.split(","):
         nbytes = parse_size(size_text)
@@ -102,12 +116,16 @@ def main(argv=None) -> int:
                                                           algo="hierarchical", out=y), args.iters, args.repeats)
             ag = timed_ms(mpi, lambda: raw.allGather(send.data.ptr, recv.data.ptr, chunk, nccl.NCCL_UINT8,
                                                       stream.ptr), args.iters, args.repeats)
+            local = _local_only_ms(mpi, comm, lambda: comm.all_reduce(x, bits=bits_value, group_size=args.group_size,
+                                                                      algo="hierarchical", out=y),
+                                   args.iters, args.repeats)
             row = {"bytes": nbytes, "mode": f"int{bits}", "flat_ms": flat, "hier_ms": hier, "ag_ms": ag,
-                   "local_ms": hier - ag, "ag_bytes": chunk, "ag_gbps": chunk / ag / 1e6,
+                   "local_ms": local, "rest_ms": hier - ag - local, "ag_bytes": chunk, "ag_gbps": chunk / ag / 1e6,
                    "flat_gbps": nbytes / flat / 1e6, "flat_over_hier": flat / hier, "flat_over_ag": flat / ag}
             rows.append(row)
             if rank == 0:
-                print(f"{size_text:>6} {row['mode']:>6} {flat:9.2f} {hier:9.2f} {ag:9.2f} {hier - ag:9.2f} "
+                print(f"{size_text:>6} {row['mode']:>6} {flat:9.2f} {hier:9.2f} {ag:9.2f} {local:9.2f} "
+                      f"{hier - ag - local:8.2f} "
                       f"{chunk / 1e6:8.1f} {row['ag_gbps']:8.2f} {row['flat_gbps']:9.2f} "
                       f"{row['flat_over_hier']:8.2f}x {row['flat_over_ag']:7.2f}x", flush=True)
     comm.close()
