@@ -1,0 +1,54 @@
+"""The plans of the flag two-shot's halves (the hierarchical all-reduce's node-local steps)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from flashcomm_cupy.backends.flash.plan import PHASE_KERNELS, select_phase_plan, select_plan
+from flashcomm_cupy.config import Mode
+from flashcomm_cupy.reference import SegmentLayout
+from test_plan import H200, DTYPES, MODES, SHIPPED, SIZES, check_plan, limits
+
+PHASES = tuple(PHASE_KERNELS)
+
+
+@pytest.mark.parametrize("world", range(2, 9))
+def test_both_halves_cut_the_message_as_the_flag_twoshot_and_the_reference(world):
+    lim = limits(world)
+    for n, dtype, mode in itertools.product(SIZES, DTYPES, MODES + [Mode.make(4, 128, algo="hierarchical")]):
+        rs, ag = (select_phase_plan(n, dtype, mode, phase, world=world, table=SHIPPED, limits=lim) for phase in PHASES)
+        assert (rs.kernel, ag.kernel) == ("fc_reduce_scatter", "fc_all_gather")
+        assert replace(rs, kernel="") == replace(ag, kernel="")  # one shard layout for both halves
+        assert rs.algo == "twoshot" and rs.protocol == "flag" and rs.smem == 0
+        check_plan(replace(rs, kernel="fc_twoshot"), n, dtype, mode, world, lim)
+        if not mode.lossless:  # the shard is the reference's segment (lossless: whole 32-element units)
+            assert rs.seg_elems == SegmentLayout(n, world, mode.group_size).segment_elems
+
+
+def test_the_halves_never_run_staged_or_ll_whatever_the_settings():
+    """Where the table's row asks for LL (1 MB) or the staged two-shot (32 MB) the halves still run
+    the flag protocol, at that row's best flag shape."""
+    world, lim = 2, limits(2, card=H200, per_sm=2)
+    mode = Mode.make(4, 128)
+    for n, flat in ((1 << 20, "ll"), (1 << 24, "staged")):
+        assert select_plan(n, "bfloat16", mode, world=world, table=SHIPPED, limits=lim).protocol == flat
+        for phase in PHASES:
+            plan = select_phase_plan(n, "bfloat16", mode, phase, world=world, table=SHIPPED, limits=lim)
+            assert plan.protocol == "flag" and plan.kernel == PHASE_KERNELS[phase]
+
+
+def test_a_forced_launch_shapes_the_halves():
+    lim = limits(4)
+    force = (128, 3, 2)
+    plan = select_phase_plan(1 << 20, "float16", Mode.make(4, 128), "all_gather", world=4, table=SHIPPED,
+                             limits=lim, force=force)
+    assert (plan.threads, plan.blocks, plan.units) == (128, 3, 2)
+
+
+def test_unknown_phases_and_single_ranks_are_refused():
+    with pytest.raises(ValueError, match="phase must be one of"):
+        select_phase_plan(100, "float16", Mode.make(4), "all_reduce", world=2, table=SHIPPED, limits=limits(2))
+    with pytest.raises(ValueError, match="two or more ranks"):
+        select_phase_plan(100, "float16", Mode.make(4), "reduce_scatter", world=1, table=SHIPPED, limits=limits(1))
