@@ -93,15 +93,16 @@ class HierarchicalGpuBackend(CudaBackend):
     baseline_algo = "nccl"
 
     #: options of the flash backend passed to the node's flash backend (several GPUs per node)
-    FLASH_OPTIONS = ("timeout_s", "max_blocks")
+    FLASH_OPTIONS = ("timeout_s", "max_blocks", "transport")
     #: options of the flash backend accepted, as by the NCCL backend, without effect here
     IGNORED_OPTIONS = ("workspace_bytes", "protocol")
 
     def __init__(self, comm, nodes: NodeLayout, device=None, validate: bool = False, **options):
         unknown = set(options) - set(self.IGNORED_OPTIONS) - set(self.FLASH_OPTIONS)
         if unknown:
-            raise TypeError(f"unknown option(s) for the hierarchical backend: {sorted(unknown)}"
-                            " (it accepts device=, validate=, ranks_per_node=, timeout_s= and max_blocks=)")
+            accepted = ", ".join(f"{o}=" for o in ("device", "validate", "ranks_per_node") + self.FLASH_OPTIONS)
+            raise TypeError(f"unknown option(s) for the hierarchical backend: {sorted(unknown)} (it accepts "
+                            f"{accepted})")
         nodes.require_uniform()
         self.mpi_comm = comm
         self.rank = comm.Get_rank()
@@ -120,7 +121,7 @@ class HierarchicalGpuBackend(CudaBackend):
                 self._cross_comm = comm.Split(color=local, key=node)
                 self.flash = self._node_flash_backend(comm, {k: v for k, v in options.items()
                                                               if k in self.FLASH_OPTIONS and v is not None})
-            # One GPU per node: the cross-node communicator is the whole one, in node order.
+            # (one GPU per node: the cross-node communicator is the whole one, in node order)
             self.nccl = NcclCommunicatorHandle(comm if self._cross_comm is None else self._cross_comm)
         except BaseException:
             self._release()
@@ -196,9 +197,11 @@ class HierarchicalGpuBackend(CudaBackend):
             stream.synchronize()
 
     def synchronize(self):
+        """Wait for this rank's calls; raise a failed intra-node call's error."""
         import cupy
+        if self.flash is not None:
+            self.flash.synchronize()  # its own bound on the node's work, then the error record
         cupy.cuda.Device().synchronize()
-        self.check()
 
     def close(self):
         self._release()
