@@ -102,7 +102,7 @@ def test_a_node_flash_backend_failing_on_one_rank_raises_on_every_rank_and_leave
     # another rank's failed: this rank closes its own and names the other
     stubbed["Flash"].fail = None
     comm = FakeComm(3, 4, failures=["RuntimeError: no peer access", None, None, None])
-    with pytest.raises(RuntimeError, match="rank 0: RuntimeError: no peer access"):
+    with pytest.raises(RuntimeError, match="flash backend of a node could not start on another rank .rank 0: RuntimeError: no peer access"):
         HierarchicalGpuBackend(comm, NodeLayout.blocks(4, 2))
     assert stubbed["closed"] == ["flash"] and all(sub.freed for sub in comm.splits) and stubbed["nccl"] == []
 

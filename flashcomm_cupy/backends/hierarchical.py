@@ -137,13 +137,12 @@ class HierarchicalGpuBackend(CudaBackend):
             flash = FlashGpuBackend(self._node_comm, device=self.device_id, **options)
         except Exception as exc:
             failure = exc
-        problem = _mpi.first_failure(comm, None if failure is None else f"{type(failure).__name__}: {failure}",
-                                     name_rank=True)
-        if failure is not None:
-            raise failure
-        if problem:
-            flash.close()
-            raise RuntimeError(f"flashcomm: the flash backend of another node could not start ({problem})")
+        try:
+            _mpi.raise_everywhere(comm, failure, "the flash backend of a node")
+        except RuntimeError:
+            if flash is not None:
+                flash.close()
+            raise
         return flash
 
     # ------------------------------------------------------------------ interface

@@ -159,12 +159,7 @@ class FlashGpuBackend(CudaBackend):
                                                            max_blocks, tuning_path, protocol, transport)
         except Exception as exc:
             failure = exc
-        problem = _mpi.first_failure(comm, None if failure is None else f"{type(failure).__name__}: {failure}",
-                                     name_rank=True)
-        if failure is not None:
-            raise failure
-        if problem:
-            raise RuntimeError(f"flashcomm: the flash backend could not start on another rank ({problem})")
+        _mpi.raise_everywhere(comm, failure, "the flash backend")
         # The staged two-shot sizes its grid by an occupancy query on this GPU, and every
         # rank must launch the same grid: it runs only where all ranks have the same GPU.
         self.uniform_gpus = len(set(comm.allgather(device_kind))) == 1
