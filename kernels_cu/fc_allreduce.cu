@@ -52,11 +52,11 @@ extern "C" __global__ void FC_TWOSHOT_BOUNDS fc_twoshot(const __grid_constant__ 
 
 // The two-shot's halves for the hierarchical all-reduce (fc_flag.cuh): in/out as there.
 extern "C" __global__ void __launch_bounds__(512) fc_reduce_scatter(const __grid_constant__ FcArgs a) {
-  fc_reduce_scatter_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
+  fc_twoshot_half_impl<FC_DT, FC_RS_BITS, FC_AG_BITS, true>(a);
 }
 
 extern "C" __global__ void __launch_bounds__(512) fc_all_gather(const __grid_constant__ FcArgs a) {
-  fc_all_gather_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
+  fc_twoshot_half_impl<FC_DT, FC_RS_BITS, FC_AG_BITS, false>(a);
 }
 
 #if FC_RS_BITS != 0 && FC_DT != 2

@@ -223,35 +223,14 @@ __device__ __noinline__ void fc_shard_end(const FcArgs* ap, fc_u32 e) {
   fc_fill_nan_tiles<2>(a.out, a.seg_elems, a.seg_elems, 1, blockDim.x * FC_ELEMS * a.units);
 }
 
-// Reduce-scatter half: in = my input (DT, a.n elements), out = my float32 shard.
-template <int DT, int RSB, int AGB>
-__device__ void fc_reduce_scatter_impl(const FcArgs& a) {
-  __shared__ fc_u32 s_epoch;
-  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
-  fc_v4* const stage = fc_warp_stage(s_stage);
-  const FcTile<RSB> L(a);
-  unsigned char* my_ws = fc_ws(a, a.rank);
-  const fc_i64 ntiles = L.ntiles(a);
-  fc_u32 e = fc_begin(a, a.ts_epoch_off, &s_epoch);
-  float v[FC_ELEMS];
-  for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
-    ++e;
-    const fc_i64 toff = ti * L.tile;
-    const fc_i64 nchunk = min(L.tile, a.seg_elems - toff);
-    fc_twoshot_reduce_scatter<DT, RSB>(a, L, toff, nchunk, v, stage);
-    fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
-    fc_twoshot_owner_shard<DT, RSB>(a, L, toff, nchunk, v, stage);
-    // "my RS slots are read": nobody writes them again before this signal
-    fc_signal_peers(a.peers, a.ag_flags_off, a.rank, a.world, a.max_blocks, e);
-    fc_wait_peers(my_ws, a.ag_flags_off, a.max_blocks, e, fc_wait_ctx(a));
-  }
-  fc_shard_end(&a, e);
-}
-
-// All-gather half: in = my float32 shard (the total), out = the result (DT, a.n elements).
-template <int DT, int RSB, int AGB>
-__device__ void fc_all_gather_impl(const FcArgs& a) {
+// One half of the two-shot: RS true, the reduce-scatter half (in = my input,
+// DT, a.n elements; out = my float32 shard); RS false, the all-gather half
+// (in = my float32 shard, the total; out = the result, DT, a.n elements).
+// Per tile both rounds of signals, as fc_twoshot_impl: the reduce-scatter
+// half's second signal says "my RS slots are read", the all-gather half's
+// first "my AG slots are read" (the previous round's all-gather is done).
+template <int DT, int RSB, int AGB, bool RS>
+__device__ void fc_twoshot_half_impl(const FcArgs& a) {
   __shared__ fc_u32 s_epoch;
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   fc_v4* const stage = fc_warp_stage(s_stage);
@@ -265,15 +244,21 @@ __device__ void fc_all_gather_impl(const FcArgs& a) {
     ++e;
     const fc_i64 toff = ti * L.tile;
     const fc_i64 nchunk = min(L.tile, a.seg_elems - toff);
-    // "my AG slots are read" (the previous round's all-gather is done everywhere)
+    if constexpr (RS) fc_twoshot_reduce_scatter<DT, RSB>(a, L, toff, nchunk, v, stage);
     fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
-    fc_twoshot_owner_from_shard<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
+    if constexpr (RS)
+      fc_twoshot_owner_shard<DT, RSB>(a, L, toff, nchunk, v, stage);
+    else
+      fc_twoshot_owner_from_shard<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
     fc_signal_peers(a.peers, a.ag_flags_off, a.rank, a.world, a.max_blocks, e);
     fc_wait_peers(my_ws, a.ag_flags_off, a.max_blocks, e, fc_wait_ctx(a));
-    fc_twoshot_all_gather<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
+    if constexpr (!RS) fc_twoshot_all_gather<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
   }
-  fc_flag_end<DT, false>(&a, e);
+  if constexpr (RS)
+    fc_shard_end(&a, e);
+  else
+    fc_flag_end<DT, false>(&a, e);
 }
 
 // ------------------------------------------------------------------ staged two-shot
