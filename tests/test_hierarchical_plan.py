@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import itertools
+import types
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
+from flashcomm_cupy.backends.flash import backend as flash_backend
+from flashcomm_cupy.backends.flash.layout import FLAG_ROTATE
 from flashcomm_cupy.backends.flash.plan import PHASE_KERNELS, select_phase_plan, select_plan
 from flashcomm_cupy.config import Mode
 from flashcomm_cupy.reference import SegmentLayout
@@ -52,3 +56,48 @@ def test_unknown_phases_and_single_ranks_are_refused():
         select_phase_plan(100, "float16", Mode.make(4), "all_reduce", world=2, table=SHIPPED, limits=limits(2))
     with pytest.raises(ValueError, match="two or more ranks"):
         select_phase_plan(100, "float16", Mode.make(4), "reduce_scatter", world=1, table=SHIPPED, limits=limits(1))
+
+
+# --------------------------------------------------------------------------- the flash backend's halves, faked GPU
+from test_flash_backend import _Array, _Comm, fake_gpu  # noqa: E402,F401  (fake_gpu: the fixture)
+
+
+class _Shard(_Array):
+    def __init__(self, n, ptr=0x3000, dtype=np.float32):
+        super().__init__(n, ptr)
+        self.dtype = np.dtype(dtype)
+        self.flags = types.SimpleNamespace(c_contiguous=True)
+
+
+def test_the_flash_backend_launches_each_half_with_its_plan(fake_gpu):
+    seen, table = fake_gpu
+    b = flash_backend.FlashGpuBackend(_Comm(), tuning_path=table)
+    mode, n = Mode.make(4, 128, rotate=True, algo="hierarchical"), 100_003
+    seg = b.shard_elems(n, np.float16, mode)
+    assert seg == SegmentLayout(n, 2, 128).segment_elems
+    b.reduce_scatter(_Array(n, 0x1000), _Shard(seg), mode)
+    b.all_gather(_Shard(seg), _Array(n, 0x2000), mode)
+    for (name, grid, block, args, smem), phase, ptrs in zip(
+            seen["launches"], PHASES, ((0x1000, 0x3000), (0x3000, 0x2000))):
+        want = select_phase_plan(n, "float16", mode, phase, world=2, table=b.table, limits=b.limits)
+        assert (name, grid, block, smem) == (want.kernel, (want.blocks,), (want.threads,), 0)
+        assert (int(args["in_ptr"]), int(args["out_ptr"]), int(args["n"])) == ptrs + (n,)
+        assert (int(args["seg_elems"]), int(args["units"]), int(args["flags"])) == (seg, want.units, FLAG_ROTATE)
+    b.close()
+
+
+def test_a_wrong_shard_or_a_failed_call_launches_nothing(fake_gpu):
+    seen, table = fake_gpu
+    b = flash_backend.FlashGpuBackend(_Comm(), tuning_path=table)
+    mode, n = Mode.make(4), 4099
+    seg = b.shard_elems(n, np.float16, mode)
+    for shard in (_Shard(seg + 128), _Shard(seg, dtype=np.float16)):
+        with pytest.raises(ValueError, match=f"contiguous float32 array of {seg} elements"):
+            b.reduce_scatter(_Array(n), shard, mode)
+        with pytest.raises(ValueError, match=f"contiguous float32 array of {seg} elements"):
+            b.all_gather(shard, _Array(n, 0x2000), mode)
+    b.flash_ws.error[0], b.flash_ws.error[2], b.flash_ws.error[6] = 2, 1, 1  # rank 1 gave up
+    with pytest.raises(Exception, match="rank 1 gave up"):
+        b.all_gather(_Shard(seg), _Array(n, 0x2000), mode)
+    assert not seen["launches"]
+    b.close()
