@@ -43,6 +43,7 @@ import numpy as np
 from .. import _kernels, _mpi, hadamard, quant
 from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
+from ..errors import resolve_timeout
 from ..reference import SegmentLayout
 from ..topology import NodeLayout
 from .cuda_util import CudaBackend, select_device
@@ -109,6 +110,8 @@ class HierarchicalGpuBackend(CudaBackend):
         self.world_size = comm.Get_size()
         self.nodes = nodes
         self.validate = bool(validate)
+        #: the bound of every wait for the inter-node NCCL calls (and of the node's flash kernels)
+        self.timeout_s = resolve_timeout(options.get("timeout_s"))
         self.device_id = select_device(comm, device)
         self.flash = None
         self._node_comm = self._cross_comm = None
@@ -190,17 +193,18 @@ class HierarchicalGpuBackend(CudaBackend):
             self.flash.check()
 
     def wait(self, stream):
-        if self.flash is not None:
-            self.flash.wait(stream)
-        else:
-            stream.synchronize()
+        """Wait (bounded: past ``timeout_s`` the inter-node NCCL communicator is aborted and this
+        raises) for ``stream``'s work, then :meth:`check`."""
+        self.nccl.wait_streams([stream.ptr], self.timeout_s)
+        self.check()
 
     def synchronize(self):
-        """Wait for this rank's calls; raise a failed intra-node call's error."""
+        """Wait for this rank's calls (the inter-node ones bounded as in :meth:`wait`); raise a
+        failed call's error."""
         import cupy
-        if self.flash is not None:
-            self.flash.synchronize()  # its own bound on the node's work, then the error record
+        self.nccl.wait_streams(None, self.timeout_s)
         cupy.cuda.Device().synchronize()
+        self.check()
 
     def close(self):
         self._release()
