@@ -101,3 +101,30 @@ def test_a_wrong_shard_or_a_failed_call_launches_nothing(fake_gpu):
         b.all_gather(_Shard(seg), _Array(n, 0x2000), mode)
     assert not seen["launches"]
     b.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lossless_shards_of_whole_units_give_the_references_bits(dtype):
+    """Lossless halves cut segments of 32-element units, not of the mode's groups (the reference's
+    SegmentLayout): the hierarchical sum composed over those shards is still the reference's."""
+    from flashcomm_cupy.dtypes import DTYPES as NP_DTYPES, from_f32, to_f32
+    from flashcomm_cupy.reference import (flash_all_reduce_reference, gather_segment, reduce_owner_segment,
+                                          sum_decoded)
+    from flashcomm_cupy.topology import NodeLayout
+    nodes, per_node, n = 2, 3, 1000
+    mode = Mode.make(None, 128, algo="hierarchical")
+    rng = np.random.default_rng(3)
+    ins = [rng.standard_normal(n).astype(np.float32).astype(NP_DTYPES[dtype]) for _ in range(nodes * per_node)]
+    seg = select_phase_plan(n, dtype, mode, "reduce_scatter", world=per_node, table=SHIPPED,
+                            limits=limits(per_node)).seg_elems
+    assert seg != SegmentLayout(n, per_node, 128).segment_elems  # the case this test is about
+    padded = [np.concatenate([to_f32(x), np.zeros(seg * per_node - n, np.float32)]) for x in ins]
+    full = np.empty(seg * per_node, np.float32)
+    for p in range(per_node):
+        part = slice(p * seg, (p + 1) * seg)
+        shards = [reduce_owner_segment(p, [padded[k * per_node + q][part] for q in range(per_node)], mode)
+                  for k in range(nodes)]
+        full[part] = gather_segment(sum_decoded(shards, mode), mode, NP_DTYPES[dtype])
+    want = flash_all_reduce_reference(ins, mode=mode, nodes=NodeLayout.blocks(nodes * per_node, per_node))[0]
+    got = from_f32(full[:n], NP_DTYPES[dtype])
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
