@@ -41,6 +41,7 @@
 // The reduce-scatter-only and all-gather-only kernels (the node-local halves
 // of the hierarchical all-reduce, below fc_twoshot_impl) are these phases
 // with one change each: the shard between them travels in float32.
+
 // 1. reduce-scatter: my contribution to every other owner's tile.
 template <int DT, int RSB>
 __device__ __forceinline__ void fc_twoshot_reduce_scatter(const FcArgs& a, const FcTile<RSB>& L, fc_i64 toff,
