@@ -73,23 +73,27 @@ def stubbed(monkeypatch):
 
 def test_several_gpus_per_node_build_the_node_flash_backend_and_the_cross_node_nccl(stubbed):
     """Rank 6 of 2 nodes x 4 ranks is local rank 2 of node 1: the node's ranks in local order run the
-    flash backend (with the flash options given), the ranks of local rank 2 in node order NCCL."""
+    flash backend (with the flash options given), the ranks of local rank 2 in node order the
+    inter-node NCCL; flat NCCL (the lossless auto choice and the baseline) spans every rank."""
     comm = FakeComm(6, 8)
     backend = HierarchicalGpuBackend(comm, NodeLayout.blocks(8, 4), timeout_s=7, max_blocks=None, protocol="ll")
     node, cross = comm.splits
     assert (node.name, cross.name) == ("split(color=1, key=2)", "split(color=2, key=1)")
     assert stubbed["flash"] == [(node, {"device": 3, "timeout_s": 7})]
-    assert stubbed["nccl"] == [cross]
+    assert stubbed["nccl"] == [comm, cross]
     assert backend.describe_layout()["intra_node"] == "flash two-shot halves"
     backend.close()
-    assert node.freed and cross.freed and stubbed["closed"] == ["flash", "nccl"]
+    assert node.freed and cross.freed and stubbed["closed"] == ["flash", "nccl", "nccl"]
 
 
 def test_one_gpu_per_node_splits_nothing_and_runs_nccl_on_the_whole_communicator(stubbed):
     comm = FakeComm(1, 2)
     backend = HierarchicalGpuBackend(comm, NodeLayout.blocks(2, 1), timeout_s=7)
     assert comm.splits == [] and stubbed["flash"] == [] and stubbed["nccl"] == [comm]
+    assert backend.cross_nccl is backend.nccl
     assert backend.describe_layout()["intra_node"] == "none (one GPU per node)"
+    backend.close()
+    assert stubbed["closed"] == ["nccl"]  # the one handle, once
 
 
 def test_a_node_flash_backend_failing_on_one_rank_raises_on_every_rank_and_leaves_nothing(stubbed):

@@ -115,7 +115,9 @@ class HierarchicalGpuBackend(CudaBackend):
         self.device_id = select_device(comm, device)
         self.flash = None
         self._node_comm = self._cross_comm = None
-        self.nccl = None
+        #: NCCL over every rank (the flat baseline); ``cross_nccl``: over this rank's cross-node
+        #: communicator, the same handle when each node holds one rank
+        self.nccl = self.cross_nccl = None
         node, local = nodes.node_of(self.rank), nodes.local_rank(self.rank)
         try:
             if nodes.ranks_per_node > 1:
@@ -124,8 +126,9 @@ class HierarchicalGpuBackend(CudaBackend):
                 self._cross_comm = comm.Split(color=local, key=node)
                 self.flash = self._node_flash_backend(comm, {k: v for k, v in options.items()
                                                               if k in self.FLASH_OPTIONS and v is not None})
+            self.nccl = NcclCommunicatorHandle(comm)
             # (one GPU per node: the cross-node communicator is the whole one, in node order)
-            self.nccl = NcclCommunicatorHandle(comm if self._cross_comm is None else self._cross_comm)
+            self.cross_nccl = self.nccl if self._cross_comm is None else NcclCommunicatorHandle(self._cross_comm)
         except BaseException:
             self._release()
             raise
@@ -184,7 +187,7 @@ class HierarchicalGpuBackend(CudaBackend):
             return out
         plan = self._plan(int(x.size), name, mode)
         with stream:
-            plan.run(x.reshape(-1), out.reshape(-1), self.nccl, stream)
+            plan.run(x.reshape(-1), out.reshape(-1), self.cross_nccl, stream)
         return out
 
     def check(self):
@@ -195,14 +198,16 @@ class HierarchicalGpuBackend(CudaBackend):
     def wait(self, stream):
         """Wait (bounded: past ``timeout_s`` the inter-node NCCL communicator is aborted and this
         raises) for ``stream``'s work, then :meth:`check`."""
-        self.nccl.wait_streams([stream.ptr], self.timeout_s)
+        for handle in self._nccl_handles():
+            handle.wait_streams([stream.ptr], self.timeout_s)
         self.check()
 
     def synchronize(self):
         """Wait for this rank's calls (the inter-node ones bounded as in :meth:`wait`); raise a
         failed call's error."""
         import cupy
-        self.nccl.wait_streams(None, self.timeout_s)
+        for handle in self._nccl_handles():
+            handle.wait_streams(None, self.timeout_s)
         cupy.cuda.Device().synchronize()
         self.check()
 
@@ -214,13 +219,17 @@ class HierarchicalGpuBackend(CudaBackend):
         if self.flash is not None:
             self.flash.close()
             self.flash = None
-        if self.nccl is not None:
-            self.nccl.close()
-            self.nccl = None
+        for handle in self._nccl_handles():
+            handle.close()
+        self.nccl = self.cross_nccl = None
         for sub in (self._node_comm, self._cross_comm):
             if sub is not None:
                 _mpi.free(sub)
         self._node_comm = self._cross_comm = None
+
+    def _nccl_handles(self) -> list:
+        """The NCCL handles that exist, each once."""
+        return list({id(h): h for h in (self.nccl, self.cross_nccl) if h is not None}.values())
 
     def describe(self):
         info = super().describe()

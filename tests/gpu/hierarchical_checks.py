@@ -98,6 +98,22 @@ def check_graph(ck: Checker, replays: int):
                                   nodes=backend.nodes)
 
 
+def check_flat_nccl(ck: Checker):
+    """``algo="nccl"`` (and lossless ``auto``) sums over every rank, not over one cross-node group:
+    integer-valued inputs, so NCCL's order gives the exact sum."""
+    import cupy
+    n = 10_007
+    want = sum((r + 1) * (np.arange(n) % 7) for r in range(ck.world)).astype(np.float32)
+    x = cupy.asarray(((ck.rank + 1) * (np.arange(n) % 7)).astype(np.float32))
+    for algo in ("nccl", "auto"):
+        out = cupy.full_like(x, np.nan)
+        ck.comm.backend.all_reduce(x, out, Mode.make(None, 128, False, False, algo))
+        ck.comm.backend.synchronize()
+        ck.count += 1
+        if not np.array_equal(out.get(), want):
+            ck.fail(f"flat {algo}: rank {ck.rank} does not hold the sum over all {ck.world} ranks")
+
+
 def check_twoshot_halves(ck: Checker, flash, sizes):
     """The flash backend's reduce-scatter half then all-gather half, composed on one node: every
     rank's shard is the reference's owner sum (``reduce_owner_segment``, rotated domain) and the

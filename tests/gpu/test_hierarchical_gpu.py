@@ -101,9 +101,11 @@ def test_twoshot_halves_compose_to_the_twoshot(ctx):
 @pytest.mark.multi_gpu(4)
 def test_two_nodes_of_two_gpus(ctx):
     """2 nodes x 2 GPUs: the halves inside each node, NCCL on sockets between them; exact for every
-    dtype, codec, rotation and symmetry, non-finite inputs, and CUDA-graph replays."""
-    from hierarchical_checks import check_exact, check_graph, check_nonfinite
+    dtype, codec, rotation and symmetry, non-finite inputs, and CUDA-graph replays; flat NCCL over
+    all four ranks."""
+    from hierarchical_checks import check_exact, check_flat_nccl, check_graph, check_nonfinite
     ck = ctx.nodes_of(2)
+    check_flat_nccl(ck)
     check_exact(ck, ctx.sizes(), (32, 128) if not ctx.quick else (128,))
     check_nonfinite(ck)
     check_graph(ck, 2)
