@@ -146,6 +146,18 @@ def first_failure(comm, failure: Optional[str], name_rank: bool = False) -> Opti
     return first
 
 
+def raise_everywhere(comm, failure: Optional[BaseException], what: str) -> None:
+    """End a local step that may fail on some ranks only (collective): re-raise this rank's
+    ``failure``, else raise RuntimeError naming the first rank whose ``what`` failed, else return.
+    Every rank leaves together instead of some waiting in the next collective."""
+    problem = first_failure(comm, None if failure is None else f"{type(failure).__name__}: {failure}",
+                            name_rank=True)
+    if failure is not None:
+        raise failure
+    if problem:
+        raise RuntimeError(f"flashcomm: {what} could not start on another rank ({problem})")
+
+
 def clean_version(text: str) -> str:
     """First line of a library's version string, without the NUL terminator Open MPI includes."""
     lines = text.replace("\x00", "").strip().splitlines()

@@ -56,7 +56,7 @@ class Communicator:
         "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
         back to NCCL, with one warning naming the reason, when CUDA IPC or
         peer access does not work between the ranks; when the ranks span
-        nodes it is the hierarchical backend (one GPU per node).
+        nodes it is the hierarchical backend.
     **options
         Passed to the backend (e.g. ``timeout_s``, ``validate``,
         ``workspace_bytes``, ``transport`` for the GPU backend: "auto",

@@ -19,7 +19,7 @@
 //   fc_transport.cuh   where rank k's workspace is (peer stores), the slot addresses
 //   fc_poison.cuh      a kernel call's start and end under the poison protocol
 //   fc_reduce.cuh      a lane's unit: load my input, receive, sum, store
-//   fc_flag.cuh        flag kernels: two-shot, staged two-shot, one-shot
+//   fc_flag.cuh        flag kernels: two-shot, its halves, staged two-shot, one-shot
 //   fc_ll_kernels.cuh  lossless LL one-shot and two-shot
 //   fc_llq_kernels.cuh quantized LL two-shot and one-shot
 #include "fc_common.cuh"
@@ -48,6 +48,15 @@
 // FC_TWOSHOT_BOUNDS: 512 threads, or an occupancy experiment's (fc_profile.cuh).
 extern "C" __global__ void FC_TWOSHOT_BOUNDS fc_twoshot(const __grid_constant__ FcArgs a) {
   fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
+}
+
+// The two-shot's halves for the hierarchical all-reduce (fc_flag.cuh): in/out as there.
+extern "C" __global__ void __launch_bounds__(512) fc_reduce_scatter(const __grid_constant__ FcArgs a) {
+  fc_twoshot_half_impl<FC_DT, FC_RS_BITS, FC_AG_BITS, true>(a);
+}
+
+extern "C" __global__ void __launch_bounds__(512) fc_all_gather(const __grid_constant__ FcArgs a) {
+  fc_twoshot_half_impl<FC_DT, FC_RS_BITS, FC_AG_BITS, false>(a);
 }
 
 #if FC_RS_BITS != 0 && FC_DT != 2

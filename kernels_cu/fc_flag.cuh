@@ -38,15 +38,9 @@
 // owner reads my RS slots once every source has signalled and writes my AG
 // slot at every peer; all_gather reads my AG slots once every owner has
 // signalled.
-// Reduce-scatter-only and all-gather-only kernels (a hierarchical all-reduce's
-// node-local halves) are these phases with one change each, and are not built
-// yet because each needs a host contract first (which precision the shard
-// travels in between the halves, and its reference): the slot-reuse argument
-// at the top of this file needs both rounds of signals, so an RS-only kernel
-// is reduce_scatter, signal/wait on the RS set, the owner's sum stored without
-// the AG writes, then signal/wait on the AG set ("my RS slots are read"); an
-// AG-only kernel is signal/wait on the RS set ("my AG slots are read"), the
-// owner's AG writes of its shard, signal/wait on the AG set, all_gather.
+// The reduce-scatter-only and all-gather-only kernels (the node-local halves
+// of the hierarchical all-reduce, below fc_twoshot_impl) are these phases
+// with one change each: the shard between them travels in float32.
 
 // 1. reduce-scatter: my contribution to every other owner's tile.
 template <int DT, int RSB>
@@ -152,6 +146,120 @@ __device__ void fc_twoshot_impl(const FcArgs& a) {
     fc_twoshot_all_gather<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
   }
   fc_flag_end<DT, false>(&a, e);
+}
+
+// ------------------------------------------------------------------ two-shot halves
+// The hierarchical all-reduce's node-local steps (flashcomm_cupy/reference.py
+// hierarchical_sum): the two-shot cut after the owner's sum.  The shard
+// between the halves is my segment in float32, rotated when the mode rotates
+// (a.seg_elems elements, the padding included): the reduce-scatter half
+// writes it to a.out, the all-gather half reads it from a.in.  Each keeps both
+// rounds of signals per tile, so the slot-reuse argument at the top of this
+// file holds across any sequence of two-shots and halves: RS slots are
+// written before a round's first signal and read between its two, AG slots
+// written between them and read after the second.
+
+// The owner's float32 sum (rank order, own values exact), stored into the shard.
+template <int DT, int RSB>
+__device__ __forceinline__ void fc_twoshot_owner_shard(const FcArgs& a, const FcTile<RSB>& L, fc_i64 toff,
+                                                       fc_i64 nchunk, float (&v)[FC_ELEMS], fc_v4* stage) {
+  typedef FcCodec<DT, RSB> RS;
+  const fc_i64 mine = a.rank * a.seg_elems + toff;
+  const fc_i64 limit = min(a.n, mine + nchunk);
+  for (int u = 0; u < a.units; ++u) {
+    const int w = L.unit(u);
+    const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+    float acc[FC_ELEMS];
+    if (mine < a.n) {
+      fc_owner_sum(
+          a.world, a.rank, active, acc, v,
+          [&](float (&x)[FC_ELEMS]) {
+            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.gl, L.lig, x, stage);
+          },
+          [&](int s, float (&x)[FC_ELEMS]) {
+            fc_decode<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, L.gl, L.sym, x, stage);
+          });
+    } else {
+      fc_zero(acc);  // all padding: nobody sent anything, and the sum of zeros is +0
+    }
+    fc_store_elems<2>(a.out, toff + (fc_i64)w * FC_ELEMS, toff + nchunk, acc, stage);
+  }
+}
+
+// The owner's re-quantized shard: the all-gather codec's bytes to every peer;
+// the owner keeps exactly what it sent (rotated back, rounded to DT).
+template <int DT, int RSB, int AGB, typename Epi>
+__device__ __forceinline__ void fc_twoshot_owner_from_shard(const FcArgs& a, const FcTile<RSB>& L, fc_i64 toff,
+                                                            fc_i64 nchunk, float (&v)[FC_ELEMS], fc_v4* stage,
+                                                            const Epi& epi) {
+  typedef FcCodec<DT, AGB> AG;
+  const fc_i64 mine = a.rank * a.seg_elems + toff;
+  if (mine >= a.n) return;  // all padding: nothing sent, nothing read (as fc_twoshot_owner)
+  const fc_i64 limit = min(a.n, mine + nchunk);
+  for (int u = 0; u < a.units; ++u) {
+    const int w = L.unit(u);
+    fc_load_elems<2>(a.in, toff + (fc_i64)w * FC_ELEMS, toff + nchunk, FC_STREAM, v, stage);
+    typename AG::Packed p;
+    AG::pack(v, L.gl, L.sym, p);
+    for (int k = 1; k < a.world; ++k) {
+      const int q = (a.rank + k) % a.world;
+      AG::write(p, fc_slot(a, q, a.ag_off, 0, a.rank), nchunk, w, L.gl, L.sym, stage);
+    }
+    AG::unpack(p, L.sym, v);
+    epi(mine + (fc_i64)w * FC_ELEMS, limit, v, stage);
+  }
+}
+
+// The reduce-scatter half's end: as fc_flag_end, with NaN over this block's
+// tiles of the float32 shard (a.out) when the call failed.
+__device__ __noinline__ void fc_shard_end(const FcArgs* ap, fc_u32 e) {
+  const FcArgs& a = *ap;
+  const FcWait w = fc_wait_ctx(a);
+  fc_u32* epochs = reinterpret_cast<fc_u32*>(reinterpret_cast<unsigned char*>(a.peers[a.rank]) + a.ts_epoch_off);
+  if (!fc_block_poisoned(w)) {
+    if (threadIdx.x == 0) epochs[blockIdx.x] = e;
+    return;
+  }
+  if (threadIdx.x == 0) fc_record_poisoned(a.err, w.poison, a.rank, a.world);
+  fc_fill_nan_tiles<2>(a.out, a.seg_elems, a.seg_elems, 1, blockDim.x * FC_ELEMS * a.units);
+}
+
+// One half of the two-shot: RS true, the reduce-scatter half (in = my input,
+// DT, a.n elements; out = my float32 shard); RS false, the all-gather half
+// (in = my float32 shard, the total; out = the result, DT, a.n elements).
+// Per tile both rounds of signals, as fc_twoshot_impl: the reduce-scatter
+// half's second signal says "my RS slots are read", the all-gather half's
+// first "my AG slots are read" (the previous round's all-gather is done).
+template <int DT, int RSB, int AGB, bool RS>
+__device__ void fc_twoshot_half_impl(const FcArgs& a) {
+  __shared__ fc_u32 s_epoch;
+  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
+  fc_v4* const stage = fc_warp_stage(s_stage);
+  const FcTile<RSB> L(a);
+  const FcStoreEpilogue<DT, RSB> epi(a, L);
+  unsigned char* my_ws = fc_ws(a, a.rank);
+  const fc_i64 ntiles = L.ntiles(a);
+  fc_u32 e = fc_begin(a, a.ts_epoch_off, &s_epoch);
+  float v[FC_ELEMS];
+  for (fc_i64 ti = blockIdx.x; ti < ntiles; ti += gridDim.x) {
+    ++e;
+    const fc_i64 toff = ti * L.tile;
+    const fc_i64 nchunk = min(L.tile, a.seg_elems - toff);
+    if constexpr (RS) fc_twoshot_reduce_scatter<DT, RSB>(a, L, toff, nchunk, v, stage);
+    fc_signal_peers(a.peers, a.flags_off, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.flags_off, a.max_blocks, e, fc_wait_ctx(a));
+    if constexpr (RS)
+      fc_twoshot_owner_shard<DT, RSB>(a, L, toff, nchunk, v, stage);
+    else
+      fc_twoshot_owner_from_shard<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
+    fc_signal_peers(a.peers, a.ag_flags_off, a.rank, a.world, a.max_blocks, e);
+    fc_wait_peers(my_ws, a.ag_flags_off, a.max_blocks, e, fc_wait_ctx(a));
+    if constexpr (!RS) fc_twoshot_all_gather<DT, RSB, AGB>(a, L, toff, nchunk, v, stage, epi);
+  }
+  if constexpr (RS)
+    fc_shard_end(&a, e);
+  else
+    fc_flag_end<DT, false>(&a, e);
 }
 
 // ------------------------------------------------------------------ staged two-shot

@@ -5,13 +5,110 @@ from flashcomm_cupy.backends.hierarchical import HierarchicalGpuBackend
 from flashcomm_cupy.topology import NodeLayout
 
 
-@pytest.mark.parametrize("world,per_node", [(4, 2), (8, 4)])
-def test_several_gpus_per_node_name_the_missing_kernels(world, per_node):
-    with pytest.raises(NotImplementedError) as info:
-        HierarchicalGpuBackend(comm=None, nodes=NodeLayout.blocks(world, per_node))
-    text = str(info.value)
-    assert "\n" not in text
-    assert f"{per_node} GPUs per node" in text and "reduce-scatter-only and all-gather-only" in text
+def test_nodes_of_different_sizes_are_refused_in_one_line():
+    with pytest.raises(ValueError) as info:
+        HierarchicalGpuBackend(comm=None, nodes=NodeLayout(((0, 1, 2), (3,))))
+    assert "\n" not in str(info.value)
+
+
+class FakeComm:
+    """Rank ``rank`` of ``size`` as the construction sees it: Split records (color, key), allgather
+    hands back ``failures`` (what every rank reported), nothing else is collective."""
+
+    def __init__(self, rank, size, failures=None, name="world"):
+        self.rank, self.size, self.name = rank, size, name
+        self.failures = failures
+        self.splits, self.freed = [], False
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def Split(self, color, key):
+        sub = FakeComm(key, 0, name=f"split(color={color}, key={key})")
+        self.splits.append(sub)
+        return sub
+
+    def allgather(self, value):
+        return self.failures if self.failures is not None else [value] * self.size
+
+    def Free(self):
+        self.freed = True
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """The hierarchical backend's GPU parts replaced by recorders: device, NCCL and the flash backend."""
+    from flashcomm_cupy.backends import hierarchical
+    from flashcomm_cupy.backends.flash import backend as flash_backend
+    made = {"nccl": [], "flash": [], "closed": []}
+
+    class Handle:
+        def __init__(self, comm):
+            made["nccl"].append(comm)
+
+        def close(self):
+            made["closed"].append("nccl")
+
+    class Flash:
+        fail = None
+
+        def __init__(self, comm, **options):
+            if Flash.fail is not None:
+                raise Flash.fail
+            made["flash"].append((comm, options))
+
+        def close(self):
+            made["closed"].append("flash")
+
+    monkeypatch.setattr(hierarchical, "select_device", lambda comm, device=None: 3 if device is None else device)
+    monkeypatch.setattr(hierarchical, "NcclCommunicatorHandle", Handle)
+    monkeypatch.setattr(hierarchical._mpi, "free", lambda comm: comm.Free())
+    monkeypatch.setattr(flash_backend, "FlashGpuBackend", Flash)
+    made["Flash"] = Flash
+    return made
+
+
+def test_several_gpus_per_node_build_the_node_flash_backend_and_the_cross_node_nccl(stubbed):
+    """Rank 6 of 2 nodes x 4 ranks is local rank 2 of node 1: the node's ranks in local order run the
+    flash backend (with the flash options given), the ranks of local rank 2 in node order the
+    inter-node NCCL; flat NCCL (the lossless auto choice and the baseline) spans every rank."""
+    comm = FakeComm(6, 8)
+    backend = HierarchicalGpuBackend(comm, NodeLayout.blocks(8, 4), timeout_s=7, max_blocks=None, protocol="ll")
+    node, cross = comm.splits
+    assert (node.name, cross.name) == ("split(color=1, key=2)", "split(color=2, key=1)")
+    assert stubbed["flash"] == [(node, {"device": 3, "timeout_s": 7})]
+    assert stubbed["nccl"] == [comm, cross]
+    assert backend.describe_layout()["intra_node"] == "flash two-shot halves"
+    backend.close()
+    assert node.freed and cross.freed and stubbed["closed"] == ["flash", "nccl", "nccl"]
+
+
+def test_one_gpu_per_node_splits_nothing_and_runs_nccl_on_the_whole_communicator(stubbed):
+    comm = FakeComm(1, 2)
+    backend = HierarchicalGpuBackend(comm, NodeLayout.blocks(2, 1), timeout_s=7)
+    assert comm.splits == [] and stubbed["flash"] == [] and stubbed["nccl"] == [comm]
+    assert backend.cross_nccl is backend.nccl
+    assert backend.describe_layout()["intra_node"] == "none (one GPU per node)"
+    backend.close()
+    assert stubbed["closed"] == ["nccl"]  # the one handle, once
+
+
+def test_a_node_flash_backend_failing_on_one_rank_raises_on_every_rank_and_leaves_nothing(stubbed):
+    # this rank's flash backend failed: its own error
+    stubbed["Flash"].fail = RuntimeError("no peer access")
+    comm = FakeComm(0, 4, failures=["RuntimeError: no peer access", None, None, None])
+    with pytest.raises(RuntimeError, match="no peer access"):
+        HierarchicalGpuBackend(comm, NodeLayout.blocks(4, 2))
+    assert all(sub.freed for sub in comm.splits) and stubbed["nccl"] == []
+    # another rank's failed: this rank closes its own and names the other
+    stubbed["Flash"].fail = None
+    comm = FakeComm(3, 4, failures=["RuntimeError: no peer access", None, None, None])
+    with pytest.raises(RuntimeError, match="flash backend of a node could not start on another rank .rank 0: RuntimeError: no peer access"):
+        HierarchicalGpuBackend(comm, NodeLayout.blocks(4, 2))
+    assert stubbed["closed"] == ["flash"] and all(sub.freed for sub in comm.splits) and stubbed["nccl"] == []
 
 
 def test_unknown_options_are_refused_first():
@@ -105,9 +202,9 @@ def test_unrotate_helpers_match_hadamard(host_helpers, g):
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_several_gpus_per_node_across_nodes_fall_back_to_nccl_with_one_warning(monkeypatch):
-    """A multi-node job with several GPUs per node gets NCCL and a warning naming why, not an error
-    (the RS-only/AG-only kernels the hierarchical path needs there do not exist yet)."""
+def test_nodes_of_different_sizes_fall_back_to_nccl_with_one_warning(monkeypatch):
+    """A multi-node job whose nodes hold different numbers of ranks gets NCCL and a warning naming
+    why, not an error (the hierarchical algorithm needs one shard per local rank on every node)."""
     import types
     from flashcomm_cupy.backends import hierarchical, nccl
 
@@ -115,9 +212,21 @@ def test_several_gpus_per_node_across_nodes_fall_back_to_nccl_with_one_warning(m
         def __init__(self, comm, **options):
             self.options = options
 
-    monkeypatch.setattr(hierarchical._mpi, "node_layout", lambda comm, per_node=None: NodeLayout.blocks(4, 2))
+    layout = NodeLayout(((0, 1, 2), (3,)))
+    monkeypatch.setattr(hierarchical._mpi, "node_layout", lambda comm, per_node=None: layout)
     monkeypatch.setattr(nccl, "NcclBackend", StubNccl)
     comm = types.SimpleNamespace(Get_rank=lambda: 0)
-    with pytest.warns(RuntimeWarning, match="2 nodes x 2 ranks.*falling back to NCCL"):
+    with pytest.warns(RuntimeWarning, match=r"2 nodes \(3, 1 ranks\) of different sizes.*falling back to NCCL"):
         backend = hierarchical.make_cuda_backend(comm, timeout_s=5, max_blocks=8, protocol="ll")
     assert isinstance(backend, StubNccl) and backend.options == {"timeout_s": 5, "max_blocks": 8}
+
+
+@pytest.mark.parametrize("per_node", [1, 2])
+def test_uniform_nodes_get_the_hierarchical_backend(monkeypatch, per_node):
+    from flashcomm_cupy.backends import hierarchical
+    built = []
+    monkeypatch.setattr(hierarchical._mpi, "node_layout", lambda comm, override=None: NodeLayout.blocks(4, per_node))
+    monkeypatch.setattr(hierarchical, "HierarchicalGpuBackend", lambda comm, nodes, **options: built.append(
+        (nodes, options)) or "hier")
+    assert hierarchical.make_cuda_backend("comm", timeout_s=5) == "hier"
+    assert built == [(NodeLayout.blocks(4, per_node), {"timeout_s": 5})]

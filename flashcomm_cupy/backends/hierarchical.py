@@ -2,23 +2,37 @@
 
 The algorithm is :func:`flashcomm_cupy.reference.hierarchical_sum` (see the
 reference's docstring and ``docs/wire-format.md``), and every rank's result is
-bit-identical to the reference.  This module implements the case of **one GPU
-per node**, where the intra-node steps have no peer and vanish:
+bit-identical to the reference.  Ranks with the same local index ``p`` on
+every node form the cross-node NCCL communicator (in node order).
+
+**One GPU per node** (the intra-node steps have no peer and vanish):
 
 1. widen the input to float32, zero-padded to whole groups
    (``SegmentLayout(L, 1, g)``);
-2. encode it as one wire chunk with the reduce-scatter codec
-   (``fc_encode_chunk``, which also applies the rotation), all-gather the
-   chunks of all nodes through NCCL (``ncclAllGather`` of bytes), decode each
-   (``fc_decode_chunk``, rotated domain) and sum them in node order in float32;
+2. the inter-node sum: encode it as one wire chunk with the reduce-scatter
+   codec (``fc_encode_chunk``, which also applies the rotation), all-gather
+   the chunks of all nodes through NCCL (``ncclAllGather`` of bytes), decode
+   each (``fc_decode_chunk``, rotated domain) and sum them in node order in
+   float32;
 3. undo the rotation, round to the input dtype.
 
-Lossless: the float32 inputs are all-gathered and summed in node order.  The
-inter-node traffic is whatever NCCL uses between the nodes (sockets, IB, ...).
+**Several GPUs per node** (``P`` of them; the node's ranks run the flash
+backend on their own sub-communicator):
 
-Several GPUs per node need reduce-scatter-only and all-gather-only flash
-kernels over ``SegmentLayout(L, P, g)``; until they exist the backend refuses
-that layout with :class:`NotImplementedError`.
+1. intra-node reduce-scatter: the flag two-shot's first half
+   (``fc_reduce_scatter``, :meth:`.flash.FlashGpuBackend.reduce_scatter`)
+   leaves local owner ``p`` its segment of ``SegmentLayout(L, P, g)`` summed
+   over the node, in float32 and in the rotated domain;
+2. the inter-node sum of step 2 above on that shard (already rotated, so the
+   encoder does not rotate);
+3. intra-node all-gather: the two-shot's second half (``fc_all_gather``)
+   re-quantizes the total with the all-gather codec, and every rank of the
+   node decodes it, rotates back and rounds.
+
+Lossless: the float32 inputs (shards) are all-gathered and summed in node
+order.  The inter-node traffic is whatever NCCL uses between the nodes
+(sockets, IB, ...).  A failed intra-node call leaves NaN (the flash poison
+protocol) and raises on the next call or in ``synchronize``/``check``.
 """
 from __future__ import annotations
 
@@ -29,6 +43,7 @@ import numpy as np
 from .. import _kernels, _mpi, hadamard, quant
 from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
+from ..errors import resolve_timeout
 from ..reference import SegmentLayout
 from ..topology import NodeLayout
 from .cuda_util import CudaBackend, select_device
@@ -44,32 +59,33 @@ def make_cuda_backend(comm, ranks_per_node=None, **options):
     """The GPU backend for ``comm`` (collective): the flash backend on one node, else hierarchical.
 
     ``ranks_per_node`` (or ``$FLASHCOMM_RANKS_PER_NODE``) is the testing
-    override of :func:`flashcomm_cupy._mpi.node_layout`.
+    override of :func:`flashcomm_cupy._mpi.node_layout`.  Nodes of different
+    sizes run NCCL, with a warning.
     """
     nodes = _mpi.node_layout(comm, ranks_per_node)
-    if nodes.spans_nodes and nodes.uniform and nodes.ranks_per_node == 1:
+    if nodes.spans_nodes and nodes.uniform:
         return HierarchicalGpuBackend(comm, nodes, **options)
     if nodes.spans_nodes:
-        # Several GPUs per node need reduce-scatter-only and all-gather-only flash kernels (not
-        # written yet): run NCCL, as for any layout the flash kernels cannot serve, and say why.
         import warnings
         from .nccl import NcclBackend
         if comm.Get_rank() == 0:
-            warnings.warn(f"flashcomm: the ranks span {nodes.label()}; the hierarchical all-reduce runs one "
-                          "GPU per node only so far (it needs reduce-scatter-only and all-gather-only flash "
-                          "kernels): falling back to NCCL", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"flashcomm: the ranks span {nodes.label()} of different sizes; the hierarchical "
+                          "all-reduce needs the same number of ranks on every node: falling back to NCCL",
+                          RuntimeWarning, stacklevel=3)
         return NcclBackend.fallback(comm, options)
     from .gpu import make_gpu_backend
     return make_gpu_backend(comm, **options)
 
 
 class HierarchicalGpuBackend(CudaBackend):
-    """All-reduce across nodes of one GPU each: quantized inter-node all-gather through NCCL.
+    """All-reduce across nodes: the flash two-shot's halves inside a node, a quantized
+    inter-node all-gather through NCCL between them.
 
     ``auto`` runs ``hierarchical`` for quantized modes and flat NCCL
     (``nccl``) for lossless ones.  Options: ``device`` (GPU ordinal; default
     local rank), ``validate`` (all-gather sizes and modes before every call);
-    :attr:`IGNORED_OPTIONS` are accepted and have no effect.
+    with several GPUs per node :attr:`FLASH_OPTIONS` go to the node's flash
+    backend; :attr:`IGNORED_OPTIONS` are accepted and have no effect.
     Calls are ordered on one stream, as with NCCL.  Construction is
     collective.
     """
@@ -77,29 +93,63 @@ class HierarchicalGpuBackend(CudaBackend):
     name = "hierarchical"
     baseline_algo = "nccl"
 
+    #: options of the flash backend passed to the node's flash backend (several GPUs per node)
+    FLASH_OPTIONS = ("timeout_s", "max_blocks", "transport")
     #: options of the flash backend accepted, as by the NCCL backend, without effect here
-    IGNORED_OPTIONS = ("timeout_s", "workspace_bytes", "max_blocks", "protocol")
+    IGNORED_OPTIONS = ("workspace_bytes", "protocol")
 
     def __init__(self, comm, nodes: NodeLayout, device=None, validate: bool = False, **options):
-        unknown = set(options) - set(self.IGNORED_OPTIONS)
+        unknown = set(options) - set(self.IGNORED_OPTIONS) - set(self.FLASH_OPTIONS)
         if unknown:
-            raise TypeError(f"unknown option(s) for the hierarchical backend: {sorted(unknown)}"
-                            " (it accepts device=, validate= and ranks_per_node=)")
-        p = nodes.ranks_per_node
-        if p > 1:
-            raise NotImplementedError(
-                f"flashcomm: hierarchical all-reduce with {p} GPUs per node ({nodes.label()}) needs "
-                "reduce-scatter-only and all-gather-only flash kernels, which do not exist yet; "
-                "run one rank per node or use backend='nccl'")
+            accepted = ", ".join(f"{o}=" for o in ("device", "validate", "ranks_per_node") + self.FLASH_OPTIONS)
+            raise TypeError(f"unknown option(s) for the hierarchical backend: {sorted(unknown)} (it accepts "
+                            f"{accepted})")
+        nodes.require_uniform()
         self.mpi_comm = comm
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self.nodes = nodes
         self.validate = bool(validate)
+        #: the bound of every wait for the inter-node NCCL calls (and of the node's flash kernels)
+        self.timeout_s = resolve_timeout(options.get("timeout_s"))
         self.device_id = select_device(comm, device)
-        # One GPU per node: the cross-node communicator is the whole one, in node order.
-        self.nccl = NcclCommunicatorHandle(comm)
+        self.flash = None
+        self._node_comm = self._cross_comm = None
+        #: NCCL over every rank (the flat baseline); ``cross_nccl``: over this rank's cross-node
+        #: communicator, the same handle when each node holds one rank
+        self.nccl = self.cross_nccl = None
+        node, local = nodes.node_of(self.rank), nodes.local_rank(self.rank)
+        try:
+            if nodes.ranks_per_node > 1:
+                # Keys order the sub-communicators' ranks as the reference sums: local rank, node.
+                self._node_comm = comm.Split(color=node, key=local)
+                self._cross_comm = comm.Split(color=local, key=node)
+                self.flash = self._node_flash_backend(comm, {k: v for k, v in options.items()
+                                                              if k in self.FLASH_OPTIONS and v is not None})
+            self.nccl = NcclCommunicatorHandle(comm)
+            # (one GPU per node: the cross-node communicator is the whole one, in node order)
+            self.cross_nccl = self.nccl if self._cross_comm is None else NcclCommunicatorHandle(self._cross_comm)
+        except BaseException:
+            self._release()
+            raise
         self._plans = {}
+
+    def _node_flash_backend(self, comm, options: dict):
+        """The flash backend of this rank's node, built on the node's sub-communicator; a failure
+        on any rank raises on every rank (collective over ``comm``)."""
+        from .flash.backend import FlashGpuBackend
+        flash, failure = None, None
+        try:
+            flash = FlashGpuBackend(self._node_comm, device=self.device_id, **options)
+        except Exception as exc:
+            failure = exc
+        try:
+            _mpi.raise_everywhere(comm, failure, "the flash backend of a node")
+        except RuntimeError:
+            if flash is not None:
+                flash.close()
+            raise
+        return flash
 
     # ------------------------------------------------------------------ interface
     def supported_algos(self):
@@ -124,6 +174,7 @@ class HierarchicalGpuBackend(CudaBackend):
         dt = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
         name = dtype_name(dt)
         stream = stream or cupy.cuda.get_current_stream()
+        self.check()
         if self.validate:
             _mpi.agree(self.mpi_comm, _mpi.call_description(int(x.size), name, mode), "all_reduce arguments")
         algo = self.resolve_algo(x.nbytes, mode, dt.itemsize)
@@ -132,87 +183,169 @@ class HierarchicalGpuBackend(CudaBackend):
                 raise ValueError("algo='nccl' reduces losslessly: use bits=None")
             self.nccl.all_reduce(x.data.ptr, out.data.ptr, x.size, name, stream.ptr)
             return out
+        if x.size == 0:
+            return out
         plan = self._plan(int(x.size), name, mode)
         with stream:
-            plan.run(x.reshape(-1), out.reshape(-1), self.nccl, stream)
+            plan.run(x.reshape(-1), out.reshape(-1), self.cross_nccl, stream)
         return out
 
+    def check(self):
+        """Raise the recorded error of a failed intra-node call (several GPUs per node)."""
+        if self.flash is not None:
+            self.flash.check()
+
+    def wait(self, stream):
+        """Wait (bounded: past ``timeout_s`` the inter-node NCCL communicator is aborted and this
+        raises) for ``stream``'s work, then :meth:`check`."""
+        for handle in self._nccl_handles():
+            handle.wait_streams([stream.ptr], self.timeout_s)
+        self.check()
+
     def synchronize(self):
+        """Wait for this rank's calls (the inter-node ones bounded as in :meth:`wait`); raise a
+        failed call's error."""
         import cupy
+        for handle in self._nccl_handles():
+            handle.wait_streams(None, self.timeout_s)
         cupy.cuda.Device().synchronize()
+        self.check()
 
     def close(self):
-        self.nccl.close()
+        self._release()
+
+    def _release(self):
+        """Free whatever exists of the flash backend, NCCL and the sub-communicators."""
+        if self.flash is not None:
+            self.flash.close()
+            self.flash = None
+        for handle in self._nccl_handles():
+            handle.close()
+        self.nccl = self.cross_nccl = None
+        for sub in (self._node_comm, self._cross_comm):
+            if sub is not None:
+                _mpi.free(sub)
+        self._node_comm = self._cross_comm = None
+
+    def _nccl_handles(self) -> list:
+        """The NCCL handles that exist, each once."""
+        return list({id(h): h for h in (self.nccl, self.cross_nccl) if h is not None}.values())
 
     def describe(self):
         info = super().describe()
-        info.update(nodes=self.nodes.label(), node_layout=[list(n) for n in self.nodes.nodes],
-                    algos=list(_ALGOS), inter_node="nccl all-gather")
+        info.update(self.describe_layout())
         return info
 
-    def _plan(self, n: int, name: str, mode: Mode) -> "_OneGpuPerNodePlan":
+    def describe_layout(self) -> dict:
+        """The nodes and what runs inside and between them (no GPU query)."""
+        return dict(nodes=self.nodes.label(), node_layout=[list(n) for n in self.nodes.nodes], algos=list(_ALGOS),
+                    inter_node="nccl all-gather",
+                    intra_node="flash two-shot halves" if self.flash is not None else "none (one GPU per node)")
+
+    def _plan(self, n: int, name: str, mode: Mode):
         key = (n, name, mode.with_algo("hierarchical"))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = _OneGpuPerNodePlan(n, name, mode, self.world_size)
+            if self.flash is None:
+                plan = _OneGpuPerNodePlan(n, name, mode, self.nodes.num_nodes)
+            else:
+                plan = _NodeShardPlan(self.flash, n, name, mode, self.nodes.num_nodes)
+            self._plans[key] = plan
         return plan
 
 
-class _OneGpuPerNodePlan:
-    """Buffers and kernels of one (count, dtype, mode); the call itself allocates nothing,
-    so it can be captured in a CUDA graph."""
+class _InterNodeSum:
+    """The inter-node step on a float32 vector of ``padded`` elements (a multiple of the group
+    size): every node's vector through the reduce-scatter codec (lossless: exact), all-gathered
+    through NCCL and summed in node order in float32 into :attr:`acc` -- the reference's
+    ``sum_decoded`` over nodes.  ``rotate``: the encoder rotates first (the input is not rotated
+    yet); the sum stays in the rotated domain either way.  Allocates nothing per call."""
 
-    def __init__(self, n: int, name: str, mode: Mode, nodes: int):
+    def __init__(self, padded: int, mode: Mode, nodes: int, rotate: bool):
         import cupy
-        self.n, self.name, self.mode, self.nodes = n, name, mode, nodes
-        g = mode.group_size
-        self.padded = SegmentLayout(n, 1, g).padded_length
-        self.x32 = cupy.zeros(self.padded, dtype=cupy.float32)  # the padding stays zero
-        self.acc = cupy.empty(self.padded, dtype=cupy.float32)
+        self.padded, self.mode, self.nodes = padded, mode, nodes
+        self.acc = cupy.empty(padded, dtype=cupy.float32)
         if mode.lossless:
-            self.recv32 = cupy.empty((nodes, self.padded), dtype=cupy.float32)
+            self.recv32 = cupy.empty((nodes, padded), dtype=cupy.float32)
             return
         codec = mode.rs_codec
-        self.chunk = quant.wire_nbytes(self.padded, codec)
+        self.chunk = quant.wire_nbytes(padded, codec)
         self.send = cupy.zeros(self.chunk, dtype=cupy.uint8)
         self.recv = cupy.zeros(nodes * self.chunk, dtype=cupy.uint8)
         self.received = [self.recv[k * self.chunk:(k + 1) * self.chunk] for k in range(nodes)]
-        self.part = cupy.empty(self.padded, dtype=cupy.float32)
+        self.part = cupy.empty(padded, dtype=cupy.float32)
         # The chunk kernels read and write float32: take them from the float32 build.
         f32 = KERNEL_DTYPE_CODE["float32"]
         self.encode = _kernels.function("fc_encode_chunk", f32, codec.bits, codec.bits, _UNIT_ELEMS)
         self.decode = _kernels.function("fc_decode_chunk", f32, codec.bits, codec.bits, _UNIT_ELEMS)
-        units = self.padded // _UNIT_ELEMS
+        units = padded // _UNIT_ELEMS
         self.grid = ((units + _THREADS - 1) // _THREADS,)
         sym = _kernels.FLAG_SYM if mode.symmetric else 0
-        self.encode_flags = np.int32(sym | (_kernels.FLAG_ROTATE if mode.rotate else 0))
+        self.encode_flags = np.int32(sym | (_kernels.FLAG_ROTATE if rotate and mode.rotate else 0))
         self.decode_flags = np.int32(sym)  # decoded values stay rotated: the sum is unrotated once
-        self.norm = hadamard.norm(g)
+        self.norm = hadamard.norm(mode.group_size)
+
+    def run(self, x32, nccl: NcclCommunicatorHandle, stream) -> None:
+        """:attr:`acc` = the node-order sum of every node's ``x32`` as its receivers decode it."""
+        import cupy
+        self.acc.fill(0)  # the reference's sums start from +0.0: 0 + (-0.0) is +0.0
+        if self.mode.lossless:
+            nccl.all_gather(x32.data.ptr, self.recv32.data.ptr, self.padded, "float32", stream.ptr)
+            for k in range(self.nodes):
+                cupy.add(self.acc, self.recv32[k], out=self.acc)
+            return
+        g = np.int32(self.mode.group_size)
+        n = np.int64(self.padded)
+        self.encode(self.grid, (_THREADS,), (x32, self.send, n, g, self.encode_flags, self.norm), stream=stream)
+        nccl.all_gather(self.send.data.ptr, self.recv.data.ptr, self.chunk, "uint8", stream.ptr)
+        for chunk in self.received:  # node order
+            self.decode(self.grid, (_THREADS,), (chunk, self.part, n, g, self.decode_flags, self.norm),
+                        stream=stream)
+            cupy.add(self.acc, self.part, out=self.acc)
+
+
+class _OneGpuPerNodePlan:
+    """One GPU per node, one (count, dtype, mode): buffers and kernels made once; the call itself
+    allocates nothing, so it can be captured in a CUDA graph."""
+
+    def __init__(self, n: int, name: str, mode: Mode, nodes: int):
+        import cupy
+        self.n, self.name, self.mode = n, name, mode
+        g = mode.group_size
+        padded = SegmentLayout(n, 1, g).padded_length
+        self.x32 = cupy.zeros(padded, dtype=cupy.float32)  # the padding stays zero
+        self.inter = _InterNodeSum(padded, mode, nodes, rotate=True)
         if mode.rotate:
             self.signs = cupy.asarray(hadamard.signs(g))
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
-        """Steps 1-3 of the module docstring on CuPy's current stream (``stream``)."""
-        import cupy
+        """Steps 1-3 of the module docstring (one GPU per node) on CuPy's current stream (``stream``)."""
         _widen(x, self.x32[:self.n], self.name)
-        self.acc.fill(0)  # the reference's sums start from +0.0: 0 + (-0.0) is +0.0
-        if self.mode.lossless:
-            nccl.all_gather(self.x32.data.ptr, self.recv32.data.ptr, self.padded, "float32", stream.ptr)
-            for k in range(self.nodes):
-                cupy.add(self.acc, self.recv32[k], out=self.acc)
-        else:
-            g = np.int32(self.mode.group_size)
-            n = np.int64(self.padded)
-            self.encode(self.grid, (_THREADS,), (self.x32, self.send, n, g, self.encode_flags, self.norm),
-                        stream=stream)
-            nccl.all_gather(self.send.data.ptr, self.recv.data.ptr, self.chunk, "uint8", stream.ptr)
-            for chunk in self.received:  # node order
-                self.decode(self.grid, (_THREADS,), (chunk, self.part, n, g, self.decode_flags, self.norm),
-                            stream=stream)
-                cupy.add(self.acc, self.part, out=self.acc)
-            if self.mode.rotate:
-                _unrotate_in_place(self.acc, self.mode.group_size, self.signs, self.norm)
-        _narrow(self.acc[:self.n], out, self.name)
+        self.inter.run(self.x32, nccl, stream)
+        acc = self.inter.acc
+        if self.mode.rotate and not self.mode.lossless:
+            _unrotate_in_place(acc, self.mode.group_size, self.signs, self.inter.norm)
+        _narrow(acc[:self.n], out, self.name)
+
+
+class _NodeShardPlan:
+    """Several GPUs per node, one (count, dtype, mode): the node's two-shot halves around the
+    inter-node sum of this rank's shard.  Allocates nothing per call (graph-capturable)."""
+
+    def __init__(self, flash, n: int, name: str, mode: Mode, nodes: int):
+        import cupy
+        self.flash = flash
+        self.reduce_scatter = flash.phase_launch(n, name, mode, "reduce_scatter")
+        self.all_gather = flash.phase_launch(n, name, mode, "all_gather")
+        shard = flash.shard_elems(n, name, mode)
+        self.shard = cupy.zeros(shard, dtype=cupy.float32)
+        self.inter = _InterNodeSum(shard, mode, nodes, rotate=False)  # the shard is rotated already
+
+    def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
+        """Steps 1-3 of the module docstring (several GPUs per node) on ``stream``."""
+        self.flash.run_launch(self.reduce_scatter, x, self.shard, stream)
+        self.inter.run(self.shard, nccl, stream)
+        self.flash.run_launch(self.all_gather, self.inter.acc, out, stream)
 
 
 # ---------------------------------------------------------------------------- elementwise helpers

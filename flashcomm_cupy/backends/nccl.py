@@ -91,7 +91,10 @@ class NcclCommunicatorHandle:
     def all_gather(self, send_ptr: int, recv_ptr: int, count: int, dtype: str, stream_ptr: int):
         """``ncclAllGather``: ``count`` items (``dtype`` "uint8" or a float name) from every rank,
         placed in rank order in the receive buffer."""
+        if self.aborted:
+            raise FlashTimeoutError(self.aborted)
         self.comm.allGather(send_ptr, recv_ptr, count, _NCCL_GATHER_DTYPE[dtype], stream_ptr)
+        self._pending.add(stream_ptr)
 
     def close(self):
         if self.comm is not None:

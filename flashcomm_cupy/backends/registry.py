@@ -28,7 +28,7 @@ class BackendSpec:
 
 BACKENDS: Dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("gpu", ".hierarchical:make_cuda_backend", gpu=True,
-                summary="the flash kernels (one node; hierarchical across nodes of one GPU each), NCCL "
+                summary="the flash kernels (one node; hierarchical across nodes), NCCL "
                         "where they cannot run"),
     BackendSpec("cpu", ".cpu:CpuBackend", gpu=False,
                 summary="the same algorithms in NumPy over MPI (no GPU needed)"),

@@ -1,4 +1,4 @@
-"""GPU checks of the hierarchical backend (one GPU per node) against the NumPy reference.
+"""GPU checks of the hierarchical backend against the NumPy reference.
 
     FLASHCOMM_RANKS_PER_NODE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 \\
         mpiexec -n 2 python tests/gpu/hierarchical_checks.py [--quick]
@@ -96,6 +96,82 @@ def check_graph(ck: Checker, replays: int):
         replay.stream.synchronize()
         ck.compare_with_reference(f"graph {mode.label}", out, n, dtype, mode, seed, "hierarchical",
                                   nodes=backend.nodes)
+
+
+def check_flat_nccl(ck: Checker):
+    """``algo="nccl"`` (and lossless ``auto``) sums over every rank, not over one cross-node group:
+    integer-valued inputs, so NCCL's order gives the exact sum."""
+    import cupy
+    n = 10_007
+    want = sum((r + 1) * (np.arange(n) % 7) for r in range(ck.world)).astype(np.float32)
+    x = cupy.asarray(((ck.rank + 1) * (np.arange(n) % 7)).astype(np.float32))
+    for algo in ("nccl", "auto"):
+        out = cupy.full_like(x, np.nan)
+        ck.comm.backend.all_reduce(x, out, Mode.make(None, 128, False, False, algo))
+        ck.comm.backend.synchronize()
+        ck.count += 1
+        if not np.array_equal(out.get(), want):
+            ck.fail(f"flat {algo}: rank {ck.rank} does not hold the sum over all {ck.world} ranks")
+
+
+def check_twoshot_halves(ck: Checker, flash, sizes):
+    """The flash backend's reduce-scatter half then all-gather half, composed on one node: every
+    rank's shard is the reference's owner sum (``reduce_owner_segment``, rotated domain) and the
+    result equals the flash two-shot's and the reference two-shot's bit for bit."""
+    import cupy
+    from flashcomm_cupy.dtypes import to_f32
+    from flashcomm_cupy.reference import reduce_owner_segment
+    from flashcomm_cupy import hadamard
+    seed = 31
+    for n in sizes:
+        for dtype in DTYPE_NAMES:
+            ins = [host_input(seed, r, n, dtype) for r in range(ck.world)]
+            x = to_device(ins[ck.rank])
+            for bits in BITS:
+                for rotate, sym in (((False, False),) if bits is None else
+                                    ((False, False), (True, False), (False, True))):
+                    mode = Mode.make(bits, 128, sym, rotate, "twoshot")
+                    label = f"halves n={n} {dtype} {mode.label}"
+                    seg = flash.shard_elems(n, DTYPES[dtype], mode)
+                    shard = cupy.full(seg, np.nan, dtype=cupy.float32)
+                    out = nan_filled(x)
+                    flash.reduce_scatter(x, shard, mode, dtype=DTYPES[dtype])
+                    flash.all_gather(shard, out, mode, dtype=DTYPES[dtype])
+                    flat = nan_filled(x)
+                    flash.all_reduce(x, flat, mode, dtype=DTYPES[dtype])
+                    flash.synchronize()
+                    # the shard: my segment of every rank's padded (rotated) input, summed as the owner does
+                    parts = []
+                    for r in range(ck.world):
+                        full = np.zeros(seg * ck.world, dtype=np.float32)
+                        full[:n] = to_f32(ins[r])
+                        if mode.rotate:
+                            full = hadamard.rotate(full, mode.group_size)
+                        parts.append(full[ck.rank * seg:(ck.rank + 1) * seg])
+                    want = reduce_owner_segment(ck.rank, parts, mode)
+                    got = shard.get()
+                    if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+                        bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
+                        ck.fail(f"{label}: rank {ck.rank}'s shard: {bad.size} of {seg} differ, first at {bad[:5]}: "
+                                f"got {got[bad[:5]]}, want {want[bad[:5]]}")
+                    if not ck.agree(cupy.array_equal(out.view(cupy.uint8), flat.view(cupy.uint8)).item()):
+                        ck.fail(f"{label}: the halves differ from the flash all-reduce on some rank")
+                    ck.compare_with_reference(label, out, n, dtype, mode, seed, "twoshot", inputs=ins)
+    ck.log(f"halves: {ck.count} cases")
+
+
+def open_node_checker(ranks_per_node: int, failures: list) -> Checker:
+    """A checker on a communicator whose nodes are ``ranks_per_node`` ranks of this host each,
+    recording into ``failures``."""
+    from mpi4py import MPI
+    comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu", ranks_per_node=ranks_per_node)
+    ck = Checker(comm)
+    ck.failures = failures
+    ck.log(f"flashcomm hierarchical GPU checks: {comm.world_size} ranks, backend {comm.backend_name}, "
+           f"nodes {comm.describe().get('nodes')}, inside a node {comm.describe().get('intra_node')}")
+    if comm.backend_name != "hierarchical" or comm.backend.flash is None:
+        ck.fail(f"expected the hierarchical backend with {ranks_per_node} GPUs per node, got {comm.backend_name}")
+    return ck
 
 
 def open_checker() -> Checker:

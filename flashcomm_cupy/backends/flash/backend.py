@@ -25,7 +25,7 @@ from ..transport import describe as describe_transport, resolve_transport
 from . import kernels, table as tuning
 from .layout import ERR_POISON, FLAG_ROTATE, FLAG_SYM
 from .plan import (ELEMS_PER_THREAD, LLQ_UNIT_ELEMS, PROTOCOL_SETTINGS, Force, KernelKey, Limits, Plan,
-                   select_plan)
+                   select_phase_plan, select_plan)
 from .workspace import FlashWorkspace, environment
 
 try:  # cuLaunchKernel with a prebuilt parameter array: the eager path's host cost is the launch
@@ -159,12 +159,7 @@ class FlashGpuBackend(CudaBackend):
                                                            max_blocks, tuning_path, protocol, transport)
         except Exception as exc:
             failure = exc
-        problem = _mpi.first_failure(comm, None if failure is None else f"{type(failure).__name__}: {failure}",
-                                     name_rank=True)
-        if failure is not None:
-            raise failure
-        if problem:
-            raise RuntimeError(f"flashcomm: the flash backend could not start on another rank ({problem})")
+        _mpi.raise_everywhere(comm, failure, "the flash backend")
         # The staged two-shot sizes its grid by an occupancy query on this GPU, and every
         # rank must launch the same grid: it runs only where all ranks have the same GPU.
         self.uniform_gpus = len(set(comm.allgather(device_kind))) == 1
@@ -261,16 +256,21 @@ class FlashGpuBackend(CudaBackend):
     def force_launch(self, value) -> None:
         self._forced = Force.of(value)
 
-    def plan(self, n: int, dtype, mode: Mode, force: Optional[Force] = None) -> Plan:
+    def plan(self, n: int, dtype, mode: Mode, force: Optional[Force] = None, phase: Optional[str] = None) -> Plan:
         """What a call of ``n`` elements of ``dtype`` in ``mode`` runs (cached; compiles nothing
-        but, for the staged two-shot, the kernel the occupancy probe asks about)."""
+        but, for the staged two-shot, the kernel the occupancy probe asks about); ``phase``
+        ("reduce_scatter" or "all_gather"): that half of the flag two-shot (:func:`.plan.select_phase_plan`)."""
         name = dtype if isinstance(dtype, str) else dtype_name(np.dtype(dtype))
         force = Force.of(force) if force is not None else self._forced
-        key = (n, name, mode, force, self.protocol)
+        key = (n, name, mode, force, self.protocol, phase)
         plan = self._plans.get(key)
         if plan is None:
-            plan = select_plan(n, name, mode, world=self.world_size, table=self.table, limits=self.limits,
-                               force=force, protocol=self.protocol)
+            if phase is None:
+                plan = select_plan(n, name, mode, world=self.world_size, table=self.table, limits=self.limits,
+                                   force=force, protocol=self.protocol)
+            else:
+                plan = select_phase_plan(n, name, mode, phase, world=self.world_size, table=self.table,
+                                         limits=self.limits, force=force)
             if len(self._plans) >= 1024:
                 self._plans.clear()
             self._plans[key] = plan
@@ -284,16 +284,16 @@ class FlashGpuBackend(CudaBackend):
         kernels that would run; "" when NCCL runs."""
         return self.plan(max(1, nbytes // itemsize), _dtype_of_itemsize(itemsize), mode, force).protocol
 
-    def prepared(self, n: int, name: str, mode: Mode, force: Optional[Force] = None):
-        """The cached :class:`Launch` of (n, dtype name, mode) (the NCCL :class:`.plan.Plan` when
-        NCCL runs).  Eager calls are bound by host time (the kernel of a small message takes a
+    def prepared(self, n: int, name: str, mode: Mode, force: Optional[Force] = None, phase: Optional[str] = None):
+        """The cached :class:`Launch` of (n, dtype name, mode[, phase]) (the NCCL :class:`.plan.Plan`
+        when NCCL runs).  Eager calls are bound by host time (the kernel of a small message takes a
         few microseconds), so everything but the two array pointers is worked out once."""
         force = Force.of(force) if force is not None else self._forced
-        key = (n, name, mode, force, self.protocol)
+        key = (n, name, mode, force, self.protocol, phase)
         launch = self._launches.get(key)
         if launch is not None:
             return launch
-        plan = self.plan(n, name, mode, force)
+        plan = self.plan(n, name, mode, force, phase)
         if plan.uses_nccl:
             launch = plan
         else:
@@ -323,6 +323,11 @@ class FlashGpuBackend(CudaBackend):
         if not isinstance(launch, Launch):  # "auto" (or the caller) picked NCCL
             self.nccl.all_reduce(x.data.ptr, out.data.ptr, n, name, stream.ptr)
             return out
+        return self.run_launch(launch, x, out, stream)
+
+    def run_launch(self, launch: Launch, x, out, stream):
+        """Run ``launch`` from ``x`` into ``out`` (CuPy arrays) on ``stream``; returns ``out``."""
+        import cupy
         if x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0:
             launch(x.data.ptr, out.data.ptr, stream.ptr)
             return out
@@ -340,6 +345,50 @@ class FlashGpuBackend(CudaBackend):
             if dst is not out:
                 out[...] = dst
         return out
+
+    # ------------------------------------------------------------------ the two-shot's halves
+    def shard_elems(self, n: int, dtype, mode: Mode) -> int:
+        """float32 elements of this rank's shard between :meth:`reduce_scatter` and
+        :meth:`all_gather` of ``n`` elements of ``dtype`` in ``mode`` (its segment, padded)."""
+        return self.plan(n, dtype, mode, phase="reduce_scatter").seg_elems
+
+    def phase_launch(self, n: int, dtype, mode: Mode, phase: str) -> Launch:
+        """The prepared :class:`Launch` of one half of the flag two-shot (``phase``:
+        "reduce_scatter" or "all_gather"), for callers that replay it (the hierarchical backend)."""
+        name = dtype if isinstance(dtype, str) else dtype_name(np.dtype(dtype))
+        return self.prepared(n, name, mode, phase=phase)
+
+    def reduce_scatter(self, x, shard, mode: Mode, stream=None, dtype=None):
+        """The flag two-shot's first half: ``shard`` (float32, :meth:`shard_elems` elements) =
+        this rank's segment of the sum -- :func:`flashcomm_cupy.reference.reduce_owner_segment`
+        of the ranks' prepared inputs (own part exact, the others through the reduce-scatter
+        codec, rank order, float32), rotated when the mode rotates.  Collective; on failure the
+        shard is NaN and the error is raised as for :meth:`all_reduce`."""
+        return self._phase("reduce_scatter", x, shard, x, mode, stream, dtype)
+
+    def all_gather(self, shard, out, mode: Mode, stream=None, dtype=None):
+        """The flag two-shot's second half: ``out`` (the message's dtype and size) = every rank's
+        shard through :func:`flashcomm_cupy.reference.gather_segment` (the owner keeps what it
+        sent), rotated back and rounded; ``shard`` as :meth:`reduce_scatter` leaves it."""
+        return self._phase("all_gather", shard, out, out, mode, stream, dtype)
+
+    def _phase(self, phase: str, src, dst, message, mode: Mode, stream, dtype):
+        import cupy
+        self._raise_if_failed()
+        dt = np.dtype(dtype) if dtype is not None else np.dtype(message.dtype)
+        n = int(message.size)
+        shard = dst if phase == "reduce_scatter" else src
+        stream = stream or cupy.cuda.get_current_stream()
+        if self.validate:
+            _mpi.agree(self.mpi_comm, dict(_mpi.call_description(n, dtype_name(dt), mode), phase=phase),
+                       f"{phase} arguments")
+        if n == 0:
+            return dst
+        want = self.shard_elems(n, dt, mode)
+        if shard.dtype != np.float32 or shard.size != want or not shard.flags.c_contiguous:
+            raise ValueError(f"flashcomm: the shard of {n} elements in {mode.label} is a contiguous float32 array of "
+                             f"{want} elements, got {shard.dtype} x {shard.size}")
+        return self.run_launch(self.phase_launch(n, dt, mode, phase), src, dst, stream)
 
     def eager_launcher(self, n: int, name: str, mode: Mode):
         """``launch(x_ptr, out_ptr, stream_ptr)`` running what ``all_reduce`` runs for ``n``

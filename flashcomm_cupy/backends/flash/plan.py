@@ -38,6 +38,8 @@ MIN_SLOT_BYTES = 2 * ELEMS_PER_THREAD * 128 + SLOT_RESERVE
 FORCEABLE_ALGOS = ("oneshot", "twoshot")
 #: the backend's protocol settings: the table's choice, or the flag / LL protocol wherever it serves
 PROTOCOL_SETTINGS = ("auto", "flag", "ll")
+#: the flag two-shot's halves (kernels_cu/fc_flag.cuh) by phase: the hierarchical all-reduce's node-local steps
+PHASE_KERNELS = {"reduce_scatter": "fc_reduce_scatter", "all_gather": "fc_all_gather"}
 
 
 def llq_threads(elems: int, itemsize: int, algo: str, rs_bits: int, ag_bits: int) -> int:
@@ -232,6 +234,28 @@ def select_plan(n: int, dtype, mode: Mode, *, world: int, table: TuningTable, li
         if choice.algo == "nccl":
             return NCCL_PLAN
     return _flag_plan(choice, n, name, itemsize, mode, world, limits)
+
+
+def select_phase_plan(n: int, dtype, mode: Mode, phase: str, *, world: int, table: TuningTable, limits: Limits,
+                      force: Optional[Force] = None) -> Plan:
+    """The plan of one half (``phase``: "reduce_scatter" or "all_gather") of the flag two-shot
+    of ``n`` elements of ``dtype`` in ``mode`` on ``world`` ranks.
+
+    It is the flag two-shot's plan for the same call (segments, tiles, threads, blocks, units)
+    with the half's kernel, so both halves of a call cut the message alike and the shard
+    between them is ``seg_elems`` float32 elements (the owner's segment, padding included).
+    The halves exist in the flag protocol only: never LL, never staged, never NCCL (the table
+    is read as with ``protocol="flag"`` and ``algo="twoshot"``).
+    """
+    if phase not in PHASE_KERNELS:
+        raise ValueError(f"phase must be one of {tuple(PHASE_KERNELS)}, got {phase!r}")
+    if world < 2:
+        raise ValueError(f"a two-shot half needs two or more ranks, got {world}")
+    flat = select_plan(n, dtype, mode.with_algo("twoshot"), world=world, table=table,
+                       limits=replace(limits, uniform_gpus=False),  # no staged form
+                       force=force, protocol="flag")
+    assert flat.protocol == "flag" and flat.algo == "twoshot", flat
+    return replace(flat, kernel=PHASE_KERNELS[phase])
 
 
 def _dtype_code(name: str) -> int:
