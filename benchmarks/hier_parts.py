@@ -56,7 +56,7 @@ def timed_ms(mpi, fn, iters: int, repeats: int) -> float:
 
 def _local_only_ms(mpi, comm, call, iters: int, repeats: int) -> float:
     """``call``'s time with the hierarchical backend's inter-node all-gather made a no-op."""
-    handle = comm.backend.nccl
+    handle = getattr(comm.backend, "cross_nccl", None) or comm.backend.nccl  # the inter-node hop's handle
     real = handle.all_gather
     handle.all_gather = lambda *args, **kwargs: None
     try:
