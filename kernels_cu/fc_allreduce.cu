@@ -88,7 +88,7 @@ extern "C" __global__ void fc_encode_chunk(const float* x, unsigned char* chunk,
   float v[FC_ELEMS];
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = active ? x[(fc_i64)w * FC_ELEMS + i] : 0.0f;
-  if (flags & FC_FLAG_ROTATE) fc_rotate_fwd(v, gl, lig, rot_norm);
+  if (flags & FC_FLAG_ROTATE) fc_rotate_fwd(v, gl, lig, fc_rotation_signs(lig), rot_norm);
   typename FcCodec<FC_DT, FC_RS_BITS>::Packed p;
   FcCodec<FC_DT, FC_RS_BITS>::pack(v, gl, flags & FC_FLAG_SYM, p);
   FcCodec<FC_DT, FC_RS_BITS>::write(p, chunk, n, w, gl, flags & FC_FLAG_SYM, fc_warp_stage(s_stage));
@@ -104,7 +104,7 @@ extern "C" __global__ void fc_decode_chunk(const unsigned char* chunk, float* x,
   const bool active = (fc_i64)w * FC_ELEMS < n;
   float v[FC_ELEMS];
   fc_receive<FcCodec<FC_DT, FC_RS_BITS> >(chunk, n, w, active, gl, flags & FC_FLAG_SYM, v, fc_warp_stage(s_stage));
-  if (flags & FC_FLAG_ROTATE) fc_rotate_inv(v, gl, lig, rot_norm);
+  if (flags & FC_FLAG_ROTATE) fc_rotate_inv(v, gl, lig, fc_rotation_signs(lig), rot_norm);
   if (active)
     for (int i = 0; i < FC_ELEMS; ++i) x[(fc_i64)w * FC_ELEMS + i] = v[i];
 #endif

@@ -52,6 +52,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
+  const fc_u32 signs = L.signs;
   const FcLLCall call = fc_ll_begin(a);
   const fc_u32 e = call.e;
   const int par = e & 1;
@@ -73,7 +74,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       typename RS::Packed p;
-      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, sym, gl, lig, v, p, stage);
+      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, sym, gl, lig, signs, v, p, stage);
       if ((fc_i64)w * FC_ELEMS < nchunk) fc_llq_write<RSB>(dst + (fc_i64)w * FcLLq<RSB>::BYTES, p);
     }
   }
@@ -92,7 +93,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
           if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
         },
         [&](float (&x)[FC_ELEMS]) {
-          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, x, stage);
+          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, signs, x, stage);
         },
         [&](int j, int, float (&x)[FC_ELEMS]) { RS::unpack(got[j], sym, x); });
     typename AG::Packed p;
@@ -142,6 +143,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
+  const fc_u32 signs = L.signs;
   const FcLLCall call = fc_ll_begin(a);
   const fc_u32 e = call.e;
   const int par = e & 1;
@@ -156,7 +158,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   for (int u = 0; u < a.units; ++u) {
     const int w = u * nt + t;
     typename RS::Packed p;
-    fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
+    fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
     if ((fc_i64)w * FC_ELEMS < nchunk) {
       for (int k = 1; k < a.world; ++k)
         fc_llq_write<RSB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 0, a.rank) + (fc_i64)w * FcLLq<RSB>::BYTES, p);
@@ -181,7 +183,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
         if (s0 + j >= a.world) break;
         if (s0 + j == a.rank) {  // mine exactly as the peers decode it (re-packed from my input)
           typename RS::Packed p;
-          fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
+          fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
           RS::unpack(p, sym, v);
         } else {
           RS::unpack(got[j], sym, v);
