@@ -66,11 +66,11 @@ extern "C" __global__ void __launch_bounds__(512) fc_ll_oneshot(FcArgs a) { fc_l
 
 extern "C" __global__ void __launch_bounds__(512) fc_ll_twoshot(FcArgs a) { fc_ll_twoshot_impl<FC_DT>(a); }
 #else
-extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_twoshot(FcArgs a) {
+extern "C" __global__ void __launch_bounds__(FC_LLQ_TWOSHOT_THREADS, 2) fc_llq_twoshot(FcArgs a) {
   fc_llq_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
 
-extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_oneshot(FcArgs a) {
+extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot(FcArgs a) {
   fc_llq_oneshot_impl<FC_DT, FC_RS_BITS>(a);
 }
 #endif
