@@ -164,10 +164,10 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
 
   // 1. my tile, quantized, to every peer.  Each thread's first unit also stays
   // packed in shared memory (its own slot: no barrier) for step 2, which adds
-  // it instead of loading, rotating and quantizing my input again: at the
-  // sizes this kernel serves a.units is 1, and the re-pack sat after the wait
-  // for the peers.  Held in registers instead, the unit took the INT8 build
-  // past the 128 registers of two 256-thread blocks (166).
+  // it instead of loading, rotating and quantizing my input again after the
+  // wait for the peers; with a.units 1 (small messages) nothing is packed
+  // twice.  Held in registers instead, the unit took the INT8 build past the
+  // 128 registers of two 256-thread blocks (166).
   __shared__ typename RS::Packed s_first[FC_LLQ_THREADS];
   for (int u = 0; u < a.units; ++u) {
     const int w = u * nt + t;

@@ -67,9 +67,10 @@ __host__ __device__ constexpr fc_u32 fc_rotation_sign_bit(fc_u32 j) {
 }
 
 // The sign bits of a group's elements, 32 to a word (bit b of word k is
-// element 32k + b's), evaluated by the compiler from fc_rotation_sign_bit.
+// element 32k + b's), evaluated by the compiler from fc_rotation_sign_bit (host and
+// device, so NVRTC, which compiles device code only, takes the initializer too).
 struct FcSignWords { fc_u32 w[FC_ROT_MAX_GROUP / 32]; };
-constexpr FcSignWords fc_sign_words() {
+__host__ __device__ constexpr FcSignWords fc_sign_words() {
   FcSignWords s{};
   for (int k = 0; k < FC_ROT_MAX_GROUP / 32; ++k)
     for (int b = 0; b < 32; ++b) s.w[k] |= fc_rotation_sign_bit((fc_u32)(32 * k + b)) << b;
