@@ -104,11 +104,14 @@ for stage in ${STAGES//,/ }; do
     rot-ab)  # issue 21, rotation's price: rotation bit for bit against the reference (encode/decode kernels at
       # 16/32-element units and groups 32-1024, every codec/dtype/algorithm, the LL kernels with sentinel,
       # infinite and signed-zero inputs, the staged two-shot), then rotate off vs on in one bench (whose
-      # correctness pass checks every row, 16M and 256M included) and the price per row
-      run 330 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only codec,exact,groups,ll,staged
+      # correctness pass checks every row, 16M and 256M included) and the price per row; env ROT_CHECKS: the
+      # sections to run (the bench's own check still covers the staged kernel without "staged")
+      run 330 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only "${ROT_CHECKS:-codec,exact,groups,ll,staged}"
       run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 16 --bits 8,6,4 --rotate both -r 5 \
         --json "$OUT/rot-ab-${NP}x-$TAG.json"
-      run 30 python3 benchmarks/rotation_price.py "$OUT/rot-ab-${NP}x-$TAG.json" ;;
+      run 30 python3 benchmarks/rotation_price.py "$OUT/rot-ab-${NP}x-$TAG.json"
+      # what this host's NVRTC allocated (sass_diff.py's numbers come from nvcc on the team machine)
+      run 120 python3 benchmarks/kernel_resources.py --json "$OUT/kernel-resources-$TAG.json" ;;
     verify)
       run 300 $MPI "$NP" $FC verify --json "$OUT/verify-${NP}x.json" ;;
     verify-short)
