@@ -8,7 +8,7 @@
 # hier-bench (hierarchical all-reduce, 2 GPUs as 2 nodes, NCCL on sockets), llab (lossless bench with
 # the flag protocol, then with LL), checks23 (quick checks at 2 and 3 ranks), checks-q (quick checks at NP ranks), tune,
 # tune-range (env TUNE_MIN, TUNE_MAX: those rows re-tuned into the shipped table), bench, verify,
-# accuracy, bench-ab (5 sizes, 7 repeats), torch-lite (torch checks, example, eager cost under torchrun), minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
+# accuracy, bench-ab (5 sizes, 7 repeats), rot-ab (issue 21: rotation exact, then its price: rotate off vs on), torch-lite (torch checks, example, eager cost under torchrun), minilm (the MiniLM study on GPUs, compared with the CPU run), model, pytest (the pytest GPU wrapper), checks-quick, faults (the fault matrix; env FAULTS), eager (host
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
 # example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
 # cut cells), and the
@@ -102,6 +102,17 @@ for stage in ${STAGES//,/ }; do
     bench2)
       run 120 $MPI 2 $FC bench -b 4K -e 256M -f 4 --bits none,8,4,4/8 \
         --json "$OUT/bench-2x-$TAG.json" ;;
+    rot-ab)  # issue 21, rotation's price: rotation bit for bit against the reference (encode/decode kernels at
+      # 16/32-element units and groups 32-1024, every codec/dtype/algorithm, the LL kernels with sentinel,
+      # infinite and signed-zero inputs, the staged two-shot), then rotate off vs on in one bench (whose
+      # correctness pass checks every row, 16M and 256M included) and the price per row; env ROT_CHECKS: the
+      # sections to run (the bench's own check still covers the staged kernel without "staged")
+      run 330 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only "${ROT_CHECKS:-codec,exact,groups,ll,staged}"
+      run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 16 --bits 8,6,4 --rotate both -r 5 \
+        --json "$OUT/rot-ab-${NP}x-$TAG.json"
+      run 30 python3 benchmarks/rotation_price.py "$OUT/rot-ab-${NP}x-$TAG.json"
+      # what this host's NVRTC allocated (sass_diff.py's numbers come from nvcc on the team machine)
+      run 120 python3 benchmarks/kernel_resources.py --json "$OUT/kernel-resources-$TAG.json" ;;
     verify)
       run 300 $MPI "$NP" $FC verify --json "$OUT/verify-${NP}x.json" ;;
     verify-short)

@@ -24,7 +24,7 @@ def signs(g: int) -> np.ndarray:
     """The +-1 float32 sign pattern for element ``j`` of a group (``j < g``).
 
     ``sign(j)`` is bit 31 of a 32-bit integer mix of ``j`` (the same mix as
-    ``fc_rotation_sign`` in ``kernels_cu/fc_quant.cuh``).
+    ``fc_rotation_sign_bit`` in ``kernels_cu/fc_quant.cuh``).
     """
     j = np.arange(g, dtype=np.uint64)
     m = np.uint64(0xFFFFFFFF)

@@ -75,11 +75,11 @@ extern "C" __global__ void __launch_bounds__(512) fc_ll_oneshot(FcArgs a) { fc_l
 
 extern "C" __global__ void __launch_bounds__(512) fc_ll_twoshot(FcArgs a) { fc_ll_twoshot_impl<FC_DT>(a); }
 #else
-extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_twoshot(FcArgs a) {
+extern "C" __global__ void __launch_bounds__(FC_LLQ_TWOSHOT_THREADS, 2) fc_llq_twoshot(FcArgs a) {
   fc_llq_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
 
-extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS) fc_llq_oneshot(FcArgs a) {
+extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot(FcArgs a) {
   fc_llq_oneshot_impl<FC_DT, FC_RS_BITS>(a);
 }
 #endif
@@ -97,7 +97,7 @@ extern "C" __global__ void fc_encode_chunk(const float* x, unsigned char* chunk,
   float v[FC_ELEMS];
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = active ? x[(fc_i64)w * FC_ELEMS + i] : 0.0f;
-  if (flags & FC_FLAG_ROTATE) fc_rotate_fwd(v, gl, lig, rot_norm);
+  if (flags & FC_FLAG_ROTATE) fc_rotate_fwd(v, gl, lig, fc_rotation_signs(lig), rot_norm);
   typename FcCodec<FC_DT, FC_RS_BITS>::Packed p;
   FcCodec<FC_DT, FC_RS_BITS>::pack(v, gl, flags & FC_FLAG_SYM, p);
   FcCodec<FC_DT, FC_RS_BITS>::write(p, chunk, n, w, gl, flags & FC_FLAG_SYM, fc_warp_stage(s_stage));
@@ -113,7 +113,7 @@ extern "C" __global__ void fc_decode_chunk(const unsigned char* chunk, float* x,
   const bool active = (fc_i64)w * FC_ELEMS < n;
   float v[FC_ELEMS];
   fc_receive<FcCodec<FC_DT, FC_RS_BITS> >(chunk, n, w, active, gl, flags & FC_FLAG_SYM, v, fc_warp_stage(s_stage));
-  if (flags & FC_FLAG_ROTATE) fc_rotate_inv(v, gl, lig, rot_norm);
+  if (flags & FC_FLAG_ROTATE) fc_rotate_inv(v, gl, lig, fc_rotation_signs(lig), rot_norm);
   if (active)
     for (int i = 0; i < FC_ELEMS; ++i) x[(fc_i64)w * FC_ELEMS + i] = v[i];
 #endif

@@ -56,7 +56,7 @@ __device__ __forceinline__ void fc_twoshot_reduce_scatter(const FcArgs& a, const
     for (int u = 0; u < a.units; ++u) {
       const int w = L.unit(u);
       typename RS::Packed p;
-      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.sym, L.gl, L.lig, v, p,
+      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.sym, L.gl, L.lig, L.signs, v, p,
                             stage);
       RS::write(p, dst, nchunk, w, L.gl, L.sym, stage);
     }
@@ -80,7 +80,8 @@ __device__ __forceinline__ void fc_twoshot_owner(const FcArgs& a, const FcTile<R
       fc_owner_sum(
           a.world, a.rank, active, acc, v,
           [&](float (&x)[FC_ELEMS]) {
-            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.gl, L.lig, x, stage);
+            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.gl, L.lig, L.signs, x,
+                              stage);
           },
           [&](int s, float (&x)[FC_ELEMS]) {
             fc_decode<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, L.gl, L.sym, x, stage);
@@ -295,6 +296,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
   const int group = L.group;
   const int gl = L.gl, lig = L.lig, gs = __ffs(gl) - 1;
   const bool rot = L.rot, sym = L.sym;
+  const fc_u32 signs = L.signs;
   const fc_i64 ag_flags = a.ag_flags_off;  // read once here: see fc_twoshot_impl
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 tile = L.tile;
@@ -336,7 +338,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
       if (start < a.n) {  // all padding: nothing sent, nothing read
         const int w = (i % a.units) * nt + t;
         fc_staged_elems<DT>(in_area(i & 1), v);
-        if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+        if (rot) fc_rotate_fwd(v, gl, lig, signs, a.rot_norm);
         typename RS::Packed p;
         RS::pack(v, gl, sym, p);
         RS::write(p, fc_slot(a, o, a.rs_off, 0, a.rank), nchunk, w, gl, sym, stage);
@@ -373,7 +375,7 @@ __device__ void fc_twoshot_staged_impl(const FcArgs& a) {
         for (int s = 0; s < a.world; ++s) {
           if (s == a.rank) {
             fc_staged_elems<DT>(in_area(u & 1), v);
-            if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+            if (rot) fc_rotate_fwd(v, gl, lig, signs, a.rot_norm);
           } else {
             typename RS::Packed p;
             fc_staged_unit<RSB>(src_area(u & 1, s < a.rank ? s : s - 1), w, gs, sym, p);
@@ -444,6 +446,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
+  const fc_u32 signs = L.signs;
   const fc_i64 os_flags = a.os_flags_off;  // read once here: see fc_twoshot_impl
   unsigned char* my_ws = fc_ws(a, a.rank);
   const fc_i64 tile = L.tile;
@@ -460,7 +463,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       typename RS::Packed p;
-      fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
+      fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
       for (int k = 1; k < a.world; ++k) {
         const int q = (a.rank + k) % a.world;
         RS::write(p, fc_slot(a, q, a.os_off, par, a.rank), nchunk, w, gl, sym, stage);
@@ -475,7 +478,7 @@ __device__ void fc_oneshot_impl(const FcArgs& a) {
       fc_owner_sum(
           a.world, a.rank, active, acc, v,
           [&](float (&x)[FC_ELEMS]) {
-            fc_input_as_sent<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, x, stage);
+            fc_input_as_sent<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, signs, x, stage);
           },
           [&](int s, float (&x)[FC_ELEMS]) {
             fc_decode<RS>(fc_slot(a, a.rank, a.os_off, par, s), nchunk, w, gl, sym, x, stage);

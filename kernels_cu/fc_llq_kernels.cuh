@@ -23,6 +23,14 @@
 // 16-element builds fit 128 registers at 256 threads, except the two-shots
 // with an INT8 step, which the host runs at 128 (llq_threads).
 #define FC_LLQ_THREADS (FC_ELEMS == 16 ? 256 : 128)
+// Both kernels' launch bounds also name the two blocks per SM the LL protocol
+// needs.  The two-shot's threads are those the host runs it with: the
+// 16-element builds with an INT8 step need more than 128 registers and run
+// 128 threads (plan.llq_threads).  Bounded by threads alone, ptxas traded
+// registers for occupancies nothing uses: the INT8 two-shot took 128 registers
+// and 70-114 bytes of spills once the rotation got cheaper (INT4/INT8 spilled 92
+// before), the 32-element INT4/INT8 one 168 with spills (benchmarks/sass_diff.py).
+#define FC_LLQ_TWOSHOT_THREADS (FC_ELEMS == 16 && (FC_RS_BITS == 8 || FC_AG_BITS == 8) ? 128 : FC_LLQ_THREADS)
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
 // the lane is past its tile) from my LL slots of `area`: got[j] is source s0 + j's.
@@ -52,6 +60,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
+  const fc_u32 signs = L.signs;
   const FcLLCall call = fc_ll_begin(a);
   const fc_u32 e = call.e;
   const int par = e & 1;
@@ -73,7 +82,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     for (int u = 0; u < a.units; ++u) {
       const int w = u * nt + t;
       typename RS::Packed p;
-      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, sym, gl, lig, v, p, stage);
+      fc_pack_input<DT, RS>(a, start + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, rot, sym, gl, lig, signs, v, p, stage);
       if ((fc_i64)w * FC_ELEMS < nchunk) fc_llq_write<RSB>(dst + (fc_i64)w * FcLLq<RSB>::BYTES, p);
     }
   }
@@ -92,7 +101,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
           if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
         },
         [&](float (&x)[FC_ELEMS]) {
-          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, x, stage);
+          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, signs, x, stage);
         },
         [&](int j, int, float (&x)[FC_ELEMS]) { RS::unpack(got[j], sym, x); });
     typename AG::Packed p;
@@ -142,6 +151,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
+  const fc_u32 signs = L.signs;
   const FcLLCall call = fc_ll_begin(a);
   const fc_u32 e = call.e;
   const int par = e & 1;
@@ -152,11 +162,18 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   float v[FC_ELEMS];
   bool failed = false;  // as in fc_llq_twoshot_impl
 
-  // 1. my tile, quantized, to every peer.
+  // 1. my tile, quantized, to every peer.  Each thread's first unit also stays
+  // packed in shared memory (its own slot: no barrier) for step 2, which adds
+  // it instead of loading, rotating and quantizing my input again after the
+  // wait for the peers; with a.units 1 (small messages) nothing is packed
+  // twice.  Held in registers instead, the unit took the INT8 build past the
+  // 128 registers of two 256-thread blocks (166).
+  __shared__ typename RS::Packed s_first[FC_LLQ_THREADS];
   for (int u = 0; u < a.units; ++u) {
     const int w = u * nt + t;
     typename RS::Packed p;
-    fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
+    fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
+    if (u == 0) s_first[t] = p;
     if ((fc_i64)w * FC_ELEMS < nchunk) {
       for (int k = 1; k < a.world; ++k)
         fc_llq_write<RSB>(fc_ll_slot(a, (a.rank + k) % a.world, par, 0, a.rank) + (fc_i64)w * FcLLq<RSB>::BYTES, p);
@@ -179,10 +196,14 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         if (s0 + j >= a.world) break;
-        if (s0 + j == a.rank) {  // mine exactly as the peers decode it (re-packed from my input)
-          typename RS::Packed p;
-          fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, v, p, stage);
-          RS::unpack(p, sym, v);
+        if (s0 + j == a.rank) {  // mine exactly as the peers decode it: what step 1 packed
+          if (u == 0) {
+            RS::unpack(s_first[t], sym, v);
+          } else {
+            typename RS::Packed p;
+            fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
+            RS::unpack(p, sym, v);
+          }
         } else {
           RS::unpack(got[j], sym, v);
           if (!active) {  // nothing was received past the tile's end

@@ -46,18 +46,65 @@ __device__ __forceinline__ float fc_group_minmax_nan(float v, int gl) {
 }
 
 // ----------------------------------------------------------------- rotation
-// Same 32-bit mix as hadamard.signs(): bit 31 of the mixed index picks -1.
-__device__ __forceinline__ float fc_rotation_sign(fc_u32 j) {
+// What one rotation costs a lane (a unit of E = FC_ELEMS elements, gl lanes a
+// group), in instructions: the in-thread butterflies, E log2(E) FADDs; per
+// cross-lane stage, E SHFLs and E FFMAs; the forward's signs, 2 integer ops an
+// element; the normalisation, E FMULs (the inverse's signs ride on it, 2
+// integer ops an element).  The butterflies and the normalisation are the
+// reference's own roundings and stay; until issue 21 each element also hashed
+// its index in both directions (7 instructions with the select and multiply)
+// and each cross-lane butterfly took 4 (SHFL, two predicated FADDs, a MOV).
+#define FC_ROT_MAX_GROUP 1024  // 32 lanes x 32 elements: the largest group a warp holds
+#define FC_SIGN_BIT 0x80000000u
+
+// Same 32-bit mix as hadamard.signs(): bit 31 of the mixed index; 1 means -1.
+__host__ __device__ constexpr fc_u32 fc_rotation_sign_bit(fc_u32 j) {
   fc_u32 h = j * 0x9E3779B1u;
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
-  return (h >> 31) ? -1.0f : 1.0f;
+  return h >> 31;
+}
+
+// The sign bits of a group's elements, 32 to a word (bit b of word k is
+// element 32k + b's), evaluated by the compiler from fc_rotation_sign_bit (host and
+// device, so NVRTC, which compiles device code only, takes the initializer too).
+struct FcSignWords { fc_u32 w[FC_ROT_MAX_GROUP / 32]; };
+__host__ __device__ constexpr FcSignWords fc_sign_words() {
+  FcSignWords s{};
+  for (int k = 0; k < FC_ROT_MAX_GROUP / 32; ++k)
+    for (int b = 0; b < 32; ++b) s.w[k] |= fc_rotation_sign_bit((fc_u32)(32 * k + b)) << b;
+  return s;
+}
+static __constant__ FcSignWords fc_rotation_sign_words = fc_sign_words();
+
+// The lane's sign bits: bit i for element lig * FC_ELEMS + i of its group.  A
+// kernel reads them once (FcTile), as a lane keeps its place in the group
+// for every unit; one register instead of a hash per element and use.
+__device__ __forceinline__ fc_u32 fc_rotation_signs(int lig) {
+  const int j0 = lig * FC_ELEMS;
+  return fc_rotation_sign_words.w[j0 >> 5] >> (j0 & 31);
+}
+
+// Element i's sign bit of `signs` moved to bit 31 (the float sign), the rest 0.
+__device__ __forceinline__ fc_u32 fc_sign_at(fc_u32 signs, int i) { return (signs << (31 - i)) & FC_SIGN_BIT; }
+
+// `signs` as a value the compiler cannot see through: the FC_ELEMS masks
+// fc_sign_at derives from it are loop-invariant, and hoisted out of a kernel's
+// unit loop they took FC_ELEMS registers and spilled the kernels at their
+// register cap (benchmarks/sass_diff.py); derived afresh where they are used,
+// they cost one shift each.
+__device__ __forceinline__ fc_u32 fc_opaque(fc_u32 x) {
+  asm volatile("" : "+r"(x));
+  return x;
 }
 
 // Unnormalised FWHT over a group: stages h = 1..FC_ELEMS/2 inside the thread,
 // then h = FC_ELEMS..g/2 across lanes; (a, b) -> (a + b, a - b) with a the
-// lower index.
+// lower index.  Across lanes, the lower lane's a + b and the upper lane's a - b
+// are both one FFMA of its own value by +-1 (exact) and the partner's: the
+// same single rounding of the same exact sum as the FADD/FSUB, signed zeros
+// and NaNs included, and no select.
 __device__ __forceinline__ void fc_fwht(float (&v)[FC_ELEMS], int gl, int lig) {
 #pragma unroll
   for (int h = 1; h < FC_ELEMS; h <<= 1) {
@@ -71,28 +118,40 @@ __device__ __forceinline__ void fc_fwht(float (&v)[FC_ELEMS], int gl, int lig) {
     }
   }
   for (int m = 1; m < gl; m <<= 1) {
-    const bool upper = (lig & m) != 0;
+    const float own = (lig & m) ? -1.0f : 1.0f;  // upper: p - v; lower: v + p
 #pragma unroll
     for (int i = 0; i < FC_ELEMS; ++i) {
-      float p = __shfl_xor_sync(FC_FULL_MASK, v[i], m);
-      v[i] = upper ? __fsub_rn(p, v[i]) : __fadd_rn(v[i], p);
+      const float p = __shfl_xor_sync(FC_FULL_MASK, v[i], m);
+      v[i] = __fmaf_rn(v[i], own, p);
     }
   }
 }
 
-__device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int lig, float norm) {
+// `signs`: fc_rotation_signs(lig).  The reference multiplies by +-1 first; here
+// the sign bit is flipped (one LOP3 instead of an FMUL), the same exact result
+// for every number, infinities, zeros and subnormals included.  Only a NaN
+// could differ (its sign bit), and nothing can see it: the butterflies'
+// FADDs return the canonical NaN (fc_ll.cuh relies on it too), and every
+// forward-rotated value reaches the wire through the quantizer, which marks a
+// group holding a NaN by its metadata alone.
+__device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int lig, fc_u32 signs, float norm) {
+  signs = fc_opaque(signs);
 #pragma unroll
-  for (int i = 0; i < FC_ELEMS; ++i) v[i] = __fmul_rn(v[i], fc_rotation_sign(lig * FC_ELEMS + i));
+  for (int i = 0; i < FC_ELEMS; ++i) v[i] = __uint_as_float(__float_as_uint(v[i]) ^ fc_sign_at(signs, i));
   fc_fwht(v, gl, lig);
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = __fmul_rn(v[i], norm);
 }
 
-__device__ __forceinline__ void fc_rotate_inv(float (&v)[FC_ELEMS], int gl, int lig, float norm) {
+// The reference's (v * norm) * s as one multiply v * (s * norm): s * norm is
+// exact, and rounding to nearest is symmetric in the sign, so both round the
+// same exact product (NaN in, canonical NaN out either way).
+__device__ __forceinline__ void fc_rotate_inv(float (&v)[FC_ELEMS], int gl, int lig, fc_u32 signs, float norm) {
   fc_fwht(v, gl, lig);
+  signs = fc_opaque(signs);
+  const fc_u32 nbits = __float_as_uint(norm);
 #pragma unroll
-  for (int i = 0; i < FC_ELEMS; ++i)
-    v[i] = __fmul_rn(__fmul_rn(v[i], norm), fc_rotation_sign(lig * FC_ELEMS + i));
+  for (int i = 0; i < FC_ELEMS; ++i) v[i] = __fmul_rn(v[i], __uint_as_float(nbits ^ fc_sign_at(signs, i)));
 }
 
 // ----------------------------------------------------------------- codes

@@ -28,19 +28,20 @@ __device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n,
 
 // The lane's unit of my input from element `base` (elements at or beyond
 // `limit` read as 0), rotated when the mode asks: my exact contribution.
+// `signs`: the lane's fc_rotation_signs (FcTile::signs).
 template <int DT>
 __device__ __forceinline__ void fc_load_input(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access, bool rot,
-                                              int gl, int lig, float (&v)[FC_ELEMS], fc_v4* stage) {
+                                              int gl, int lig, fc_u32 signs, float (&v)[FC_ELEMS], fc_v4* stage) {
   fc_load_elems<DT>(a.in, base, limit, access, v, stage);
-  if (rot) fc_rotate_fwd(v, gl, lig, a.rot_norm);
+  if (rot) fc_rotate_fwd(v, gl, lig, signs, a.rot_norm);
 }
 
 // That unit quantized: what I send.
 template <int DT, typename C>
 __device__ __forceinline__ void fc_pack_input(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access,
-                                              bool rot, bool sym, int gl, int lig, float (&v)[FC_ELEMS],
+                                              bool rot, bool sym, int gl, int lig, fc_u32 signs, float (&v)[FC_ELEMS],
                                               typename C::Packed& p, fc_v4* stage) {
-  fc_load_input<DT>(a, base, limit, access, rot, gl, lig, v, stage);
+  fc_load_input<DT>(a, base, limit, access, rot, gl, lig, signs, v, stage);
   C::pack(v, gl, sym, p);
 }
 
@@ -48,9 +49,10 @@ __device__ __forceinline__ void fc_pack_input(const FcArgs& a, fc_i64 base, fc_i
 // input): what the one-shots add for me, so every rank sums the same values.
 template <int DT, typename C>
 __device__ __forceinline__ void fc_input_as_sent(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access, bool rot,
-                                                 bool sym, int gl, int lig, float (&v)[FC_ELEMS], fc_v4* stage) {
+                                                 bool sym, int gl, int lig, fc_u32 signs, float (&v)[FC_ELEMS],
+                                                 fc_v4* stage) {
   typename C::Packed p;
-  fc_pack_input<DT, C>(a, base, limit, access, rot, sym, gl, lig, v, p, stage);
+  fc_pack_input<DT, C>(a, base, limit, access, rot, sym, gl, lig, signs, v, p, stage);
   C::unpack(p, sym, v);
 }
 
@@ -58,8 +60,8 @@ __device__ __forceinline__ void fc_input_as_sent(const FcArgs& a, fc_i64 base, f
 // rotates) into my output from element `base`; elements >= limit stay untouched.
 template <int DT>
 __device__ __forceinline__ void fc_store_output(const FcArgs& a, fc_i64 base, fc_i64 limit, bool rot, int gl, int lig,
-                                                float (&v)[FC_ELEMS], fc_v4* stage, bool stream) {
-  if (rot) fc_rotate_inv(v, gl, lig, a.rot_norm);
+                                                fc_u32 signs, float (&v)[FC_ELEMS], fc_v4* stage, bool stream) {
+  if (rot) fc_rotate_inv(v, gl, lig, signs, a.rot_norm);
   fc_store_elems<DT>(a.out, base, limit, v, stage, stream);
 }
 
@@ -75,10 +77,12 @@ struct FcTile {
   int group;     // quantization group (elements)
   int gl, lig;   // lanes per group, and this lane's index in its group
   bool rot, sym;
+  fc_u32 signs;  // the lane's rotation signs (fc_rotation_signs), when rot
   fc_i64 tile;   // elements per block tile
   __device__ __forceinline__ explicit FcTile(const FcArgs& a)
       : t(threadIdx.x), nt(blockDim.x), group(RSB ? a.group : FC_ELEMS), gl(group / FC_ELEMS), lig(t % gl),
-        rot(RSB && (a.flags & FC_FLAG_ROTATE)), sym(a.flags & FC_FLAG_SYM), tile((fc_i64)nt * FC_ELEMS * a.units) {}
+        rot(RSB && (a.flags & FC_FLAG_ROTATE)), sym(a.flags & FC_FLAG_SYM), signs(rot ? fc_rotation_signs(lig) : 0u),
+        tile((fc_i64)nt * FC_ELEMS * a.units) {}
   // the flag kernels' tiles per segment (block b takes tiles b, b + grid, ...)
   __device__ __forceinline__ fc_i64 ntiles(const FcArgs& a) const { return (a.seg_elems + tile - 1) / tile; }
   // the unit index of this thread's u-th unit of the tile
@@ -148,6 +152,6 @@ struct FcStoreEpilogue {
   const FcTile<RSB>& L;
   __device__ __forceinline__ FcStoreEpilogue(const FcArgs& a_, const FcTile<RSB>& L_) : a(a_), L(L_) {}
   __device__ __forceinline__ void operator()(fc_i64 base, fc_i64 limit, float (&v)[FC_ELEMS], fc_v4* stage) const {
-    fc_store_output<DT>(a, base, limit, L.rot, L.gl, L.lig, v, stage, true);
+    fc_store_output<DT>(a, base, limit, L.rot, L.gl, L.lig, L.signs, v, stage, true);
   }
 };

@@ -132,6 +132,43 @@ def test_non_finite_values_stay_in_their_group():
     assert np.all(np.isnan(y[1])) and np.all(np.isfinite(y[[0, 2]]))
 
 
+# ---------------------------------------------------------------------------- the kernels' shortcuts
+def every_kind_of_float32(n=1 << 16, seed=0):
+    """Random bit patterns (normals, subnormals, zeros, infinities, NaNs) plus the edge values."""
+    bits = np.random.default_rng(seed).integers(0, 1 << 32, size=n, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0, 0x80000000, 1, 0x80000001, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000,
+                      0xFF800000, 0x7FC00000, 0x3F800000, 0xBF800000], dtype=np.uint32)
+    return np.concatenate([edges, bits]).view(F32)
+
+
+def same_float32(a, b):
+    """Bit for bit, any NaN equal to any NaN (the GPU returns its canonical NaN)."""
+    return (a.view(np.uint32) == b.view(np.uint32)) | (np.isnan(a) & np.isnan(b))
+
+
+def test_a_sign_flip_is_the_references_multiply_by_minus_one():
+    """fc_rotate_fwd flips the sign bit where the reference multiplies by -1: the same float32,
+    zeros, subnormals and infinities included (a NaN stays a NaN)."""
+    x = every_kind_of_float32()
+    with np.errstate(invalid="ignore"):
+        want = x * F32(-1)
+    got = (x.view(np.uint32) ^ np.uint32(0x80000000)).view(F32)
+    assert same_float32(got, want).all()
+
+
+@pytest.mark.parametrize("g", SUPPORTED_GROUP_SIZES)
+def test_one_multiply_by_signed_norm_is_the_references_two(g):
+    """fc_rotate_inv computes (v * norm) * s as v * (s * norm): s * norm is exact and rounding
+    to nearest is symmetric in the sign, so both are the same float32 for every v."""
+    v = every_kind_of_float32(seed=g)
+    n = hadamard.norm(g)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        for s in (F32(1), F32(-1)):
+            want = (v * n).astype(F32) * s
+            got = v * F32(s * n)
+            assert same_float32(got, want).all()
+
+
 # ---------------------------------------------------------------------------- why it is there
 def test_rotation_spreads_an_outlier_and_shrinks_the_quantization_step():
     g = 128

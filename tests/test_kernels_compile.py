@@ -221,18 +221,37 @@ def test_the_error_record_and_its_codes_match_the_host_mirror(tmp_path):
     _assert_compiles_with(tmp_path, "error_record", checks, ("FC_DT=0", "FC_RS_BITS=0", "FC_AG_BITS=0"))
 
 
-def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
-    """LLQ_UNIT_BYTES and LLQ_MAX_THREADS (what the host tiles by) are FcLLq's and FC_LLQ_THREADS."""
+def test_the_kernels_rotation_signs_are_the_references(tmp_path):
+    """The sign words the kernels read (fc_sign_words, bit b of word k = element 32k + b is
+    negative) are hadamard.signs for every element of the largest group."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA toolkit absent)")
-    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES
+    from flashcomm_cupy import hadamard
+    negative = hadamard.signs(1024).reshape(32, 32) < 0
+    words = [sum(1 << b for b in range(32) if negative[k, b]) for k in range(32)]
+    checks = [f'static_assert(fc_sign_words().w[{k}] == {w}u, "sign word {k}");' for k, w in enumerate(words)]
+    _assert_compiles_with(tmp_path, "rotation_signs", checks, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4"))
+
+
+def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
+    """LLQ_UNIT_BYTES and LLQ_MAX_THREADS (what the host tiles by) are FcLLq's and FC_LLQ_THREADS, and
+    the two-shot's launch bound (FC_LLQ_TWOSHOT_THREADS) is the block the host runs (llq_threads)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, llq_threads
     for elems in (16, 32):
         checks = [f'static_assert(FcLLq<{bits}>::BYTES == {LLQ_UNIT_BYTES[elems, bits]}, "unit bytes {bits}");'
                   for bits in (4, 6, 8)]
         checks.append(f'static_assert(FC_LLQ_THREADS == {LLQ_MAX_THREADS[elems]}, "threads");')
         _assert_compiles_with(tmp_path, f"llq_{elems}", checks,
                               ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4", f"FC_ELEMS={elems}"))
+        for rs, ag in ((4, 4), (6, 6), (8, 8), (4, 8)):
+            want = llq_threads(elems, 2, "twoshot", rs, ag)
+            _assert_compiles_with(tmp_path, f"llq_{elems}_{rs}_{ag}",
+                                  [f'static_assert(FC_LLQ_TWOSHOT_THREADS == {want}, "two-shot threads");'],
+                                  ("FC_DT=0", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}", f"FC_ELEMS={elems}"))
 
 
 def test_the_hosts_staged_shared_memory_matches_the_kernel(tmp_path):
