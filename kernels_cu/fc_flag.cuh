@@ -175,7 +175,7 @@ __device__ __forceinline__ void fc_twoshot_owner_shard(const FcArgs& a, const Fc
       fc_owner_sum(
           a.world, a.rank, active, acc, v,
           [&](float (&x)[FC_ELEMS]) {
-            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.gl, L.lig, x, stage);
+            fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, limit, FC_STREAM, L.rot, L.gl, L.lig, L.signs, x, stage);
           },
           [&](int s, float (&x)[FC_ELEMS]) {
             fc_decode<RS>(fc_slot(a, a.rank, a.rs_off, 0, s), nchunk, w, L.gl, L.sym, x, stage);
