@@ -36,7 +36,7 @@ import sys
 
 import numpy as np
 
-# (label, bytes, bits, algo, threads, blocks, units, protocol): shapes the shipped table picks,
+# (label, bytes, bits, algo, threads, blocks, units, protocol[, rotate]): shapes the shipped table picks,
 # the LL kernels (fc_ll.cuh) at the sizes they serve, and the staged two-shot (protocol "staged":
 # the flag protocol with fc_twoshot_staged).
 CASES = [
@@ -62,6 +62,13 @@ CASES = [
     ("llq int4 1M t128", 1 << 20, 4, "twoshot", 128, 0, 1, "ll"),
     ("llq int4 4M", 4 << 20, 4, "twoshot", 64, 0, 1, "ll"),
     ("llq int4 4M u2", 4 << 20, 4, "twoshot", 128, 0, 2, "ll"),
+    # the quantized LL one-shot with and without rotation, at the H200 table's shapes (issue 21)
+    ("llq1 int4 64K", 64 << 10, 4, "oneshot", 128, 0, 1, "ll"),
+    ("llq1 int4 64K rot", 64 << 10, 4, "oneshot", 128, 0, 1, "ll", True),
+    ("llq1 int4 1M", 1 << 20, 4, "oneshot", 256, 0, 1, "ll"),
+    ("llq1 int4 1M rot", 1 << 20, 4, "oneshot", 256, 0, 1, "ll", True),
+    ("llq1 int8 64K", 64 << 10, 8, "oneshot", 64, 0, 1, "ll"),
+    ("llq1 int8 64K rot", 64 << 10, 8, "oneshot", 64, 0, 1, "ll", True),
 ]
 VARIANTS = [
     ("full", None, ""),
@@ -125,13 +132,13 @@ def main(argv=None):
         comm = Communicator(backend="gpu", kernel_build=KernelBuild(kdir, tuple(defines.split())))
         backend = comm.backend
         rank = comm.rank
-        for clabel, nbytes, bits, algo, threads, blocks, units, protocol in cases:
+        for clabel, nbytes, bits, algo, threads, blocks, units, protocol, *rotate in cases:
             if protocol == "ll" and "FC_PROFILE_LOCAL_DATA" in defines:
                 continue  # LL slots are always the peers': local-only LL readers would wait forever
             n = nbytes // 2
             x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
             out = cupy.empty_like(x)
-            mode = Mode.make(bits, 128, algo=algo)
+            mode = Mode.make(bits, 128, rotate=bool(rotate and rotate[0]), algo=algo)
             force = (Force(threads, blocks, units, "flag", True) if protocol == "staged"
                      else Force(threads, blocks, units, protocol))
             t = measure(backend, comm.mpi_comm,
