@@ -206,9 +206,10 @@ for stage in ${STAGES//,/ }; do
       # device call: pick modules), PYTEST_GPU_ARGS: more options (--gpu-quick, -k EXPR, --gpu-worlds 2,3).
       # Into $OUT (few files come back): the JUnit XML, summary.json, and the launches' logs and rank records as a tarball.
       R=/tmp/flashcomm-pytest-gpu-$NP; rm -rf "$R"
+      eval "PARGS=(${PYTEST_GPU_ARGS:-})"  # shell words, so -k "a or b" stays one argument
       run 560 env COLUMNS=250 python3 -m pytest ${PYTEST_GPU:-tests/gpu} -m gpu -p no:cacheprovider -rA \
         --gpu-worlds "$NP" --gpu-budget "${PYTEST_GPU_BUDGET:-480}" --gpu-results "$R" \
-        --junitxml "$OUT/pytest-gpu-$NP.xml" ${PYTEST_GPU_ARGS:-}
+        --junitxml "$OUT/pytest-gpu-$NP.xml" "${PARGS[@]}"
       [ -f "$R/summary.json" ] && cp "$R/summary.json" "$OUT/pytest-gpu-$NP-summary.json"
       [ -d "$R" ] && tar -czf "$OUT/pytest-gpu-$NP-logs.tar.gz" -C "$R" . ;;
     # ---- transports (issue 17): host memory, and one GPU visible per rank (IPC through virtual-memory handles)
