@@ -136,7 +136,10 @@ def first_failure(comm, failure: Optional[str], name_rank: bool = False) -> Opti
 
     ``name_rank``: prefix "rank R: " unless every rank failed the same way.
     """
-    everyone = comm.allgather(failure)
+    return _first_of(comm.allgather(failure), name_rank)
+
+
+def _first_of(everyone, name_rank: bool) -> Optional[str]:
     bad = [(r, f) for r, f in enumerate(everyone) if f]
     if not bad:
         return None
@@ -146,12 +149,20 @@ def first_failure(comm, failure: Optional[str], name_rank: bool = False) -> Opti
     return first
 
 
-def raise_everywhere(comm, failure: Optional[BaseException], what: str) -> None:
+def raise_everywhere(comm, failure: Optional[BaseException], what: str, instead=None) -> None:
     """End a local step that may fail on some ranks only (collective): re-raise this rank's
     ``failure``, else raise RuntimeError naming the first rank whose ``what`` failed, else return.
-    Every rank leaves together instead of some waiting in the next collective."""
-    problem = first_failure(comm, None if failure is None else f"{type(failure).__name__}: {failure}",
-                            name_rank=True)
+    Every rank leaves together instead of some waiting in the next collective.
+
+    ``instead``: an (exception type, factory) pair; when every rank that failed raised that type
+    (by name), every rank raises ``factory(first failure)`` instead -- one decision everywhere,
+    e.g. "fall back to NCCL" when the only failures are missing transports."""
+    everyone = comm.allgather(None if failure is None else f"{type(failure).__name__}: {failure}")
+    problem = _first_of(everyone, name_rank=True)
+    if problem and instead is not None:
+        kind, factory = instead
+        if all(f is None or f.startswith(f"{kind.__name__}: ") for f in everyone):
+            raise factory(problem)
     if failure is not None:
         raise failure
     if problem:

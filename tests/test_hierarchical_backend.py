@@ -48,6 +48,11 @@ def stubbed(monkeypatch):
     class Handle:
         def __init__(self, comm):
             made["nccl"].append(comm)
+            self._pending, self.aborted = set(), None
+
+        def abort(self, reason):
+            self.aborted = reason
+            made["closed"].append("nccl abort")
 
         def close(self):
             made["closed"].append("nccl")
@@ -230,3 +235,102 @@ def test_uniform_nodes_get_the_hierarchical_backend(monkeypatch, per_node):
         (nodes, options)) or "hier")
     assert hierarchical.make_cuda_backend("comm", timeout_s=5) == "hier"
     assert built == [(NodeLayout.blocks(4, per_node), {"timeout_s": 5})]
+
+
+# ----------------------------------------------------------------------------- waits, close, fallback
+@pytest.fixture
+def never_done(monkeypatch):
+    """A fake ``cupy`` whose events never complete (an NCCL call whose peer never came)."""
+    import sys
+    import types
+    event = type("Event", (), {"__init__": lambda self, **kw: None, "record": lambda self, stream: None,
+                               "done": property(lambda self: False)})
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=event, ExternalStream=lambda ptr: ptr))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    return fake
+
+
+class _Handle:
+    def __init__(self, pending=()):
+        self._pending, self.aborted = set(pending), None
+
+    def abort(self, reason):
+        self.aborted = reason
+
+
+def test_a_bounded_wait_aborts_every_communicator_with_a_call_on_the_stream_and_only_those(never_done):
+    import time
+    from flashcomm_cupy.backends.nccl import wait_nccl_streams
+    from flashcomm_cupy.errors import FlashTimeoutError
+    flat, cross = _Handle(), _Handle(pending=[5])  # only the inter-node handle queued on stream 5
+    start = time.monotonic()
+    with pytest.raises(FlashTimeoutError, match="did not complete within 0.05 s"):
+        wait_nccl_streams([flat, cross], [5], 0.05)
+    assert time.monotonic() - start < 5
+    assert cross.aborted and flat.aborted is None
+
+
+def test_several_gpus_per_node_wait_is_bounded_by_the_cross_node_call(stubbed, never_done):
+    """The all-ranks handle first, the cross-node one holding the stream: the wait still ends at the
+    bound (it waited on the first handle's stream set, unbounded, before)."""
+    import types
+    from flashcomm_cupy.errors import FlashTimeoutError
+    backend = HierarchicalGpuBackend(FakeComm(6, 8), NodeLayout.blocks(8, 4), timeout_s=0.05)
+    backend.cross_nccl._pending.add(9)
+    with pytest.raises(FlashTimeoutError):
+        backend.wait(types.SimpleNamespace(ptr=9))
+    assert backend.cross_nccl.aborted and backend.nccl.aborted is None
+    with pytest.raises(FlashTimeoutError):  # and every later call says so before launching anything
+        backend.check()
+
+
+def test_close_waits_for_nccl_within_the_bound_before_the_flash_backend_and_refuses_later_calls(stubbed,
+                                                                                                never_done):
+    """The flash backend's close synchronizes the device: behind a hung inter-node all-gather it would
+    wait forever, so the NCCL calls are bounded (and aborted) first; a closed backend launches nothing."""
+    backend = HierarchicalGpuBackend(FakeComm(6, 8), NodeLayout.blocks(8, 4), timeout_s=0.05)
+    backend.cross_nccl._pending.add(9)
+    backend._plans[("a plan",)] = "cached"
+    backend.close()
+    assert stubbed["closed"] == ["nccl abort", "flash", "nccl", "nccl"] and backend._plans == {}
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.check()
+
+
+@pytest.mark.parametrize("transport, falls_back", [(None, True), ("ipc", False)])
+def test_no_transport_inside_a_node_falls_back_to_nccl_unless_one_was_named(stubbed, transport, falls_back):
+    """As on one node (gpu.make_gpu_backend): when the only failures are missing transports, every
+    rank falls back to NCCL; a transport asked for by name raises its reason instead."""
+    from flashcomm_cupy.backends.hierarchical import NoNodeTransport
+    from flashcomm_cupy.backends.ipc import PeerAccessError
+    stubbed["Flash"].fail = PeerAccessError("no peer access between GPU 0 and GPU 1")
+    comm = FakeComm(0, 4, failures=["PeerAccessError: no peer access between GPU 0 and GPU 1", None, None, None])
+    with pytest.raises(NoNodeTransport if falls_back else PeerAccessError, match="no peer access"):
+        HierarchicalGpuBackend(comm, NodeLayout.blocks(4, 2), transport=transport)
+    assert all(sub.freed for sub in comm.splits)
+    # another rank's other failure: no fallback, the error names it
+    stubbed["Flash"].fail = None
+    comm = FakeComm(1, 4, failures=["PeerAccessError: no peer access", None, "RuntimeError: out of memory", None])
+    with pytest.raises(RuntimeError, match="could not start on another rank") as info:
+        HierarchicalGpuBackend(comm, NodeLayout.blocks(4, 2))
+    assert not isinstance(info.value, NoNodeTransport)
+
+
+def test_make_cuda_backend_runs_nccl_with_a_warning_when_a_node_has_no_transport(monkeypatch):
+    import types
+    from flashcomm_cupy.backends import hierarchical, nccl
+
+    class StubNccl(nccl.NcclBackend):
+        def __init__(self, comm, **options):
+            self.options = options
+
+    def no_transport(comm, nodes, **options):
+        raise hierarchical.NoNodeTransport("rank 2: PeerAccessError: no peer access")
+
+    monkeypatch.setattr(hierarchical._mpi, "node_layout", lambda comm, per_node=None: NodeLayout.blocks(4, 2))
+    monkeypatch.setattr(hierarchical, "HierarchicalGpuBackend", no_transport)
+    monkeypatch.setattr(nccl, "NcclBackend", StubNccl)
+    comm = types.SimpleNamespace(Get_rank=lambda: 0)
+    with pytest.warns(RuntimeWarning, match="no transport for the flash kernels works inside a node.*rank 2"):
+        backend = hierarchical.make_cuda_backend(comm, timeout_s=5)
+    assert isinstance(backend, StubNccl) and backend.options == {"timeout_s": 5}

@@ -43,16 +43,20 @@ import numpy as np
 from .. import _kernels, _mpi, hadamard, quant
 from ..config import Mode
 from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
-from ..errors import resolve_timeout
+from ..errors import FlashTimeoutError, resolve_timeout
 from ..reference import SegmentLayout
 from ..topology import NodeLayout
 from .cuda_util import CudaBackend, select_device
-from .nccl import NcclCommunicatorHandle
+from .nccl import NcclCommunicatorHandle, wait_nccl_streams
 
 _ALGOS = ("hierarchical", "nccl")
 #: elements per thread of the chunk kernels (the default unit; groups of 32..1024 fit in a warp)
 _UNIT_ELEMS = _kernels.DEFAULT_UNIT_ELEMS
 _THREADS = 128
+
+
+class NoNodeTransport(RuntimeError):
+    """No transport for the flash kernels works inside some node (raised on every rank)."""
 
 
 def make_cuda_backend(comm, ranks_per_node=None, **options):
@@ -62,12 +66,18 @@ def make_cuda_backend(comm, ranks_per_node=None, **options):
     override of :func:`flashcomm_cupy._mpi.node_layout`.  Nodes of different
     sizes run NCCL, with a warning.
     """
+    import warnings
+    from .nccl import NcclBackend
     nodes = _mpi.node_layout(comm, ranks_per_node)
     if nodes.spans_nodes and nodes.uniform:
-        return HierarchicalGpuBackend(comm, nodes, **options)
+        try:
+            return HierarchicalGpuBackend(comm, nodes, **options)
+        except NoNodeTransport as exc:
+            if comm.Get_rank() == 0:
+                warnings.warn(f"flashcomm: no transport for the flash kernels works inside a node, falling back "
+                              f"to NCCL: {exc}", RuntimeWarning, stacklevel=3)
+            return NcclBackend.fallback(comm, options)
     if nodes.spans_nodes:
-        import warnings
-        from .nccl import NcclBackend
         if comm.Get_rank() == 0:
             warnings.warn(f"flashcomm: the ranks span {nodes.label()} of different sizes; the hierarchical "
                           "all-reduce needs the same number of ranks on every node: falling back to NCCL",
@@ -114,6 +124,8 @@ class HierarchicalGpuBackend(CudaBackend):
         self.timeout_s = resolve_timeout(options.get("timeout_s"))
         self.device_id = select_device(comm, device)
         self.flash = None
+        self._closed = False
+        self._plans = {}
         self._node_comm = self._cross_comm = None
         #: NCCL over every rank (the flat baseline); ``cross_nccl``: over this rank's cross-node
         #: communicator, the same handle when each node holds one rank
@@ -132,20 +144,27 @@ class HierarchicalGpuBackend(CudaBackend):
         except BaseException:
             self._release()
             raise
-        self._plans = {}
 
     def _node_flash_backend(self, comm, options: dict):
         """The flash backend of this rank's node, built on the node's sub-communicator; a failure
-        on any rank raises on every rank (collective over ``comm``)."""
+        on any rank raises on every rank (collective over ``comm``).
+
+        Where the only failures are "no transport for the flash kernels" (:class:`PeerAccessError`)
+        and no transport was asked for by name, every rank raises :class:`NoNodeTransport`
+        instead, and :func:`make_cuda_backend` runs NCCL, as :func:`.gpu.make_gpu_backend` does
+        on one node."""
         from .flash.backend import FlashGpuBackend
+        from .ipc import PeerAccessError
+        from .transport import resolve_transport
         flash, failure = None, None
         try:
             flash = FlashGpuBackend(self._node_comm, device=self.device_id, **options)
         except Exception as exc:
             failure = exc
+        fallback = (PeerAccessError, NoNodeTransport) if resolve_transport(options.get("transport")) == "auto" else None
         try:
-            _mpi.raise_everywhere(comm, failure, "the flash backend of a node")
-        except RuntimeError:
+            _mpi.raise_everywhere(comm, failure, "the flash backend of a node", instead=fallback)
+        except BaseException:
             if flash is not None:
                 flash.close()
             raise
@@ -191,41 +210,58 @@ class HierarchicalGpuBackend(CudaBackend):
         return out
 
     def check(self):
-        """Raise the recorded error of a failed intra-node call (several GPUs per node)."""
+        """Raise if this backend is closed, if a wait aborted one of its NCCL communicators, or
+        the recorded error of a failed intra-node call (several GPUs per node)."""
+        if self._closed:
+            raise RuntimeError("this flashcomm hierarchical backend is closed")
+        for handle in self._nccl_handles():
+            if handle.aborted:
+                raise FlashTimeoutError(handle.aborted)
         if self.flash is not None:
             self.flash.check()
 
     def wait(self, stream):
-        """Wait (bounded: past ``timeout_s`` the inter-node NCCL communicator is aborted and this
-        raises) for ``stream``'s work, then :meth:`check`."""
-        for handle in self._nccl_handles():
-            handle.wait_streams([stream.ptr], self.timeout_s)
+        """Wait (bounded: past ``timeout_s`` every NCCL communicator with a call on ``stream`` is
+        aborted and this raises) for ``stream``'s work, then :meth:`check`."""
+        wait_nccl_streams(self._nccl_handles(), [stream.ptr], self.timeout_s)
         self.check()
 
     def synchronize(self):
-        """Wait for this rank's calls (the inter-node ones bounded as in :meth:`wait`); raise a
-        failed call's error."""
+        """Wait for this rank's calls (the NCCL ones bounded as in :meth:`wait`); raise a failed
+        call's error."""
         import cupy
-        for handle in self._nccl_handles():
-            handle.wait_streams(None, self.timeout_s)
-        cupy.cuda.Device().synchronize()
+        wait_nccl_streams(self._nccl_handles(), None, self.timeout_s)
+        cupy.cuda.Device(self.device_id).synchronize()
         self.check()
 
     def close(self):
         self._release()
 
     def _release(self):
-        """Free whatever exists of the flash backend, NCCL and the sub-communicators."""
-        if self.flash is not None:
-            self.flash.close()
+        """Free whatever exists of the flash backend, NCCL and the sub-communicators, each even
+        when another fails.  The NCCL calls still queued are waited for first, within the bound
+        (past it their communicators are aborted): the flash backend's close synchronizes the
+        device, which would otherwise wait behind a hung inter-node all-gather forever."""
+        self._closed = True
+        self._plans = {}  # they hold the flash backend's launches and buffers
+        try:
+            wait_nccl_streams(self._nccl_handles(), None, self.timeout_s)
+        except Exception:  # noqa: BLE001 - aborted: nothing of ours runs any more
+            pass
+        try:
+            if self.flash is not None:
+                self.flash.close()
+        finally:
             self.flash = None
-        for handle in self._nccl_handles():
-            handle.close()
-        self.nccl = self.cross_nccl = None
-        for sub in (self._node_comm, self._cross_comm):
-            if sub is not None:
-                _mpi.free(sub)
-        self._node_comm = self._cross_comm = None
+            try:
+                for handle in self._nccl_handles():
+                    handle.close()
+            finally:
+                self.nccl = self.cross_nccl = None
+                for sub in (self._node_comm, self._cross_comm):
+                    if sub is not None:
+                        _mpi.free(sub)
+                self._node_comm = self._cross_comm = None
 
     def _nccl_handles(self) -> list:
         """The NCCL handles that exist, each once."""

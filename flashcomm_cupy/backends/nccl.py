@@ -22,6 +22,45 @@ def nccl_unique_id_roundtrip(uid):
     return bytes(uid) if isinstance(uid, (bytes, bytearray)) else tuple(uid)
 
 
+def wait_nccl_streams(handles, stream_ptrs, timeout_s: float) -> None:
+    """Wait until everything queued on ``stream_ptrs`` (None: every stream with NCCL calls of any
+    of ``handles`` since their last wait) has finished.
+
+    NCCL's own calls wait for their peers without a bound.  Past ``timeout_s``, every handle that
+    holds an NCCL call on a stream still running is aborted (which ends its kernels: a stream's
+    event cannot say which communicator's call hangs) and this raises
+    :class:`FlashTimeoutError`; those handles refuse every later call.  Streams without NCCL
+    calls are waited for without a bound (the flash kernels bound their own waits).
+    """
+    import cupy
+    if stream_ptrs is None:
+        ptrs = sorted(set().union(*(h._pending for h in handles)))
+    else:
+        ptrs = list(stream_ptrs)
+    if not ptrs:
+        return
+    events = []
+    for ptr in ptrs:
+        ev = cupy.cuda.Event(disable_timing=True)
+        ev.record(cupy.cuda.ExternalStream(ptr))
+        events.append((ptr, ev))
+    deadline = time.monotonic() + timeout_s
+    polls = 0
+    for ptr, ev in events:
+        while not ev.done:
+            holders = [h for h in handles if ptr in h._pending]
+            if holders and time.monotonic() > deadline:
+                for h in holders:
+                    h.abort(f"flashcomm: an NCCL call did not complete within {timeout_s:g} s (a peer did "
+                            "not make the same call); the NCCL communicator was aborted. Close this "
+                            "communicator and create a new one.")
+                raise FlashTimeoutError(holders[0].aborted)
+            polls += 1
+            time.sleep(0 if polls < 2000 else 1e-4)
+        for h in handles:
+            h._pending.discard(ptr)
+
+
 class NcclCommunicatorHandle:
     """A ``cupy.cuda.nccl.NcclCommunicator`` bootstrapped over an MPI communicator."""
 
@@ -47,36 +86,8 @@ class NcclCommunicatorHandle:
 
     def wait_streams(self, stream_ptrs, timeout_s: float) -> None:
         """Wait until everything queued on ``stream_ptrs`` (None: every stream with NCCL calls
-        since the last wait) has finished.
-
-        NCCL's own calls wait for their peers without a bound.  Past
-        ``timeout_s``, a stream that still holds one of our NCCL calls gets the
-        NCCL communicator aborted (which ends its kernels) and this raises
-        :class:`FlashTimeoutError`; the handle refuses every later call.
-        Streams without NCCL calls are waited for without a bound (the flash
-        kernels bound their own waits).
-        """
-        import cupy
-        ptrs = sorted(self._pending) if stream_ptrs is None else list(stream_ptrs)
-        if not ptrs:
-            return
-        events = []
-        for ptr in ptrs:
-            ev = cupy.cuda.Event(disable_timing=True)
-            ev.record(cupy.cuda.ExternalStream(ptr))
-            events.append((ptr, ev))
-        deadline = time.monotonic() + timeout_s
-        polls = 0
-        for ptr, ev in events:
-            while not ev.done:
-                if ptr in self._pending and time.monotonic() > deadline:
-                    self.abort(f"flashcomm: an NCCL all-reduce did not complete within {timeout_s:g} s "
-                               "(a peer did not make the same call); the NCCL communicator was aborted. "
-                               "Close this communicator and create a new one.")
-                    raise FlashTimeoutError(self.aborted)
-                polls += 1
-                time.sleep(0 if polls < 2000 else 1e-4)
-            self._pending.discard(ptr)
+        since the last wait) has finished; :func:`wait_nccl_streams` over this handle alone."""
+        wait_nccl_streams([self], stream_ptrs, timeout_s)
 
     def abort(self, reason: str) -> None:
         """ncclCommAbort: end this communicator's pending kernels; every later call raises ``reason``."""
