@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     mpi = MPI.COMM_WORLD
     rank = mpi.Get_rank()
     comm = Communicator(mpi, backend="gpu")
+    if getattr(comm.backend, "nodes", None) is None or comm.backend.nodes.ranks_per_node != 1:
+        sys.exit("hier_parts.py times one GPU per node (the all-gather row is the whole message's): "
+                 "run it with FLASHCOMM_RANKS_PER_NODE=1")
     uid = mpi.bcast(nccl.get_unique_id() if rank == 0 else None)
     raw = nccl.NcclCommunicator(mpi.Get_size(), uid, rank)
     stream = cupy.cuda.get_current_stream()
@@ -129,6 +132,7 @@ def main(argv=None) -> int:
                       f"{chunk / 1e6:8.1f} {row['ag_gbps']:8.2f} {row['flat_gbps']:9.2f} "
                       f"{row['flat_over_hier']:8.2f}x {row['flat_over_ag']:7.2f}x", flush=True)
     comm.close()
+    raw.destroy()
     if rank == 0 and args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"kind": "hier-parts", "ranks": mpi.Get_size(), "group_size": args.group_size, "rows": rows},

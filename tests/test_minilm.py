@@ -171,15 +171,18 @@ def test_compare_refuses_studies_whose_all_reduces_ran_other_algorithms():
     from flashcomm_cupy.minilm import compare
     fatal, _ = compare.compare(_result(), _result(algos=("oneshot",)))
     assert len(fatal) == 1 and "--algo twoshot" in fatal[0] and "int8 g128 ran twoshot vs oneshot" in fatal[0]
+    fatal, _ = compare.compare(_result(algos=("oneshot", "twoshot")), _result(algos=("twoshot",)))
+    assert "one --algo" in fatal[0] and "oneshot+twoshot vs twoshot" in fatal[0]
     older = _result()
     del older["rows"][0]["algos_run"]  # a study from before the field: compared as before
     assert compare.compare(older, _result(algos=("oneshot",))) == ([], [])
 
 
 def test_retrieval_margin_grows_with_the_queries_that_miss():
-    """3 queries plus the square root of the misses (of the run that misses more)."""
+    """3 queries plus the square root of the reference's (the first run's) misses."""
     from flashcomm_cupy.minilm import compare
-    assert compare.compare(_result(top1=1.0), _result(top1=1.0 - 4 / 300))[1] == []  # 4 <= 3 + 2
-    assert compare.compare(_result(top1=1.0), _result(top1=1.0 - 6 / 300))[1] != []  # 6 > 3 + 2.45
+    assert compare.compare(_result(top1=1.0), _result(top1=1.0 - 3 / 300))[1] == []  # 3 <= 3 + 0
+    assert compare.compare(_result(top1=1.0), _result(top1=1.0 - 4 / 300))[1] != []  # 4 > 3: no misses to widen it
+    assert compare.compare(_result(top1=1.0 - 4 / 300), _result(top1=1.0))[1] == []  # 4 <= 3 + 2
     assert compare.compare(_result(top1=200 / 300), _result(top1=187 / 300))[1] == []  # 13 <= 3 + 10.6
     assert compare.compare(_result(top1=200 / 300), _result(top1=185 / 300))[1] != []  # 15 > 3 + 10.7
