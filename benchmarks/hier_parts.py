@@ -29,11 +29,7 @@ import sys
 
 import numpy as np
 
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+from flashcomm_cupy.harness.sizes import parse_size
 
 
 def timed_ms(mpi, fn, iters: int, repeats: int) -> float:
