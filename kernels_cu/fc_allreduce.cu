@@ -22,6 +22,7 @@
 //   fc_flag.cuh        flag kernels: two-shot, its halves, staged two-shot, one-shot
 //   fc_ll_kernels.cuh  lossless LL one-shot and two-shot
 //   fc_llq_kernels.cuh quantized LL two-shot and one-shot
+//   fc_node.cuh        the hierarchical all-reduce's inter-node encode and node-order sum
 #include "fc_common.cuh"
 #include "fc_quant.cuh"
 #include "fc_signal.cuh"
@@ -34,6 +35,7 @@
 #include "fc_flag.cuh"
 #include "fc_ll_kernels.cuh"
 #include "fc_llq_kernels.cuh"
+#include "fc_node.cuh"
 
 #ifndef FC_DT
 #define FC_DT 0
@@ -83,6 +85,22 @@ extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot(F
   fc_llq_oneshot_impl<FC_DT, FC_RS_BITS>(a);
 }
 #endif
+
+// The hierarchical all-reduce's inter-node step (fc_node.cuh): x (FC_DT) -> one wire chunk,
+// and every node's chunk -> their node-order sum as FC_DT.  The float32 build serves the shards
+// of several GPUs per node.
+#if FC_RS_BITS > 0
+extern "C" __global__ void __launch_bounds__(512) fc_node_encode(const void* x, unsigned char* chunk, fc_i64 n,
+                                                                 fc_i64 padded, int group, int flags, float rot_norm) {
+  fc_node_encode_impl<FC_DT, FC_RS_BITS>(x, chunk, n, padded, group, flags, rot_norm);
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(512) fc_node_sum(const unsigned char* chunks, fc_i64 chunk_bytes, int nodes,
+                                                              void* out, fc_i64 n, fc_i64 padded, int group, int flags,
+                                                              float rot_norm) {
+  fc_node_sum_impl<FC_DT, FC_RS_BITS>(chunks, chunk_bytes, nodes, out, n, padded, group, flags, rot_norm);
+}
 
 // Test entry points: one wire chunk of n elements (a multiple of the group
 // size) encoded from / decoded to float32, so tests can compare bytes with

@@ -56,6 +56,28 @@ def select_device(mpi_comm, device=None) -> int:
     return int(device)
 
 
+def run_on_aligned_copies(x, out, stream, launch):
+    """``launch(src, dst)`` on 16-byte aligned stand-ins of ``x`` and ``out`` (CuPy arrays; the
+    kernels use 16-byte vector loads and stores), then ``out`` = ``dst``; returns ``out``.
+
+    For callers whose ``x`` or ``out`` is misaligned (their aligned case launches directly).  The
+    copies are made, used and freed on ``stream``, so CuPy's pool (per stream) hands them out
+    again only to work queued after the kernel.  A CUDA graph would keep their pointers past
+    that, so this raises inside capture."""
+    import cupy
+    if cupy.cuda.runtime.streamIsCapturing(stream.ptr):
+        raise ValueError("flashcomm: x and out must be 16-byte aligned inside CUDA-graph capture "
+                         f"(x at {x.data.ptr:#x}, out at {out.data.ptr:#x}): the aligned copies an "
+                         "eager call makes would be freed while the graph still uses them")
+    with stream:
+        src = x if x.data.ptr % 16 == 0 else x.copy()
+        dst = out if out.data.ptr % 16 == 0 else cupy.empty_like(out)
+        launch(src, dst)
+        if dst is not out:
+            out[...] = dst
+    return out
+
+
 class CudaEventTimer(Timer):
     """CUDA events on a stream; ``stop()`` synchronizes and returns seconds."""
 

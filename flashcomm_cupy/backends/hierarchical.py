@@ -7,14 +7,17 @@ every node form the cross-node NCCL communicator (in node order).
 
 **One GPU per node** (the intra-node steps have no peer and vanish):
 
-1. widen the input to float32, zero-padded to whole groups
-   (``SegmentLayout(L, 1, g)``);
-2. the inter-node sum: encode it as one wire chunk with the reduce-scatter
-   codec (``fc_encode_chunk``, which also applies the rotation), all-gather
-   the chunks of all nodes through NCCL (``ncclAllGather`` of bytes), decode
-   each (``fc_decode_chunk``, rotated domain) and sum them in node order in
-   float32;
-3. undo the rotation, round to the input dtype.
+1. encode the input as one wire chunk of the reduce-scatter codec
+   (``fc_node_encode``: widened to float32, zero-padded to whole groups as
+   ``SegmentLayout(L, 1, g)``, rotated when the mode rotates);
+2. all-gather the chunks of all nodes through NCCL (``ncclAllGather`` of
+   bytes);
+3. ``fc_node_sum``: decode each chunk, sum them in node order in float32
+   (rotated domain), rotate back, round to the input dtype.
+
+The two kernels are in ``kernels_cu/fc_node.cuh``, built by flashcomm's own
+NVRTC call as every flash kernel (``-ftz=false``: subnormals are summed as the
+reference sums them).
 
 **Several GPUs per node** (``P`` of them; the node's ranks run the flash
 backend on their own sub-communicator):
@@ -23,20 +26,18 @@ backend on their own sub-communicator):
    (``fc_reduce_scatter``, :meth:`.flash.FlashGpuBackend.reduce_scatter`)
    leaves local owner ``p`` its segment of ``SegmentLayout(L, P, g)`` summed
    over the node, in float32 and in the rotated domain;
-2. the inter-node sum of step 2 above on that shard (already rotated, so the
-   encoder does not rotate);
+2. steps 1-3 above on that shard, in float32 (it is rotated already: the
+   encoder does not rotate and the sum is not rotated back);
 3. intra-node all-gather: the two-shot's second half (``fc_all_gather``)
    re-quantizes the total with the all-gather codec, and every rank of the
    node decodes it, rotates back and rounds.
 
-Lossless: the float32 inputs (shards) are all-gathered and summed in node
-order.  The inter-node traffic is whatever NCCL uses between the nodes
+Lossless: the inputs (shards: float32) are all-gathered as they are and summed
+in node order.  The inter-node traffic is whatever NCCL uses between the nodes
 (sockets, IB, ...).  A failed intra-node call leaves NaN (the flash poison
 protocol) and raises on the next call or in ``synchronize``/``check``.
 """
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
@@ -46,7 +47,7 @@ from ..dtypes import KERNEL_DTYPE_CODE, dtype_name
 from ..errors import FlashTimeoutError, resolve_timeout
 from ..reference import SegmentLayout
 from ..topology import NodeLayout
-from .cuda_util import CudaBackend, select_device
+from .cuda_util import CudaBackend, run_on_aligned_copies, select_device
 from .nccl import NcclCommunicatorHandle, wait_nccl_streams
 
 _ALGOS = ("hierarchical", "nccl")
@@ -291,77 +292,76 @@ class HierarchicalGpuBackend(CudaBackend):
 
 
 class _InterNodeSum:
-    """The inter-node step on a float32 vector of ``padded`` elements (a multiple of the group
-    size): every node's vector through the reduce-scatter codec (lossless: exact), all-gathered
-    through NCCL and summed in node order in float32 into :attr:`acc` -- the reference's
-    ``sum_decoded`` over nodes.  ``rotate``: the encoder rotates first (the input is not rotated
-    yet); the sum stays in the rotated domain either way.  Allocates nothing per call."""
+    """The inter-node step on one vector of ``n`` elements of ``dtype`` per rank (a node's shard:
+    float32): every node's vector as one wire chunk of the reduce-scatter codec (lossless: its
+    elements as they are), all-gathered through NCCL, then decoded and summed in node order in
+    float32 from +0.0 -- the reference's ``sum_decoded`` over nodes -- rotated back where
+    ``rotate`` says and rounded to ``dtype`` into the output (``fc_node_encode``,
+    ``fc_node_sum``: kernels_cu/fc_node.cuh, built like every flash kernel, so subnormals are
+    not flushed).  ``padded``: the encoder's zero-padded length (whole groups).  ``rotate``: the
+    encoder rotates (the input is not rotated yet) and the sum is rotated back; a shard arrives
+    rotated and leaves rotated.  Allocates nothing per call (graph-capturable)."""
 
-    def __init__(self, padded: int, mode: Mode, nodes: int, rotate: bool):
+    def __init__(self, n: int, padded: int, dtype: str, mode: Mode, nodes: int, rotate: bool):
         import cupy
-        self.padded, self.mode, self.nodes = padded, mode, nodes
-        self.acc = cupy.empty(padded, dtype=cupy.float32)
+        self.n, self.nodes, self.lossless = n, nodes, mode.lossless
+        itemsize = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+        code = KERNEL_DTYPE_CODE[dtype]
         if mode.lossless:
-            self.recv32 = cupy.empty((nodes, padded), dtype=cupy.float32)
-            return
-        codec = mode.rs_codec
-        self.chunk = quant.wire_nbytes(padded, codec)
+            self.padded, bits, group, flags = n, 0, _UNIT_ELEMS, 0
+            self.input_bytes = n * itemsize
+            self.chunk = -(-self.input_bytes // 16) * 16  # each node's chunk 16-byte aligned in recv
+        else:
+            codec = mode.rs_codec
+            self.padded, bits, group = padded, codec.bits, mode.group_size
+            self.chunk = quant.wire_nbytes(padded, codec)
+            flags = ((_kernels.FLAG_SYM if mode.symmetric else 0)
+                     | (_kernels.FLAG_ROTATE if rotate and mode.rotate else 0))
+            self.encode = _kernels.function("fc_node_encode", code, bits, bits, _UNIT_ELEMS)
+        # The chunk sent (quantized: the encoder's output; lossless: the input copied here only
+        # when its size is not a whole number of 16-byte vectors), and every node's, in node order.
         self.send = cupy.zeros(self.chunk, dtype=cupy.uint8)
         self.recv = cupy.zeros(nodes * self.chunk, dtype=cupy.uint8)
-        self.received = [self.recv[k * self.chunk:(k + 1) * self.chunk] for k in range(nodes)]
-        self.part = cupy.empty(padded, dtype=cupy.float32)
-        # The chunk kernels read and write float32: take them from the float32 build.
-        f32 = KERNEL_DTYPE_CODE["float32"]
-        self.encode = _kernels.function("fc_encode_chunk", f32, codec.bits, codec.bits, _UNIT_ELEMS)
-        self.decode = _kernels.function("fc_decode_chunk", f32, codec.bits, codec.bits, _UNIT_ELEMS)
-        units = padded // _UNIT_ELEMS
-        self.grid = ((units + _THREADS - 1) // _THREADS,)
-        sym = _kernels.FLAG_SYM if mode.symmetric else 0
-        self.encode_flags = np.int32(sym | (_kernels.FLAG_ROTATE if rotate and mode.rotate else 0))
-        self.decode_flags = np.int32(sym)  # decoded values stay rotated: the sum is unrotated once
-        self.norm = hadamard.norm(mode.group_size)
+        self.sum = _kernels.function("fc_node_sum", code, bits, bits, _UNIT_ELEMS)
+        units = -(-self.padded // _UNIT_ELEMS)
+        self.grid, self.block = ((units + _THREADS - 1) // _THREADS,), (_THREADS,)
+        self.norm = np.float32(hadamard.norm(group))
+        self.args = (np.int64(self.n), np.int64(self.padded), np.int32(group), np.int32(flags), self.norm)
 
-    def run(self, x32, nccl: NcclCommunicatorHandle, stream) -> None:
-        """:attr:`acc` = the node-order sum of every node's ``x32`` as its receivers decode it."""
+    def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
+        """``out`` = the node-order sum of every node's ``x`` as its receivers decode it (``x``,
+        ``out``: 16-byte aligned, ``n`` elements of the dtype; on ``stream``)."""
         import cupy
-        self.acc.fill(0)  # the reference's sums start from +0.0: 0 + (-0.0) is +0.0
-        if self.mode.lossless:
-            nccl.all_gather(x32.data.ptr, self.recv32.data.ptr, self.padded, "float32", stream.ptr)
-            for k in range(self.nodes):
-                cupy.add(self.acc, self.recv32[k], out=self.acc)
-            return
-        g = np.int32(self.mode.group_size)
-        n = np.int64(self.padded)
-        self.encode(self.grid, (_THREADS,), (x32, self.send, n, g, self.encode_flags, self.norm), stream=stream)
-        nccl.all_gather(self.send.data.ptr, self.recv.data.ptr, self.chunk, "uint8", stream.ptr)
-        for chunk in self.received:  # node order
-            self.decode(self.grid, (_THREADS,), (chunk, self.part, n, g, self.decode_flags, self.norm),
-                        stream=stream)
-            cupy.add(self.acc, self.part, out=self.acc)
+        n, padded, group, flags, norm = self.args
+        if self.lossless:
+            send = x
+            if self.input_bytes != self.chunk:
+                with stream:
+                    cupy.copyto(self.send[:self.input_bytes], x.view(cupy.uint8))
+                send = self.send
+        else:
+            self.encode(self.grid, self.block, (x, self.send, n, padded, group, flags, norm), stream=stream)
+            send = self.send
+        nccl.all_gather(send.data.ptr, self.recv.data.ptr, self.chunk, "uint8", stream.ptr)
+        self.sum(self.grid, self.block, (self.recv, np.int64(self.chunk), np.int32(self.nodes), out, n, padded,
+                                         group, flags, norm), stream=stream)
 
 
 class _OneGpuPerNodePlan:
-    """One GPU per node, one (count, dtype, mode): buffers and kernels made once; the call itself
-    allocates nothing, so it can be captured in a CUDA graph."""
+    """One GPU per node, one (count, dtype, mode): the inter-node step on the input itself
+    (steps 1-3 of the module docstring in two kernels around the all-gather).  Allocates nothing
+    per call, so it can be captured in a CUDA graph (with 16-byte aligned ``x`` and ``out``)."""
 
     def __init__(self, n: int, name: str, mode: Mode, nodes: int):
-        import cupy
-        self.n, self.name, self.mode = n, name, mode
-        g = mode.group_size
-        padded = SegmentLayout(n, 1, g).padded_length
-        self.x32 = cupy.zeros(padded, dtype=cupy.float32)  # the padding stays zero
-        self.inter = _InterNodeSum(padded, mode, nodes, rotate=True)
-        if mode.rotate:
-            self.signs = cupy.asarray(hadamard.signs(g))
+        padded = SegmentLayout(n, 1, mode.group_size).padded_length
+        self.inter = _InterNodeSum(n, padded, name, mode, nodes, rotate=True)
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
-        """Steps 1-3 of the module docstring (one GPU per node) on CuPy's current stream (``stream``)."""
-        _widen(x, self.x32[:self.n], self.name)
-        self.inter.run(self.x32, nccl, stream)
-        acc = self.inter.acc
-        if self.mode.rotate and not self.mode.lossless:
-            _unrotate_in_place(acc, self.mode.group_size, self.signs, self.inter.norm)
-        _narrow(acc[:self.n], out, self.name)
+        """On ``stream``; misaligned ``x`` or ``out`` run on aligned copies (not in capture)."""
+        if x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0:
+            self.inter.run(x, out, nccl, stream)
+        else:
+            run_on_aligned_copies(x, out, stream, lambda src, dst: self.inter.run(src, dst, nccl, stream))
 
 
 class _NodeShardPlan:
@@ -375,67 +375,11 @@ class _NodeShardPlan:
         self.all_gather = flash.phase_launch(n, name, mode, "all_gather")
         shard = flash.shard_elems(n, name, mode)
         self.shard = cupy.zeros(shard, dtype=cupy.float32)
-        self.inter = _InterNodeSum(shard, mode, nodes, rotate=False)  # the shard is rotated already
+        self.total = cupy.zeros(shard, dtype=cupy.float32)  # the shard summed over the nodes
+        self.inter = _InterNodeSum(shard, shard, "float32", mode, nodes, rotate=False)  # rotated already
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
         """Steps 1-3 of the module docstring (several GPUs per node) on ``stream``."""
         self.flash.run_launch(self.reduce_scatter, x, self.shard, stream)
-        self.inter.run(self.shard, nccl, stream)
-        self.flash.run_launch(self.all_gather, self.inter.acc, out, stream)
-
-
-# ---------------------------------------------------------------------------- elementwise helpers
-# Bodies of the CuPy elementwise kernels below, kept as text so tests can compile them on the
-# host too (tests/test_hierarchical_backend.py) and compare them with NumPy.
-WIDEN_BF16_OP = "y = __uint_as_float(((unsigned int)u) << 16);"
-#: round to nearest even, as dtypes.from_f32 (ml_dtypes) and the kernels' cvt.rn; NaN stays a quiet NaN
-NARROW_BF16_OP = """unsigned int b = __float_as_uint(x);
-if ((b & 0x7fffffffu) > 0x7f800000u) y = (unsigned short)((b >> 16) | 0x40u);
-else y = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);"""
-#: pair ``i`` of one butterfly stage of hadamard._fwht_groups: (a, b) -> (a + b, a - b), a the lower index
-BUTTERFLY_OP = """long long half = g / 2, grp = i / half; int j = (int)(i % half);
-long long a = grp * g + (long long)(j / h) * 2 * h + j % h, b = a + h;
-float ya = y[a], yb = y[b];
-y[a] = __fadd_rn(ya, yb); y[b] = __fsub_rn(ya, yb);"""
-#: the last step of hadamard.unrotate: times norm, then times the sign
-SCALE_SIGNS_OP = "y[i] = __fmul_rn(__fmul_rn(y[i], norm), s[i % g]);"
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels_for_helpers():
-    import cupy
-    widen_bf16 = cupy.ElementwiseKernel("uint16 u", "float32 y", WIDEN_BF16_OP, "fc_widen_bf16")
-    narrow_bf16 = cupy.ElementwiseKernel("float32 x", "uint16 y", NARROW_BF16_OP, "fc_narrow_bf16")
-    butterfly = cupy.ElementwiseKernel("int32 g, int32 h", "raw float32 y", BUTTERFLY_OP, "fc_fwht_stage")
-    scale_signs = cupy.ElementwiseKernel("raw float32 s, float32 norm, int32 g", "raw float32 y", SCALE_SIGNS_OP,
-                                         "fc_unrotate_scale")
-    return widen_bf16, narrow_bf16, butterfly, scale_signs
-
-
-def _widen(x, x32, name: str) -> None:
-    """Exact float32 copy of ``x`` (bf16 arrives as its uint16 storage) into ``x32``."""
-    import cupy
-    if name == "bfloat16":
-        _kernels_for_helpers()[0](x.view(cupy.uint16), x32)
-    else:
-        cupy.copyto(x32, x)
-
-
-def _narrow(acc, out, name: str) -> None:
-    """``acc`` rounded to nearest even into ``out`` (bf16: its uint16 storage)."""
-    import cupy
-    if name == "bfloat16":
-        _kernels_for_helpers()[1](acc, out.view(cupy.uint16))
-    else:
-        cupy.copyto(out, acc, casting="unsafe")
-
-
-def _unrotate_in_place(y, g: int, signs, norm) -> None:
-    """:func:`hadamard.unrotate` on the GPU, the same float32 operations in the same order."""
-    _, _, butterfly, scale_signs = _kernels_for_helpers()
-    h = 1
-    while h < g:
-        butterfly(np.int32(g), np.int32(h), y, size=y.size // 2)
-        h *= 2
-    scale_signs(signs, np.float32(norm), np.int32(g), y, size=y.size)
-
+        self.inter.run(self.shard, self.total, nccl, stream)
+        self.flash.run_launch(self.all_gather, self.total, out, stream)

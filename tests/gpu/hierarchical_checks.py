@@ -77,6 +77,38 @@ def check_nonfinite(ck: Checker):
                                   inputs=ins, nodes=ck.comm.backend.nodes)
 
 
+def check_subnormals(ck: Checker):
+    """bf16 and float32 subnormals are summed as the reference sums them, not flushed to zero
+    (bf16 ``0x0001 + 0x0001`` is ``0x0002``): lossless, INT8 and INT8 rotated."""
+    from flashcomm_cupy.dtypes import bfloat16
+    n = 4099
+    for dtype in ("bfloat16", "float32"):
+        if dtype == "bfloat16":  # the 127 positive subnormal codes and a few normals
+            ins = [((np.arange(n) + r) % 130 + 1).astype(np.uint16).view(bfloat16) for r in range(ck.world)]
+        else:
+            ins = [(np.arange(n, dtype=np.float32) + r) * np.float32(1e-42) for r in range(ck.world)]
+        x = to_device(ins[ck.rank])
+        for bits, rotate in ((None, False), (8, False), (8, True)):
+            mode = Mode.make(bits, 128, False, rotate, "hierarchical")
+            out = nan_filled(x)
+            ck.comm.backend.all_reduce(x, out, mode, dtype=DTYPES[dtype])
+            ck.compare_with_reference(f"subnormal {dtype} {mode.label}", out, n, dtype, mode, 0, "hierarchical",
+                                      inputs=ins, nodes=ck.comm.backend.nodes)
+
+
+def check_misaligned(ck: Checker):
+    """Input and output views 2 bytes past a 16-byte boundary run on aligned copies, exactly."""
+    n, dtype, seed = 4099, "float16", 13
+    ins = [host_input(seed, r, n, dtype) for r in range(ck.world)]
+    base = to_device(np.concatenate([np.zeros(1, ins[ck.rank].dtype), ins[ck.rank]]))
+    for bits in (None, 4):
+        mode = Mode.make(bits, 128, False, bits is not None, "hierarchical")
+        out_base = nan_filled(base)
+        ck.comm.backend.all_reduce(base[1:], out_base[1:], mode, dtype=DTYPES[dtype])
+        ck.compare_with_reference(f"misaligned {mode.label}", out_base[1:], n, dtype, mode, seed, "hierarchical",
+                                  inputs=ins, nodes=ck.comm.backend.nodes)
+
+
 def check_graph(ck: Checker, replays: int):
     """Captured calls replay to the same bits as eager ones (the call allocates nothing)."""
     import cupy
@@ -192,6 +224,7 @@ def plan(ck: Checker, quick: bool) -> list:
     sizes = [0, 1, 127, 4099, 65_537, 1_000_003] if not quick else [1, 4099, 65_537]
     groups = (32, 128, 1024) if not quick else (128,)
     return [("exact", lambda: check_exact(ck, sizes, groups)), ("nonfinite", lambda: check_nonfinite(ck)),
+            ("subnormals", lambda: check_subnormals(ck)), ("misaligned", lambda: check_misaligned(ck)),
             ("graph", lambda: check_graph(ck, 3))]
 
 

@@ -83,6 +83,18 @@ def test_nonfinite(ctx):
 
 
 @two_gpus
+def test_subnormals(ctx):
+    """bf16 and float32 subnormals are summed as the reference sums them (no flush to zero)."""
+    ctx.run("subnormals")
+
+
+@two_gpus
+def test_misaligned(ctx):
+    """Misaligned input and output views: the same bits as aligned ones."""
+    ctx.run("misaligned")
+
+
+@two_gpus
 def test_graph(ctx):
     """Captured calls replay to the same bits as eager ones."""
     ctx.run("graph")
@@ -103,9 +115,10 @@ def test_two_nodes_of_two_gpus(ctx):
     """2 nodes x 2 GPUs: the halves inside each node, NCCL on sockets between them; exact for every
     dtype, codec, rotation and symmetry, non-finite inputs, and CUDA-graph replays; flat NCCL over
     all four ranks."""
-    from hierarchical_checks import check_exact, check_flat_nccl, check_graph, check_nonfinite
+    from hierarchical_checks import check_exact, check_flat_nccl, check_graph, check_nonfinite, check_subnormals
     ck = ctx.nodes_of(2)
     check_flat_nccl(ck)
     check_exact(ck, ctx.sizes(), (32, 128) if not ctx.quick else (128,))
     check_nonfinite(ck)
+    check_subnormals(ck)
     check_graph(ck, 2)

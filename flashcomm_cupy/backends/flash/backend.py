@@ -19,7 +19,7 @@ from ... import _mpi, settings
 from ...config import Mode
 from ...dtypes import dtype_name
 from ...errors import FlashTimeoutError, resolve_timeout
-from ..cuda_util import CudaBackend, select_device
+from ..cuda_util import CudaBackend, run_on_aligned_copies, select_device
 from ..nccl import NcclCommunicatorHandle
 from ..transport import describe as describe_transport, resolve_transport
 from . import kernels, table as tuning
@@ -327,24 +327,10 @@ class FlashGpuBackend(CudaBackend):
 
     def run_launch(self, launch: Launch, x, out, stream):
         """Run ``launch`` from ``x`` into ``out`` (CuPy arrays) on ``stream``; returns ``out``."""
-        import cupy
         if x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0:
             launch(x.data.ptr, out.data.ptr, stream.ptr)
             return out
-        # The kernels use 16-byte vector loads: run on aligned copies.  They are made, used and
-        # freed on ``stream``, so CuPy's pool (per stream) hands them out again only to work
-        # queued after this kernel.  A graph would keep their pointers past that: refuse capture.
-        if cupy.cuda.runtime.streamIsCapturing(stream.ptr):
-            raise ValueError("flashcomm: x and out must be 16-byte aligned inside CUDA-graph capture "
-                             f"(x at {x.data.ptr:#x}, out at {out.data.ptr:#x}): the aligned copies an "
-                             "eager call makes would be freed while the graph still uses them")
-        with stream:
-            src = x if x.data.ptr % 16 == 0 else x.copy()
-            dst = out if out.data.ptr % 16 == 0 else cupy.empty_like(out)
-            launch(src.data.ptr, dst.data.ptr, stream.ptr)
-            if dst is not out:
-                out[...] = dst
-        return out
+        return run_on_aligned_copies(x, out, stream, lambda src, dst: launch(src.data.ptr, dst.data.ptr, stream.ptr))
 
     # ------------------------------------------------------------------ the two-shot's halves
     def shard_elems(self, n: int, dtype, mode: Mode) -> int:
