@@ -89,17 +89,19 @@ extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot(F
 // The hierarchical all-reduce's inter-node step (fc_node.cuh): x (FC_DT) -> one wire chunk,
 // and every node's chunk -> their node-order sum as FC_DT.  The float32 build serves the shards
 // of several GPUs per node.
-#if FC_RS_BITS > 0
-extern "C" __global__ void __launch_bounds__(512) fc_node_encode(const void* x, unsigned char* chunk, fc_i64 n,
-                                                                 fc_i64 padded, int group, int flags, float rot_norm) {
-  fc_node_encode_impl<FC_DT, FC_RS_BITS>(x, chunk, n, padded, group, flags, rot_norm);
+extern "C" __global__ void __launch_bounds__(512) fc_node_encode(const void* x, unsigned char* send, unsigned char* recv,
+                                                                 fc_i64 stride, int nodes, fc_i64 n, fc_i64 padded,
+                                                                 int group, int flags, float rot_norm,
+                                                                 const FcError* flash_err, const FcNodeRecord* own,
+                                                                 int sender) {
+  fc_node_encode_impl<FC_DT, FC_RS_BITS>(x, send, recv, stride, nodes, n, padded, group, flags, rot_norm, flash_err,
+                                         own, sender);
 }
-#endif
 
-extern "C" __global__ void __launch_bounds__(512) fc_node_sum(const unsigned char* chunks, fc_i64 chunk_bytes, int nodes,
+extern "C" __global__ void __launch_bounds__(512) fc_node_sum(const unsigned char* recv, fc_i64 stride, int nodes,
                                                               void* out, fc_i64 n, fc_i64 padded, int group, int flags,
-                                                              float rot_norm) {
-  fc_node_sum_impl<FC_DT, FC_RS_BITS>(chunks, chunk_bytes, nodes, out, n, padded, group, flags, rot_norm);
+                                                              float rot_norm, FcNodeRecord* own) {
+  fc_node_sum_impl<FC_DT, FC_RS_BITS>(recv, stride, nodes, out, n, padded, group, flags, rot_norm, own);
 }
 
 // Test entry points: one wire chunk of n elements (a multiple of the group

@@ -4,7 +4,8 @@
 // sum, float32) goes to the other nodes as one wire chunk of the reduce-scatter codec; every
 // rank decodes the chunks of all nodes and sums them in node order in float32, from +0.0 -- the
 // reference's sum_decoded over nodes -- then rotates back and rounds (reference.finish) where the
-// sum is the result.  One thread per unit of FC_ELEMS elements; the chunk layout is fc_layout's.
+// sum is the result.  One thread per unit of FC_ELEMS elements; the chunk layout is fc_layout's,
+// followed by the sender's status (FcNodeStatus), so a failure on one node reaches every node.
 //
 // Compiled as every module here (-ftz=false): subnormals are summed as the reference sums them.
 #pragma once
@@ -12,14 +13,41 @@
 #include "fc_quant.cuh"
 #include "fc_args.cuh"
 #include "fc_reduce.cuh"
+#include "fc_signal.cuh"
+
+// A chunk's status: FC_NODE_TAIL_BYTES after its data, what the sending rank knew when it
+// encoded.  The receiver marks every chunk's state "not arrived" before the all-gather (in the
+// encoder, which runs first on the stream), so a chunk the all-gather never delivered (NCCL
+// aborted) reads as failed too.
+#define FC_NODE_OK 0u
+#define FC_NODE_FAILED 1u      // the sender's node failed its intra-node call: its flash record follows
+#define FC_NODE_PROPAGATED 2u  // the sender had already recorded a failed inter-node step
+#define FC_NODE_MISSING 0xffffffffu
+#define FC_NODE_TAIL_BYTES 32
+struct FcNodeStatus {
+  fc_u32 state, sender;          // FC_NODE_*, the sender's rank in the whole communicator
+  fc_u32 code, rank, peer, late;  // FC_NODE_FAILED: the sender's FcError fields
+  fc_u32 pad0, pad1;
+};
+// What a receiver records (host-mapped, read by HierarchicalGpuBackend.check): the first failed
+// chunk it saw.  flashcomm_cupy/backends/hierarchical.py NODE_RECORD_FIELDS mirrors it.
+struct FcNodeRecord {
+  fc_u32 state, node;  // the chunk's state (never FC_NODE_OK once written), its node
+  fc_u32 sender, code, rank, peer, late, pad;
+};
+static_assert(sizeof(FcNodeStatus) == FC_NODE_TAIL_BYTES && sizeof(FcNodeRecord) == 32, "pinned");
 
 // Elements [0, n) of `x` (type DT; [n, padded) read as 0, the reference's padding), rotated
-// forward when `flags` has FC_FLAG_ROTATE, encoded into `chunk` as a chunk of `padded`
-// elements (a multiple of `group`).  x and chunk 16-byte aligned.
+// forward when `flags` has FC_FLAG_ROTATE, encoded into `send` as a chunk of `padded` elements
+// (a multiple of `group`; BITS 0: the elements as they are), followed at stride -
+// FC_NODE_TAIL_BYTES by this rank's status: failed when `flash_err` (the node's flash error
+// record, or null) or `own` (this backend's record) holds a failure.  Block 0 also marks the
+// `nodes` chunks of `recv` (stride bytes apart) not arrived.  16-byte aligned pointers.
 template <int DT, int BITS>
-__device__ __forceinline__ void fc_node_encode_impl(const void* x, unsigned char* chunk, fc_i64 n, fc_i64 padded,
-                                                    int group, int flags, float rot_norm) {
-  static_assert(BITS > 0, "a lossless node sends its elements as they are");
+__device__ __forceinline__ void fc_node_encode_impl(const void* x, unsigned char* send, unsigned char* recv,
+                                                    fc_i64 stride, int nodes, fc_i64 n, fc_i64 padded, int group,
+                                                    int flags, float rot_norm, const volatile FcError* flash_err,
+                                                    const volatile FcNodeRecord* own, int sender) {
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   fc_v4* stage = fc_warp_stage(s_stage);
   const int w = blockIdx.x * blockDim.x + threadIdx.x;
@@ -27,19 +55,35 @@ __device__ __forceinline__ void fc_node_encode_impl(const void* x, unsigned char
   const bool sym = flags & FC_FLAG_SYM;
   float v[FC_ELEMS];
   fc_load_elems<DT>(x, (fc_i64)w * FC_ELEMS, n, FC_STREAM, v, stage);
-  if (flags & FC_FLAG_ROTATE) fc_rotate_fwd(v, gl, lig, fc_rotation_signs(lig), rot_norm);
+  if (BITS > 0 && (flags & FC_FLAG_ROTATE)) fc_rotate_fwd(v, gl, lig, fc_rotation_signs(lig), rot_norm);
   typename FcCodec<DT, BITS>::Packed p;
   FcCodec<DT, BITS>::pack(v, gl, sym, p);
-  FcCodec<DT, BITS>::write(p, chunk, padded, w, gl, sym, stage);
+  FcCodec<DT, BITS>::write(p, send, padded, w, gl, sym, stage);
+  if (blockIdx.x == 0) {
+    if (threadIdx.x < nodes)
+      reinterpret_cast<FcNodeStatus*>(recv + (threadIdx.x + 1) * stride - FC_NODE_TAIL_BYTES)->state = FC_NODE_MISSING;
+    if (threadIdx.x == 0) {
+      FcNodeStatus st = {FC_NODE_OK, (fc_u32)sender, 0u, 0u, 0u, 0u, 0u, 0u};
+      if (flash_err != nullptr && flash_err->code != 0) {
+        st.state = FC_NODE_FAILED;
+        st.code = flash_err->code; st.rank = flash_err->rank; st.peer = flash_err->peer; st.late = flash_err->late;
+      } else if (own->state != FC_NODE_OK) {
+        st.state = FC_NODE_PROPAGATED;
+      }
+      *reinterpret_cast<FcNodeStatus*>(send + stride - FC_NODE_TAIL_BYTES) = st;
+    }
+  }
 }
 
-// `nodes` chunks of `padded` elements, chunk k at chunks + k * chunk_bytes (16-byte aligned),
-// decoded with the reduce-scatter codec (BITS 0: raw DT elements) and summed in node order in
-// float32 from +0.0; rotated back when `flags` has FC_FLAG_ROTATE; elements [0, n) stored,
-// rounded to DT, into `out` (16-byte aligned).
+// `nodes` chunks of `padded` elements, chunk k at recv + k * stride (16-byte aligned), decoded
+// with the reduce-scatter codec (BITS 0: raw DT elements) and summed in node order in float32
+// from +0.0; rotated back when `flags` has FC_FLAG_ROTATE; elements [0, n) stored, rounded to
+// DT, into `out` (16-byte aligned).  If any chunk's status is not OK, every element is NaN
+// instead and block 0 records the first such chunk in `own` (unless it holds a failure already).
 template <int DT, int BITS>
-__device__ __forceinline__ void fc_node_sum_impl(const unsigned char* chunks, fc_i64 chunk_bytes, int nodes, void* out,
-                                                 fc_i64 n, fc_i64 padded, int group, int flags, float rot_norm) {
+__device__ __forceinline__ void fc_node_sum_impl(const unsigned char* recv, fc_i64 stride, int nodes, void* out,
+                                                 fc_i64 n, fc_i64 padded, int group, int flags, float rot_norm,
+                                                 volatile FcNodeRecord* own) {
   typedef FcCodec<DT, BITS> C;
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   fc_v4* stage = fc_warp_stage(s_stage);
@@ -47,15 +91,31 @@ __device__ __forceinline__ void fc_node_sum_impl(const unsigned char* chunks, fc
   const int gl = group / FC_ELEMS, lig = threadIdx.x % gl;
   const bool sym = flags & FC_FLAG_SYM;
   const bool active = (fc_i64)w * FC_ELEMS < padded;
+  int failed = -1;  // the first node whose chunk is not OK (the same for every thread)
+  for (int k = 0; k < nodes && failed < 0; ++k)
+    if (reinterpret_cast<const FcNodeStatus*>(recv + (k + 1) * stride - FC_NODE_TAIL_BYTES)->state != FC_NODE_OK)
+      failed = k;
   float acc[FC_ELEMS];
+  if (failed >= 0) {
 #pragma unroll
-  for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;  // 0 + (-0.0) is +0.0, as in the reference
-  for (int k = 0; k < nodes; ++k) {
-    float v[FC_ELEMS];
-    fc_receive<C>(chunks + (fc_i64)k * chunk_bytes, padded, w, active, gl, sym, v, stage);
+    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __int_as_float(0x7fc00000);
+    if (w == 0 && own->state == FC_NODE_OK) {
+      const FcNodeStatus st = *reinterpret_cast<const FcNodeStatus*>(recv + (failed + 1) * stride - FC_NODE_TAIL_BYTES);
+      own->node = failed; own->sender = st.sender; own->code = st.code; own->rank = st.rank;
+      own->peer = st.peer; own->late = st.late;
+      __threadfence_system();
+      own->state = st.state;  // last: the host reads the record once state is set
+    }
+  } else {
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+    for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;  // 0 + (-0.0) is +0.0, as in the reference
+    for (int k = 0; k < nodes; ++k) {
+      float v[FC_ELEMS];
+      fc_receive<C>(recv + (fc_i64)k * stride, padded, w, active, gl, sym, v, stage);
+#pragma unroll
+      for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __fadd_rn(acc[i], v[i]);
+    }
+    if (BITS > 0 && (flags & FC_FLAG_ROTATE)) fc_rotate_inv(acc, gl, lig, fc_rotation_signs(lig), rot_norm);
   }
-  if (flags & FC_FLAG_ROTATE) fc_rotate_inv(acc, gl, lig, fc_rotation_signs(lig), rot_norm);
   fc_store_elems<DT>(out, (fc_i64)w * FC_ELEMS, n, acc, stage, true);
 }

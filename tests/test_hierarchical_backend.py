@@ -1,4 +1,6 @@
 """What the GPU hierarchical backend decides before it touches a GPU (runs on CPU-only machines)."""
+import types
+
 import pytest
 
 from flashcomm_cupy.backends.hierarchical import HierarchicalGpuBackend
@@ -59,6 +61,7 @@ def stubbed(monkeypatch):
 
     class Flash:
         fail = None
+        flash_ws = types.SimpleNamespace(err_ptr=0xE0)  # the flash error record's address
 
         def __init__(self, comm, **options):
             if Flash.fail is not None:
@@ -71,7 +74,19 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(hierarchical, "select_device", lambda comm, device=None: 3 if device is None else device)
     monkeypatch.setattr(hierarchical, "NcclCommunicatorHandle", Handle)
     monkeypatch.setattr(hierarchical._mpi, "free", lambda comm: comm.Free())
+    class Failure:  # NodeFailure without host-mapped memory
+        def __init__(self, rank, flash_record=0):
+            made["failure"] = (rank, flash_record)
+            self.words = [0] * len(hierarchical.NODE_RECORD_FIELDS)
+
+        def record(self):
+            return hierarchical.node_failure_record(self.words)
+
+        def close(self):
+            made["closed"].append("node failure record")
+
     monkeypatch.setattr(flash_backend, "FlashGpuBackend", Flash)
+    monkeypatch.setattr(hierarchical, "NodeFailure", Failure)
     made["Flash"] = Flash
     return made
 
@@ -87,8 +102,9 @@ def test_several_gpus_per_node_build_the_node_flash_backend_and_the_cross_node_n
     assert stubbed["flash"] == [(node, {"device": 3, "timeout_s": 7})]
     assert stubbed["nccl"] == [comm, cross]
     assert backend.describe_layout()["intra_node"] == "flash two-shot halves"
+    assert stubbed["failure"] == (6, 0xE0)  # its chunks report the node's flash record
     backend.close()
-    assert node.freed and cross.freed and stubbed["closed"] == ["flash", "nccl", "nccl"]
+    assert node.freed and cross.freed and stubbed["closed"] == ["flash", "node failure record", "nccl", "nccl"]
 
 
 def test_one_gpu_per_node_splits_nothing_and_runs_nccl_on_the_whole_communicator(stubbed):
@@ -97,8 +113,29 @@ def test_one_gpu_per_node_splits_nothing_and_runs_nccl_on_the_whole_communicator
     assert comm.splits == [] and stubbed["flash"] == [] and stubbed["nccl"] == [comm]
     assert backend.cross_nccl is backend.nccl
     assert backend.describe_layout()["intra_node"] == "none (one GPU per node)"
+    assert stubbed["failure"] == (1, 0)  # no flash record to report
     backend.close()
-    assert stubbed["closed"] == ["nccl"]  # the one handle, once
+    assert stubbed["closed"] == ["node failure record", "nccl"]  # the one handle, once
+
+
+@pytest.mark.parametrize("state, message", [
+    (1, r"rank 1: the hierarchical all-reduce failed inside node 0: its rank 0 reported a failed intra-node call "
+        r"\(local rank 1 timed out waiting for local rank 0\)"),
+    (2, r"rank 1: rank 0 \(node 0\) reports that an earlier hierarchical all-reduce of this communicator failed"),
+    (0xFFFFFFFF, r"rank 1: node 0's data never arrived \(the inter-node NCCL all-gather was aborted"),
+])
+def test_a_failure_another_node_reported_raises_on_check(stubbed, state, message):
+    """What fc_node_sum recorded (the first chunk whose status was not OK) raises in check(), naming
+    the node, the reporting rank and, for a failed intra-node call, who waited for whom; the results
+    of that call are NaN (GPU-tested: tests/gpu/hierarchical_checks.py check_node_failure)."""
+    from flashcomm_cupy.backends import hierarchical
+    backend = HierarchicalGpuBackend(FakeComm(1, 2), NodeLayout.blocks(2, 1), timeout_s=7)
+    backend.check()  # nothing recorded
+    fields = dict(state=state, node=0, sender=0, code=1, rank=1, peer=0, late=0, pad=0)
+    backend.node_failure.words = [fields[f] for f in hierarchical.NODE_RECORD_FIELDS]
+    with pytest.raises(hierarchical.FlashTimeoutError, match=message):
+        backend.check()
+    backend.close()
 
 
 def test_a_node_flash_backend_failing_on_one_rank_raises_on_every_rank_and_leaves_nothing(stubbed):
@@ -206,7 +243,8 @@ def test_close_waits_for_nccl_within_the_bound_before_the_flash_backend_and_refu
     backend.cross_nccl._pending.add(9)
     backend._plans[("a plan",)] = "cached"
     backend.close()
-    assert stubbed["closed"] == ["nccl abort", "flash", "nccl", "nccl"] and backend._plans == {}
+    assert stubbed["closed"] == ["nccl abort", "flash", "node failure record", "nccl", "nccl"]
+    assert backend._plans == {}
     with pytest.raises(RuntimeError, match="closed"):
         backend.check()
 

@@ -125,6 +125,8 @@ class HierarchicalGpuBackend(CudaBackend):
         self.timeout_s = resolve_timeout(options.get("timeout_s"))
         self.device_id = select_device(comm, device)
         self.flash = None
+        #: the failure records of the inter-node step (made once the flash backend exists)
+        self.node_failure = None
         self._closed = False
         self._plans = {}
         self._node_comm = self._cross_comm = None
@@ -142,6 +144,7 @@ class HierarchicalGpuBackend(CudaBackend):
             self.nccl = NcclCommunicatorHandle(comm)
             # (one GPU per node: the cross-node communicator is the whole one, in node order)
             self.cross_nccl = self.nccl if self._cross_comm is None else NcclCommunicatorHandle(self._cross_comm)
+            self.node_failure = NodeFailure(self.rank, self.flash.flash_ws.err_ptr if self.flash is not None else 0)
         except BaseException:
             self._release()
             raise
@@ -211,8 +214,9 @@ class HierarchicalGpuBackend(CudaBackend):
         return out
 
     def check(self):
-        """Raise if this backend is closed, if a wait aborted one of its NCCL communicators, or
-        the recorded error of a failed intra-node call (several GPUs per node)."""
+        """Raise if this backend is closed, if a wait aborted one of its NCCL communicators, the
+        recorded error of a failed intra-node call (several GPUs per node), or a failure another
+        node reported in its chunk (:class:`NodeFailure`; no synchronization)."""
         if self._closed:
             raise RuntimeError("this flashcomm hierarchical backend is closed")
         for handle in self._nccl_handles():
@@ -220,6 +224,9 @@ class HierarchicalGpuBackend(CudaBackend):
                 raise FlashTimeoutError(handle.aborted)
         if self.flash is not None:
             self.flash.check()
+        rec = self.node_failure.record() if self.node_failure is not None else None
+        if rec is not None:
+            raise node_failure_error(rec, self.rank)
 
     def wait(self, stream):
         """Wait (bounded: past ``timeout_s`` every NCCL communicator with a call on ``stream`` is
@@ -254,6 +261,14 @@ class HierarchicalGpuBackend(CudaBackend):
                 self.flash.close()
         finally:
             self.flash = None
+            if self.node_failure is not None:  # after the device is idle: the kernels write it
+                try:
+                    import cupy
+                    cupy.cuda.Device(self.device_id).synchronize()
+                except Exception:  # noqa: BLE001 - a failed device: freeing is all that is left
+                    pass
+                self.node_failure.close()
+                self.node_failure = None
             try:
                 for handle in self._nccl_handles():
                     handle.close()
@@ -284,67 +299,124 @@ class HierarchicalGpuBackend(CudaBackend):
         plan = self._plans.get(key)
         if plan is None:
             if self.flash is None:
-                plan = _OneGpuPerNodePlan(n, name, mode, self.nodes.num_nodes)
+                plan = _OneGpuPerNodePlan(n, name, mode, self.nodes.num_nodes, self.node_failure)
             else:
-                plan = _NodeShardPlan(self.flash, n, name, mode, self.nodes.num_nodes)
+                plan = _NodeShardPlan(self.flash, n, name, mode, self.nodes.num_nodes, self.node_failure)
             self._plans[key] = plan
         return plan
+
+
+#: bytes after each node's chunk on the wire: the sender's status (FcNodeStatus, fc_node.cuh)
+NODE_TAIL_BYTES = 32
+#: FcNodeRecord (fc_node.cuh): what a rank records of the first failed chunk it received
+NODE_RECORD_FIELDS = ("state", "node", "sender", "code", "rank", "peer", "late", "pad")
+NODE_FAILED, NODE_PROPAGATED, NODE_MISSING = 1, 2, 0xFFFFFFFF
+
+
+class NodeFailure:
+    """How a failure on one node reaches every node: this rank's host-mapped record (filled by
+    ``fc_node_sum`` when a chunk reports a failure or never arrived) and the node's flash error
+    record that ``fc_node_encode`` reports in this rank's chunk (0: none, one GPU per node).
+    ``rank``: this rank in the whole communicator (the chunk's sender)."""
+
+    def __init__(self, rank: int, flash_record: int = 0):
+        import ctypes
+
+        import cupy
+        self.rank, self.flash_record = int(rank), int(flash_record)
+        self.own_record = cupy.cuda.runtime.hostAlloc(4 * len(NODE_RECORD_FIELDS), 0x3)  # portable | mapped
+        ctypes.memset(self.own_record, 0, 4 * len(NODE_RECORD_FIELDS))
+        self._words = (ctypes.c_uint32 * len(NODE_RECORD_FIELDS)).from_address(self.own_record)
+
+    def record(self):
+        """The record as a dict, or None while no failure reached this rank."""
+        return node_failure_record(list(self._words)) if self.own_record else None
+
+    def close(self) -> None:
+        import ctypes
+
+        import cupy
+        if self.own_record:
+            self._words = (ctypes.c_uint32 * len(NODE_RECORD_FIELDS))()  # no view of freed memory
+            cupy.cuda.runtime.freeHost(self.own_record)
+            self.own_record = 0
+
+
+def node_failure_record(words) -> "dict | None":
+    """:data:`NODE_RECORD_FIELDS` -> values, or None when ``state`` is 0 (nothing recorded)."""
+    return dict(zip(NODE_RECORD_FIELDS, words)) if words[0] else None
+
+
+def node_failure_error(rec: dict, rank: int) -> FlashTimeoutError:
+    """The exception for rank ``rank`` holding a non-empty node failure record."""
+    node, sender = rec["node"], rec["sender"]
+    tail = (" Every node's result of that call and of every later call of this communicator is NaN; close it "
+            "and create a new one.")
+    if rec["state"] == NODE_FAILED:
+        return FlashTimeoutError(
+            f"flashcomm: rank {rank}: the hierarchical all-reduce failed inside node {node}: its rank {sender} "
+            f"reported a failed intra-node call (local rank {rec['rank']} "
+            f"{'was poisoned by' if rec['code'] == _kernels.ERR_POISON else 'timed out waiting for'} local rank "
+            f"{rec['peer']}).{tail}", late=None)
+    if rec["state"] == NODE_PROPAGATED:
+        return FlashTimeoutError(f"flashcomm: rank {rank}: rank {sender} (node {node}) reports that an earlier "
+                                 f"hierarchical all-reduce of this communicator failed.{tail}")
+    return FlashTimeoutError(f"flashcomm: rank {rank}: node {node}'s data never arrived (the inter-node NCCL "
+                             f"all-gather was aborted, or a rank is gone).{tail}")
 
 
 class _InterNodeSum:
     """The inter-node step on one vector of ``n`` elements of ``dtype`` per rank (a node's shard:
     float32): every node's vector as one wire chunk of the reduce-scatter codec (lossless: its
-    elements as they are), all-gathered through NCCL, then decoded and summed in node order in
-    float32 from +0.0 -- the reference's ``sum_decoded`` over nodes -- rotated back where
-    ``rotate`` says and rounded to ``dtype`` into the output (``fc_node_encode``,
+    elements as they are) plus its sender's status, all-gathered through NCCL, then decoded and
+    summed in node order in float32 from +0.0 -- the reference's ``sum_decoded`` over nodes --
+    rotated back where ``rotate`` says and rounded to ``dtype`` into the output (``fc_node_encode``,
     ``fc_node_sum``: kernels_cu/fc_node.cuh, built like every flash kernel, so subnormals are
     not flushed).  ``padded``: the encoder's zero-padded length (whole groups).  ``rotate``: the
     encoder rotates (the input is not rotated yet) and the sum is rotated back; a shard arrives
-    rotated and leaves rotated.  Allocates nothing per call (graph-capturable)."""
+    rotated and leaves rotated.
 
-    def __init__(self, n: int, padded: int, dtype: str, mode: Mode, nodes: int, rotate: bool):
+    ``failure``: :class:`NodeFailure`, the statuses' two ends -- the node's flash error record
+    the encoder reports (several GPUs per node) and this rank's record the sum fills when a
+    chunk reports a failure or never arrived (then the output is NaN).  Allocates nothing per
+    call (graph-capturable)."""
+
+    def __init__(self, n: int, padded: int, dtype: str, mode: Mode, nodes: int, rotate: bool,
+                 failure: "NodeFailure"):
         import cupy
-        self.n, self.nodes, self.lossless = n, nodes, mode.lossless
-        itemsize = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+        self.n, self.nodes = n, nodes
+        itemsize = 4 if dtype == "float32" else 2
         code = KERNEL_DTYPE_CODE[dtype]
         if mode.lossless:
             self.padded, bits, group, flags = n, 0, _UNIT_ELEMS, 0
-            self.input_bytes = n * itemsize
-            self.chunk = -(-self.input_bytes // 16) * 16  # each node's chunk 16-byte aligned in recv
+            data = n * itemsize
         else:
             codec = mode.rs_codec
             self.padded, bits, group = padded, codec.bits, mode.group_size
-            self.chunk = quant.wire_nbytes(padded, codec)
+            data = quant.wire_nbytes(padded, codec)
             flags = ((_kernels.FLAG_SYM if mode.symmetric else 0)
                      | (_kernels.FLAG_ROTATE if rotate and mode.rotate else 0))
-            self.encode = _kernels.function("fc_node_encode", code, bits, bits, _UNIT_ELEMS)
-        # The chunk sent (quantized: the encoder's output; lossless: the input copied here only
-        # when its size is not a whole number of 16-byte vectors), and every node's, in node order.
-        self.send = cupy.zeros(self.chunk, dtype=cupy.uint8)
-        self.recv = cupy.zeros(nodes * self.chunk, dtype=cupy.uint8)
+        #: bytes per node on the wire: the chunk, 16-byte aligned, then the sender's status
+        self.stride = -(-data // 16) * 16 + NODE_TAIL_BYTES
+        self.send = cupy.zeros(self.stride, dtype=cupy.uint8)
+        self.recv = cupy.zeros(nodes * self.stride, dtype=cupy.uint8)  # node order
+        self.encode = _kernels.function("fc_node_encode", code, bits, bits, _UNIT_ELEMS)
         self.sum = _kernels.function("fc_node_sum", code, bits, bits, _UNIT_ELEMS)
         units = -(-self.padded // _UNIT_ELEMS)
         self.grid, self.block = ((units + _THREADS - 1) // _THREADS,), (_THREADS,)
-        self.norm = np.float32(hadamard.norm(group))
-        self.args = (np.int64(self.n), np.int64(self.padded), np.int32(group), np.int32(flags), self.norm)
+        wire = (np.int64(self.stride), np.int32(nodes))
+        elems = (np.int64(n), np.int64(self.padded), np.int32(group), np.int32(flags), np.float32(hadamard.norm(group)))
+        own = np.uint64(failure.own_record)
+        self.encode_args = wire + elems + (np.uint64(failure.flash_record), own, np.int32(failure.rank))
+        self.sum_wire, self.sum_elems = wire, elems + (own,)
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
-        """``out`` = the node-order sum of every node's ``x`` as its receivers decode it (``x``,
-        ``out``: 16-byte aligned, ``n`` elements of the dtype; on ``stream``)."""
-        import cupy
-        n, padded, group, flags, norm = self.args
-        if self.lossless:
-            send = x
-            if self.input_bytes != self.chunk:
-                with stream:
-                    cupy.copyto(self.send[:self.input_bytes], x.view(cupy.uint8))
-                send = self.send
-        else:
-            self.encode(self.grid, self.block, (x, self.send, n, padded, group, flags, norm), stream=stream)
-            send = self.send
-        nccl.all_gather(send.data.ptr, self.recv.data.ptr, self.chunk, "uint8", stream.ptr)
-        self.sum(self.grid, self.block, (self.recv, np.int64(self.chunk), np.int32(self.nodes), out, n, padded,
-                                         group, flags, norm), stream=stream)
+        """``out`` = the node-order sum of every node's ``x`` as its receivers decode it, or NaN
+        when a node reported a failure (``x``, ``out``: 16-byte aligned, ``n`` elements of the
+        dtype; on ``stream``)."""
+        self.encode(self.grid, self.block, (x, self.send, self.recv) + self.encode_args, stream=stream)
+        nccl.all_gather(self.send.data.ptr, self.recv.data.ptr, self.stride, "uint8", stream.ptr)
+        self.sum(self.grid, self.block, (self.recv,) + self.sum_wire + (out,) + self.sum_elems, stream=stream)
 
 
 class _OneGpuPerNodePlan:
@@ -352,9 +424,9 @@ class _OneGpuPerNodePlan:
     (steps 1-3 of the module docstring in two kernels around the all-gather).  Allocates nothing
     per call, so it can be captured in a CUDA graph (with 16-byte aligned ``x`` and ``out``)."""
 
-    def __init__(self, n: int, name: str, mode: Mode, nodes: int):
+    def __init__(self, n: int, name: str, mode: Mode, nodes: int, failure: "NodeFailure"):
         padded = SegmentLayout(n, 1, mode.group_size).padded_length
-        self.inter = _InterNodeSum(n, padded, name, mode, nodes, rotate=True)
+        self.inter = _InterNodeSum(n, padded, name, mode, nodes, rotate=True, failure=failure)
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
         """On ``stream``; misaligned ``x`` or ``out`` run on aligned copies (not in capture)."""
@@ -368,7 +440,7 @@ class _NodeShardPlan:
     """Several GPUs per node, one (count, dtype, mode): the node's two-shot halves around the
     inter-node sum of this rank's shard.  Allocates nothing per call (graph-capturable)."""
 
-    def __init__(self, flash, n: int, name: str, mode: Mode, nodes: int):
+    def __init__(self, flash, n: int, name: str, mode: Mode, nodes: int, failure: "NodeFailure"):
         import cupy
         self.flash = flash
         self.reduce_scatter = flash.phase_launch(n, name, mode, "reduce_scatter")
@@ -376,7 +448,8 @@ class _NodeShardPlan:
         shard = flash.shard_elems(n, name, mode)
         self.shard = cupy.zeros(shard, dtype=cupy.float32)
         self.total = cupy.zeros(shard, dtype=cupy.float32)  # the shard summed over the nodes
-        self.inter = _InterNodeSum(shard, shard, "float32", mode, nodes, rotate=False)  # rotated already
+        self.inter = _InterNodeSum(shard, shard, "float32", mode, nodes, rotate=False,  # rotated already
+                                   failure=failure)
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
         """Steps 1-3 of the module docstring (several GPUs per node) on ``stream``."""

@@ -109,6 +109,77 @@ def check_misaligned(ck: Checker):
                                   inputs=ins, nodes=ck.comm.backend.nodes)
 
 
+def check_node_failure(ck: Checker):
+    """A failure one node reports reaches every node: rank 0's record is written as fc_node_sum
+    writes it when a chunk reported a failure (sticky), then each rank runs the inter-node step
+    (a lossless and an INT4 call; rank 0 skips its host-side check, as a graph replay does).
+    Every rank's output must be all NaN and every rank's check() must raise, rank 1's naming
+    node 0.  On a fresh communicator: the failure is sticky."""
+    import cupy
+    from mpi4py import MPI
+    from flashcomm_cupy.errors import FlashTimeoutError
+    comm = fc.Communicator(MPI.COMM_WORLD, backend="gpu")
+    backend = comm.backend
+    n = 4099
+    x = cupy.ones(n, dtype=cupy.float16)
+    if ck.rank == 0:
+        backend.node_failure._words[0] = 2  # NODE_PROPAGATED: "an earlier call of mine failed"
+    for bits in (None, 4):
+        mode = Mode.make(bits, 128, False, False, "hierarchical")
+        out = cupy.zeros_like(x)
+        stream = cupy.cuda.get_current_stream()
+        backend._plan(n, "float16", mode).run(x, out, backend.cross_nccl, stream)
+        stream.synchronize()
+        ck.count += 1
+        if not bool(cupy.isnan(out).all()):
+            ck.fail(f"node failure {mode.label}: rank {ck.rank}'s output is not all NaN")
+    raised = ""
+    try:
+        backend.check()
+    except FlashTimeoutError as exc:
+        raised = str(exc)
+    ck.count += 1
+    if not raised or (ck.rank != 0 and "node 0" not in raised):
+        ck.fail(f"node failure: rank {ck.rank}'s check() raised {raised!r}")
+    print(f"node failure: rank {ck.rank} raised: {raised}", flush=True)
+    check_failed_node_reports_its_flash_record(ck, comm)
+    comm.close()
+
+
+def check_failed_node_reports_its_flash_record(ck: Checker, comm):
+    """Several GPUs per node: a rank whose node's flash call failed sends its flash error record
+    with its chunk.  Rank 0's chunks report a record saying "local rank 1 timed out waiting for
+    local rank 0" (written by hand, as the flash kernels write it); rank 1 must record exactly
+    that, with node 0 and sender 0, and output NaN."""
+    import ctypes
+
+    import cupy
+    from flashcomm_cupy.backends import hierarchical as h
+    flash_record = cupy.cuda.runtime.hostAlloc(64, 0x3)
+    ctypes.memset(flash_record, 0, 64)
+    if ck.rank == 0:
+        (ctypes.c_uint32 * 4).from_address(flash_record)[:] = [1, 1, 0, 0]  # code TIMEOUT, rank 1, peer 0
+    failure = h.NodeFailure(ck.rank, flash_record)
+    try:
+        n = 1000
+        x = cupy.ones(n, dtype=cupy.float32)
+        out = cupy.zeros_like(x)
+        plan = h._OneGpuPerNodePlan(n, "float32", Mode.make(8, 128, False, False, "hierarchical"), ck.world, failure)
+        stream = cupy.cuda.get_current_stream()
+        plan.run(x, out, comm.backend.cross_nccl, stream)
+        stream.synchronize()
+        rec = failure.record()
+        ck.count += 1
+        want = dict(state=h.NODE_FAILED, node=0, sender=0, code=1, rank=1, peer=0)
+        if rec is None or any(rec[k] != v for k, v in want.items()) or not bool(cupy.isnan(out).all()):
+            ck.fail(f"flash record over the wire: rank {ck.rank} recorded {rec}, want {want} and NaN")
+        elif ck.rank == 1:
+            print(f"flash record over the wire: {h.node_failure_error(rec, 1)}", flush=True)
+    finally:
+        failure.close()
+        cupy.cuda.runtime.freeHost(flash_record)
+
+
 def check_graph(ck: Checker, replays: int):
     """Captured calls replay to the same bits as eager ones (the call allocates nothing)."""
     import cupy
@@ -225,6 +296,7 @@ def plan(ck: Checker, quick: bool) -> list:
     groups = (32, 128, 1024) if not quick else (128,)
     return [("exact", lambda: check_exact(ck, sizes, groups)), ("nonfinite", lambda: check_nonfinite(ck)),
             ("subnormals", lambda: check_subnormals(ck)), ("misaligned", lambda: check_misaligned(ck)),
+            ("node_failure", lambda: check_node_failure(ck)),
             ("graph", lambda: check_graph(ck, 3))]
 
 

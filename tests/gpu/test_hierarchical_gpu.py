@@ -95,6 +95,12 @@ def test_misaligned(ctx):
 
 
 @two_gpus
+def test_a_failure_on_one_node_raises_on_every_node(ctx):
+    """A failure one node reports in its chunk: NaN and an error on every rank."""
+    ctx.run("node_failure")
+
+
+@two_gpus
 def test_graph(ctx):
     """Captured calls replay to the same bits as eager ones."""
     ctx.run("graph")
