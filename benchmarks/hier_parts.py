@@ -9,10 +9,12 @@ With one GPU per simulated node and NCCL forced onto its socket transport
 * ``flat``: NCCL's all-reduce of the fp16 message (the baseline of the bench);
 * ``hier``: ``Communicator.all_reduce(algo="hierarchical")``: encode, NCCL
   all-gather of the codes, decode and sum, one after another;
-* ``ag``: NCCL's all-gather of exactly the bytes ``hier`` all-gathers
-  (``quant.wire_nbytes`` of the padded message), alone;
-* ``local``: ``hier`` with the backend's NCCL all-gather replaced by nothing (results wrong,
-  time right): encode, decode, the sums and the launches alone;
+* ``ag``: NCCL's all-gather of exactly the bytes ``hier`` all-gathers (the
+  plan's chunk: ``quant.wire_nbytes`` of the padded message and its sender's
+  status), alone;
+* ``local``: ``hier`` with the backend's NCCL all-gather replaced by marking each node's chunk
+  "arrived" (two 4-byte memsets; the bytes stay the last call's: results wrong, time right):
+  encode, decode and sum, and the launches alone;
 * ``hier - ag - local``: what running them one after another with the all-gather costs beyond
   the sum of the parts (the all-gather slower inside the call than alone, say).
 
@@ -51,14 +53,24 @@ def timed_ms(mpi, fn, iters: int, repeats: int) -> float:
 
 
 def _local_only_ms(mpi, comm, call, iters: int, repeats: int) -> float:
-    """``call``'s time with the hierarchical backend's inter-node all-gather made a no-op."""
+    """``call``'s time with the hierarchical backend's inter-node all-gather replaced by marking
+    every node's chunk arrived (its status word OK), so the sum decodes as after a real one."""
+    import cupy
+    from flashcomm_cupy.backends.hierarchical import NODE_TAIL_BYTES
     handle = getattr(comm.backend, "cross_nccl", None) or comm.backend.nccl  # the inter-node hop's handle
+    nodes = mpi.Get_size()  # one GPU per node
+
+    def mark_arrived(send_ptr, recv_ptr, count, dtype, stream_ptr):
+        for k in range(nodes):
+            cupy.cuda.runtime.memsetAsync(recv_ptr + (k + 1) * count - NODE_TAIL_BYTES, 0, 4, stream_ptr)
+
     real = handle.all_gather
-    handle.all_gather = lambda *args, **kwargs: None
+    handle.all_gather = mark_arrived
     try:
         return timed_ms(mpi, call, iters, repeats)
     finally:
         handle.all_gather = real
+        comm.backend.synchronize()  # raises if a status was ever read as failed
 
 
 def _max():
@@ -80,9 +92,8 @@ def main(argv=None) -> int:
     from cupy.cuda import nccl
     from mpi4py import MPI
 
-    from flashcomm_cupy import Communicator, quant
+    from flashcomm_cupy import Communicator
     from flashcomm_cupy.config import Mode
-    from flashcomm_cupy.reference import SegmentLayout
 
     mpi = MPI.COMM_WORLD
     rank = mpi.Get_rank()
@@ -107,12 +118,11 @@ def main(argv=None) -> int:
         for bits in args.bits.split(","):
             bits_value = tuple(int(b) for b in bits.split("/")) if "/" in bits else int(bits)
             mode = Mode.make(bits_value, args.group_size)
-            padded = SegmentLayout(n, 1, args.group_size).padded_length
-            chunk = quant.wire_nbytes(padded, mode.rs_codec)
-            send = cupy.zeros(chunk, dtype=cupy.uint8)
-            recv = cupy.zeros(chunk * mpi.Get_size(), dtype=cupy.uint8)
             hier = timed_ms(mpi, lambda: comm.all_reduce(x, bits=bits_value, group_size=args.group_size,
                                                           algo="hierarchical", out=y), args.iters, args.repeats)
+            chunk = comm.backend._plan(n, "float16", mode).inter.stride  # what each node all-gathers
+            send = cupy.zeros(chunk, dtype=cupy.uint8)
+            recv = cupy.zeros(chunk * mpi.Get_size(), dtype=cupy.uint8)
             ag = timed_ms(mpi, lambda: raw.allGather(send.data.ptr, recv.data.ptr, chunk, nccl.NCCL_UINT8,
                                                       stream.ptr), args.iters, args.repeats)
             local = _local_only_ms(mpi, comm, lambda: comm.all_reduce(x, bits=bits_value, group_size=args.group_size,
