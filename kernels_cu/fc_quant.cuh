@@ -76,14 +76,32 @@ __host__ __device__ constexpr FcSignWords fc_sign_words() {
     for (int b = 0; b < 32; ++b) s.w[k] |= fc_rotation_sign_bit((fc_u32)(32 * k + b)) << b;
   return s;
 }
-static __constant__ FcSignWords fc_rotation_sign_words = fc_sign_words();
+
+// Word k of words [LO, LO + N) of fc_sign_words() (N a power of two, LO <= k < LO + N),
+// chosen bit by bit of k: a tree of selects between immediates, no memory access.
+// (Read from a __constant__ table, the lanes' indices differ: the load is
+// serialised over the group's distinct words, and the kernels consumed it
+// before issuing their first input load, so its whole latency, a constant-cache
+// miss at a kernel's start included, came on top of every rotating call.)
+template <int LO, int N>
+__host__ __device__ __forceinline__ constexpr fc_u32 fc_sign_word(int k) {
+  if constexpr (N == 1) {
+    constexpr fc_u32 w = fc_sign_words().w[LO];
+    return w;
+  } else {
+    const fc_u32 lo = fc_sign_word<LO, N / 2>(k), hi = fc_sign_word<LO + N / 2, N / 2>(k);
+    return (k & (N / 2)) ? hi : lo;
+  }
+}
 
 // The lane's sign bits: bit i for element lig * FC_ELEMS + i of its group.  A
-// kernel reads them once (FcTile), as a lane keeps its place in the group
-// for every unit; one register instead of a hash per element and use.
-__device__ __forceinline__ fc_u32 fc_rotation_signs(int lig) {
+// kernel works them out once (FcTile), as a lane keeps its place in the group
+// for every unit; one register instead of a hash per element and use.  A group
+// spans at most 32 lanes: FC_ELEMS words.
+__host__ __device__ __forceinline__ constexpr fc_u32 fc_rotation_signs(int lig) {
+  static_assert(FC_ELEMS <= FC_ROT_MAX_GROUP / 32, "a warp's group fits the sign table");
   const int j0 = lig * FC_ELEMS;
-  return fc_rotation_sign_words.w[j0 >> 5] >> (j0 & 31);
+  return fc_sign_word<0, FC_ELEMS>(j0 >> 5) >> (j0 & 31);
 }
 
 // Element i's sign bit of `signs` moved to bit 31 (the float sign), the rest 0.

@@ -234,6 +234,22 @@ def test_the_kernels_rotation_signs_are_the_references(tmp_path):
     _assert_compiles_with(tmp_path, "rotation_signs", checks, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4"))
 
 
+def test_each_lanes_rotation_signs_are_the_references(tmp_path):
+    """What a lane of a group works out as its sign bits (fc_rotation_signs: bit i for element
+    lane * E + i, a select tree over the sign words) is hadamard.signs for every lane of the
+    largest group a warp holds, at both unit sizes E."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy import hadamard
+    for elems in (16, 32):
+        negative = hadamard.signs(32 * elems).reshape(32, elems) < 0
+        checks = [f'static_assert((fc_rotation_signs({lane}) & 0x{(1 << elems) - 1:x}u) == '
+                  f'{sum(1 << i for i in range(elems) if negative[lane, i])}u, "lane {lane}");' for lane in range(32)]
+        _assert_compiles_with(tmp_path, f"rotation_signs_{elems}", checks,
+                              ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4", f"FC_ELEMS={elems}"))
+
+
 def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
     """LLQ_UNIT_BYTES and LLQ_MAX_THREADS (what the host tiles by) are FcLLq's and FC_LLQ_THREADS, and
     the two-shot's launch bound (FC_LLQ_TWOSHOT_THREADS) is the block the host runs (llq_threads)."""
