@@ -50,7 +50,10 @@ __device__ __forceinline__ bool fc_llq_receive_batch(const FcArgs& a, int par, i
 
 template <int DT, int RSB, int AGB>
 __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
-  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
+  // Stages for the warps of the block the host runs (FC_LLQ_TWOSHOT_THREADS, the
+  // launch bound), and each thread's own contribution to the unit it owns (step 2).
+  __shared__ fc_v4 s_stage[FC_LLQ_TWOSHOT_THREADS / 32 * FC_STAGE_VECS];
+  __shared__ fc_v4 s_own[FC_ELEMS / 4][FC_LLQ_TWOSHOT_THREADS];
   fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
@@ -93,6 +96,16 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   for (int u = 0; u < a.units; ++u) {
     const int w = u * nt + t;
     const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+    // My own exact contribution, loaded and rotated before the wait for the peers'
+    // units (its load latency and rotation overlap their flight instead of
+    // following it on every call's critical path) and kept in this thread's slot
+    // of s_own across the wait: in registers it took the 256-thread builds past
+    // their 128 registers (INT6: 44 bytes of spills).
+    fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, signs, v, stage);
+#pragma unroll
+    for (int k = 0; k < FC_ELEMS / 4; ++k)
+      s_own[k][t] = fc_v4{__float_as_uint(v[4 * k]), __float_as_uint(v[4 * k + 1]), __float_as_uint(v[4 * k + 2]),
+                          __float_as_uint(v[4 * k + 3])};
     float acc[FC_ELEMS];
     FcUnit<RSB> got[B];
     fc_owner_sum<B>(
@@ -101,7 +114,12 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
           if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
         },
         [&](float (&x)[FC_ELEMS]) {
-          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, signs, x, stage);
+#pragma unroll
+          for (int k = 0; k < FC_ELEMS / 4; ++k) {
+            const fc_v4 q = s_own[k][t];
+            x[4 * k] = __uint_as_float(q.x); x[4 * k + 1] = __uint_as_float(q.y);
+            x[4 * k + 2] = __uint_as_float(q.z); x[4 * k + 3] = __uint_as_float(q.w);
+          }
         },
         [&](int j, int, float (&x)[FC_ELEMS]) { RS::unpack(got[j], sym, x); });
     typename AG::Packed p;
