@@ -156,7 +156,8 @@ __device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int 
   signs = fc_opaque(signs);
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = __uint_as_float(__float_as_uint(v[i]) ^ fc_sign_at(signs, i));
-  fc_fwht(v, gl, lig);
+#pragma unroll 1
+  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht(v, gl, lig);  // once but in timing builds (fc_profile.cuh)
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = __fmul_rn(v[i], norm);
 }
@@ -165,7 +166,8 @@ __device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int 
 // exact, and rounding to nearest is symmetric in the sign, so both round the
 // same exact product (NaN in, canonical NaN out either way).
 __device__ __forceinline__ void fc_rotate_inv(float (&v)[FC_ELEMS], int gl, int lig, fc_u32 signs, float norm) {
-  fc_fwht(v, gl, lig);
+#pragma unroll 1
+  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht(v, gl, lig);  // once but in timing builds (fc_profile.cuh)
   signs = fc_opaque(signs);
   const fc_u32 nbits = __float_as_uint(norm);
 #pragma unroll
