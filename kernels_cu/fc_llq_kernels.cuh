@@ -30,7 +30,8 @@
 // registers for occupancies nothing uses: the INT8 two-shot took 128 registers
 // and 70-114 bytes of spills once the rotation got cheaper (INT4/INT8 spilled 92
 // before), the 32-element INT4/INT8 one 168 with spills (benchmarks/sass_diff.py).
-#define FC_LLQ_TWOSHOT_THREADS (FC_ELEMS == 16 && (FC_RS_BITS == 8 || FC_AG_BITS == 8) ? 128 : FC_LLQ_THREADS)
+#define FC_LLQ_TWOSHOT_THREADS_FOR(RSB, AGB) (FC_ELEMS == 16 && ((RSB) == 8 || (AGB) == 8) ? 128 : FC_LLQ_THREADS)
+#define FC_LLQ_TWOSHOT_THREADS FC_LLQ_TWOSHOT_THREADS_FOR(FC_RS_BITS, FC_AG_BITS)
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
 // the lane is past its tile) from my LL slots of `area`: got[j] is source s0 + j's.
@@ -52,8 +53,9 @@ template <int DT, int RSB, int AGB>
 __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
   // Stages for the warps of the block the host runs (FC_LLQ_TWOSHOT_THREADS, the
   // launch bound), and each thread's own contribution to the unit it owns (step 2).
-  __shared__ fc_v4 s_stage[FC_LLQ_TWOSHOT_THREADS / 32 * FC_STAGE_VECS];
-  __shared__ fc_v4 s_own[FC_ELEMS / 4][FC_LLQ_TWOSHOT_THREADS];
+  constexpr int THREADS = FC_LLQ_TWOSHOT_THREADS_FOR(RSB, AGB);
+  __shared__ fc_v4 s_stage[THREADS / 32 * FC_STAGE_VECS];
+  __shared__ fc_v4 s_own[FC_ELEMS / 4][THREADS];
   fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
