@@ -108,6 +108,10 @@ ROT_SIZES = (("4K", 4 << 10), ("64K", 64 << 10), ("256K", 256 << 10), ("1M", 1 <
 ROT_CASES = [Case(f"int{bits} g{group} {size}{' rot' if rot else ''}", nbytes, bits, "auto", None,
                   rotate=rot, group=group)
              for bits in (8, 6) for group in (128, 512) for size, nbytes in ROT_SIZES for rot in (False, True)]
+# ... and the LL one-shot at 1 MB, where the table runs the LL two-shot for these codecs (two rotations on a
+# call's critical path instead of three or four): would rotated calls be better served by it?
+ROT_CASES += [Case(f"int{bits} g128 1M 1shot{' rot' if rot else ''}", 1 << 20, bits, "oneshot", 256, 0, 1, "ll",
+                   rotate=rot) for bits in (8, 6) for rot in (False, True)]
 CASE_SETS = {"default": CASES, "rot": ROT_CASES}
 
 VARIANTS = [
