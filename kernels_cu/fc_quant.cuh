@@ -110,8 +110,10 @@ __device__ __forceinline__ fc_u32 fc_sign_at(fc_u32 signs, int i) { return (sign
 // `signs` as a value the compiler cannot see through: the FC_ELEMS masks
 // fc_sign_at derives from it are loop-invariant, and hoisted out of a kernel's
 // unit loop they took FC_ELEMS registers and spilled the kernels at their
-// register cap (benchmarks/sass_diff.py); derived afresh where they are used,
-// they cost one shift each.
+// register cap (benchmarks/sass_diff.py; without it the LL one-shot spills
+// again: INT8 54/214 bytes stored/loaded, INT6 18/34); derived afresh where they
+// are used, they cost one shift each.  The empty asm emits no instruction: it
+// bars no scheduling in ptxas, only the hoisting before it.
 __device__ __forceinline__ fc_u32 fc_opaque(fc_u32 x) {
   asm volatile("" : "+r"(x));
   return x;
