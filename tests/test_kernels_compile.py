@@ -74,6 +74,9 @@ def _jobs():
         # the leave-one-stage-out timing variants of benchmarks/kernel_variants.py
         jobs.append((src, SPECIALISATION_ARCH, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4",
                                                 "FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA")))
+        # ... and the rotation A/B's (rotations run three times: kernel_variants.py --cases rot, "rot3")
+        jobs.append((src, SPECIALISATION_ARCH, ("FC_DT=0", "FC_RS_BITS=6", "FC_AG_BITS=6", "FC_ELEMS=16",
+                                                "FC_PROFILE_ROT_TIMES=3")))
     return jobs
 
 
