@@ -12,7 +12,8 @@
 # cost per eager call vs NCCL and by launch path, eager_host.py), torch (torchrun checks, tp_mlp
 # example, eager cost under torchrun), table (issue 19: `mpirun -n 2 flashcomm bench` logs checked for
 # cut cells), and the
-# kernel-profiling stages: ll-ab (the poison protocol's cost in the LL kernels; env BASE_KERNELS), variants (kernel_variants.py; env BASE_KERNELS,
+# kernel-profiling stages: ll-ab (the poison protocol's cost in the LL kernels; env BASE_KERNELS), rot-kab (issue 21:
+# rotation's price under several kernel builds in one run; env BASE_KERNELS, MID_KERNELS, ROT_ROUNDS, ROT_VARIANTS), variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_ROTATE (off, on, both), SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
@@ -158,6 +159,16 @@ for stage in ${STAGES//,/ }; do
         --define-sets "ll-no-read=FC_PROFILE_LL_NO_POISON_READ;ll-no-fail=FC_PROFILE_LL_NO_FAIL_PATH;ll-neither=FC_PROFILE_LL_NO_POISON_READ FC_PROFILE_LL_NO_FAIL_PATH" \
         --only "ll 4K 1shot,ll 4K 2shot,ll 1M 1shot,ll 1M 2shot,llq int4 4K,llq int4 1M" --repeats 7 \
         --json "$OUT/ll-ab-${NP}x-$TAG.json" ;;
+    rot-kab)  # issue 21, rotation's price per kernel build, all in one run (kernel_variants.py --cases rot): INT8 and
+      # INT6, groups 128 and 512, rotation off and on, 4 KB-256 MB at the shipped table's launches, under BASE_KERNELS
+      # (e.g. an untracked `git archive <rev> kernels_cu`: the kernels before), MID_KERNELS (optional: an intermediate
+      # build, label "mid"), the shipped kernels ("full") and the shipped kernels with every rotation's butterflies run
+      # 3 times ("rot3", timing only: wrong results; against "full", what the rotation's arithmetic costs);
+      # ROT_ROUNDS sweeps (default 2), variants in turn within each; prints rotation's price per build
+      run 560 $MPI "$NP" python3 benchmarks/kernel_variants.py ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} \
+        ${MID_KERNELS:+--kernel-dirs "mid=$MID_KERNELS"} --cases rot --rounds "${ROT_ROUNDS:-2}" \
+        --variants "${ROT_VARIANTS:-base,mid,full,rot3}" --define-sets "rot3=FC_PROFILE_ROT_TIMES=3" --repeats 7 \
+        --json "$OUT/rot-kab-${NP}x-$TAG.json" ;;
     hier-parts)  # issue 20: the hierarchical all-reduce's parts timed apart (2 GPUs as 2 nodes, NCCL on sockets)
       run 300 env FLASHCOMM_RANKS_PER_NODE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 $MPI "$NP" \
         python3 benchmarks/hier_parts.py --sizes "${HIER_SIZES:-16M,64M,256M}" --bits 4,8 --json "$OUT/hier-parts-${NP}x-$TAG.json" ;;

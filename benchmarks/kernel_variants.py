@@ -13,7 +13,17 @@ differ only in compile-time switches:
   workspace: the same bytes through HBM, none over NVLink;
 * ``local+no-wait``: compute and HBM traffic only;
 * ``base``: with ``--base-dir``, the ``full`` kernel from another source
-  directory, for an A/B of two versions in one run.
+  directory, for an A/B of two versions in one run; ``--kernel-dirs`` names
+  more such directories (``label=DIR;label2=DIR``), for an A/B/C.
+
+``--cases rot`` replaces the case list with issue 21's rotation A/B (:data:`ROT_CASES`):
+INT8 and INT6, groups 128 and 512, rotation off and on, at 4 KB-256 MB, each at the
+launch the shipped table picks (no forced shape).  ``--rounds N`` runs the whole
+sweep N times (variants in turn within each round), so drift between variants
+shows; the summary takes each row's median over rounds and, for pairs of cases
+that differ only in rotation, prints what rotation costs under each variant.
+Every variant's kernel modules are compiled first, in parallel processes on
+rank 0 (the binaries land in the shared on-disk cache the ranks then load).
 
 Each variant is a communicator built with its own ``kernel_build``
 (:class:`flashcomm_cupy.backends.flash.kernels.KernelBuild`); each case passes its
@@ -32,9 +42,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Optional
 
 import numpy as np
+
+class Case(NamedTuple):
+    """One timed call: ``threads`` None means the launch the shipped table picks (``algo`` as a
+    mode names it, e.g. "auto"); otherwise ``threads``/``blocks``/``units``/``protocol`` are forced."""
+    label: str
+    nbytes: int
+    bits: Optional[int]
+    algo: str
+    threads: Optional[int]
+    blocks: int = 0
+    units: int = 1
+    protocol: str = "flag"
+    rotate: bool = False
+    group: int = 128
+
 
 # (label, bytes, bits, algo, threads, blocks, units, protocol[, rotate]): shapes the shipped table picks,
 # the LL kernels (fc_ll.cuh) at the sizes they serve, and the staged two-shot (protocol "staged":
@@ -70,6 +99,21 @@ CASES = [
     ("llq1 int8 64K", 64 << 10, 8, "oneshot", 64, 0, 1, "ll"),
     ("llq1 int8 64K rot", 64 << 10, 8, "oneshot", 64, 0, 1, "ll", True),
 ]
+CASES = [Case(*c) for c in CASES]
+
+#: issue 21's rotation A/B: the modes that need rotation (INT6, INT8 at large groups), off and on,
+#: at the launch the table picks -- LL one-shot / two-shot up to 1 MB, the staged two-shot beyond
+ROT_SIZES = (("4K", 4 << 10), ("64K", 64 << 10), ("256K", 256 << 10), ("1M", 1 << 20), ("16M", 16 << 20),
+             ("256M", 256 << 20))
+ROT_CASES = [Case(f"int{bits} g{group} {size}{' rot' if rot else ''}", nbytes, bits, "auto", None,
+                  rotate=rot, group=group)
+             for bits in (8, 6) for group in (128, 512) for size, nbytes in ROT_SIZES for rot in (False, True)]
+# ... and the LL one-shot at 1 MB, where the table runs the LL two-shot for these codecs (two rotations on a
+# call's critical path instead of three or four): would rotated calls be better served by it?
+ROT_CASES += [Case(f"int{bits} g128 1M 1shot{' rot' if rot else ''}", 1 << 20, bits, "oneshot", 256, 0, 1, "ll",
+                   rotate=rot) for bits in (8, 6) for rot in (False, True)]
+CASE_SETS = {"default": CASES, "rot": ROT_CASES}
+
 VARIANTS = [
     ("full", None, ""),
     ("no-wait", None, "FC_PROFILE_NO_WAIT"),
@@ -94,14 +138,99 @@ def reset_ll_slots(backend) -> None:
     backend.mpi_comm.Barrier()
 
 
+def _module_jobs(variants, cases):
+    """(directory, defines, bits, unit elems) of every fp16 module a variant's cases can run."""
+    bits = sorted({c.bits or 0 for c in cases})
+    return [(kdir, defines, b, elems) for _, kdir, defines in variants for b in bits
+            for elems in ((16, 32) if b else (32,))]
+
+
+def precompile(jobs, timeout_s: float = 300.0) -> None:
+    """Compile every module of ``jobs`` into the on-disk kernel cache, in parallel processes (NVRTC
+    holds one core per module; one after another they took minutes).  One line per failure."""
+    code = ("import sys; from flashcomm_cupy.backends.flash import kernels as k; "
+            "d, defs, b, e = sys.argv[1] or None, sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4]); "
+            "k.module(0, b, b, e, k.KernelBuild(d, tuple(defs)))")
+
+    def one(job):
+        kdir, defines, bits, elems = job
+        try:
+            r = subprocess.run([sys.executable, "-c", code, kdir or "", defines, str(bits), str(elems)],
+                               capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"precompile {job}: no module after {timeout_s:.0f} s (the timing compiles it)", flush=True)
+            return
+        if r.returncode:  # the timing compiles it again and raises the error there
+            print(f"precompile {job} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), (os.cpu_count() or 2) // 2))) as pool:
+        list(pool.map(one, jobs))
+
+
+def summarize(rows, labels, cases) -> None:
+    """Print each case's median over rounds per variant, then rotation's price per variant."""
+    med = {}
+    for v in labels:
+        for c in cases:
+            us = [r["us"] for r in rows if r["variant"] == v and r["case"] == c.label]
+            if us:
+                med[v, c.label] = statistics.median(us)
+    nan = float("nan")
+    print("\n" + f"{'case':>22} " + " ".join(f"{v:>14}" for v in labels))
+    for c in cases:
+        print(f"{c.label:>22} " + " ".join(f"{med.get((v, c.label), nan):14.2f}" for v in labels))
+    pairs = [(c, d) for c in cases for d in cases
+             if not c.rotate and d.rotate and d._replace(label=c.label, rotate=False) == c]
+    if pairs:
+        print("\nrotation's price (on - off; issue 21: at most 1 us below 1 MB, 10 % from 1 MB)")
+        print(f"{'case':>22} " + " ".join(f"{v:>14}" for v in labels))
+        for off, on in pairs:
+            cells = []
+            for v in labels:
+                a, b = med.get((v, off.label)), med.get((v, on.label))
+                if a is None or b is None:
+                    cells.append(f"{'':>14}")
+                elif off.nbytes >= 1 << 20:
+                    cells.append(f"{100 * (b / a - 1):+13.1f}%")
+                else:
+                    cells.append(f"{b - a:+12.2f}us")
+            print(f"{off.label:>22} " + " ".join(cells))
+
+
+def build_variants(args):
+    """[(label, kernel directory or None, defines)] from the command line, in the order to run."""
+    variants = list(VARIANTS)
+    if args.base_dir:
+        variants.insert(0, ("base", os.path.abspath(args.base_dir), ""))
+    for item in filter(None, args.kernel_dirs.split(";")):
+        label, _, kdir = item.partition("=")
+        variants.insert(len(variants) - len(VARIANTS), (label.strip(), os.path.abspath(kdir.strip()), ""))
+    for item in filter(None, args.define_sets.split(";")):
+        label, _, defines = item.partition("=")
+        kdir = None
+        if "@" in label:  # "label@DIR=DEFINES": the switches on another source directory's kernels
+            label, _, kdir = label.partition("@")
+            kdir = os.path.abspath(kdir.strip())
+        variants.append((label.strip(), kdir, defines.strip()))
+    if args.variants:
+        keep = args.variants.split(",")
+        variants = sorted((v for v in variants if v[0] in keep), key=lambda v: keep.index(v[0]))
+    return variants
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-dir", help="kernel source directory of the version to compare against")
+    ap.add_argument("--kernel-dirs", default="",
+                    help='more variants from kernel source directories: "label=DIR;label2=DIR"')
+    ap.add_argument("--cases", default="default", choices=sorted(CASE_SETS), help="which case list to run")
+    ap.add_argument("--rounds", type=int, default=1, help="run the whole sweep this many times")
     ap.add_argument("--json", help="write the rows here (rank 0)")
     ap.add_argument("--only", default="", help="comma list of case labels to run (default: all)")
-    ap.add_argument("--variants", default="", help="comma list of variant labels (default: all)")
+    ap.add_argument("--variants", default="", help="comma list of variant labels, in the order to run (default: all)")
     ap.add_argument("--define-sets", default="",
-                    help='extra variants "label=DEF DEF;label2=DEF" (compile-time switches of the full kernel)')
+                    help='extra variants "label=DEF DEF;label2@DIR=DEF" (compile-time switches of the shipped '
+                         'kernels, or of the kernels in DIR)')
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
@@ -113,52 +242,59 @@ def main(argv=None):
     from flashcomm_cupy.config import Mode
     from flashcomm_cupy.harness.timing import measure
 
-    variants = list(VARIANTS)
-    if args.base_dir:
-        variants.insert(0, ("base", os.path.abspath(args.base_dir), ""))
-    for item in filter(None, args.define_sets.split(";")):
-        label, _, defines = item.partition("=")
-        variants.append((label.strip(), None, defines.strip()))
-    if args.variants:
-        keep = set(args.variants.split(","))
-        variants = [v for v in variants if v[0] in keep]
-    cases = [c for c in CASES if not args.only or c[0] in args.only.split(",")]
+    variants = build_variants(args)
+    cases = [c for c in CASE_SETS[args.cases] if not args.only or c.label in args.only.split(",")]
+
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.rank == 0:
+        precompile(_module_jobs(variants, cases))
+    MPI.COMM_WORLD.Barrier()
 
     rows = []
     comm = None
-    for vlabel, kdir, defines in variants:
-        if comm is not None:
-            comm.close()
-        comm = Communicator(backend="gpu", kernel_build=KernelBuild(kdir, tuple(defines.split())))
-        backend = comm.backend
-        rank = comm.rank
-        for clabel, nbytes, bits, algo, threads, blocks, units, protocol, *rotate in cases:
-            if protocol == "ll" and "FC_PROFILE_LOCAL_DATA" in defines:
-                continue  # LL slots are always the peers': local-only LL readers would wait forever
-            n = nbytes // 2
+    inputs = {}  # elements -> (x, out): every variant and round times the same data
+
+    def buffers(n, rank):
+        if n not in inputs:
             x = cupy.asarray(np.random.default_rng([rank, n]).standard_normal(n).astype(np.float16))
-            out = cupy.empty_like(x)
-            mode = Mode.make(bits, 128, rotate=bool(rotate and rotate[0]), algo=algo)
-            force = (Force(threads, blocks, units, "flag", True) if protocol == "staged"
-                     else Force(threads, blocks, units, protocol))
-            t = measure(backend, comm.mpi_comm,
-                        lambda: backend.all_reduce(x, out, mode, dtype=np.float16, force=force),
-                        warmup=2, iters=args.iters, repeats=args.repeats, graph=True, eager=False).primary_s
-            row = {"variant": vlabel, "case": clabel, "bytes": nbytes, "us": round(t * 1e6, 2),
-                   "shape": [threads, blocks, units], "protocol": protocol}
-            rows.append(row)
-            if rank == 0:
-                print(f"{vlabel:>14} {clabel:>18} {row['us']:10.1f} us", flush=True)
-            del x, out
-        if "FC_PROFILE_NO_WAIT" in defines:
-            reset_ll_slots(backend)  # its LL readers left late payloads in the slots
+            inputs[n] = (x, cupy.empty_like(x))
+        return inputs[n]
+
+    for rnd in range(args.rounds):
+        for vlabel, kdir, defines in variants:
+            if comm is not None:
+                comm.close()
+            comm = Communicator(backend="gpu", kernel_build=KernelBuild(kdir, tuple(defines.split())))
+            backend = comm.backend
+            rank = comm.rank
+            for c in cases:
+                if c.protocol == "ll" and "FC_PROFILE_LOCAL_DATA" in defines:
+                    continue  # LL slots are always the peers': local-only LL readers would wait forever
+                n = c.nbytes // 2
+                x, out = buffers(n, rank)
+                mode = Mode.make(c.bits, c.group, rotate=c.rotate, algo=c.algo)
+                if c.threads is None:
+                    force = None
+                elif c.protocol == "staged":
+                    force = Force(c.threads, c.blocks, c.units, "flag", True)
+                else:
+                    force = Force(c.threads, c.blocks, c.units, c.protocol)
+                t = measure(backend, comm.mpi_comm,
+                            lambda: backend.all_reduce(x, out, mode, dtype=np.float16, force=force),
+                            warmup=2, iters=args.iters, repeats=args.repeats, graph=True, eager=False).primary_s
+                plan = backend.plan(n, np.float16, mode, force)
+                row = {"variant": vlabel, "case": c.label, "bytes": c.nbytes, "us": round(t * 1e6, 2),
+                       "round": rnd, "shape": [plan.threads, plan.blocks, plan.units], "protocol": plan.protocol,
+                       "kernel": plan.kernel, "rotate": c.rotate, "group": c.group, "bits": c.bits}
+                rows.append(row)
+                if rank == 0:
+                    print(f"{vlabel:>14} {c.label:>22} {row['us']:10.2f} us  {plan.kernel} "
+                          f"{plan.threads}x{plan.blocks}x{plan.units}", flush=True)
+            if "FC_PROFILE_NO_WAIT" in defines:
+                reset_ll_slots(backend)  # its LL readers left late payloads in the slots
     info = backend.describe()  # collective: every rank calls it
     if rank == 0:
-        labels = [v[0] for v in variants]
-        print("\n" + f"{'case':>18} " + " ".join(f"{v:>14}" for v in labels))
-        for clabel, *_ in cases:
-            us = {r["variant"]: r["us"] for r in rows if r["case"] == clabel}
-            print(f"{clabel:>18} " + " ".join(f"{us.get(v, float('nan')):14.1f}" for v in labels))
+        summarize(rows, [v[0] for v in variants], cases)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"card": info.get("gpu"), "world": comm.world_size, "rows": rows}, f, indent=1)

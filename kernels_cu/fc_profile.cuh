@@ -12,6 +12,9 @@
 //   FC_PROFILE_LL_NO_FAIL_PATH    the LL kernels' end is a plain barrier: no vote, no NaN fill,
 //                          no record (fc_ll_end); with the one above, what the poison protocol
 //                          costs the LL kernels (benchmarks/NOTES.md v24)
+//   FC_PROFILE_ROT_TIMES=N every Hadamard rotation runs its butterflies N times (a loop, so the
+//                          code does not grow): wrong results; against N = 1, what a rotation's
+//                          arithmetic costs a call, apart from whatever it costs once per call
 //   FC_TWOSHOT_THREADS / FC_TWOSHOT_MINB
 //                          the flag two-shot's launch bounds, e.g. 256 and 3 for three
 //                          256-thread blocks per SM (benchmarks/NOTES.md)
@@ -39,6 +42,10 @@
 #define FC_PROFILE_LL_SKIPS_FAIL_PATH true
 #else
 #define FC_PROFILE_LL_SKIPS_FAIL_PATH false
+#endif
+
+#ifndef FC_PROFILE_ROT_TIMES
+#define FC_PROFILE_ROT_TIMES 1
 #endif
 
 // The flag two-shot's launch bounds (the product's: 512 threads).

@@ -76,14 +76,32 @@ __host__ __device__ constexpr FcSignWords fc_sign_words() {
     for (int b = 0; b < 32; ++b) s.w[k] |= fc_rotation_sign_bit((fc_u32)(32 * k + b)) << b;
   return s;
 }
-static __constant__ FcSignWords fc_rotation_sign_words = fc_sign_words();
+
+// Word k of words [LO, LO + N) of fc_sign_words() (N a power of two, LO <= k < LO + N),
+// chosen bit by bit of k: a tree of selects between immediates, no memory access.
+// (Read from a __constant__ table, the lanes' indices differ: the load is
+// serialised over the group's distinct words, and the kernels consumed it
+// before issuing their first input load, so its whole latency, a constant-cache
+// miss at a kernel's start included, came on top of every rotating call.)
+template <int LO, int N>
+__host__ __device__ __forceinline__ constexpr fc_u32 fc_sign_word(int k) {
+  if constexpr (N == 1) {
+    constexpr fc_u32 w = fc_sign_words().w[LO];
+    return w;
+  } else {
+    const fc_u32 lo = fc_sign_word<LO, N / 2>(k), hi = fc_sign_word<LO + N / 2, N / 2>(k);
+    return (k & (N / 2)) ? hi : lo;
+  }
+}
 
 // The lane's sign bits: bit i for element lig * FC_ELEMS + i of its group.  A
-// kernel reads them once (FcTile), as a lane keeps its place in the group
-// for every unit; one register instead of a hash per element and use.
-__device__ __forceinline__ fc_u32 fc_rotation_signs(int lig) {
+// kernel works them out once (FcTile), as a lane keeps its place in the group
+// for every unit; one register instead of a hash per element and use.  A group
+// spans at most 32 lanes: FC_ELEMS words.
+__host__ __device__ __forceinline__ constexpr fc_u32 fc_rotation_signs(int lig) {
+  static_assert(FC_ELEMS <= FC_ROT_MAX_GROUP / 32, "a warp's group fits the sign table");
   const int j0 = lig * FC_ELEMS;
-  return fc_rotation_sign_words.w[j0 >> 5] >> (j0 & 31);
+  return fc_sign_word<0, FC_ELEMS>(j0 >> 5) >> (j0 & 31);
 }
 
 // Element i's sign bit of `signs` moved to bit 31 (the float sign), the rest 0.
@@ -92,8 +110,10 @@ __device__ __forceinline__ fc_u32 fc_sign_at(fc_u32 signs, int i) { return (sign
 // `signs` as a value the compiler cannot see through: the FC_ELEMS masks
 // fc_sign_at derives from it are loop-invariant, and hoisted out of a kernel's
 // unit loop they took FC_ELEMS registers and spilled the kernels at their
-// register cap (benchmarks/sass_diff.py); derived afresh where they are used,
-// they cost one shift each.
+// register cap (benchmarks/sass_diff.py; without it the LL one-shot spills
+// again: INT8 54/214 bytes stored/loaded, INT6 18/34); derived afresh where they
+// are used, they cost one shift each.  The empty asm emits no instruction: it
+// bars no scheduling in ptxas, only the hoisting before it.
 __device__ __forceinline__ fc_u32 fc_opaque(fc_u32 x) {
   asm volatile("" : "+r"(x));
   return x;
@@ -138,7 +158,8 @@ __device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int 
   signs = fc_opaque(signs);
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = __uint_as_float(__float_as_uint(v[i]) ^ fc_sign_at(signs, i));
-  fc_fwht(v, gl, lig);
+#pragma unroll 1
+  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht(v, gl, lig);  // once but in timing builds (fc_profile.cuh)
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = __fmul_rn(v[i], norm);
 }
@@ -147,7 +168,8 @@ __device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int 
 // exact, and rounding to nearest is symmetric in the sign, so both round the
 // same exact product (NaN in, canonical NaN out either way).
 __device__ __forceinline__ void fc_rotate_inv(float (&v)[FC_ELEMS], int gl, int lig, fc_u32 signs, float norm) {
-  fc_fwht(v, gl, lig);
+#pragma unroll 1
+  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht(v, gl, lig);  // once but in timing builds (fc_profile.cuh)
   signs = fc_opaque(signs);
   const fc_u32 nbits = __float_as_uint(norm);
 #pragma unroll

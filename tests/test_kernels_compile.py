@@ -74,6 +74,9 @@ def _jobs():
         # the leave-one-stage-out timing variants of benchmarks/kernel_variants.py
         jobs.append((src, SPECIALISATION_ARCH, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4",
                                                 "FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA")))
+        # ... and the rotation A/B's (rotations run three times: kernel_variants.py --cases rot, "rot3")
+        jobs.append((src, SPECIALISATION_ARCH, ("FC_DT=0", "FC_RS_BITS=6", "FC_AG_BITS=6", "FC_ELEMS=16",
+                                                "FC_PROFILE_ROT_TIMES=3")))
     return jobs
 
 
@@ -232,6 +235,22 @@ def test_the_kernels_rotation_signs_are_the_references(tmp_path):
     words = [sum(1 << b for b in range(32) if negative[k, b]) for k in range(32)]
     checks = [f'static_assert(fc_sign_words().w[{k}] == {w}u, "sign word {k}");' for k, w in enumerate(words)]
     _assert_compiles_with(tmp_path, "rotation_signs", checks, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4"))
+
+
+def test_each_lanes_rotation_signs_are_the_references(tmp_path):
+    """What a lane of a group works out as its sign bits (fc_rotation_signs: bit i for element
+    lane * E + i, a select tree over the sign words) is hadamard.signs for every lane of the
+    largest group a warp holds, at both unit sizes E."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent)")
+    from flashcomm_cupy import hadamard
+    for elems in (16, 32):
+        negative = hadamard.signs(32 * elems).reshape(32, elems) < 0
+        checks = [f'static_assert((fc_rotation_signs({lane}) & 0x{(1 << elems) - 1:x}u) == '
+                  f'{sum(1 << i for i in range(elems) if negative[lane, i])}u, "lane {lane}");' for lane in range(32)]
+        _assert_compiles_with(tmp_path, f"rotation_signs_{elems}", checks,
+                              ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4", f"FC_ELEMS={elems}"))
 
 
 def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
