@@ -13,9 +13,13 @@
 // Error record codes (mirrored by flashcomm_cupy._kernels.ERR_*).
 #define FC_ERR_TIMEOUT 1u  // this rank waited past the bound for `peer`
 #define FC_ERR_POISON 2u   // rank `peer` gave up and poisoned this rank
+#define FC_ERR_NODE 3u     // the hierarchical inter-node step failed here (fc_node.cuh): another node failed,
+                           // or its data never arrived; this rank poisoned its node
+// FcError.late (and a poison word's low byte) when what failed was another node, not a rank of this one
+#define FC_LATE_OTHER_NODE 0xFFu
 
 struct FcError {
-  fc_u32 code;   // 0 ok, FC_ERR_TIMEOUT or FC_ERR_POISON
+  fc_u32 code;   // 0 ok, FC_ERR_TIMEOUT, FC_ERR_POISON or FC_ERR_NODE
   fc_u32 rank;   // this rank
   fc_u32 peer;   // TIMEOUT: the rank it waited for; POISON: the rank that gave up
   fc_u32 block;  // block index

@@ -30,7 +30,10 @@ struct FcNodeStatus {
   fc_u32 pad0, pad1;
 };
 // What a receiver records (host-mapped, read by HierarchicalGpuBackend.check): the first failed
-// chunk it saw.  flashcomm_cupy/backends/hierarchical.py NODE_RECORD_FIELDS mirrors it.
+// chunk it saw, or FC_NODE_MISSING with node FC_NODE_UNKNOWN when the host aborted the
+// all-gather (its chunks may then be partly stale).  flashcomm_cupy/backends/hierarchical.py
+// NODE_RECORD_FIELDS mirrors it.
+#define FC_NODE_UNKNOWN 0xffffffffu
 struct FcNodeRecord {
   fc_u32 state, node;  // the chunk's state (never FC_NODE_OK once written), its node
   fc_u32 sender, code, rank, peer, late, pad;
@@ -60,8 +63,8 @@ __device__ __forceinline__ void fc_node_encode_impl(const void* x, unsigned char
   FcCodec<DT, BITS>::pack(v, gl, sym, p);
   FcCodec<DT, BITS>::write(p, send, padded, w, gl, sym, stage);
   if (blockIdx.x == 0) {
-    if (threadIdx.x < nodes)
-      reinterpret_cast<FcNodeStatus*>(recv + (threadIdx.x + 1) * stride - FC_NODE_TAIL_BYTES)->state = FC_NODE_MISSING;
+    for (int k = threadIdx.x; k < nodes; k += blockDim.x)
+      reinterpret_cast<FcNodeStatus*>(recv + (fc_i64)(k + 1) * stride - FC_NODE_TAIL_BYTES)->state = FC_NODE_MISSING;
     if (threadIdx.x == 0) {
       FcNodeStatus st = {FC_NODE_OK, (fc_u32)sender, 0u, 0u, 0u, 0u, 0u, 0u};
       if (flash_err != nullptr && flash_err->code != 0) {
@@ -75,15 +78,56 @@ __device__ __forceinline__ void fc_node_encode_impl(const void* x, unsigned char
   }
 }
 
+// Where this block's sum stands, worked out by its thread 0: -1 every chunk OK; k >= 0 node k's
+// chunk is not OK (the first); -2 this rank's record already holds a failure (an earlier call, or
+// the host's mark when it aborted the all-gather: the chunks may be partly stale).
+__device__ __forceinline__ int fc_node_failed(const unsigned char* recv, fc_i64 stride, int nodes,
+                                              const volatile FcNodeRecord* own) {
+  __shared__ int s_failed;
+  if (threadIdx.x == 0) {
+    int failed = own->state != FC_NODE_OK ? -2 : -1;
+    for (int k = 0; k < nodes && failed == -1; ++k)
+      if (reinterpret_cast<const FcNodeStatus*>(recv + (fc_i64)(k + 1) * stride - FC_NODE_TAIL_BYTES)->state !=
+          FC_NODE_OK)
+        failed = k;
+    s_failed = failed;
+  }
+  __syncthreads();
+  return s_failed;
+}
+
+// A failed sum (block 0's thread 0): record the failed chunk in `own` (unless it holds a failure
+// already), and where the rank's node has a flash backend (node_poison not null: several GPUs per
+// node) give up on the node as a failed flash wait does (fc_give_up): the node's all-gather half
+// then finds the poison on every rank of the node, writes NaN and raises there too.
+__device__ __noinline__ void fc_node_fail(const unsigned char* recv, fc_i64 stride, int failed,
+                                          volatile FcNodeRecord* own, volatile FcError* flash_err,
+                                          const fc_u32* node_poison, int node_rank, int node_world) {
+  if (failed >= 0 && own->state == FC_NODE_OK) {
+    const FcNodeStatus st = *reinterpret_cast<const FcNodeStatus*>(recv + (fc_i64)(failed + 1) * stride -
+                                                                   FC_NODE_TAIL_BYTES);
+    own->node = failed; own->sender = st.sender; own->code = st.code; own->rank = st.rank;
+    own->peer = st.peer; own->late = st.late;
+    __threadfence_system();
+    own->state = st.state;  // last: the host reads the record once state is set
+    __threadfence_system();
+  }
+  if (node_poison != nullptr)
+    fc_give_up(flash_err, node_poison, node_rank, node_world, FC_ERR_NODE, node_rank, FC_LATE_OTHER_NODE, 0u);
+}
+
 // `nodes` chunks of `padded` elements, chunk k at recv + k * stride (16-byte aligned), decoded
 // with the reduce-scatter codec (BITS 0: raw DT elements) and summed in node order in float32
 // from +0.0; rotated back when `flags` has FC_FLAG_ROTATE; elements [0, n) stored, rounded to
-// DT, into `out` (16-byte aligned).  If any chunk's status is not OK, every element is NaN
-// instead and block 0 records the first such chunk in `own` (unless it holds a failure already).
+// DT, into `out` (16-byte aligned).  If any chunk's status is not OK, or `own` holds a failure,
+// every element is NaN instead and fc_node_fail records it and poisons the node (flash_err,
+// node_poison, node_rank, node_world: the node's flash error record and this rank's poison
+// words; null with one GPU per node).
 template <int DT, int BITS>
 __device__ __forceinline__ void fc_node_sum_impl(const unsigned char* recv, fc_i64 stride, int nodes, void* out,
                                                  fc_i64 n, fc_i64 padded, int group, int flags, float rot_norm,
-                                                 volatile FcNodeRecord* own) {
+                                                 volatile FcNodeRecord* own, volatile FcError* flash_err,
+                                                 const fc_u32* node_poison, int node_rank, int node_world) {
   typedef FcCodec<DT, BITS> C;
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   fc_v4* stage = fc_warp_stage(s_stage);
@@ -91,21 +135,12 @@ __device__ __forceinline__ void fc_node_sum_impl(const unsigned char* recv, fc_i
   const int gl = group / FC_ELEMS, lig = threadIdx.x % gl;
   const bool sym = flags & FC_FLAG_SYM;
   const bool active = (fc_i64)w * FC_ELEMS < padded;
-  int failed = -1;  // the first node whose chunk is not OK (the same for every thread)
-  for (int k = 0; k < nodes && failed < 0; ++k)
-    if (reinterpret_cast<const FcNodeStatus*>(recv + (k + 1) * stride - FC_NODE_TAIL_BYTES)->state != FC_NODE_OK)
-      failed = k;
+  const int failed = fc_node_failed(recv, stride, nodes, own);  // the same in every thread
   float acc[FC_ELEMS];
-  if (failed >= 0) {
+  if (failed != -1) {
 #pragma unroll
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = __int_as_float(0x7fc00000);
-    if (w == 0 && own->state == FC_NODE_OK) {
-      const FcNodeStatus st = *reinterpret_cast<const FcNodeStatus*>(recv + (failed + 1) * stride - FC_NODE_TAIL_BYTES);
-      own->node = failed; own->sender = st.sender; own->code = st.code; own->rank = st.rank;
-      own->peer = st.peer; own->late = st.late;
-      __threadfence_system();
-      own->state = st.state;  // last: the host reads the record once state is set
-    }
+    if (w == 0) fc_node_fail(recv, stride, failed, own, flash_err, node_poison, node_rank, node_world);
   } else {
 #pragma unroll
     for (int i = 0; i < FC_ELEMS; ++i) acc[i] = 0.0f;  // 0 + (-0.0) is +0.0, as in the reference

@@ -45,3 +45,13 @@ def test_a_poisoned_rank_names_who_gave_up_and_who_was_late():
     err = error_from_record(_record(code=_kernels.ERR_POISON, rank=1, peer=0, late=2), 30.0)
     assert err.late == 2
     assert "rank 1: rank 0 gave up" in str(err) and "waiting for rank 2" in str(err)
+
+
+def test_a_failure_from_another_node_says_so_on_every_rank_of_the_node():
+    """The hierarchical all-reduce: the rank whose inter-node sum failed poisons its node (ERR_NODE);
+    its node-mates, poisoned with the other-node mark, say where the failure came from."""
+    from flashcomm_cupy.backends.gpu import error_from_record
+    err = error_from_record(_record(code=_kernels.ERR_NODE, rank=1, peer=1, late=_kernels.LATE_OTHER_NODE), 30.0)
+    assert "inter-node step failed on this rank" in str(err) and err.late is None
+    err = error_from_record(_record(code=_kernels.ERR_POISON, rank=0, peer=1, late=_kernels.LATE_OTHER_NODE), 30.0)
+    assert "rank 1 of this node gave up" in str(err) and "another node" in str(err) and err.late is None

@@ -61,7 +61,9 @@ def stubbed(monkeypatch):
 
     class Flash:
         fail = None
-        flash_ws = types.SimpleNamespace(err_ptr=0xE0)  # the flash error record's address
+        # the flash error record's address; rank 2 of 4 on its node, its workspace at 0x1000
+        flash_ws = types.SimpleNamespace(err_ptr=0xE0, args=[{"rank": 2, "world": 4, "peers": [0, 0, 0x1000, 0],
+                                                               "poison_off": 0x40}])
 
         def __init__(self, comm, **options):
             if Flash.fail is not None:
@@ -74,13 +76,12 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(hierarchical, "select_device", lambda comm, device=None: 3 if device is None else device)
     monkeypatch.setattr(hierarchical, "NcclCommunicatorHandle", Handle)
     monkeypatch.setattr(hierarchical._mpi, "free", lambda comm: comm.Free())
-    class Failure:  # NodeFailure without host-mapped memory
-        def __init__(self, rank, flash_record=0):
-            made["failure"] = (rank, flash_record)
-            self.words = [0] * len(hierarchical.NODE_RECORD_FIELDS)
 
-        def record(self):
-            return hierarchical.node_failure_record(self.words)
+    class Failure(hierarchical.NodeFailure):  # NodeFailure's logic on a plain list, no host-mapped memory
+        def __init__(self, rank, flash_record=0, **node):
+            made["failure"], made["failure_node"] = (rank, flash_record), node
+            self.own_record, self.words = 1, [0] * len(hierarchical.NODE_RECORD_FIELDS)
+            self._words = self.words
 
         def close(self):
             made["closed"].append("node failure record")
@@ -103,6 +104,8 @@ def test_several_gpus_per_node_build_the_node_flash_backend_and_the_cross_node_n
     assert stubbed["nccl"] == [comm, cross]
     assert backend.describe_layout()["intra_node"] == "flash two-shot halves"
     assert stubbed["failure"] == (6, 0xE0)  # its chunks report the node's flash record
+    # and a failed sum poisons the node: this rank's poison words in its own workspace, node rank and size
+    assert stubbed["failure_node"] == dict(node_poison=0x1040, node_rank=2, node_world=4)
     backend.close()
     assert node.freed and cross.freed and stubbed["closed"] == ["flash", "node failure record", "nccl", "nccl"]
 
@@ -121,6 +124,8 @@ def test_one_gpu_per_node_splits_nothing_and_runs_nccl_on_the_whole_communicator
 @pytest.mark.parametrize("state, message", [
     (1, r"rank 1: the hierarchical all-reduce failed inside node 0: its rank 0 reported a failed intra-node call "
         r"\(local rank 1 timed out waiting for local rank 0\)"),
+    (-1, r"rank 1: the hierarchical all-reduce failed inside node 0: its rank 0 reported a failed intra-node call "
+         r"\(local rank 1 was poisoned by local rank 0\)"),
     (2, r"rank 1: rank 0 \(node 0\) reports that an earlier hierarchical all-reduce of this communicator failed"),
     (0xFFFFFFFF, r"rank 1: node 0's data never arrived \(the inter-node NCCL all-gather was aborted"),
 ])
@@ -131,8 +136,10 @@ def test_a_failure_another_node_reported_raises_on_check(stubbed, state, message
     from flashcomm_cupy.backends import hierarchical
     backend = HierarchicalGpuBackend(FakeComm(1, 2), NodeLayout.blocks(2, 1), timeout_s=7)
     backend.check()  # nothing recorded
-    fields = dict(state=state, node=0, sender=0, code=1, rank=1, peer=0, late=0, pad=0)
-    backend.node_failure.words = [fields[f] for f in hierarchical.NODE_RECORD_FIELDS]
+    code = 2 if state == -1 else 1  # -1: a FAILED chunk whose flash record says POISON
+    state = 1 if state == -1 else state
+    fields = dict(state=state, node=0, sender=0, code=code, rank=1, peer=0, late=0, pad=0)
+    backend.node_failure.words[:] = [fields[f] for f in hierarchical.NODE_RECORD_FIELDS]
     with pytest.raises(hierarchical.FlashTimeoutError, match=message):
         backend.check()
     backend.close()
@@ -231,6 +238,11 @@ def test_several_gpus_per_node_wait_is_bounded_by_the_cross_node_call(stubbed, n
     with pytest.raises(FlashTimeoutError):
         backend.wait(types.SimpleNamespace(ptr=9))
     assert backend.cross_nccl.aborted and backend.nccl.aborted is None
+    # marked before the abort: the sums queued behind the all-gather must not trust what it left
+    from flashcomm_cupy.backends import hierarchical
+    rec = backend.node_failure.record()
+    assert (rec["state"], rec["node"]) == (hierarchical.NODE_MISSING, hierarchical.NODE_UNKNOWN)
+    assert "all-gather did not complete within the bound" in str(hierarchical.node_failure_error(rec, 6))
     with pytest.raises(FlashTimeoutError):  # and every later call says so before launching anything
         backend.check()
 

@@ -218,6 +218,8 @@ def test_the_error_record_and_its_codes_match_the_host_mirror(tmp_path):
     checks += [f'static_assert(sizeof(FcError) == {4 * len(_kernels.ERROR_FIELDS)}, "sizeof(FcError)");',
                f'static_assert(FC_ERR_TIMEOUT == {_kernels.ERR_TIMEOUT}u, "timeout code");',
                f'static_assert(FC_ERR_POISON == {_kernels.ERR_POISON}u, "poison code");',
+               f'static_assert(FC_ERR_NODE == {_kernels.ERR_NODE}u, "node code");',
+               f'static_assert(FC_LATE_OTHER_NODE == {_kernels.LATE_OTHER_NODE}u, "another node");',
                'static_assert((FC_POISON & 0xFFu) == 0 && FC_POISON != 0, "poison word names a rank in its low byte");',
                f'static_assert(FC_POISON_PEERS_OFF == {POISON_PEERS_OFF}, "poison area: peer table");',
                f'static_assert(FC_POISON_AREA_BYTES == {POISON_AREA_BYTES}, "poison area size");']

@@ -144,7 +144,7 @@ class HierarchicalGpuBackend(CudaBackend):
             self.nccl = NcclCommunicatorHandle(comm)
             # (one GPU per node: the cross-node communicator is the whole one, in node order)
             self.cross_nccl = self.nccl if self._cross_comm is None else NcclCommunicatorHandle(self._cross_comm)
-            self.node_failure = NodeFailure(self.rank, self.flash.flash_ws.err_ptr if self.flash is not None else 0)
+            self.node_failure = NodeFailure.of_backend(self.rank, self.flash)
         except BaseException:
             self._release()
             raise
@@ -222,23 +222,23 @@ class HierarchicalGpuBackend(CudaBackend):
         for handle in self._nccl_handles():
             if handle.aborted:
                 raise FlashTimeoutError(handle.aborted)
-        if self.flash is not None:
-            self.flash.check()
         rec = self.node_failure.record() if self.node_failure is not None else None
         if rec is not None:
             raise node_failure_error(rec, self.rank)
+        if self.flash is not None:
+            self.flash.check()
 
     def wait(self, stream):
         """Wait (bounded: past ``timeout_s`` every NCCL communicator with a call on ``stream`` is
         aborted and this raises) for ``stream``'s work, then :meth:`check`."""
-        wait_nccl_streams(self._nccl_handles(), [stream.ptr], self.timeout_s)
+        wait_nccl_streams(self._nccl_handles(), [stream.ptr], self.timeout_s, before_abort=self._before_abort)
         self.check()
 
     def synchronize(self):
         """Wait for this rank's calls (the NCCL ones bounded as in :meth:`wait`); raise a failed
         call's error."""
         import cupy
-        wait_nccl_streams(self._nccl_handles(), None, self.timeout_s)
+        wait_nccl_streams(self._nccl_handles(), None, self.timeout_s, before_abort=self._before_abort)
         cupy.cuda.Device(self.device_id).synchronize()
         self.check()
 
@@ -251,9 +251,8 @@ class HierarchicalGpuBackend(CudaBackend):
         (past it their communicators are aborted): the flash backend's close synchronizes the
         device, which would otherwise wait behind a hung inter-node all-gather forever."""
         self._closed = True
-        self._plans = {}  # they hold the flash backend's launches and buffers
         try:
-            wait_nccl_streams(self._nccl_handles(), None, self.timeout_s)
+            wait_nccl_streams(self._nccl_handles(), None, self.timeout_s, before_abort=self._before_abort)
         except Exception:  # noqa: BLE001 - aborted: nothing of ours runs any more
             pass
         try:
@@ -269,6 +268,7 @@ class HierarchicalGpuBackend(CudaBackend):
                     pass
                 self.node_failure.close()
                 self.node_failure = None
+            self._plans = {}  # their buffers go back to CuPy's pool once nothing of ours runs
             try:
                 for handle in self._nccl_handles():
                     handle.close()
@@ -278,6 +278,12 @@ class HierarchicalGpuBackend(CudaBackend):
                     if sub is not None:
                         _mpi.free(sub)
                 self._node_comm = self._cross_comm = None
+
+    def _before_abort(self) -> None:
+        """Called before an NCCL communicator of this backend is aborted: mark the record, so the
+        sums queued behind the aborted all-gather write NaN (NodeFailure.mark_aborted)."""
+        if self.node_failure is not None:
+            self.node_failure.mark_aborted()
 
     def _nccl_handles(self) -> list:
         """The NCCL handles that exist, each once."""
@@ -311,26 +317,51 @@ NODE_TAIL_BYTES = 32
 #: FcNodeRecord (fc_node.cuh): what a rank records of the first failed chunk it received
 NODE_RECORD_FIELDS = ("state", "node", "sender", "code", "rank", "peer", "late", "pad")
 NODE_FAILED, NODE_PROPAGATED, NODE_MISSING = 1, 2, 0xFFFFFFFF
+#: FcNodeRecord.node when the host aborted the all-gather (no node is known to have failed)
+NODE_UNKNOWN = 0xFFFFFFFF
 
 
 class NodeFailure:
     """How a failure on one node reaches every node: this rank's host-mapped record (filled by
-    ``fc_node_sum`` when a chunk reports a failure or never arrived) and the node's flash error
-    record that ``fc_node_encode`` reports in this rank's chunk (0: none, one GPU per node).
-    ``rank``: this rank in the whole communicator (the chunk's sender)."""
+    ``fc_node_sum`` when a chunk reports a failure or never arrived, or by :meth:`mark_aborted`
+    when the host aborts the all-gather; while it holds a failure every later sum is NaN and
+    every later chunk of this rank says so) and, with several GPUs per node, what the sum needs
+    to poison the node's flash backend (its error record, this rank's poison words, the node
+    rank and size: 0 with one GPU per node).  ``rank``: this rank in the whole communicator
+    (the chunk's sender)."""
 
-    def __init__(self, rank: int, flash_record: int = 0):
+    def __init__(self, rank: int, flash_record: int = 0, node_poison: int = 0, node_rank: int = 0,
+                 node_world: int = 0):
         import ctypes
 
         import cupy
         self.rank, self.flash_record = int(rank), int(flash_record)
+        self.node_poison, self.node_rank, self.node_world = int(node_poison), int(node_rank), int(node_world)
         self.own_record = cupy.cuda.runtime.hostAlloc(4 * len(NODE_RECORD_FIELDS), 0x3)  # portable | mapped
         ctypes.memset(self.own_record, 0, 4 * len(NODE_RECORD_FIELDS))
         self._words = (ctypes.c_uint32 * len(NODE_RECORD_FIELDS)).from_address(self.own_record)
 
+    @classmethod
+    def of_backend(cls, rank: int, flash=None) -> "NodeFailure":
+        """The records of global rank ``rank`` whose node runs ``flash`` (None: one GPU per node)."""
+        if flash is None:
+            return cls(rank)
+        args = flash.flash_ws.args[0]
+        node_rank = int(args["rank"])
+        return cls(rank, flash_record=int(flash.flash_ws.err_ptr),
+                   node_poison=int(args["peers"][node_rank]) + int(args["poison_off"]),
+                   node_rank=node_rank, node_world=int(args["world"]))
+
     def record(self):
         """The record as a dict, or None while no failure reached this rank."""
         return node_failure_record(list(self._words)) if self.own_record else None
+
+    def mark_aborted(self) -> None:
+        """The host is about to abort the inter-node all-gather: the sums queued behind it must
+        not trust chunks it may have delivered in part (called before the abort; sticky)."""
+        if self.own_record and not self._words[0]:
+            self._words[1] = NODE_UNKNOWN
+            self._words[0] = NODE_MISSING
 
     def close(self) -> None:
         import ctypes
@@ -361,6 +392,9 @@ def node_failure_error(rec: dict, rank: int) -> FlashTimeoutError:
     if rec["state"] == NODE_PROPAGATED:
         return FlashTimeoutError(f"flashcomm: rank {rank}: rank {sender} (node {node}) reports that an earlier "
                                  f"hierarchical all-reduce of this communicator failed.{tail}")
+    if node == NODE_UNKNOWN:
+        return FlashTimeoutError(f"flashcomm: rank {rank}: the inter-node NCCL all-gather did not complete within "
+                                 f"the bound and was aborted (a node is late or gone).{tail}")
     return FlashTimeoutError(f"flashcomm: rank {rank}: node {node}'s data never arrived (the inter-node NCCL "
                              f"all-gather was aborted, or a rank is gone).{tail}")
 
@@ -406,9 +440,11 @@ class _InterNodeSum:
         self.grid, self.block = ((units + _THREADS - 1) // _THREADS,), (_THREADS,)
         wire = (np.int64(self.stride), np.int32(nodes))
         elems = (np.int64(n), np.int64(self.padded), np.int32(group), np.int32(flags), np.float32(hadamard.norm(group)))
-        own = np.uint64(failure.own_record)
-        self.encode_args = wire + elems + (np.uint64(failure.flash_record), own, np.int32(failure.rank))
-        self.sum_wire, self.sum_elems = wire, elems + (own,)
+        own, flash_record = np.uint64(failure.own_record), np.uint64(failure.flash_record)
+        self.encode_args = wire + elems + (flash_record, own, np.int32(failure.rank))
+        self.sum_wire = wire
+        self.sum_elems = elems + (own, flash_record, np.uint64(failure.node_poison), np.int32(failure.node_rank),
+                                  np.int32(failure.node_world))
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
         """``out`` = the node-order sum of every node's ``x`` as its receivers decode it, or NaN

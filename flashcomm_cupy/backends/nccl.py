@@ -22,7 +22,7 @@ def nccl_unique_id_roundtrip(uid):
     return bytes(uid) if isinstance(uid, (bytes, bytearray)) else tuple(uid)
 
 
-def wait_nccl_streams(handles, stream_ptrs, timeout_s: float) -> None:
+def wait_nccl_streams(handles, stream_ptrs, timeout_s: float, before_abort=None) -> None:
     """Wait until everything queued on ``stream_ptrs`` (None: every stream with NCCL calls of any
     of ``handles`` since their last wait) has finished.
 
@@ -31,6 +31,8 @@ def wait_nccl_streams(handles, stream_ptrs, timeout_s: float) -> None:
     event cannot say which communicator's call hangs) and this raises
     :class:`FlashTimeoutError`; those handles refuse every later call.  Streams without NCCL
     calls are waited for without a bound (the flash kernels bound their own waits).
+    ``before_abort``: called (once) before the first abort, e.g. to mark what the aborted calls
+    leave behind as untrustworthy for the work queued after them.
     """
     import cupy
     if stream_ptrs is None:
@@ -50,6 +52,8 @@ def wait_nccl_streams(handles, stream_ptrs, timeout_s: float) -> None:
         while not ev.done:
             holders = [h for h in handles if ptr in h._pending]
             if holders and time.monotonic() > deadline:
+                if before_abort is not None:
+                    before_abort()
                 for h in holders:
                     h.abort(f"flashcomm: an NCCL call did not complete within {timeout_s:g} s (a peer did "
                             "not make the same call); the NCCL communicator was aborted. Close this "

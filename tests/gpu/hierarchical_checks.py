@@ -159,7 +159,7 @@ def check_failed_node_reports_its_flash_record(ck: Checker, comm):
     ctypes.memset(flash_record, 0, 64)
     if ck.rank == 0:
         (ctypes.c_uint32 * 4).from_address(flash_record)[:] = [1, 1, 0, 0]  # code TIMEOUT, rank 1, peer 0
-    failure = h.NodeFailure(ck.rank, flash_record)
+    failure = h.NodeFailure(ck.rank, flash_record=flash_record)
     try:
         n = 1000
         x = cupy.ones(n, dtype=cupy.float32)

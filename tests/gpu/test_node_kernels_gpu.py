@@ -157,3 +157,44 @@ def test_a_failed_node_sends_its_flash_record_and_every_receiver_records_it():
         sender.close()
         receiver.close()
         cupy.cuda.runtime.freeHost(flash_record)
+
+
+def test_a_failed_sum_poisons_its_node_and_an_aborted_gather_is_never_trusted():
+    """Several GPUs per node: a rank whose sum failed gives up on its node's flash backend as a
+    failed flash wait does -- its poison word in every node rank's workspace (here a node of one
+    rank), its flash record FC_ERR_NODE with abort set -- so the node's all-gather half raises on
+    every rank of the node.  And once the host marked the record (it aborted the all-gather),
+    chunks that all arrived with OK statuses still give NaN: they may be partly stale."""
+    import ctypes
+
+    import cupy
+    from flashcomm_cupy import _kernels
+    from flashcomm_cupy.backends import hierarchical as h
+    from flashcomm_cupy.backends.ipc import POISON_PEERS_OFF
+    from flashcomm_cupy.config import Mode
+    area = cupy.zeros(256, dtype=cupy.uint8)  # this rank's poison words, then the node's workspace bases
+    base = area.data.ptr
+    cupy.cuda.runtime.memcpy(base + POISON_PEERS_OFF, np.array([base], np.uint64).ctypes.data, 8,
+                             cupy.cuda.runtime.memcpyHostToDevice)
+    flash_record = cupy.cuda.runtime.hostAlloc(64, 0x3)
+    ctypes.memset(flash_record, 0, 64)
+    rank_failure = h.NodeFailure(rank=0, flash_record=flash_record, node_poison=base, node_rank=0, node_world=1)
+    try:
+        n = 4096
+        mode = Mode.make(None, 128, False, False, "hierarchical")  # lossless: 1 + 1 is 2 exactly
+        plan = h._OneGpuPerNodePlan(n, "float32", mode, 2, rank_failure)
+        inputs = [cupy.ones(n, dtype=cupy.float32), cupy.ones(n, dtype=cupy.float32)]
+        out = cupy.zeros(n, dtype=cupy.float32)
+        _run(plan.inter, inputs, 0, out)  # every chunk arrives: exact
+        assert bool((out == 2).all()) and rank_failure.record() is None
+        rank_failure.mark_aborted()  # what the host does before it aborts the all-gather
+        _run(plan.inter, inputs, 0, out)
+        assert bool(cupy.isnan(out).all())
+        words = (ctypes.c_uint32 * len(_kernels.ERROR_FIELDS)).from_address(flash_record)
+        record = dict(zip(_kernels.ERROR_FIELDS, words))
+        assert (record["code"], record["abort"], record["late"]) == (_kernels.ERR_NODE, 1, _kernels.LATE_OTHER_NODE)
+        poison = int(area[:4].view(cupy.uint32).get()[0])
+        assert poison == 0x100 | _kernels.LATE_OTHER_NODE  # FC_POISON naming "another node"
+    finally:
+        rank_failure.close()
+        cupy.cuda.runtime.freeHost(flash_record)

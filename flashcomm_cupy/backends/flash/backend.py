@@ -23,7 +23,7 @@ from ..cuda_util import CudaBackend, run_on_aligned_copies, select_device
 from ..nccl import NcclCommunicatorHandle
 from ..transport import describe as describe_transport, resolve_transport
 from . import kernels, table as tuning
-from .layout import ERR_POISON, FLAG_ROTATE, FLAG_SYM
+from .layout import ERR_NODE, ERR_POISON, FLAG_ROTATE, FLAG_SYM, LATE_OTHER_NODE
 from .plan import (ELEMS_PER_THREAD, LLQ_UNIT_ELEMS, PROTOCOL_SETTINGS, Force, KernelKey, Limits, Plan,
                    select_phase_plan, select_plan)
 from .workspace import FlashWorkspace, environment
@@ -494,6 +494,14 @@ def error_from_record(rec: dict, timeout_s: float) -> FlashTimeoutError:
     me, peer, late = rec["rank"], rec["peer"], rec["late"]
     tail = (" Every rank of this communicator raises this error (its workspace is poisoned) and every later call"
             " writes NaN; close it and create a new one.")
+    if rec["code"] == ERR_NODE:
+        return FlashTimeoutError(
+            f"flashcomm: rank {me} (of its node): the hierarchical all-reduce's inter-node step failed on this "
+            f"rank (another node failed, or its data never arrived), and it poisoned its node.{tail}", late=None)
+    if rec["code"] == ERR_POISON and late == LATE_OTHER_NODE:
+        return FlashTimeoutError(
+            f"flashcomm: rank {me} (of its node): rank {peer} of this node gave up on a call: a failure on another "
+            f"node reached it through the hierarchical all-reduce's inter-node step.{tail}", late=None)
     if rec["code"] == ERR_POISON:
         return FlashTimeoutError(
             f"flashcomm: rank {me}: rank {peer} gave up on a call after {timeout_s:g} s waiting for rank {late}: "

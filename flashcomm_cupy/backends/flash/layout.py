@@ -159,6 +159,8 @@ ARGS_DTYPE = np.dtype({
 ERROR_FIELDS = ("code", "rank", "peer", "block", "epoch", "abort", "late", "pad")
 ERR_TIMEOUT = 1  # FC_ERR_TIMEOUT: this rank waited past the bound for `peer`
 ERR_POISON = 2   # FC_ERR_POISON: rank `peer` gave up and poisoned this rank
+ERR_NODE = 3     # FC_ERR_NODE: the hierarchical inter-node step failed on this rank, which poisoned its node
+LATE_OTHER_NODE = 0xFF  # FC_LATE_OTHER_NODE: `late` when what failed was another node
 
 FLAG_ROTATE = 1
 FLAG_SYM = 2
