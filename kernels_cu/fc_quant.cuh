@@ -246,12 +246,19 @@ __host__ __device__ __forceinline__ void fc_int6_unpack16(fc_u32 lo0, fc_u32 lo1
 }
 
 // INT6 decodes through the code words (fc_int6_unpack16: ~1.8 instructions a
-// code against ~5 extracting each code from its planes) in the 32-element
-// builds.  The 16-element builds (only the quantized LL kernels run them)
-// extract each code: with the code words, which hold a unit's codes in four
-// registers instead of three while its batch of four units is decoded, ptxas
-// spilled the LL two-shot at its 128-register bound (4-24 bytes).
+// code against ~5 extracting each code from its planes) where that costs no
+// spills; elsewhere it extracts each code.  The code words hold a unit's codes
+// in four registers instead of three, and at their 128-register bounds ptxas
+// spilled (benchmarks/sass_diff.py and ptxas -v, every FC_DT): the 16-element
+// builds' LL two-shot (only the quantized LL kernels run those builds; 4-24
+// bytes), and with an INT6 reduce-scatter and another all-gather codec the
+// staged two-shot (float16: 0 -> 16 bytes with INT4, 16 -> 20 with INT8) and
+// the float32 flag two-shot (8-12 bytes more).
+#if defined(FC_RS_BITS) && defined(FC_AG_BITS)
+#define FC_INT6_BYTE_DECODE (FC_ELEMS == 32 && !(FC_RS_BITS == 6 && FC_AG_BITS != 6))
+#else
 #define FC_INT6_BYTE_DECODE (FC_ELEMS == 32)
+#endif
 
 // Quantize one unit (see quant.quantize for the exact rules).
 template <int BITS>
