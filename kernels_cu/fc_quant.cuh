@@ -259,6 +259,17 @@ __host__ __device__ __forceinline__ void fc_int6_unpack16(fc_u32 lo0, fc_u32 lo1
 #else
 #define FC_INT6_BYTE_DECODE (FC_ELEMS == 32)
 #endif
+// Where that decode takes FC_MAGIC's upper bytes from: `off`'s bit pattern (a
+// register the decode holds anyway), so the PRMTs' selectors stay immediates;
+// with the constant FC_MAGIC_BITS ptxas made the constant the immediate and
+// moved the selectors into registers (~30 moves a unit; an empty asm does not
+// hide a constant from ptxas).  Float32 builds keep the constant: with `off`
+// their flag one-shot spilled 12 bytes more (56 -> 68).
+#if defined(FC_DT) && FC_DT == 2
+#define FC_INT6_MAGIC_FROM_OFF 0
+#else
+#define FC_INT6_MAGIC_FROM_OFF 1
+#endif
 
 // Quantize one unit (see quant.quantize for the exact rules).
 template <int BITS>
@@ -302,17 +313,31 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
   // for |x| < 2^22 it rounds x alike, and beyond that both clamp alike), so its
   // `base` is FC_MAGIC_BITS either way and a code is q's low byte.
   const fc_u32 base = sym && BITS != 6 ? FC_MAGIC_BITS - (1u << (BITS - 1)) : FC_MAGIC_BITS;
+  //
+  // The clamps never bind (INT6 leaves them out; INT4/INT8 could too).  With r
+  // the group's amax (symmetric) or range, |v| <= r, and asymmetric
+  // 0 <= RN(v - mn) <= RN(max - mn) = r (RN is monotone).  A scale >= FLT_MIN
+  // is normal and at most FLT_MAX / 7, so 1/scale is normal too and both are
+  // within 2^-24 (relative) of r / qmax and its inverse: r * inv <= qmax (1 +
+  // 2^-24) / (1 - 2^-24) < qmax + 1/2, so RN(v * inv) rounds to at most qmax in
+  // magnitude (tests/test_int6_codec.py checks the reference's clip never
+  // binds).  A smaller scale gives inv = 0: every code is the zero point.
+  constexpr bool clamp = BITS != 6;
   float q[FC_ELEMS];
   if (sym) {
     const float qs = (float)((1 << (BITS - 1)) - 1);
     const float magic = BITS == 6 ? FC_MAGIC + (float)(1 << (BITS - 1)) : FC_MAGIC;
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i)
-      q[i] = fminf(fmaxf(__fadd_rn(__fmul_rn(v[i], inv), magic), magic - qs), magic + qs);
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const float x = __fadd_rn(__fmul_rn(v[i], inv), magic);
+      q[i] = clamp ? fminf(fmaxf(x, magic - qs), magic + qs) : x;
+    }
   } else {
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i)
-      q[i] = fminf(__fadd_rn(__fmul_rn(__fsub_rn(v[i], mn), inv), FC_MAGIC), FC_MAGIC + (float)((1 << BITS) - 1));
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const float x = __fadd_rn(__fmul_rn(__fsub_rn(v[i], mn), inv), FC_MAGIC);
+      q[i] = clamp ? fminf(x, FC_MAGIC + (float)((1 << BITS) - 1)) : x;
+    }
   }
   if constexpr (BITS == 6) {
 #pragma unroll
@@ -343,14 +368,16 @@ __device__ __forceinline__ void fc_dequantize(const FcUnit<BITS>& u, bool sym, f
   // minus FC_MAGIC (plus the symmetric offset; both subtractions are exact).
   const float off = sym ? FC_MAGIC + (float)(1 << (BITS - 1)) : FC_MAGIC;
   if constexpr (BITS == 6 && FC_INT6_BYTE_DECODE) {
-    // code 16k + i's byte put under FC_MAGIC's upper bytes: one PRMT a code
+    // code 16k + i's byte put under FC_MAGIC's upper bytes (bytes 1-3 of `off`
+    // are FC_MAGIC's too): one PRMT a code
+    const fc_u32 magic = FC_INT6_MAGIC_FROM_OFF ? __float_as_uint(off) : FC_MAGIC_BITS;
 #pragma unroll
     for (int k = 0; k < FcUnit<BITS>::HI; ++k) {
       fc_u32 w[4];
       fc_int6_unpack16(u.lo[2 * k], u.lo[2 * k + 1], u.hi[k], w);
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
-        const float c = __fsub_rn(__uint_as_float(fc_byte_perm(w[i & 3], FC_MAGIC_BITS, 0x7650u | (i >> 2))), off);
+        const float c = __fsub_rn(__uint_as_float(fc_byte_perm(w[i & 3], magic, 0x7650u | (i >> 2))), off);
         v[16 * k + i] = sym ? __fmul_rn(c, u.scale) : __fadd_rn(__fmul_rn(c, u.scale), u.mn);
       }
     }

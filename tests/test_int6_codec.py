@@ -185,3 +185,45 @@ def test_the_magic_with_the_symmetric_offset_rounds_every_scaled_value_as_the_re
     got = symmetric_codes_with_the_offset_in_the_magic(y)
     wrong = np.nonzero(got != want)[0]
     assert not wrong.size, f"{wrong.size} values, first y = {y[wrong[0]]!r}: {got[wrong[0]]} != {want[wrong[0]]}"
+
+
+def groups_at_every_scale(bits: int, symmetric: bool, seed: int) -> np.ndarray:
+    """Groups of 32 whose largest magnitude (symmetric) or range (asymmetric) takes every float32 exponent, with
+    random mantissas (so the scale and its inverse round both ways), the extremes themselves in the group, and
+    groups straddling FLT_MIN * qmax (where the scale turns zero) and FLT_MAX (the largest finite ranges)."""
+    rng = np.random.default_rng(seed)
+    qmax = Codec(bits, 32, symmetric).qmax
+    exps = np.repeat(np.arange(-149, 128), 64)
+    top = np.ldexp(1.0 + rng.random(exps.size), exps)
+    edges = np.concatenate([np.float32(1.1754944e-38) * qmax * (1 + np.arange(-64, 65) * 2.0 ** -23),
+                            np.float32(3.4028235e38) * (1 - rng.random(256) * 2.0 ** -10)])
+    top = np.minimum(np.concatenate([top, edges]), 3.4028235e38).astype(np.float32)
+    top = top[top > 0]
+    unit = rng.uniform(-1, 1, size=(top.size, 32))
+    unit[:, 0], unit[:, 1] = 1.0, -1.0  # the extremes
+    if symmetric:
+        x = unit * top[:, None]
+    else:  # range `top`: from lo to lo + top, lo anywhere that keeps both ends finite
+        lo = -top * rng.random(top.size)
+        x = lo[:, None] + (unit + 1) / 2 * top[:, None]
+    x = x.astype(np.float32)
+    return x[np.isfinite(x).all(axis=1)].reshape(-1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_reference_clip_never_binds_so_the_kernel_leaves_it_out(symmetric):
+    """fc_quantize<6> has no clamp: quant.quantize's clip must never change a code of a finite group (the
+    argument is in fc_quant.cuh; scale and 1/scale are normal and within 2^-24 of exact)."""
+    codec = Codec(6, 32, symmetric)
+    x = groups_at_every_scale(6, symmetric, seed=6 + symmetric)
+    codes, scales, mins = quant.quantize(x, codec)
+    f32 = np.float32
+    xg = x.reshape(-1, 32)
+    inv = np.where(scales > 0, f32(1) / np.where(scales > 0, scales, f32(1)), f32(0)).astype(f32)[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = (xg * inv if symmetric else (xg - mins[:, None]).astype(f32) * inv).astype(f32)
+    unclipped = np.rint(y) + (32 if symmetric else 0)
+    good = np.isfinite(scales)
+    assert good.mean() > 0.99  # nearly every group is finite: the test looks at real cases
+    wrong = np.nonzero((unclipped != codes.reshape(-1, 32)) & good[:, None])
+    assert not wrong[0].size, f"{wrong[0].size} codes clipped, first group scale {scales[wrong[0][0]]!r}"
