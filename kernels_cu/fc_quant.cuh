@@ -310,8 +310,8 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
   // instructions; q's bit pattern is `base` + the code.  Asymmetric codes need
   // no lower clamp: v >= mn, so x >= 0.  INT6's symmetric codes add their offset
   // 2^(BITS-1) to the magic constant instead (an integer of the same binade:
-  // for |x| < 2^22 it rounds x alike, and beyond that both clamp alike), so its
-  // `base` is FC_MAGIC_BITS either way and a code is q's low byte.
+  // for |x| < 2^22 it rounds x alike, and here |x| < qmax + 1/2, see below), so
+  // its `base` is FC_MAGIC_BITS either way and a code is q's low byte.
   const fc_u32 base = sym && BITS != 6 ? FC_MAGIC_BITS - (1u << (BITS - 1)) : FC_MAGIC_BITS;
   //
   // The clamps never bind (INT6 leaves them out; INT4/INT8 could too).  With r

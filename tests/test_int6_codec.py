@@ -158,8 +158,9 @@ def test_random_planes_unpack_as_quant_unpack_does(helpers):
 
 
 def symmetric_codes_with_the_offset_in_the_magic(y: np.ndarray) -> np.ndarray:
-    """INT6's symmetric code of the scaled value y as fc_quantize makes it: y + (FC_MAGIC + 32) rounded to
-    float32, clamped to the magic +- 31 (fminf/fmaxf), the low byte of its bit pattern."""
+    """INT6's symmetric code of the scaled value y with the offset in the magic constant: y + (FC_MAGIC + 32)
+    rounded to float32, clamped to the magic +- 31 (fminf/fmaxf), the low byte of its bit pattern.  (fc_quantize
+    leaves the clamp out: test_the_reference_clip_never_binds_so_the_kernel_leaves_it_out.)"""
     magic = np.float32(12582912.0 + 32)
     q = np.minimum(np.maximum((y + magic).astype(np.float32), magic - np.float32(31)), magic + np.float32(31))
     return (q.view(np.uint32) & 0xFF).astype(np.uint8)
