@@ -191,22 +191,85 @@ struct FcUnit {
 };
 
 template <int BITS>
-__device__ __forceinline__ void fc_pack_code(FcUnit<BITS>& u, int i, fc_u32 c) {
-  if (BITS == 8) {
-    u.lo[i >> 2] |= c << (8 * (i & 3));
-  } else {
-    u.lo[i >> 3] |= (c & 15u) << (4 * (i & 7));
-    if (BITS == 6) u.hi[i >> 4] |= ((c >> 4) & 3u) << (2 * (i & 15));
-  }
-}
-
-template <int BITS>
 __device__ __forceinline__ fc_u32 fc_unpack_code(const FcUnit<BITS>& u, int i) {
   if (BITS == 8) return (u.lo[i >> 2] >> (8 * (i & 3))) & 255u;
   fc_u32 c = (u.lo[i >> 3] >> (4 * (i & 7))) & 15u;
   if (BITS == 6) c |= ((u.hi[i >> 4] >> (2 * (i & 15))) & 3u) << 4;
   return c;
 }
+
+// PRMT: byte k of the result is byte (s >> 4k) & 7 of the eight bytes b:a (a's
+// are 0-3).  The host twin exists for the CPU tests of the INT6 packing.
+__host__ __device__ __forceinline__ fc_u32 fc_byte_perm(fc_u32 a, fc_u32 b, fc_u32 s) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(a, b, s);
+#else
+  const unsigned long long x = ((unsigned long long)b << 32) | a;
+  fc_u32 r = 0;
+  for (int k = 0; k < 4; ++k) r |= (fc_u32)((x >> (8 * ((s >> (4 * k)) & 7))) & 255u) << (8 * k);
+  return r;
+#endif
+}
+
+// Bits of `a` where `m` is set, of `b` elsewhere: one LOP3.
+__host__ __device__ __forceinline__ fc_u32 fc_bit_select(fc_u32 m, fc_u32 a, fc_u32 b) { return (a & m) | (b & ~m); }
+
+// INT6 planes, 16 codes at a time, through four "code words": byte b of w[m]
+// is code 4b + m, a whole byte each (bits 6-7 zero), so that both planes come
+// out of whole-word shifts, selects and byte permutes, ~1.5 instructions a code
+// each way instead of ~5 with a shift and mask per code and plane:
+//   lo (two words): the nibble pairs x = (w0 | w1 << 4) and y = (w2 | w3 << 4),
+//     bytes interleaved (lo0 = x0 y0 x1 y1, lo1 = x2 y2 x3 y3);
+//   hi: per byte the 2-bit fields of w0..w3 at bits 0, 2, 4, 6.
+// `q[i]`'s low byte is code i (< 64); its other bytes are ignored.
+__host__ __device__ __forceinline__ void fc_int6_pack16(const fc_u32 (&q)[16], fc_u32& lo0, fc_u32& lo1,
+                                                        fc_u32& hi) {
+  fc_u32 w[4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+    w[m] = fc_byte_perm(fc_byte_perm(q[m], q[m + 4], 0x0040u), fc_byte_perm(q[m + 8], q[m + 12], 0x4000u), 0x7610u);
+  const fc_u32 x = fc_bit_select(0x0F0F0F0Fu, w[0], w[1] << 4), y = fc_bit_select(0x0F0F0F0Fu, w[2], w[3] << 4);
+  lo0 = fc_byte_perm(x, y, 0x5140u);
+  lo1 = fc_byte_perm(x, y, 0x7362u);
+  hi = fc_bit_select(0x0F0F0F0Fu, fc_bit_select(0x03030303u, w[0] >> 4, w[1] >> 2),
+                     fc_bit_select(0x30303030u, w[2], w[3] << 2));
+}
+
+// The inverse: the four code words of 16 codes from their planes.
+__host__ __device__ __forceinline__ void fc_int6_unpack16(fc_u32 lo0, fc_u32 lo1, fc_u32 hi, fc_u32 (&w)[4]) {
+  const fc_u32 x = fc_byte_perm(lo0, lo1, 0x6420u), y = fc_byte_perm(lo0, lo1, 0x7531u);
+  const fc_u32 ha = hi & 0x33333333u, hb = hi & 0xCCCCCCCCu;  // fields of w0, w2 | w1, w3: clean neighbours
+  w[0] = fc_bit_select(0x0F0F0F0Fu, x, ha << 4);
+  w[1] = fc_bit_select(0x0F0F0F0Fu, x >> 4, hb << 2);
+  w[2] = fc_bit_select(0x0F0F0F0Fu, y, ha);
+  w[3] = fc_bit_select(0x0F0F0F0Fu, y >> 4, hb >> 2);
+}
+
+// INT6 decodes through the code words (fc_int6_unpack16: ~1.8 instructions a
+// code against ~5 extracting each code from its planes) where that costs no
+// spills; elsewhere it extracts each code.  The code words hold a unit's codes
+// in four registers instead of three, and at their 128-register bounds ptxas
+// spilled (benchmarks/sass_diff.py and ptxas -v, every FC_DT): the 16-element
+// builds' LL two-shot (only the quantized LL kernels run those builds; 4-24
+// bytes), and with an INT6 reduce-scatter and another all-gather codec the
+// staged two-shot (float16: 0 -> 16 bytes with INT4, 16 -> 20 with INT8) and
+// the float32 flag two-shot (8-12 bytes more).
+#if defined(FC_RS_BITS) && defined(FC_AG_BITS)
+#define FC_INT6_BYTE_DECODE (FC_ELEMS == 32 && !(FC_RS_BITS == 6 && FC_AG_BITS != 6))
+#else
+#define FC_INT6_BYTE_DECODE (FC_ELEMS == 32)
+#endif
+// Where that decode takes FC_MAGIC's upper bytes from: `off`'s bit pattern (a
+// register the decode holds anyway), so the PRMTs' selectors stay immediates;
+// with the constant FC_MAGIC_BITS ptxas made the constant the immediate and
+// moved the selectors into registers (~30 moves a unit; an empty asm does not
+// hide a constant from ptxas).  Float32 builds keep the constant: with `off`
+// their flag one-shot spilled 12 bytes more (56 -> 68).
+#if defined(FC_DT) && FC_DT == 2
+#define FC_INT6_MAGIC_FROM_OFF 0
+#else
+#define FC_INT6_MAGIC_FROM_OFF 1
+#endif
 
 // Quantize one unit (see quant.quantize for the exact rules).
 template <int BITS>
@@ -245,22 +308,45 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
   }
   // rint + clamp in the magic-biased domain (see FC_MAGIC): no conversion-pipe
   // instructions; q's bit pattern is `base` + the code.  Asymmetric codes need
-  // no lower clamp: v >= mn, so x >= 0.
-  const fc_u32 base = sym ? FC_MAGIC_BITS - (1u << (BITS - 1)) : FC_MAGIC_BITS;
+  // no lower clamp: v >= mn, so x >= 0.  INT6's symmetric codes add their offset
+  // 2^(BITS-1) to the magic constant instead (an integer of the same binade:
+  // for |x| < 2^22 it rounds x alike, and here |x| < qmax + 1/2, see below), so
+  // its `base` is FC_MAGIC_BITS either way and a code is q's low byte.
+  const fc_u32 base = sym && BITS != 6 ? FC_MAGIC_BITS - (1u << (BITS - 1)) : FC_MAGIC_BITS;
+  //
+  // The clamps never bind (INT6 leaves them out; INT4/INT8 could too).  With r
+  // the group's amax (symmetric) or range, |v| <= r, and asymmetric
+  // 0 <= RN(v - mn) <= RN(max - mn) = r (RN is monotone).  A scale >= FLT_MIN
+  // is normal and at most FLT_MAX / 7, so 1/scale is normal too and both are
+  // within 2^-24 (relative) of r / qmax and its inverse: r * inv <= qmax (1 +
+  // 2^-24) / (1 - 2^-24) < qmax + 1/2, so RN(v * inv) rounds to at most qmax in
+  // magnitude (tests/test_int6_codec.py checks the reference's clip never
+  // binds).  A smaller scale gives inv = 0: every code is the zero point.
+  constexpr bool clamp = BITS != 6;
   float q[FC_ELEMS];
   if (sym) {
     const float qs = (float)((1 << (BITS - 1)) - 1);
+    const float magic = BITS == 6 ? FC_MAGIC + (float)(1 << (BITS - 1)) : FC_MAGIC;
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i)
-      q[i] = fminf(fmaxf(__fadd_rn(__fmul_rn(v[i], inv), FC_MAGIC), FC_MAGIC - qs), FC_MAGIC + qs);
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const float x = __fadd_rn(__fmul_rn(v[i], inv), magic);
+      q[i] = clamp ? fminf(fmaxf(x, magic - qs), magic + qs) : x;
+    }
   } else {
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i)
-      q[i] = fminf(__fadd_rn(__fmul_rn(__fsub_rn(v[i], mn), inv), FC_MAGIC), FC_MAGIC + (float)((1 << BITS) - 1));
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const float x = __fadd_rn(__fmul_rn(__fsub_rn(v[i], mn), inv), FC_MAGIC);
+      q[i] = clamp ? fminf(x, FC_MAGIC + (float)((1 << BITS) - 1)) : x;
+    }
   }
   if constexpr (BITS == 6) {
 #pragma unroll
-    for (int i = 0; i < FC_ELEMS; ++i) fc_pack_code(u, i, __float_as_uint(q[i]) - base);
+    for (int k = 0; k < FcUnit<BITS>::HI; ++k) {
+      fc_u32 b[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) b[i] = __float_as_uint(q[16 * k + i]);
+      fc_int6_pack16(b, u.lo[2 * k], u.lo[2 * k + 1], u.hi[k]);
+    }
   } else {
     // INT4/INT8: a word's codes do not overlap, so adding the shifted bit
     // patterns (one IMAD/LEA each) and then subtracting the shifted bases once
@@ -281,10 +367,26 @@ __device__ __forceinline__ void fc_dequantize(const FcUnit<BITS>& u, bool sym, f
   // code -> float exactly: FC_MAGIC's bit pattern with the code in its low mantissa bits,
   // minus FC_MAGIC (plus the symmetric offset; both subtractions are exact).
   const float off = sym ? FC_MAGIC + (float)(1 << (BITS - 1)) : FC_MAGIC;
+  if constexpr (BITS == 6 && FC_INT6_BYTE_DECODE) {
+    // code 16k + i's byte put under FC_MAGIC's upper bytes (bytes 1-3 of `off`
+    // are FC_MAGIC's too): one PRMT a code
+    const fc_u32 magic = FC_INT6_MAGIC_FROM_OFF ? __float_as_uint(off) : FC_MAGIC_BITS;
 #pragma unroll
-  for (int i = 0; i < FC_ELEMS; ++i) {
-    const float c = __fsub_rn(__uint_as_float(FC_MAGIC_BITS | fc_unpack_code(u, i)), off);
-    v[i] = sym ? __fmul_rn(c, u.scale) : __fadd_rn(__fmul_rn(c, u.scale), u.mn);
+    for (int k = 0; k < FcUnit<BITS>::HI; ++k) {
+      fc_u32 w[4];
+      fc_int6_unpack16(u.lo[2 * k], u.lo[2 * k + 1], u.hi[k], w);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const float c = __fsub_rn(__uint_as_float(fc_byte_perm(w[i & 3], magic, 0x7650u | (i >> 2))), off);
+        v[16 * k + i] = sym ? __fmul_rn(c, u.scale) : __fadd_rn(__fmul_rn(c, u.scale), u.mn);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const float c = __fsub_rn(__uint_as_float(FC_MAGIC_BITS | fc_unpack_code(u, i)), off);
+      v[i] = sym ? __fmul_rn(c, u.scale) : __fadd_rn(__fmul_rn(c, u.scale), u.mn);
+    }
   }
 }
 
