@@ -43,9 +43,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -146,25 +144,12 @@ def _module_jobs(variants, cases):
 
 
 def precompile(jobs, timeout_s: float = 300.0) -> None:
-    """Compile every module of ``jobs`` into the on-disk kernel cache, in parallel processes (NVRTC
-    holds one core per module; one after another they took minutes).  One line per failure."""
-    code = ("import sys; from flashcomm_cupy.backends.flash import kernels as k; "
-            "d, defs, b, e = sys.argv[1] or None, sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4]); "
-            "k.module(0, b, b, e, k.KernelBuild(d, tuple(defs)))")
-
-    def one(job):
-        kdir, defines, bits, elems = job
-        try:
-            r = subprocess.run([sys.executable, "-c", code, kdir or "", defines, str(bits), str(elems)],
-                               capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            print(f"precompile {job}: no module after {timeout_s:.0f} s (the timing compiles it)", flush=True)
-            return
-        if r.returncode:  # the timing compiles it again and raises the error there
-            print(f"precompile {job} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}", flush=True)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), (os.cpu_count() or 2) // 2))) as pool:
-        list(pool.map(one, jobs))
+    """Compile every module of ``jobs`` into the on-disk kernel cache, in parallel processes.
+    One line per failure (the timing compiles that module again and raises its error there)."""
+    from flashcomm_cupy.backends.flash.kernels import KernelBuild, compile_in_parallel
+    specs = [(KernelBuild(kdir, tuple(defines.split())), 0, bits, bits, elems) for kdir, defines, bits, elems in jobs]
+    for line in compile_in_parallel(specs, timeout_s):
+        print(line, flush=True)
 
 
 def summarize(rows, labels, cases) -> None:

@@ -169,3 +169,15 @@ def test_a_setting_that_fails_on_one_rank_raises_on_every_rank(fake_gpu):
 
     with pytest.raises(RuntimeError, match="could not start on another rank.*rank 1: ValueError: protocol"):
         flash_backend.FlashGpuBackend(PeerFails(), tuning_path=table)
+
+
+def test_parallel_compiles_report_each_failed_module_as_a_line(tmp_path):
+    """compile_in_parallel never raises for a module that does not build: it returns one line per
+    such module (whoever loads it compiles it again and raises there), each module once."""
+    from flashcomm_cupy.backends.flash import kernels
+    missing = kernels.KernelBuild(str(tmp_path))  # no fc_allreduce.cu there
+    lines = kernels.compile_in_parallel([(missing, 0, 4, 4, 32), (missing, 0, 4, 4, 32), (missing, 1, 0, 0, 32)],
+                                        timeout_s=120, workers=2)
+    assert len(lines) == 2, lines
+    assert all("failed" in line for line in lines), lines
+    assert any("(0, 4, 4, 32)" in line for line in lines) and any("(1, 0, 0, 32)" in line for line in lines)

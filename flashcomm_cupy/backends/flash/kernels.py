@@ -184,6 +184,39 @@ def kernel(name: str, key, build: KernelBuild = SHIPPED):
     return function(name, key.dtype_code, key.rs_bits, key.ag_bits, key.unit_elems, build)
 
 
+_COMPILE_ONE = ("import sys; from flashcomm_cupy.backends.flash import kernels as k; "
+                "d, defs, dt, rs, ag, e = sys.argv[1:7]; "
+                "k.module(int(dt), int(rs), int(ag), int(e), k.KernelBuild(d or None, tuple(defs.split())))")
+
+
+def compile_in_parallel(specs, timeout_s: float = 300.0, workers: Optional[int] = None) -> list:
+    """Compile every module of ``specs`` -- (:class:`KernelBuild`, dtype code, rs bits, ag bits,
+    unit elems) -- into the on-disk cache (:func:`load_module`), one process per module, up to
+    ``workers`` (default: half the cores) at a time: NVRTC holds one core per module, and one
+    after another they take minutes.  Returns one line per module that did not compile (whoever
+    loads it then compiles it again and raises the error there)."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(spec):
+        build, dt, rs, ag, elems = spec
+        argv = [sys.executable, "-c", _COMPILE_ONE, build.directory or "", " ".join(build.defines),
+                str(int(dt)), str(int(rs or 0)), str(int(ag or 0)), str(int(elems))]
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return f"compile {spec[1:]}: no module after {timeout_s:.0f} s"
+        if r.returncode:
+            return f"compile {spec[1:]} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+        return None
+
+    specs = list(dict.fromkeys(specs))
+    workers = workers or max(1, (os.cpu_count() or 2) // 2)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(specs), workers))) as pool:
+        return [line for line in pool.map(one, specs) if line]
+
+
 def read_source(filename: str, build: KernelBuild = SHIPPED) -> str:
     """The text of one ``.cu`` file of the kernel directory, for the kernels outside the
     all-reduce that CuPy compiles as it compiles any source (the IPC canary, the benchmark

@@ -1,0 +1,168 @@
+"""One GPU, several simulated ranks: time flash kernels under several kernel builds (A/B).
+
+    python benchmarks/loopback_time.py [--world 2] [--cases ll] [--rounds 5]
+        [--variants 'nofail=FC_PROFILE_LL_NO_FAIL_PATH;base=DIR']
+
+Every rank of a :class:`~flashcomm_cupy.backends.flash.loopback.LoopbackJob` runs its kernel
+on its own stream of this GPU, so the calls exchange data and signals through this GPU's L2
+instead of NVLink.  A CUDA graph holds ``--calls`` back-to-back calls per rank (the ranks'
+chains joined only at the start and the end); time per call = graph time / calls, median
+over ``--repeats`` replays, then the median over ``--rounds`` rounds, the variants taking
+turns within each round so drift hits them alike.  A variant is ``label=DEFINES`` (compile-
+time switches, comma-separated) or ``label=DIR`` (another kernel source directory).
+
+What this can and cannot say: the kernels' own instruction and memory latency, and what a
+change to them costs, without a second GPU; not what the interconnect adds (the real figures
+come from ``flashcomm bench`` on the multi-GPU machines).  Results are also checked: each
+variant's first call is compared with the reference, unless its defines break results.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+
+class Case(NamedTuple):
+    label: str
+    nbytes: int
+    bits: object
+    algo: str
+    protocol: str
+    force: Optional[tuple] = None
+    rotate: bool = False
+    group: int = 128
+
+
+CASES = {
+    "ll": [Case("LL one-shot 4K", 4 << 10, None, "oneshot", "ll"),
+           Case("LL two-shot 4K", 4 << 10, None, "twoshot", "ll"),
+           Case("LL one-shot 256K", 256 << 10, None, "oneshot", "ll"),
+           Case("LL two-shot 1M", 1 << 20, None, "twoshot", "ll"),
+           Case("LLQ int4 1S 4K", 4 << 10, 4, "oneshot", "ll"),
+           Case("LLQ int4 2S 4K", 4 << 10, 4, "twoshot", "ll"),
+           Case("LLQ int4 2S 256K", 256 << 10, 4, "twoshot", "ll")],
+    "flag": [Case("flag 2S int4 16M", 16 << 20, 4, "twoshot", "auto", (256, 0, 2, "flag", True)),
+             Case("flag 2S int8 16M", 16 << 20, 8, "twoshot", "auto", (256, 0, 2, "flag", True)),
+             Case("flag 1S int8 64K", 64 << 10, 8, "oneshot", "auto", (256, 0, 1, "flag", False))],
+}
+BREAKS_RESULTS = ("FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA", "FC_PROFILE_ROT_TIMES")
+
+
+def parse_variants(text: str):
+    """[(label, KernelBuild)]: the shipped kernels first, then each ``label=DEFINES|DIR``."""
+    from flashcomm_cupy.backends.flash.kernels import SHIPPED, KernelBuild
+    out = [("shipped", SHIPPED)]
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        label, _, value = item.partition("=")
+        if os.path.isdir(value):
+            out.append((label, KernelBuild(os.path.abspath(value))))
+        else:
+            out.append((label, KernelBuild(defines=tuple(filter(None, value.replace(",", " ").split())))))
+    return out
+
+
+def graph_of_calls(job, ins, outs, mode, plan, calls):
+    """A CUDA graph of ``calls`` back-to-back calls on every rank's stream."""
+    import cupy
+    origin = job.streams[0]
+    origin.begin_capture()
+    start = cupy.cuda.Event(disable_timing=True)
+    start.record(origin)
+    for s in job.streams[1:]:
+        s.wait_event(start)
+    for _ in range(calls):
+        job.launch(ins, outs, mode, plan, after_current=False)
+    for s in job.streams[1:]:
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(s)
+        origin.wait_event(done)
+    return origin.end_capture()
+
+
+def time_case(job, case, calls, repeats, check):
+    import cupy
+    from flashcomm_cupy import flash_all_reduce_reference
+    from flashcomm_cupy.config import Mode
+    mode = Mode.make(case.bits, case.group, False, case.rotate, case.algo)
+    n = case.nbytes // 2
+    host = [np.random.default_rng([r, n]).standard_normal(n).astype(np.float16) for r in range(job.world)]
+    ins = [cupy.asarray(x) for x in host]
+    outs = [cupy.empty_like(x) for x in ins]
+    plan = job.plan(n, "float16", mode, case.force, case.protocol)
+    job.launch(ins, outs, mode, plan)
+    job.synchronize()
+    if check:
+        want = flash_all_reduce_reference(host, mode=mode)[0].view(np.uint16)
+        for r, o in enumerate(outs):
+            if not np.array_equal(o.get().view(np.uint16), want):
+                raise SystemExit(f"{case.label}: rank {r} differs from the reference")
+    graph = graph_of_calls(job, ins, outs, mode, plan, calls)
+    origin = job.streams[0]
+    graph.launch(origin)
+    origin.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record(origin)
+        graph.launch(origin)
+        b.record(origin)
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3 / calls)
+    for r in range(job.world):
+        if job.failure(r) is not None:
+            raise SystemExit(f"{case.label}: rank {r} recorded {job.failure(r)}")
+    return statistics.median(times), plan
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--cases", default="ll", help=f"comma list of {sorted(CASES)}")
+    ap.add_argument("--variants", default="", help="'label=DEFINES|DIR;...' besides the shipped kernels")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+    from flashcomm_cupy.backends.flash import kernels
+    from flashcomm_cupy.backends.flash.loopback import LoopbackJob
+    from flashcomm_cupy.config import parse_bits
+    from flashcomm_cupy.dtypes import KERNEL_DTYPE_CODE
+    from flashcomm_cupy.backends.flash.plan import llq_unit_elems
+    variants = parse_variants(args.variants)
+    cases = [c for name in args.cases.split(",") for c in CASES[name]]
+    specs = [(build, KERNEL_DTYPE_CODE["float16"], *parse_bits(c.bits), llq_unit_elems(c.group)
+              if c.bits and c.protocol == "ll" else 32) for _, build in variants for c in cases]
+    for line in kernels.compile_in_parallel(specs):
+        print(line, flush=True)
+    jobs = {label: LoopbackJob(args.world, build=build, timeout_s=5.0) for label, build in variants}
+    rows = {}
+    for rnd in range(args.rounds):
+        for case in cases:
+            for label, build in variants:
+                check = rnd == 0 and not any(d.split("=")[0] in BREAKS_RESULTS for d in build.defines)
+                us, plan = time_case(jobs[label], case, args.calls, args.repeats, check)
+                rows.setdefault((case.label, label), []).append(us)
+                if rnd == 0 and label == "shipped":
+                    print(f"{case.label}: {plan.kernel} threads={plan.threads} blocks={plan.blocks} "
+                          f"units={plan.units}", flush=True)
+    labels = [v for v, _ in variants]
+    print(f"\nloopback, world {args.world}, fp16, us per call (median of {args.rounds} rounds; range)")
+    print(f"{'case':>20} " + " ".join(f"{v:>22}" for v in labels))
+    for case in cases:
+        cells = []
+        for v in labels:
+            t = rows[case.label, v]
+            cells.append(f"{statistics.median(t):8.2f} ({min(t):5.2f}-{max(t):5.2f})")
+        print(f"{case.label:>20} " + " ".join(f"{c:>22}" for c in cells))
+    for job in jobs.values():
+        job.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
