@@ -30,7 +30,8 @@
 // registers for occupancies nothing uses: the INT8 two-shot took 128 registers
 // and 70-114 bytes of spills once the rotation got cheaper (INT4/INT8 spilled 92
 // before), the 32-element INT4/INT8 one 168 with spills (benchmarks/sass_diff.py).
-#define FC_LLQ_TWOSHOT_THREADS (FC_ELEMS == 16 && (FC_RS_BITS == 8 || FC_AG_BITS == 8) ? 128 : FC_LLQ_THREADS)
+#define FC_LLQ_TWOSHOT_THREADS_FOR(RSB, AGB) (FC_ELEMS == 16 && ((RSB) == 8 || (AGB) == 8) ? 128 : FC_LLQ_THREADS)
+#define FC_LLQ_TWOSHOT_THREADS FC_LLQ_TWOSHOT_THREADS_FOR(FC_RS_BITS, FC_AG_BITS)
 
 // Unit w of sources s0 .. s0 + B - 1 (those < world, other than me; none when
 // the lane is past its tile) from my LL slots of `area`: got[j] is source s0 + j's.
@@ -50,7 +51,12 @@ __device__ __forceinline__ bool fc_llq_receive_batch(const FcArgs& a, int par, i
 
 template <int DT, int RSB, int AGB>
 __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
-  __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
+  // Stages for the warps of the block the host runs (FC_LLQ_TWOSHOT_THREADS, the
+  // launch bound), and my own contributions to THREADS units of the tile's
+  // owner sums (step 2; see load_own).
+  constexpr int THREADS = FC_LLQ_TWOSHOT_THREADS_FOR(RSB, AGB);
+  __shared__ fc_v4 s_stage[THREADS / 32 * FC_STAGE_VECS];
+  __shared__ fc_v4 s_own[FC_ELEMS / 4][THREADS];
   fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   typedef FcCodec<DT, AGB> AG;
@@ -87,12 +93,35 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
     }
   }
 
-  // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
+  // My own exact contribution to each unit's owner sum (my input, rotated when
+  // the mode rotates) goes to s_own before the wait for the peers' units, so its
+  // HBM read (step 1 never touches my own segment) and its rotation overlap their
+  // flight instead of following it on every call's critical path.  In registers
+  // across the wait it took the 256-thread builds past their 128 (INT6: 44 bytes
+  // of spills).  Thread t's columns are slot * nt + t for slot < own_units: its
+  // first own_units units (every unit of the shapes the table runs) are loaded in
+  // step 1b, each later one in the slot of the unit own_units before it, which
+  // step 2 has summed by then; no thread touches another's column (the block's
+  // warps are not in step).
   const fc_i64 mine = a.rank * a.seg_elems + toff;
   const fc_i64 mine_limit = min(a.n, mine + nchunk);
-  for (int u = 0; u < a.units; ++u) {
+  const int own_units = THREADS / nt;  // >= 1: nt <= THREADS (the launch bound)
+  auto load_own = [&](int u, int slot) {
+    fc_load_input<DT>(a, mine + (fc_i64)(u * nt + t) * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, signs, v,
+                      stage);
+#pragma unroll
+    for (int k = 0; k < FC_ELEMS / 4; ++k)
+      s_own[k][slot * nt + t] = fc_v4{__float_as_uint(v[4 * k]), __float_as_uint(v[4 * k + 1]),
+                                      __float_as_uint(v[4 * k + 2]), __float_as_uint(v[4 * k + 3])};
+  };
+  // 1b. my first own_units units' contributions, while the reduce-scatter flies.
+  for (int u = 0; u < own_units && u < a.units; ++u) load_own(u, u);
+
+  // 2. owner: sum in rank order (own values exact), re-quantize, all-gather.
+  for (int u = 0, slot = 0; u < a.units; ++u, slot = slot + 1 == own_units ? 0 : slot + 1) {
     const int w = u * nt + t;
     const bool active = (fc_i64)w * FC_ELEMS < nchunk;
+    if (u >= own_units) load_own(u, slot);
     float acc[FC_ELEMS];
     FcUnit<RSB> got[B];
     fc_owner_sum<B>(
@@ -101,7 +130,12 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
           if (!fc_llq_receive_batch<RSB, B>(a, par, 0, s0, w, active && !failed, got, e)) failed = true;
         },
         [&](float (&x)[FC_ELEMS]) {
-          fc_load_input<DT>(a, mine + (fc_i64)w * FC_ELEMS, mine_limit, FC_STREAM, rot, gl, lig, signs, x, stage);
+#pragma unroll
+          for (int k = 0; k < FC_ELEMS / 4; ++k) {
+            const fc_v4 q = s_own[k][slot * nt + t];
+            x[4 * k] = __uint_as_float(q.x); x[4 * k + 1] = __uint_as_float(q.y);
+            x[4 * k + 2] = __uint_as_float(q.z); x[4 * k + 3] = __uint_as_float(q.w);
+          }
         },
         [&](int j, int, float (&x)[FC_ELEMS]) { RS::unpack(got[j], sym, x); });
     typename AG::Packed p;
