@@ -52,6 +52,9 @@ def pytest_addoption(parser):
     group.addoption("--gpu-results", default=None,
                     help="directory for each launch's launch.log and rank-R.jsonl and summary.json "
                          "(default: under pytest's temporary directory)")
+    parser.addoption("--kernel-dir", default=None,
+                     help="kernel sources the one-GPU loopback tests build (tests/gpu/test_loopback_gpu.py) "
+                          "instead of the shipped ones: a kernel change checked before it lands")
     # internal: set on the ranks of a launch, which run the bodies and record into this directory
     group.addoption("--gpu-rank-results", default=None, help=argparse.SUPPRESS)
 

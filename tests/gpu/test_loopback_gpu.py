@@ -59,29 +59,37 @@ def assert_reference(job, host, outs, mode, dtype, label):
         assert job.failure(r) is None, f"{label}: rank {r} recorded {job.failure(r)}"
 
 
+@pytest.fixture(scope="module")
+def build(request):
+    """The kernels under test: the shipped ones, or ``--kernel-dir``'s."""
+    from flashcomm_cupy.backends.flash import kernels
+    kdir = request.config.getoption("--kernel-dir")
+    return kernels.KernelBuild(os.path.abspath(kdir)) if kdir else kernels.SHIPPED
+
+
 @pytest.fixture(scope="module", autouse=True)
-def compiled():
+def compiled(build):
     """Every module these tests load, compiled in parallel processes first (one after another
     they take minutes); a module that fails here fails again, with its error, where it is used."""
     from flashcomm_cupy.backends.flash import kernels
     from flashcomm_cupy.config import parse_bits
     from flashcomm_cupy.dtypes import KERNEL_DTYPE_CODE
     pairs = {parse_bits(b) for b, *_ in FLAG_MODES} | {parse_bits(b) for b in STAGED_BITS}
-    specs = [(kernels.SHIPPED, KERNEL_DTYPE_CODE[d], rs, ag, 32) for d in DTYPE_NAMES for rs, ag in pairs]
-    specs += [(kernels.SHIPPED, KERNEL_DTYPE_CODE[d], *parse_bits(b), 16) for d in DTYPE_NAMES
+    specs = [(build, KERNEL_DTYPE_CODE[d], rs, ag, 32) for d in DTYPE_NAMES for rs, ag in pairs]
+    specs += [(build, KERNEL_DTYPE_CODE[d], *parse_bits(b), 16) for d in DTYPE_NAMES
               for b, g, *_ in LLQ_MODES if g <= 512]
     kernels.compile_in_parallel(specs, workers=os.cpu_count())
 
 
 @pytest.fixture(scope="module")
-def jobs():
+def jobs(build):
     """One job per world size, shared by the exact tests (a failure test builds its own)."""
     from flashcomm_cupy.backends.flash.loopback import LoopbackJob
     made = {}
 
     def get(world):
         if world not in made:
-            made[world] = LoopbackJob(world, timeout_s=10.0)
+            made[world] = LoopbackJob(world, timeout_s=10.0, build=build)
         return made[world]
 
     yield get
@@ -225,7 +233,8 @@ FAULT_CASES = [  # (label, bits, algo, force, protocol, n)
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("label, bits, algo, force, protocol, n", FAULT_CASES, ids=[c[0] for c in FAULT_CASES])
-def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(world, label, bits, algo, force, protocol, n):
+def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, world, label, bits, algo, force, protocol,
+                                                                      n):
     """The last rank does not launch: every other rank gives up within the bound, records it and
     writes NaN.  Then it launches, late: it finds the poison, records who gave up, writes NaN.
     Every later call on the job is NaN on every rank (poisoned until rebuilt)."""
@@ -237,7 +246,7 @@ def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(world, labe
     mode = Mode.make(bits, 128, False, False, algo)
     host = [host_input(7, r, n, "float16") for r in range(world)]
     late = world - 1
-    with LoopbackJob(world, timeout_s=0.5) as job:
+    with LoopbackJob(world, timeout_s=0.5, build=build) as job:
         ins = [device(x) for x in host]
         plan = job.plan(n, "float16", mode, force, protocol)
         assert plan.protocol == ("ll" if protocol == "ll" else "staged" if force[4] else "flag"), plan
