@@ -80,7 +80,7 @@ __device__ void fc_ll_oneshot_impl(const FcArgs& a) {
     if (ok) fc_st_vec_upto<DT>(c.out + el, el, a.n, r, false);
     else failed = true;
   }
-  if (fc_ll_end(a, c.call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, 1, c.first * PER, (fc_i64)c.nvec * PER);
+  fc_ll_end<DT>(a, c.call, failed, 1, c.first * PER, (fc_i64)c.nvec * PER);
 }
 
 template <int DT>
@@ -135,6 +135,5 @@ __device__ void fc_ll_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  if (fc_ll_end(a, c.call, failed))
-    fc_fill_nan<DT>(a.out, a.n, a.seg_elems, a.world, c.first * PER, (fc_i64)c.nvec * PER);
+  fc_ll_end<DT>(a, c.call, failed, a.world, c.first * PER, (fc_i64)c.nvec * PER);
 }

@@ -165,7 +165,7 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
       }
     }
   }
-  if (fc_ll_end(a, call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, a.world, toff, nchunk);
+  fc_ll_end<DT>(a, call, failed, a.world, toff, nchunk);
 }
 
 // Quantized LL one-shot: the flag one-shot's arithmetic (every rank reduces
@@ -251,5 +251,5 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
     }
     epi(base, limit, acc, stage);
   }
-  if (fc_ll_end(a, call, failed)) fc_fill_nan<DT>(a.out, a.n, a.seg_elems, 1, toff, nchunk);
+  fc_ll_end<DT>(a, call, failed, 1, toff, nchunk);
 }

@@ -72,22 +72,38 @@ __device__ __forceinline__ FcLLCall fc_ll_begin(const FcArgs& a) {
   return FcLLCall{counter, *counter + 1, poison};
 }
 
-// The end of a block's LL call.  True when any thread of the block failed a
+// A failed LL call's end, out of line (only a failed call comes here): record
+// who gave up and write NaN over the block's tile of each of nseg segments.
+// Its inputs travel by value: taking the address of the __grid_constant__
+// arguments made every access to them in the kernel go through a local copy.
+template <int DT>
+__device__ __noinline__ void fc_ll_fail(void* out, fc_i64 n, fc_i64 seg, int nseg, fc_i64 off, fc_i64 len,
+                                        volatile FcError* err, const fc_u32* poison, int rank, int world) {
+  if (threadIdx.x == 0) fc_record_poisoned(err, poison, rank, world);
+  fc_fill_nan<DT>(out, n, seg, nseg, off, len);
+}
+
+// The end of a block's LL call.  When any thread of the block failed a
 // receive (its wait already poisoned every rank, or found the poison) or the
-// block started poisoned: the caller then writes NaN over the block's whole
-// tile (the counter stays behind: the communicator is poisoned for good).
+// block started poisoned, the whole block goes to fc_ll_fail (NaN over the
+// block's tile: elements [off, off + len) of each of nseg segments) and the
+// counter stays behind (the communicator is poisoned for good); otherwise the
+// counter moves on.  The normal path comes first and the failure path is one
+// call: 0.05-0.1 us faster than the fill inlined after the vote on one H200's
+// loopback, and never slower (benchmarks/NOTES.md v31).
 // A lane that failed receives and sends nothing more until then.
-__device__ __forceinline__ bool fc_ll_end(const FcArgs& a, const FcLLCall& c, bool failed) {
+template <int DT>
+__device__ __forceinline__ void fc_ll_end(const FcArgs& a, const FcLLCall& c, bool failed, int nseg, fc_i64 off,
+                                          fc_i64 len) {
   if constexpr (FC_PROFILE_LL_SKIPS_FAIL_PATH) {  // timing variant only (fc_profile.cuh): no failure path
     __syncthreads();
     if (threadIdx.x == 0) *c.counter = c.e;
-    return false;
+    return;
   }
   // every thread has read the counter before it moves on
-  if (__syncthreads_or(failed || c.poison != 0u)) {
-    if (threadIdx.x == 0) fc_record_poisoned(a.err, fc_wait_ctx(a).poison, a.rank, a.world);
-    return true;
+  if (!__syncthreads_or(failed || c.poison != 0u)) {
+    if (threadIdx.x == 0) *c.counter = c.e;
+    return;
   }
-  if (threadIdx.x == 0) *c.counter = c.e;
-  return false;
+  fc_ll_fail<DT>(a.out, a.n, a.seg_elems, nseg, off, len, a.err, fc_wait_ctx(a).poison, a.rank, a.world);
 }
