@@ -16,7 +16,8 @@
 # rotation's price under several kernel builds in one run; env BASE_KERNELS, MID_KERNELS, ROT_ROUNDS, ROT_VARIANTS), variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
 # SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_ROTATE (off, on, both), SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
-# ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
+# loopback (one GPU: tests/gpu/test_loopback_gpu.py, env KERNEL_DIR), loopback-time (loopback_time.py; env
+# LOOPBACK_CASES, LOOPBACK_VARIANTS), ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
 # per-instruction source counters as CSV); transports (issue 17; one stage per device call):
 # host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
 # rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model; hier-parts (issue 20: the hierarchical
@@ -172,6 +173,12 @@ for stage in ${STAGES//,/ }; do
     hier-parts)  # issue 20: the hierarchical all-reduce's parts timed apart (2 GPUs as 2 nodes, NCCL on sockets)
       run 300 env FLASHCOMM_RANKS_PER_NODE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 $MPI "$NP" \
         python3 benchmarks/hier_parts.py --sizes "${HIER_SIZES:-16M,64M,256M}" --bits 4,8 --json "$OUT/hier-parts-${NP}x-$TAG.json" ;;
+    loopback)  # one GPU: the flash kernels at 2-8 simulated ranks against the reference, and their failure paths
+      run 400 python3 -m pytest tests/gpu/test_loopback_gpu.py -q -p no:cacheprovider -rfE \
+        --junitxml "$OUT/loopback.xml" ${KERNEL_DIR:+--kernel-dir "$KERNEL_DIR"} ;;
+    loopback-time)  # one GPU: kernel builds timed against each other at 2 simulated ranks (loopback_time.py)
+      run 300 python3 benchmarks/loopback_time.py --cases "${LOOPBACK_CASES:-ll,llq}" \
+        --variants "${LOOPBACK_VARIANTS:-nofail=FC_PROFILE_LL_NO_FAIL_PATH}" ;;
     solo)  # one GPU: compute + HBM side of the kernels (kernel_solo.py), A/B against BASE_KERNELS
       run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
         --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" --rotate "${SOLO_ROTATE:-off}" \
