@@ -126,7 +126,8 @@ class LoopbackJob:
     def all_reduce(self, inputs: Sequence, mode: Mode, dtype=None, force: Optional[Force] = None,
                    protocol: str = "auto", ranks=None, fill=None) -> List:
         """Every rank's result of one call (CuPy arrays; ranks not in ``ranks`` are not
-        launched and get ``fill``-filled outputs), after the GPU finished."""
+        launched and get ``fill``-filled outputs), after the GPU finished.  ``dtype``: the
+        element type, needed for bfloat16 (its CuPy arrays are uint16; default: the arrays')."""
         import cupy
         dtype = dtype or inputs[0].dtype
         plan = self.plan(int(inputs[0].size), dtype, mode, force, protocol)
