@@ -231,7 +231,7 @@ FAULT_CASES = [  # (label, bits, algo, force, protocol, n)
 ]
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("label, bits, algo, force, protocol, n", FAULT_CASES, ids=[c[0] for c in FAULT_CASES])
 def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, world, label, bits, algo, force, protocol,
                                                                       n):
@@ -269,6 +269,94 @@ def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, worl
         again = job.all_reduce(ins, mode, dtype="float16", force=force, protocol=protocol)
         for r in range(world):
             assert all_nan(again[r], "float16"), f"{label}: rank {r}'s next call on the poisoned job is finite"
+
+
+def test_graph_replays_after_a_stall_are_nan_on_every_rank(build):
+    """A CUDA graph of three calls (LL one-shot, flag two-shot, staged two-shot) on every rank:
+    exact on every replay; then rank 0 runs the same calls alone and gives up (a stall past the
+    bound), and every later replay leaves NaN -- never a finite value -- and a record on every rank."""
+    import cupy
+    from flashcomm_cupy.backends.flash.loopback import LoopbackJob
+    from flashcomm_cupy.config import Mode
+    from flashcomm_cupy import flash_all_reduce_reference
+    specs = [(1 << 12, Mode.make(None, algo="oneshot"), None, "ll"),
+             (1 << 16, Mode.make(4, algo="twoshot"), (256, 0, 1, "flag", False), "auto"),
+             (1 << 20, Mode.make(8, algo="twoshot"), (256, 0, 2, "flag", True), "auto")]
+    with LoopbackJob(2, timeout_s=0.5, build=build) as job:
+        calls = []
+        for k, (n, mode, force, protocol) in enumerate(specs):
+            host = [host_input(40 + k, r, n, "float16") for r in range(2)]
+            want = bits_of(flash_all_reduce_reference(host, mode=mode)[0])
+            calls.append(([device(x) for x in host], [cupy.zeros(n, cupy.float16) for _ in range(2)], mode,
+                          job.plan(n, "float16", mode, force, protocol), want))
+        cupy.cuda.Device().synchronize()
+        origin = job.streams[0]
+        origin.begin_capture()
+        start = cupy.cuda.Event(disable_timing=True)
+        start.record(origin)
+        job.streams[1].wait_event(start)
+        for ins, outs, mode, plan, _ in calls:
+            job.launch(ins, outs, mode, plan, after_current=False)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(job.streams[1])
+        origin.wait_event(done)
+        graph = origin.end_capture()
+        for _ in range(3):
+            graph.launch(origin)
+            origin.synchronize()
+            for _, outs, mode, plan, want in calls:
+                for r in range(2):
+                    assert np.array_equal(bits_of(outs[r]), want), f"{plan.kernel}: rank {r} before the stall"
+        for ins, outs, mode, plan, _ in calls:  # rank 0 alone: it gives up on rank 1
+            job.launch(ins, outs, mode, plan, ranks=[0])
+        job.synchronize()
+        assert job.failure(0) is not None
+        for _ in range(2):
+            for _, outs, *_ in calls:
+                for o in outs:
+                    o.fill(0)
+            cupy.cuda.Device().synchronize()
+            graph.launch(origin)
+            origin.synchronize()
+            for _, outs, mode, plan, _ in calls:
+                for r in range(2):
+                    assert all_nan(outs[r], "float16"), f"{plan.kernel}: rank {r} replayed after the stall"
+        assert job.failure(1) is not None, "rank 1 replayed on a poisoned job and recorded nothing"
+
+
+def test_an_epoch_gap_of_two_to_the_31_and_the_counters_wrapping_stay_exact(jobs):
+    """One algorithm runs past 2^31 rounds while the other idles (the two-shot's epochs and flags
+    moved ahead on every rank), then both run, then both counters wrap past 2^32: always exact."""
+    import cupy
+    from flashcomm_cupy.config import Mode
+    job = jobs(3)
+    lay, mb = job.layout, job.layout.max_blocks
+
+    def words(r, off, count):
+        return job.ws[r][off:off + 4 * count].view(cupy.uint32)
+
+    def jump(epoch_off, flag_sets, value):
+        cupy.cuda.Device().synchronize()  # nobody is inside a kernel
+        for r in range(job.world):
+            words(r, epoch_off, mb)[...] = value
+            for k in flag_sets:  # what every peer has signalled so far: the same round
+                words(r, lay.flags_off + k * lay.flag_set_bytes, lay.flag_set_bytes // 4)[...] = value
+        cupy.cuda.Device().synchronize()
+
+    def run(algo, calls):
+        for _ in range(calls):
+            run_exact(job, 1 << 18, "float16", Mode.make(4, algo=algo), force=(256, 0, 1, "flag", False),
+                      expect_kernel=f"fc_{algo}")
+
+    run("twoshot", 3)
+    run("oneshot", 3)
+    jump(lay.ts_epoch_off, (0, 1), np.uint32(0x80000010))  # the two-shot ran 2^31 rounds alone
+    run("oneshot", 5)
+    run("twoshot", 5)
+    jump(lay.os_epoch_off, (2,), np.uint32(0xFFFFFFF0))  # both counters wrap past 2^32
+    jump(lay.ts_epoch_off, (0, 1), np.uint32(0xFFFFFFF0))
+    run("oneshot", 20)
+    run("twoshot", 20)
 
 
 def test_grids_that_cannot_all_be_resident_are_refused():
