@@ -68,24 +68,6 @@ def parse_variants(text: str):
     return out
 
 
-def graph_of_calls(job, ins, outs, mode, plan, calls):
-    """A CUDA graph of ``calls`` back-to-back calls on every rank's stream."""
-    import cupy
-    origin = job.streams[0]
-    origin.begin_capture()
-    start = cupy.cuda.Event(disable_timing=True)
-    start.record(origin)
-    for s in job.streams[1:]:
-        s.wait_event(start)
-    for _ in range(calls):
-        job.launch(ins, outs, mode, plan, after_current=False)
-    for s in job.streams[1:]:
-        done = cupy.cuda.Event(disable_timing=True)
-        done.record(s)
-        origin.wait_event(done)
-    return origin.end_capture()
-
-
 def time_case(job, case, calls, repeats, check):
     import cupy
     from flashcomm_cupy import flash_all_reduce_reference
@@ -103,7 +85,7 @@ def time_case(job, case, calls, repeats, check):
         for r, o in enumerate(outs):
             if not np.array_equal(o.get().view(np.uint16), want):
                 raise SystemExit(f"{case.label}: rank {r} differs from the reference")
-    graph = graph_of_calls(job, ins, outs, mode, plan, calls)
+    graph = job.capture([(ins, outs, mode, plan)], repeat=calls)
     origin = job.streams[0]
     graph.launch(origin)
     origin.synchronize()

@@ -136,6 +136,26 @@ class LoopbackJob:
         self.synchronize()
         return outs
 
+    def capture(self, calls: Sequence, repeat: int = 1):
+        """A CUDA graph of ``calls`` -- (inputs, outs, mode, plan) each, as :meth:`launch` takes
+        them -- ``repeat`` times over, back to back on every rank's stream (the ranks' chains are
+        joined only at the start and the end).  Replay it with ``graph.launch(job.streams[0])``."""
+        import cupy
+        origin = self.streams[0]
+        origin.begin_capture()
+        start = cupy.cuda.Event(disable_timing=True)
+        start.record(origin)
+        for s in self.streams[1:]:
+            s.wait_event(start)
+        for _ in range(repeat):
+            for inputs, outs, mode, plan in calls:
+                self.launch(inputs, outs, mode, plan, after_current=False)
+        for s in self.streams[1:]:
+            done = cupy.cuda.Event(disable_timing=True)
+            done.record(s)
+            origin.wait_event(done)
+        return origin.end_capture()
+
     def synchronize(self) -> None:
         for s in self.streams:
             s.synchronize()
