@@ -48,6 +48,8 @@ CASES = {
            Case("LLQ int4 2S 256K", 256 << 10, 4, "twoshot", "ll")],
     "llq": [Case(f"LLQ int{b} 2S {size}{' rot' if rot else ''}", nbytes, b, "twoshot", "ll", rotate=rot)
             for b in (4, 8) for size, nbytes in (("64K", 64 << 10), ("1M", 1 << 20)) for rot in (False, True)],
+    "llq1": [Case(f"LLQ int{b} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot)
+             for b in (4, 8) for size, nbytes in (("4K", 4 << 10), ("64K", 64 << 10)) for rot in (False, True)],
     "flag": [Case("flag 2S int4 16M", 16 << 20, 4, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 2S int8 16M", 16 << 20, 8, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 1S int8 64K", 64 << 10, 8, "oneshot", "auto", (256, 0, 1, "flag", False))],
