@@ -29,9 +29,10 @@ def unrotate(y32, g):
     return (z.reshape(-1, g) * hadamard.signs(g)).astype(F32).reshape(-1)
 
 
-if B:
-    hadamard.rotate, hadamard.unrotate = rotate, unrotate
-x = np.random.default_rng(0).standard_normal(4096).astype(F32)
-assert np.allclose(hadamard.unrotate(hadamard.rotate(x, 1024), 1024), x, atol=1e-5)
-from flashcomm_cupy.cli.main import main  # noqa: E402
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    if B:
+        hadamard.rotate, hadamard.unrotate = rotate, unrotate
+    x = np.random.default_rng(0).standard_normal(4096).astype(F32)
+    assert np.allclose(hadamard.unrotate(hadamard.rotate(x, 1024), 1024), x, atol=1e-5)
+    from flashcomm_cupy.cli.main import main
+    sys.exit(main(sys.argv[1:]))
