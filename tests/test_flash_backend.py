@@ -181,3 +181,12 @@ def test_parallel_compiles_report_each_failed_module_as_a_line(tmp_path):
     assert len(lines) == 2, lines
     assert all("failed" in line for line in lines), lines
     assert any("(0, 4, 4, 32)" in line for line in lines) and any("(1, 0, 0, 32)" in line for line in lines)
+
+
+@pytest.mark.parametrize("world", [1, 9])
+def test_a_loopback_job_needs_two_to_eight_ranks(world):
+    """The one-GPU loopback (tests/gpu/test_loopback_gpu.py) refuses a world the kernels cannot
+    run, before it touches a GPU."""
+    from flashcomm_cupy.backends.flash.loopback import LoopbackJob
+    with pytest.raises(ValueError, match="world must be 2 to 8"):
+        LoopbackJob(world)

@@ -45,9 +45,9 @@ class LoopbackJob:
 
     def __init__(self, world: int, *, max_blocks: Optional[int] = None, slot_bytes: int = 48 << 10,
                  timeout_s: float = 2.0, build: kernels.KernelBuild = kernels.SHIPPED):
-        import cupy
         if not 2 <= world <= MAX_RANKS:
             raise ValueError(f"world must be 2 to {MAX_RANKS}, got {world}")
+        import cupy
         rt = cupy.cuda.runtime
         self.world, self.build, self.timeout_s = world, build, float(timeout_s)
         self.sm_count = rt.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
