@@ -17,22 +17,11 @@ import os
 import numpy as np
 import pytest
 
+from gpu_checks import DTYPE_NAMES, host_input, to_device as device  # the multi-GPU checks' inputs
+
 pytestmark = [pytest.mark.gpu]
 
-DTYPE_NAMES = ("float16", "bfloat16", "float32")
 NAN16 = 0x7E00
-
-
-def host_input(seed, rank, n, dtype):
-    from flashcomm_cupy.dtypes import DTYPES
-    rng = np.random.default_rng([seed, rank, n])
-    return rng.standard_normal(n, dtype=np.float32).astype(DTYPES[dtype])
-
-
-def device(x):
-    import cupy
-    from flashcomm_cupy.dtypes import bfloat16
-    return cupy.asarray(x.view(np.uint16)).view(cupy.uint16) if x.dtype == bfloat16 else cupy.asarray(x)
 
 
 def bits_of(x):

@@ -19,16 +19,14 @@ from __future__ import annotations
 import ctypes
 from typing import List, Optional, Sequence
 
-import numpy as np
-
 from ...config import Mode
 from ...dtypes import dtype_name, resolve_dtype
 from . import kernels
 from .backend import launch_args, resident_blocks
-from .layout import ARGS_DTYPE, ERROR_FIELDS, MAX_RANKS, WorkspaceLayout
+from .layout import ERROR_FIELDS, MAX_RANKS, WorkspaceLayout
 from .plan import Force, Limits, Plan, select_plan
 from .table import TuningTable
-from .workspace import ERROR_RECORD_BYTES
+from .workspace import base_args, new_error_record, write_poison_peers
 
 #: blocks of a 256-thread flag kernel one H100/H200 SM holds at once (the backends' two per SM)
 _BLOCKS_PER_SM = 2
@@ -65,27 +63,15 @@ class LoopbackJob:
                 ws[:self.layout.ll_off] = 0
                 ws[self.layout.ll_off:] = 0xFF  # every LL slot empty (fc_ll.cuh)
                 self.ws.append(ws)
-                self.err_ptrs.append(rt.hostAlloc(ERROR_RECORD_BYTES, 0x3))  # portable | mapped
-                ctypes.memset(self.err_ptrs[-1], 0, ERROR_RECORD_BYTES)
-            bases = np.zeros(MAX_RANKS, dtype=np.uint64)
-            bases[:world] = [w.data.ptr for w in self.ws]
-            for w in self.ws:  # the failure path's table of every rank's workspace (fc_poison_all)
-                rt.memcpy(w.data.ptr + self.layout.poison_peers_off, bases.ctypes.data, bases.nbytes,
-                          rt.memcpyHostToDevice)
+                self.err_ptrs.append(new_error_record())
+            bases = [w.data.ptr for w in self.ws]
+            for w in self.ws:
+                write_poison_peers(w.data.ptr, self.layout, bases)
             cupy.cuda.Device().synchronize()
         except BaseException:
             self.close()
             raise
-        self.base = []
-        for r in range(world):
-            args = np.zeros(1, dtype=ARGS_DTYPE)
-            a = args[0]
-            a["peers"][:world] = bases[:world]
-            a["err"] = self.err_ptrs[r]
-            self.layout.fill_args(a)
-            a["rank"], a["world"] = r, world
-            a["timeout_ns"] = int(self.timeout_s * 1e9)
-            self.base.append(args)
+        self.base = [base_args(self.layout, bases, self.err_ptrs[r], r, self.timeout_s) for r in range(world)]
 
     def __enter__(self):
         return self

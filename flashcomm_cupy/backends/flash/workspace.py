@@ -17,6 +17,40 @@ from .plan import MIN_SLOT_BYTES
 ERROR_RECORD_BYTES = 64
 
 
+def new_error_record() -> int:
+    """A zeroed host-mapped error record (``ERROR_RECORD_BYTES``, portable and mapped, so every
+    kernel of this rank writes it and the host reads it without a copy); free it with
+    ``cupy.cuda.runtime.freeHost``."""
+    import cupy
+    ptr = cupy.cuda.runtime.hostAlloc(ERROR_RECORD_BYTES, 0x3)  # portable | mapped
+    ctypes.memset(ptr, 0, ERROR_RECORD_BYTES)
+    return ptr
+
+
+def write_poison_peers(own_ptr: int, layout: WorkspaceLayout, peer_ptrs) -> None:
+    """Store every rank's workspace base (as this rank maps it) in this rank's poison area at
+    ``own_ptr``: the kernels' failure path poisons every rank through this table (fc_poison_all)."""
+    import cupy
+    bases = np.zeros(MAX_RANKS, dtype=np.uint64)
+    bases[:len(peer_ptrs)] = peer_ptrs
+    cupy.cuda.runtime.memcpy(own_ptr + layout.poison_peers_off, bases.ctypes.data, bases.nbytes,
+                             cupy.cuda.runtime.memcpyDefault)
+
+
+def base_args(layout: WorkspaceLayout, peer_ptrs, err_ptr: int, rank: int, timeout_s: float) -> np.ndarray:
+    """One rank's FcArgs with every field but the per-call ones (pointers, size, mode, launch
+    shape): the peers' workspace bases, the error record, every layout offset, rank, world and
+    the wait bound."""
+    args = np.zeros(1, dtype=ARGS_DTYPE)
+    a = args[0]
+    a["peers"][:len(peer_ptrs)] = peer_ptrs
+    a["err"] = err_ptr
+    layout.fill_args(a)
+    a["rank"], a["world"] = rank, len(peer_ptrs)
+    a["timeout_ns"] = int(timeout_s * 1e9)
+    return args
+
+
 class FlashWorkspace:
     """One rank's workspace over ``transport`` plus its error record and base argument block.
 
@@ -26,7 +60,6 @@ class FlashWorkspace:
 
     def __init__(self, comm, world: int, max_blocks: int, slot_bytes: int, device_id: int, transport: str,
                  timeout_s: float):
-        import cupy
         self.ws = None
         self.err_ptr = 0
         self.error = (ctypes.c_uint32 * len(ERROR_FIELDS))()
@@ -34,26 +67,15 @@ class FlashWorkspace:
         # 48 KiB x 264 blocks x 4 regions is 200 MB per rank at 4 ranks.
         layout = WorkspaceLayout(world, int(max_blocks), max(int(slot_bytes), MIN_SLOT_BYTES))
         try:
-            self.err_ptr = cupy.cuda.runtime.hostAlloc(ERROR_RECORD_BYTES, 0x3)  # portable | mapped
-            ctypes.memset(self.err_ptr, 0, ERROR_RECORD_BYTES)
+            self.err_ptr = new_error_record()
             self.error = (ctypes.c_uint32 * len(ERROR_FIELDS)).from_address(self.err_ptr)
             self.ws = open_workspace(comm, layout, device_id, transport)
             rank = comm.Get_rank()
-            # The kernels' out-of-line failure path poisons every rank through this table (fc_poison_all).
-            bases = np.zeros(MAX_RANKS, dtype=np.uint64)
-            bases[:world] = self.ws.peer_ptrs
-            cupy.cuda.runtime.memcpy(self.ws.peer_ptrs[rank] + layout.poison_peers_off, bases.ctypes.data,
-                                     bases.nbytes, cupy.cuda.runtime.memcpyDefault)
+            write_poison_peers(self.ws.peer_ptrs[rank], layout, self.ws.peer_ptrs)
         except BaseException:
             self.close()
             raise
-        self.args = np.zeros(1, dtype=ARGS_DTYPE)
-        a = self.args[0]
-        a["peers"][:world] = self.ws.peer_ptrs
-        a["err"] = self.err_ptr
-        layout.fill_args(a)
-        a["rank"], a["world"] = rank, world
-        a["timeout_ns"] = int(timeout_s * 1e9)
+        self.args = base_args(layout, self.ws.peer_ptrs, self.err_ptr, rank, timeout_s)
 
     @property
     def layout(self) -> WorkspaceLayout:
