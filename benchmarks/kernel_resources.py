@@ -18,15 +18,20 @@ import sys
 from sass_diff import specialisations
 
 KERNELS = ("fc_twoshot", "fc_twoshot_staged", "fc_oneshot", "fc_ll_oneshot", "fc_ll_twoshot",
-           "fc_llq_twoshot", "fc_llq_oneshot")
+           "fc_llq_twoshot", "fc_llq_oneshot", "fc_llq_oneshot_rot")
 
 
-#: CUfunction_attribute values (cuda.h): what the driver reports per kernel
+#: CUfunction_attribute values (cuda.h): what the driver reports per kernel, and CuPy's names for them
 ATTR_LOCAL_SIZE_BYTES = 3
 ATTR_NUM_REGS = 4
+ATTR_NAMES = {ATTR_LOCAL_SIZE_BYTES: "local_size_bytes", ATTR_NUM_REGS: "num_regs"}
 
 
 def _attribute(function, attr: int) -> int:
+    """One attribute of a kernel: CuPy 14's RawModule.get_function returns a RawKernel (its
+    ``attributes`` dict); older CuPy a driver Function (its ``ptr``)."""
+    if hasattr(function, "attributes"):
+        return int(function.attributes[ATTR_NAMES[attr]])
     from cupy.cuda import driver
     return int(driver.funcGetAttribute(attr, function.ptr))
 
