@@ -50,9 +50,17 @@ CASES = {
             for b in (4, 8) for size, nbytes in (("64K", 64 << 10), ("1M", 1 << 20)) for rot in (False, True)],
     "llq1": [Case(f"LLQ int{b} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot)
              for b in (4, 8) for size, nbytes in (("4K", 4 << 10), ("64K", 64 << 10)) for rot in (False, True)],
+    "llq1r": [Case(f"LLQ int{b} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot)
+              for b in (4, 6, 8) for size, nbytes in (("16K", 16 << 10), ("256K", 256 << 10), ("1M", 1 << 20))
+              for rot in (False, True)],
     "flag": [Case("flag 2S int4 16M", 16 << 20, 4, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 2S int8 16M", 16 << 20, 8, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 1S int8 64K", 64 << 10, 8, "oneshot", "auto", (256, 0, 1, "flag", False))],
+    "flagrot": [Case(f"flag 2S int{b} 16M{' rot' if rot else ''}", 16 << 20, b, "twoshot", "auto",
+                     (256, 0, 2, "flag", True), rotate=rot) for b in (4, 8) for rot in (False, True)]
+               + [Case(f"flag 1S int8 {size}{' rot' if rot else ''}", nbytes, 8, "oneshot", "auto",
+                       (256, 0, 1, "flag", False), rotate=rot)
+                  for size, nbytes in (("64K", 64 << 10), ("1M", 1 << 20)) for rot in (False, True)],
 }
 BREAKS_RESULTS = ("FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA", "FC_PROFILE_ROT_TIMES")
 
