@@ -82,7 +82,12 @@ extern "C" __global__ void __launch_bounds__(FC_LLQ_TWOSHOT_THREADS, 2) fc_llq_t
 }
 
 extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot(FcArgs a) {
-  fc_llq_oneshot_impl<FC_DT, FC_RS_BITS>(a);
+  fc_llq_oneshot_impl<FC_DT, FC_RS_BITS, FC_ROT_INLINE>(a);
+}
+
+// The same for rotating modes, with one shared copy of the butterflies (FcRotCode).
+extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot_rot(FcArgs a) {
+  fc_llq_oneshot_impl<FC_DT, FC_RS_BITS, FC_ROT_SHARED>(a);
 }
 #endif
 

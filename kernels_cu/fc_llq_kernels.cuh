@@ -173,15 +173,18 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
 // mine as the peers decode it), with units moved in their LL form.  Block b
 // handles tile b (threads * FC_ELEMS * units elements) of the message,
 // exactly one per call, padding included, so every block exchanges with every
-// peer (the LL slot-reuse argument, fc_ll.cuh).
-template <int DT, int RSB>
+// peer (the LL slot-reuse argument, fc_ll.cuh).  RC: where the rotation's
+// butterflies live (FcRotCode); the host runs the FC_ROT_SHARED build
+// (fc_llq_oneshot_rot) for rotating modes and the inline one, which then has
+// no call in it, for the rest.
+template <int DT, int RSB, FcRotCode RC>
 __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
   fc_v4* const stage = fc_warp_stage(s_stage);
   typedef FcCodec<DT, RSB> RS;
   constexpr int B = FC_LLQ_BATCH;
   const FcTile<RSB> L(a);
-  const FcStoreEpilogue<DT, RSB> epi(a, L);
+  const FcStoreEpilogue<DT, RSB, RC> epi(a, L);
   const int t = L.t, nt = L.nt;
   const int gl = L.gl, lig = L.lig;
   const bool rot = L.rot, sym = L.sym;
@@ -206,7 +209,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   for (int u = 0; u < a.units; ++u) {
     const int w = u * nt + t;
     typename RS::Packed p;
-    fc_pack_input<DT, RS>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
+    fc_pack_input<DT, RS, RC>(a, toff + (fc_i64)w * FC_ELEMS, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
     if (u == 0) s_first[t] = p;
     if ((fc_i64)w * FC_ELEMS < nchunk) {
       for (int k = 1; k < a.world; ++k)
@@ -235,7 +238,7 @@ __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
             RS::unpack(s_first[t], sym, v);
           } else {
             typename RS::Packed p;
-            fc_pack_input<DT, RS>(a, base, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
+            fc_pack_input<DT, RS, RC>(a, base, limit, FC_CACHED, rot, sym, gl, lig, signs, v, p, stage);
             RS::unpack(p, sym, v);
           }
         } else {

@@ -147,6 +147,40 @@ __device__ __forceinline__ void fc_fwht(float (&v)[FC_ELEMS], int gl, int lig) {
   }
 }
 
+// Where a rotation's butterflies live in a kernel's code.
+//   FC_ROT_INLINE  a copy at every use (the default);
+//   FC_ROT_SHARED  one out-of-line copy that every use calls (fc_fwht_out_of_line).
+// A small-message one-shot (one unit a lane, one warp a scheduler) runs its code
+// once per call, and the butterflies' straight-line code then costs more to fetch
+// than to run: on one H200 the first pass cost 2.2 us of a 64 KB call and a second
+// pass of the same code 0.3 (benchmarks/NOTES.md v31, v32).  Shared, the inverse
+// rotation after the sum runs the code the forward one fetched before the send.
+// Kernels that loop over many units fetch it once anyway, and the call's register
+// moves cost them more than it saves (the quantized LL two-shot 1 MB +1.4 us, the
+// staged two-shot 16 MB +20 %): they keep it inline.
+enum FcRotCode { FC_ROT_INLINE, FC_ROT_SHARED };
+
+struct FcFwhtUnit { float x[FC_ELEMS]; };  // a unit by value: the call passes it in registers
+
+__device__ __noinline__ FcFwhtUnit fc_fwht_out_of_line(FcFwhtUnit u, int gl, int lig) {
+  fc_fwht(u.x, gl, lig);
+  return u;
+}
+
+template <FcRotCode RC>
+__device__ __forceinline__ void fc_fwht_at(float (&v)[FC_ELEMS], int gl, int lig) {
+  if constexpr (RC == FC_ROT_SHARED) {
+    FcFwhtUnit u;
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) u.x[i] = v[i];
+    u = fc_fwht_out_of_line(u, gl, lig);
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) v[i] = u.x[i];
+  } else {
+    fc_fwht(v, gl, lig);
+  }
+}
+
 // `signs`: fc_rotation_signs(lig).  The reference multiplies by +-1 first; here
 // the sign bit is flipped (one LOP3 instead of an FMUL), the same exact result
 // for every number, infinities, zeros and subnormals included.  Only a NaN
@@ -154,12 +188,14 @@ __device__ __forceinline__ void fc_fwht(float (&v)[FC_ELEMS], int gl, int lig) {
 // FADDs return the canonical NaN (fc_ll.cuh relies on it too), and every
 // forward-rotated value reaches the wire through the quantizer, which marks a
 // group holding a NaN by its metadata alone.
+template <FcRotCode RC = FC_ROT_INLINE>
 __device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int lig, fc_u32 signs, float norm) {
   signs = fc_opaque(signs);
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = __uint_as_float(__float_as_uint(v[i]) ^ fc_sign_at(signs, i));
+  // once but in timing builds (fc_profile.cuh)
 #pragma unroll 1
-  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht(v, gl, lig);  // once but in timing builds (fc_profile.cuh)
+  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht_at<RC>(v, gl, lig);
 #pragma unroll
   for (int i = 0; i < FC_ELEMS; ++i) v[i] = __fmul_rn(v[i], norm);
 }
@@ -167,9 +203,11 @@ __device__ __forceinline__ void fc_rotate_fwd(float (&v)[FC_ELEMS], int gl, int 
 // The reference's (v * norm) * s as one multiply v * (s * norm): s * norm is
 // exact, and rounding to nearest is symmetric in the sign, so both round the
 // same exact product (NaN in, canonical NaN out either way).
+template <FcRotCode RC = FC_ROT_INLINE>
 __device__ __forceinline__ void fc_rotate_inv(float (&v)[FC_ELEMS], int gl, int lig, fc_u32 signs, float norm) {
+  // once but in timing builds (fc_profile.cuh)
 #pragma unroll 1
-  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht(v, gl, lig);  // once but in timing builds (fc_profile.cuh)
+  for (int r = 0; r < FC_PROFILE_ROT_TIMES; ++r) fc_fwht_at<RC>(v, gl, lig);
   signs = fc_opaque(signs);
   const fc_u32 nbits = __float_as_uint(norm);
 #pragma unroll

@@ -29,39 +29,39 @@ __device__ __forceinline__ void fc_receive(const unsigned char* chunk, fc_i64 n,
 // The lane's unit of my input from element `base` (elements at or beyond
 // `limit` read as 0), rotated when the mode asks: my exact contribution.
 // `signs`: the lane's fc_rotation_signs (FcTile::signs).
-template <int DT>
+template <int DT, FcRotCode RC = FC_ROT_INLINE>
 __device__ __forceinline__ void fc_load_input(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access, bool rot,
                                               int gl, int lig, fc_u32 signs, float (&v)[FC_ELEMS], fc_v4* stage) {
   fc_load_elems<DT>(a.in, base, limit, access, v, stage);
-  if (rot) fc_rotate_fwd(v, gl, lig, signs, a.rot_norm);
+  if (rot) fc_rotate_fwd<RC>(v, gl, lig, signs, a.rot_norm);
 }
 
 // That unit quantized: what I send.
-template <int DT, typename C>
+template <int DT, typename C, FcRotCode RC = FC_ROT_INLINE>
 __device__ __forceinline__ void fc_pack_input(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access,
                                               bool rot, bool sym, int gl, int lig, fc_u32 signs, float (&v)[FC_ELEMS],
                                               typename C::Packed& p, fc_v4* stage) {
-  fc_load_input<DT>(a, base, limit, access, rot, gl, lig, signs, v, stage);
+  fc_load_input<DT, RC>(a, base, limit, access, rot, gl, lig, signs, v, stage);
   C::pack(v, gl, sym, p);
 }
 
 // My own contribution exactly as the peers decode it (re-packed from my
 // input): what the one-shots add for me, so every rank sums the same values.
-template <int DT, typename C>
+template <int DT, typename C, FcRotCode RC = FC_ROT_INLINE>
 __device__ __forceinline__ void fc_input_as_sent(const FcArgs& a, fc_i64 base, fc_i64 limit, FcAccess access, bool rot,
                                                  bool sym, int gl, int lig, fc_u32 signs, float (&v)[FC_ELEMS],
                                                  fc_v4* stage) {
   typename C::Packed p;
-  fc_pack_input<DT, C>(a, base, limit, access, rot, sym, gl, lig, signs, v, p, stage);
+  fc_pack_input<DT, C, RC>(a, base, limit, access, rot, sym, gl, lig, signs, v, p, stage);
   C::unpack(p, sym, v);
 }
 
 // Store the lane's unit of summed values (rotated back first when the mode
 // rotates) into my output from element `base`; elements >= limit stay untouched.
-template <int DT>
+template <int DT, FcRotCode RC = FC_ROT_INLINE>
 __device__ __forceinline__ void fc_store_output(const FcArgs& a, fc_i64 base, fc_i64 limit, bool rot, int gl, int lig,
                                                 fc_u32 signs, float (&v)[FC_ELEMS], fc_v4* stage, bool stream) {
-  if (rot) fc_rotate_inv(v, gl, lig, signs, a.rot_norm);
+  if (rot) fc_rotate_inv<RC>(v, gl, lig, signs, a.rot_norm);
   fc_store_elems<DT>(a.out, base, limit, v, stage, stream);
 }
 
@@ -146,12 +146,12 @@ __device__ __forceinline__ void fc_owner_sum(int world, int rank, bool active, f
 // which needs row-aligned segments) is one more functor with this interface.
 // FcStoreEpilogue: rotate back when the mode rotates, store into my output
 // from element `base` (elements >= limit untouched), streamed (L2 evict-first).
-template <int DT, int RSB>
+template <int DT, int RSB, FcRotCode RC = FC_ROT_INLINE>
 struct FcStoreEpilogue {
   const FcArgs& a;
   const FcTile<RSB>& L;
   __device__ __forceinline__ FcStoreEpilogue(const FcArgs& a_, const FcTile<RSB>& L_) : a(a_), L(L_) {}
   __device__ __forceinline__ void operator()(fc_i64 base, fc_i64 limit, float (&v)[FC_ELEMS], fc_v4* stage) const {
-    fc_store_output<DT>(a, base, limit, L.rot, L.gl, L.lig, L.signs, v, stage, true);
+    fc_store_output<DT, RC>(a, base, limit, L.rot, L.gl, L.lig, L.signs, v, stage, true);
   }
 };

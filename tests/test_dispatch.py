@@ -14,8 +14,8 @@ import pytest
 from flashcomm_cupy import codecs
 from flashcomm_cupy.backends.flash import table as tuning
 from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, FLAG_ROTATE, FLAG_SYM, WorkspaceLayout
-from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, Force, KernelKey, Limits, llq_threads,
-                                                llq_unit_elems, select_plan, staged_twoshot_smem)
+from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, SHARED_ROTATION_MIN_BLOCKS, Force, KernelKey, Limits,
+                                                llq_threads, llq_unit_elems, select_plan, staged_twoshot_smem)
 from flashcomm_cupy.config import Mode
 
 TABLE = {"worlds": {"4": [
@@ -332,6 +332,12 @@ def test_launch_arguments_carry_each_plans_shape_and_the_modes_flags():
     p = plan(3000, Mode.make(8, 64), table=LL_TABLE, protocol="ll")  # quantized LL one-shot: the whole message
     assert (p.kernel, p.threads, p.seg_elems, p.build) == ("fc_llq_oneshot", 128, 3008, KernelKey(0, 8, 8, 16))
     assert p.blocks * 128 * 16 * p.units >= 3008
+    rotating = Mode.make(8, 64, rotate=True)  # the shared butterflies from SHARED_ROTATION_MIN_BLOCKS blocks
+    p = plan(3000, rotating, table=LL_TABLE, protocol="ll")
+    assert (p.kernel, p.blocks, p.build) == ("fc_llq_oneshot", 2, KernelKey(0, 8, 8, 16))
+    n = SHARED_ROTATION_MIN_BLOCKS * 128 * 16
+    p, q = plan(n, rotating, table=LL_TABLE, protocol="ll"), plan(n - 2048, rotating, table=LL_TABLE, protocol="ll")
+    assert (p.kernel, p.blocks, q.kernel) == ("fc_llq_oneshot_rot", SHARED_ROTATION_MIN_BLOCKS, "fc_llq_oneshot")
     p = plan(1 << 21, Mode.make(4, 1024), table=LL_TABLE, protocol="ll")  # a 1024-group spans 32 lanes of 32
     assert (p.kernel, p.threads, p.build) == ("fc_llq_twoshot", 128, KernelKey(0, 4, 4, 32))
     assert p.blocks * 128 * 32 * p.units >= 1 << 19

@@ -155,7 +155,17 @@ def test_quantized_ll_kernels_are_the_reference(jobs, world, algo, dtype, bits, 
     mode = Mode.make(bits, group, sym, rotate, algo)
     job = jobs(world)
     for n in (1, 127, 4099, 65_537):
-        run_exact(job, n, dtype, mode, protocol="ll", expect_kernel=f"fc_llq_{algo}")
+        plan = run_exact(job, n, dtype, mode, protocol="ll")
+        assert plan.kernel == llq_kernel(plan, rotate), plan
+
+
+def llq_kernel(plan, rotate):
+    """The quantized LL kernel a plan must run: a rotating one-shot of enough blocks has its own
+    build with shared butterflies (FcRotCode); the inputs above run both one-shot builds."""
+    from flashcomm_cupy.backends.flash.plan import SHARED_ROTATION_MIN_BLOCKS
+    if plan.algo == "oneshot" and rotate and plan.blocks >= SHARED_ROTATION_MIN_BLOCKS:
+        return "fc_llq_oneshot_rot"
+    return f"fc_llq_{plan.algo}"
 
 
 @pytest.mark.parametrize("world", [5, 8])
@@ -208,22 +218,24 @@ def test_a_long_mixed_sequence_is_the_reference(jobs):
 
 
 # ---------------------------------------------------------------------------------------------- failures
-FAULT_CASES = [  # (label, bits, algo, force, protocol, n)
-    ("flag one-shot", 8, "oneshot", (256, 0, 1, "flag", False), "auto", 65_536),
-    ("flag two-shot", 4, "twoshot", (256, 0, 1, "flag", False), "auto", 1 << 20),
-    ("staged two-shot", 4, "twoshot", (256, 0, 2, "flag", True), "auto", 1 << 20),
-    ("lossless flag two-shot", None, "twoshot", (256, 0, 1, "flag", False), "auto", 1 << 20),
-    ("LL one-shot", None, "oneshot", None, "ll", 4096),
-    ("LL two-shot", None, "twoshot", None, "ll", 65_536),
-    ("quantized LL one-shot", 4, "oneshot", None, "ll", 4096),
-    ("quantized LL two-shot", 8, "twoshot", None, "ll", 65_536),
+FAULT_CASES = [  # (label, bits, rotate, algo, force, protocol, n)
+    ("flag one-shot", 8, False, "oneshot", (256, 0, 1, "flag", False), "auto", 65_536),
+    ("flag two-shot", 4, False, "twoshot", (256, 0, 1, "flag", False), "auto", 1 << 20),
+    ("staged two-shot", 4, False, "twoshot", (256, 0, 2, "flag", True), "auto", 1 << 20),
+    ("lossless flag two-shot", None, False, "twoshot", (256, 0, 1, "flag", False), "auto", 1 << 20),
+    ("LL one-shot", None, False, "oneshot", None, "ll", 4096),
+    ("LL two-shot", None, False, "twoshot", None, "ll", 65_536),
+    ("quantized LL one-shot", 4, False, "oneshot", None, "ll", 4096),
+    ("rotating quantized LL one-shot", 4, True, "oneshot", None, "ll", 65_536),
+    ("quantized LL two-shot", 8, False, "twoshot", None, "ll", 65_536),
 ]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("label, bits, algo, force, protocol, n", FAULT_CASES, ids=[c[0] for c in FAULT_CASES])
-def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, world, label, bits, algo, force, protocol,
-                                                                      n):
+@pytest.mark.parametrize("label, bits, rotate, algo, force, protocol, n", FAULT_CASES,
+                         ids=[c[0] for c in FAULT_CASES])
+def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, world, label, bits, rotate, algo, force,
+                                                                      protocol, n):
     """The last rank does not launch: every other rank gives up within the bound, records it and
     writes NaN.  Then it launches, late: it finds the poison, records who gave up, writes NaN.
     Every later call on the job is NaN on every rank (poisoned until rebuilt)."""
@@ -232,13 +244,15 @@ def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, worl
     from flashcomm_cupy.backends.flash.layout import ERR_POISON, ERR_TIMEOUT
     from flashcomm_cupy.backends.flash.loopback import LoopbackJob
     from flashcomm_cupy.config import Mode
-    mode = Mode.make(bits, 128, False, False, algo)
+    mode = Mode.make(bits, 128, False, rotate, algo)
     host = [host_input(7, r, n, "float16") for r in range(world)]
     late = world - 1
     with LoopbackJob(world, timeout_s=0.5, build=build) as job:
         ins = [device(x) for x in host]
         plan = job.plan(n, "float16", mode, force, protocol)
         assert plan.protocol == ("ll" if protocol == "ll" else "staged" if force[4] else "flag"), plan
+        assert protocol != "ll" or bits is None or plan.kernel == llq_kernel(plan, rotate), plan
+        assert label.startswith("rotating") == (plan.kernel == "fc_llq_oneshot_rot"), plan
         job.all_reduce(ins, mode, dtype="float16", force=force, protocol=protocol)  # one good call first
         outs = [device(np.zeros(n, np.float16)) for _ in range(world)]
         start = time.monotonic()

@@ -26,6 +26,12 @@ ELEMS_PER_THREAD = 32
 LLQ_UNIT_ELEMS = 16
 #: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
 LLQ_MAX_THREADS = {16: 256, 32: 128}
+#: From this many blocks a rotating quantized LL one-shot runs fc_llq_oneshot_rot, whose forward and
+#: inverse rotations share one out-of-line copy of the butterflies (FcRotCode, fc_quant.cuh); below
+#: it, fc_llq_oneshot with the butterflies inline.  On one H200's loopback (benchmarks/NOTES.md v32)
+#: the shared copy saves 0.8-1.7 us from 16 blocks (64 KB of fp16) to 256, where every SM fetches the
+#: code cold; at 1-4 blocks its call costs INT4 0.1-0.2 us more.
+SHARED_ROTATION_MIN_BLOCKS = 16
 #: registers of one SM (sm_70 to sm_90): every launched LL block must be resident, two per SM
 SM_REGISTERS = 65536
 #: fc_warp_gather's per-warp stage, in 16-byte vectors (FC_STAGE_VECS in fc_common.cuh)
@@ -361,6 +367,11 @@ def _llq_plan(choice: Choice, n: int, name: str, itemsize: int, mode: Mode, worl
     blocks = -(-seg_units // (threads * units))
     if blocks > limits.max_blocks:  # two blocks of llq_threads() fit an SM: max_blocks are resident
         return None
-    kernel = "fc_llq_oneshot" if choice.algo == "oneshot" else "fc_llq_twoshot"
+    if choice.algo == "twoshot":
+        kernel = "fc_llq_twoshot"
+    elif mode.rotate and blocks >= SHARED_ROTATION_MIN_BLOCKS:
+        kernel = "fc_llq_oneshot_rot"
+    else:
+        kernel = "fc_llq_oneshot"
     return Plan(choice.algo, "ll", kernel, KernelKey(_dtype_code(name), mode.rs_bits, mode.ag_bits, elems),
                 threads, blocks, units, seg, 0, 0, choice)
