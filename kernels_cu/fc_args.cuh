@@ -26,7 +26,7 @@ struct FcError {
   fc_u32 epoch;  // round it waited for
   fc_u32 abort;  // set once: every later wait returns immediately
   fc_u32 late;   // the rank the first failure of the communicator waited for
-  fc_u32 pad;
+  fc_u32 claim;  // 0 until a block of this rank claims the record to write it (fc_record)
 };
 
 // FcArgs.flags bits (flashcomm_cupy._kernels.FLAG_*)
@@ -70,7 +70,7 @@ FC_ASSERT_FIELD(FcError, block, 12);
 FC_ASSERT_FIELD(FcError, epoch, 16);
 FC_ASSERT_FIELD(FcError, abort, 20);
 FC_ASSERT_FIELD(FcError, late, 24);
-FC_ASSERT_FIELD(FcError, pad, 28);
+FC_ASSERT_FIELD(FcError, claim, 28);
 FC_ASSERT_FIELD(FcArgs, in, 0);
 FC_ASSERT_FIELD(FcArgs, out, 8);
 FC_ASSERT_FIELD(FcArgs, n, 16);

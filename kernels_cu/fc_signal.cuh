@@ -87,9 +87,15 @@ __device__ __forceinline__ fc_u32 fc_first_poison(const fc_u32* poison, int worl
 }
 
 // Record a failure (the first one only) and abort every later wait of this rank.
+// Every block of a rank that gives up comes here at about the same time; the
+// one whose atomic claims the record writes every field, then the code, and the
+// others only raise abort.  (Testing `code == 0` instead let two blocks both
+// pass and interleave their fields: a record could name one failure's peer under
+// another's code.)  The record is host-mapped memory; an atomic there is atomic
+// among this GPU's threads, the only writers, which is all the claim needs.
 __device__ __noinline__ void fc_record(volatile FcError* err, int rank, fc_u32 code, int peer, fc_u32 late,
                                        fc_u32 epoch) {
-  if (err->code == 0) {
+  if (atomicCAS(const_cast<fc_u32*>(&err->claim), 0u, 1u) == 0u) {
     err->rank = rank;
     err->peer = peer;
     err->block = blockIdx.x;

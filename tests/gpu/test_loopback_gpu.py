@@ -231,6 +231,17 @@ FAULT_CASES = [  # (label, bits, rotate, algo, force, protocol, n)
 ]
 
 
+def assert_one_failure(rec, rank, absent, label):
+    """A record describes one failure, never fields of several (every block of a rank that gives up
+    records at once): a timeout names the rank it waited for as the one that was late too, and a
+    poisoning names a rank that gave up, which the absent rank, not yet launched, cannot be."""
+    from flashcomm_cupy.backends.flash.layout import ERR_TIMEOUT
+    if rec["code"] == ERR_TIMEOUT:
+        assert rec["late"] == rec["peer"], f"{label}: a mixed record {rec}"
+    else:
+        assert rec["peer"] not in (rank, absent), f"{label}: a mixed record {rec}"
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("label, bits, rotate, algo, force, protocol, n", FAULT_CASES,
                          ids=[c[0] for c in FAULT_CASES])
@@ -263,6 +274,7 @@ def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, worl
         for r in range(late):
             rec = job.failure(r)
             assert rec is not None and rec["code"] in (ERR_TIMEOUT, ERR_POISON), f"{label}: rank {r}: {rec}"
+            assert_one_failure(rec, r, late, f"{label}: rank {r}")
             assert all_nan(outs[r], "float16"), f"{label}: rank {r} returned finite values after giving up"
         job.launch(ins, outs, mode, plan, ranks=[late])
         job.synchronize()

@@ -156,7 +156,7 @@ ARGS_DTYPE = np.dtype({
 
 # Mirror of `struct FcError` in kernels_cu/fc_args.cuh (eight uint32 words in host-mapped
 # memory; pinned by tests/test_kernels_compile.py) and its codes.
-ERROR_FIELDS = ("code", "rank", "peer", "block", "epoch", "abort", "late", "pad")
+ERROR_FIELDS = ("code", "rank", "peer", "block", "epoch", "abort", "late", "claim")
 ERR_TIMEOUT = 1  # FC_ERR_TIMEOUT: this rank waited past the bound for `peer`
 ERR_POISON = 2   # FC_ERR_POISON: rank `peer` gave up and poisoned this rank
 ERR_NODE = 3     # FC_ERR_NODE: the hierarchical inter-node step failed on this rank, which poisoned its node
