@@ -183,6 +183,26 @@ def test_parallel_compiles_report_each_failed_module_as_a_line(tmp_path):
     assert any("(0, 4, 4, 32)" in line for line in lines) and any("(1, 0, 0, 32)" in line for line in lines)
 
 
+def test_an_older_kernel_tree_runs_the_stand_in_of_a_kernel_it_lacks(monkeypatch, tmp_path):
+    """A/B runs load kernel trees from before a kernel existed: there its stand-in (the kernel that
+    computes the same results) runs; the shipped tree, which has every kernel, never falls back."""
+    from flashcomm_cupy.backends.flash import kernels
+
+    class Module:  # an older tree's module: fc_llq_oneshot only
+        def get_function(self, name):
+            if name != "fc_llq_oneshot":
+                raise RuntimeError("CUDA_ERROR_NOT_FOUND: named symbol not found")
+            return name
+
+    monkeypatch.setattr(kernels, "module", lambda *args: Module())
+    older = kernels.KernelBuild(str(tmp_path))
+    assert kernels.function("fc_llq_oneshot_rot", 0, 4, 4, 16, older) == "fc_llq_oneshot"
+    with pytest.raises(RuntimeError, match="NOT_FOUND"):
+        kernels.function("fc_llq_twoshot", 0, 4, 4, 16, older)  # no stand-in
+    with pytest.raises(RuntimeError, match="NOT_FOUND"):
+        kernels.function("fc_llq_oneshot_rot", 0, 4, 4, 16)  # the shipped tree
+
+
 @pytest.mark.parametrize("world", [1, 9])
 def test_a_loopback_job_needs_two_to_eight_ranks(world):
     """The one-GPU loopback (tests/gpu/test_loopback_gpu.py) refuses a world the kernels cannot

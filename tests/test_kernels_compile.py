@@ -324,11 +324,12 @@ def test_every_quantized_ll_launch_fits_two_blocks_per_sm(builds):
     over = []
     for (elems, dt, (rs, ag)), regs in zip(specs, found):
         itemsize = 4 if dt == 2 else 2
-        for algo in ("oneshot", "twoshot"):
-            used = regs[f"fc_llq_{algo}"]
+        for kernel, algo in (("fc_llq_oneshot", "oneshot"), ("fc_llq_oneshot_rot", "oneshot"),
+                             ("fc_llq_twoshot", "twoshot")):
+            used = regs[kernel]
             threads = llq_threads(elems, itemsize, algo, rs, ag)
             if 2 * threads * (-(-used // 8) * 8) > SM_REGISTERS:  # registers go to threads in steps of 8
-                over.append(f"FC_ELEMS={elems} dt={dt} {rs}/{ag} {algo}: {used} registers x {threads} threads")
+                over.append(f"FC_ELEMS={elems} dt={dt} {rs}/{ag} {kernel}: {used} registers x {threads} threads")
     assert not over, "two blocks do not fit an SM:\n" + "\n".join(over)
 
 

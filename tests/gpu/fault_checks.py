@@ -21,16 +21,18 @@ import flashcomm_cupy as fc
 from flashcomm_cupy.config import Mode
 from flashcomm_cupy.dtypes import bfloat16
 
-#: (label, protocol, algo, bits, elements, staged): every kernel family
+#: (label, protocol, algo, bits, elements, staged, rotate): every kernel family
 KERNELS = [
-    ("flag two-shot", "flag", "twoshot", 8, 1 << 20, False),
-    ("staged two-shot", "flag", "twoshot", 4, 1 << 20, True),
-    ("flag one-shot", "flag", "oneshot", 4, 1 << 16, False),
-    ("flag lossless two-shot", "flag", "twoshot", None, 1 << 20, False),
-    ("LL one-shot", "ll", "oneshot", None, 1 << 14, False),
-    ("LL two-shot", "ll", "twoshot", None, 1 << 15, False),
-    ("quantized LL one-shot", "ll", "oneshot", 8, 1 << 14, False),
-    ("quantized LL two-shot", "ll", "twoshot", 4, 1 << 16, False),
+    ("flag two-shot", "flag", "twoshot", 8, 1 << 20, False, False),
+    ("staged two-shot", "flag", "twoshot", 4, 1 << 20, True, False),
+    ("flag one-shot", "flag", "oneshot", 4, 1 << 16, False, False),
+    ("flag lossless two-shot", "flag", "twoshot", None, 1 << 20, False, False),
+    ("LL one-shot", "ll", "oneshot", None, 1 << 14, False, False),
+    ("LL two-shot", "ll", "twoshot", None, 1 << 15, False, False),
+    ("quantized LL one-shot", "ll", "oneshot", 8, 1 << 14, False, False),
+    ("quantized LL two-shot", "ll", "twoshot", 4, 1 << 16, False, False),
+    # its own build from SHARED_ROTATION_MIN_BLOCKS blocks (fc_llq_oneshot_rot): 2^17 elements are 64
+    ("rotating quantized LL one-shot", "ll", "oneshot", 4, 1 << 17, False, True),
 ]
 #: the kernels of the dead-peer cases (a rank that never comes, then calls after everyone gave up)
 DEAD_PEER_KERNELS = [KERNELS[0], KERNELS[4]]
@@ -77,15 +79,23 @@ class Cases:
         import cupy
         return cupy.full(n, self.rank + 1, dtype=cupy.float16 if dtype == "float16" else cupy.float32)
 
-    def expected(self):
-        return self.size * (self.size + 1) / 2
+    def expected(self, n=None, bits=None, algo="auto", rotate=False):
+        """What every output element must be: the exact sum of the constant inputs, or, for a
+        rotating mode (rotation spreads a constant group over many code values), the reference's
+        n results as float32."""
+        if not rotate:
+            return self.size * (self.size + 1) / 2
+        import cupy
+        host = [np.full(n, r + 1, dtype=np.float16) for r in range(self.size)]
+        want = fc.flash_all_reduce_reference(host, mode=Mode.make(bits, 128, False, True, algo))[0]
+        return cupy.asarray(want.astype(np.float32))
 
-    def verdict(self, out):
-        """(exact, nan, wrong) element counts of an output (constant inputs)."""
+    def verdict(self, out, want=None):
+        """(exact, nan, wrong) element counts of an output (constant inputs; ``want``: expected())."""
         import cupy
         v = out.astype(cupy.float32)
         nan = int(cupy.isnan(v).sum())
-        exact = int((v == self.expected()).sum())
+        exact = int((v == (self.expected() if want is None else want)).sum())
         return exact, nan, int(v.size) - exact - nan
 
     def raised(self, fn):
@@ -102,29 +112,34 @@ class Cases:
             comm.backend.force_launch = (256, 264, 1, "flag", True)
 
     # ------------------------------------------------------------------ cases
-    def late_peer(self, label, protocol, algo, bits, n, staged, dead=False):
+    def late_peer(self, label, protocol, algo, bits, n, staged, rotate, dead=False):
         """The last rank comes later than the bound (or never, then later): every rank raises
         FlashTimeoutError, every output element is the sum or NaN, and the next call raises at once."""
         comm = self.comm(protocol)
         self.force(comm, staged)
         x = self.inputs(n)
-        out = comm.all_reduce(x, bits=bits, algo=algo)  # warm-up: compiled, exact
+        want = self.expected(n, bits, algo, rotate)
+        out = comm.all_reduce(x, bits=bits, algo=algo, rotate=rotate)  # warm-up: compiled, exact
         comm.synchronize()
-        warm = self.verdict(out)
+        warm = self.verdict(out, want)
         self.world.Barrier()
         if self.rank == self.last:
             time.sleep(self.bound_s + 1.5)
         out.fill(0)
+
+        def call():
+            return comm.all_reduce(x, out=out, bits=bits, algo=algo, rotate=rotate)
+
         exc, dt = None, 0.0
         if not (dead and self.rank == self.last):
-            exc, dt = self.raised(lambda: (comm.all_reduce(x, out=out, bits=bits, algo=algo), comm.synchronize()))
+            exc, dt = self.raised(lambda: (call(), comm.synchronize()))
         else:  # the dead rank wakes up after everyone gave up and calls anyway
             self.world.Barrier()
-            exc, dt = self.raised(lambda: (comm.all_reduce(x, out=out, bits=bits, algo=algo), comm.synchronize()))
+            exc, dt = self.raised(lambda: (call(), comm.synchronize()))
         if dead and self.rank != self.last:
             self.world.Barrier()
-        exact, nan, wrong = self.verdict(out)
-        again, _ = self.raised(lambda: comm.all_reduce(x, out=out, bits=bits, algo=algo))
+        exact, nan, wrong = self.verdict(out, want)
+        again, _ = self.raised(call)
         ok = (warm[0] == n and exc is not None and again is not None and wrong == 0
               and dt < self.bound_s + 5.0 + (self.bound_s + 1.5 if self.rank == self.last else 0))
         who = f"late {exc.late}" if exc is not None else "no error"

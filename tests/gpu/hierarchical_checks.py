@@ -159,6 +159,7 @@ def check_failed_node_reports_its_flash_record(ck: Checker, comm):
     ctypes.memset(flash_record, 0, 64)
     if ck.rank == 0:
         (ctypes.c_uint32 * 4).from_address(flash_record)[:] = [1, 1, 0, 0]  # code TIMEOUT, rank 1, peer 0
+        (ctypes.c_uint32 * 8).from_address(flash_record)[7] = 1  # claimed, as fc_record leaves a record it wrote
     failure = h.NodeFailure(ck.rank, flash_record=flash_record)
     try:
         n = 1000

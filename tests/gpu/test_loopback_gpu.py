@@ -226,7 +226,7 @@ FAULT_CASES = [  # (label, bits, rotate, algo, force, protocol, n)
     ("LL one-shot", None, False, "oneshot", None, "ll", 4096),
     ("LL two-shot", None, False, "twoshot", None, "ll", 65_536),
     ("quantized LL one-shot", 4, False, "oneshot", None, "ll", 4096),
-    ("rotating quantized LL one-shot", 4, True, "oneshot", None, "ll", 65_536),
+    ("rotating quantized LL one-shot", 4, True, "oneshot", None, "ll", 131_072),
     ("quantized LL two-shot", 8, False, "twoshot", None, "ll", 65_536),
 ]
 
@@ -280,6 +280,7 @@ def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, worl
         job.synchronize()
         rec = job.failure(late)
         assert rec is not None and rec["code"] == ERR_POISON, f"{label}: the late rank recorded {rec}"
+        assert_one_failure(rec, late, late, f"{label}: the late rank")
         assert all_nan(outs[late], "float16"), f"{label}: the late rank returned finite values"
         again = job.all_reduce(ins, mode, dtype="float16", force=force, protocol=protocol)
         for r in range(world):

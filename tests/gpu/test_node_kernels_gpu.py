@@ -133,6 +133,7 @@ def test_a_failed_node_sends_its_flash_record_and_every_receiver_records_it():
     flash_record = cupy.cuda.runtime.hostAlloc(64, 0x3)
     ctypes.memset(flash_record, 0, 64)
     (ctypes.c_uint32 * 4).from_address(flash_record)[:] = [2, 1, 0, 0]  # POISON: local rank 1 poisoned by 0
+    (ctypes.c_uint32 * 8).from_address(flash_record)[7] = 1  # claimed, as fc_record leaves a record it wrote
     sender, receiver = h.NodeFailure(rank=4, flash_record=flash_record), h.NodeFailure(rank=5)
     try:
         n = 1000

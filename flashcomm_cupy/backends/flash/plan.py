@@ -29,8 +29,8 @@ LLQ_MAX_THREADS = {16: 256, 32: 128}
 #: From this many blocks a rotating quantized LL one-shot runs fc_llq_oneshot_rot, whose forward and
 #: inverse rotations share one out-of-line copy of the butterflies (FcRotCode, fc_quant.cuh); below
 #: it, fc_llq_oneshot with the butterflies inline.  On one H200's loopback (benchmarks/NOTES.md v32)
-#: the shared copy saves 0.8-1.7 us from 16 blocks (64 KB of fp16) to 256, where every SM fetches the
-#: code cold; at 1-4 blocks its call costs INT4 0.1-0.2 us more.
+#: the shared copy saves 0.8-1.7 us from 16 blocks (64 KB of fp16) to 128 (1 MB), where every SM fetches
+#: the code cold; at 1-4 blocks its call costs INT4 0.1-0.2 us more.
 SHARED_ROTATION_MIN_BLOCKS = 16
 #: registers of one SM (sm_70 to sm_90): every launched LL block must be resident, two per SM
 SM_REGISTERS = 65536
