@@ -183,6 +183,21 @@ def test_parallel_compiles_report_each_failed_module_as_a_line(tmp_path):
     assert any("(0, 4, 4, 32)" in line for line in lines) and any("(1, 0, 0, 32)" in line for line in lines)
 
 
+def test_a_new_device_workspace_is_zeros_up_to_the_ll_slots_and_0xff_from_there(monkeypatch):
+    """Every device workspace (CUDA IPC, VMM, the one-GPU loopback) starts alike: flags, epochs and
+    the poison area zero, every LL slot empty (0xFF bytes) to the allocation's end."""
+    from flashcomm_cupy.backends.flash.layout import WorkspaceLayout
+    from flashcomm_cupy.backends.ipc import fill_new_workspace
+    calls = []
+    runtime = types.SimpleNamespace(memset=lambda ptr, value, n: calls.append((ptr, value, n)),
+                                    deviceSynchronize=lambda: calls.append("synchronized"))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
+    layout = WorkspaceLayout(2, 8, 48 << 10)
+    fill_new_workspace(4096, layout, layout.total + 512)  # VMM rounds the allocation up
+    assert calls == [(4096, 0, layout.ll_off), (4096 + layout.ll_off, 0xFF, layout.total + 512 - layout.ll_off),
+                     "synchronized"]
+
+
 def test_an_older_kernel_tree_runs_the_stand_in_of_a_kernel_it_lacks(monkeypatch, tmp_path):
     """A/B runs load kernel trees from before a kernel existed: there its stand-in (the kernel that
     computes the same results) runs; the shipped tree, which has every kernel, never falls back."""

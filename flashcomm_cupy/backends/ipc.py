@@ -78,6 +78,17 @@ def check_canaries(comm, peer_ptrs, own_ptr):
     return None
 
 
+def fill_new_workspace(ptr: int, layout: WorkspaceLayout, nbytes: int) -> None:
+    """A new device workspace's contents, before any rank maps it: zeros (flags, epochs, the
+    poison area) up to the LL slots, 0xFF bytes from there to ``nbytes`` (the allocation's size:
+    every LL slot empty, fc_ll.cuh).  Returns once the device has written them."""
+    import cupy
+    rt = cupy.cuda.runtime
+    rt.memset(ptr, 0, layout.ll_off)
+    rt.memset(ptr + layout.ll_off, 0xFF, nbytes - layout.ll_off)
+    rt.deviceSynchronize()
+
+
 def one_host_failure(hosts, what: str):
     """The failure message when ``hosts`` (every rank's host name) name more than one host."""
     hosts = sorted(set(hosts))
@@ -131,9 +142,7 @@ class IpcWorkspace(Workspace):
         failure = None
         try:
             self.ptr = rt.malloc(layout.total)
-            rt.memset(self.ptr, 0, layout.ll_off)
-            rt.memset(self.ptr + layout.ll_off, 0xFF, layout.total - layout.ll_off)
-            rt.deviceSynchronize()
+            fill_new_workspace(self.ptr, layout, layout.total)
             handle = bytes(rt.ipcGetMemHandle(self.ptr))
         except Exception as exc:
             handle, failure = None, f"rank {self.rank}: cannot export its workspace ({exc})"

@@ -28,7 +28,8 @@ import socket
 from . import cuda_driver
 from .fdpass import FdExchangeError, exchange_fds
 from .._mpi import first_failure
-from .ipc import PeerAccessError, Workspace, WorkspaceLayout, check_canaries, one_host_failure
+from .ipc import (PeerAccessError, Workspace, WorkspaceLayout, check_canaries, fill_new_workspace,
+                  one_host_failure)
 
 HANDOFF_TIMEOUT_S = 30.0
 
@@ -48,8 +49,6 @@ class VmmWorkspace(Workspace):
     handles = "virtual-memory"
 
     def __init__(self, mpi_comm, layout: WorkspaceLayout, device_id: int):
-        import cupy
-        rt = cupy.cuda.runtime
         super().__init__(mpi_comm, layout, device_id)
         self._maps = []      # (address, bytes) to unmap
         self._handles = []   # allocation handles to release
@@ -63,9 +62,7 @@ class VmmWorkspace(Workspace):
             self._handles.append(handle)
             self.ptr = cuda_driver.map_for_device(handle, nbytes, device_id)
             self._maps.append((self.ptr, nbytes))
-            rt.memset(self.ptr, 0, layout.ll_off)
-            rt.memset(self.ptr + layout.ll_off, 0xFF, nbytes - layout.ll_off)
-            rt.deviceSynchronize()
+            fill_new_workspace(self.ptr, layout, nbytes)
             fd = cuda_driver.export_fd(handle)
         except Exception as exc:
             failure = f"rank {self.rank}: cannot export its workspace as a virtual-memory handle ({exc})"

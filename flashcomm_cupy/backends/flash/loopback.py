@@ -20,6 +20,7 @@ import ctypes
 from typing import List, Optional, Sequence
 
 from ...config import Mode
+from ..ipc import fill_new_workspace
 from ...dtypes import dtype_name, resolve_dtype
 from . import kernels
 from .backend import launch_args, resident_blocks
@@ -59,10 +60,8 @@ class LoopbackJob:
         self.streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(world)]
         try:
             for _ in range(world):
-                ws = cupy.empty(self.layout.total, dtype=cupy.uint8)
-                ws[:self.layout.ll_off] = 0
-                ws[self.layout.ll_off:] = 0xFF  # every LL slot empty (fc_ll.cuh)
-                self.ws.append(ws)
+                self.ws.append(cupy.empty(self.layout.total, dtype=cupy.uint8))
+                fill_new_workspace(self.ws[-1].data.ptr, self.layout, self.layout.total)
                 self.err_ptrs.append(new_error_record())
             bases = [w.data.ptr for w in self.ws]
             for w in self.ws:
