@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -203,7 +204,8 @@ def _descendants(pid: int) -> list:
 
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid``'s process group and every process below it: Open MPI starts its ranks in
-    process groups of their own, which a kill of the launcher's group alone would leave running."""
+    process groups of their own, which a kill of the launcher's group alone would leave running.
+    Returns once they are gone (or after 10 s)."""
     below = _descendants(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -214,6 +216,24 @@ def kill_tree(pid: int) -> None:
             os.kill(child, signal.SIGKILL)
         except OSError:
             pass
+    _wait_gone(below, 10.0)
+
+
+def _wait_gone(pids, timeout_s: float) -> None:
+    """Until each of ``pids`` has exited (a zombie has) or ``timeout_s`` passed: a killed process
+    takes a moment to go, and a check for leftovers right after the kill found one still exiting
+    (test_a_hung_launch_is_killed_at_its_timeout, about one run in ten on 2 cores)."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break
+            if state in ("Z", "X"):
+                break
+            time.sleep(0.01)
 
 
 def _communicate_in_group(cmd, timeout, env, merge_stderr):
