@@ -106,11 +106,12 @@ extern "C" __global__ void __launch_bounds__(512) fc_node_encode(const void* x, 
 
 extern "C" __global__ void __launch_bounds__(512) fc_node_sum(const unsigned char* recv, fc_i64 stride, int nodes,
                                                               void* out, fc_i64 n, fc_i64 padded, int group, int flags,
-                                                              float rot_norm, FcNodeRecord* own, FcError* flash_err,
+                                                              float rot_norm, FcNodeRecord* own,
+                                                              const fc_u32* own_state, FcError* flash_err,
                                                               const fc_u32* node_poison, int node_rank,
                                                               int node_world) {
-  fc_node_sum_impl<FC_DT, FC_RS_BITS>(recv, stride, nodes, out, n, padded, group, flags, rot_norm, own, flash_err,
-                                      node_poison, node_rank, node_world);
+  fc_node_sum_impl<FC_DT, FC_RS_BITS>(recv, stride, nodes, out, n, padded, group, flags, rot_norm, own, own_state,
+                                      flash_err, node_poison, node_rank, node_world);
 }
 
 // Test entry points: one wire chunk of n elements (a multiple of the group

@@ -80,12 +80,15 @@ __device__ __forceinline__ void fc_node_encode_impl(const void* x, unsigned char
 
 // Where this block's sum stands, worked out by its thread 0: -1 every chunk OK; k >= 0 node k's
 // chunk is not OK (the first); -2 this rank's record already holds a failure (an earlier call, or
-// the host's mark when it aborted the all-gather: the chunks may be partly stale).
+// the host's mark when it aborted the all-gather: the chunks may be partly stale).  `own_state`:
+// the record's state word as copied to device memory after the all-gather -- not the host-mapped
+// record itself: a host-mapped read in every block cost about 1.2 us per block, serialized
+// (2xH200: 16 MB of fp16, 2,048 blocks, +2.3 ms; 256 MB, 32,768 blocks, +42 ms; NOTES v34).
 __device__ __forceinline__ int fc_node_failed(const unsigned char* recv, fc_i64 stride, int nodes,
-                                              const volatile FcNodeRecord* own) {
+                                              const fc_u32* own_state) {
   __shared__ int s_failed;
   if (threadIdx.x == 0) {
-    int failed = own->state != FC_NODE_OK ? -2 : -1;
+    int failed = *own_state != FC_NODE_OK ? -2 : -1;
     for (int k = 0; k < nodes && failed == -1; ++k)
       if (reinterpret_cast<const FcNodeStatus*>(recv + (fc_i64)(k + 1) * stride - FC_NODE_TAIL_BYTES)->state !=
           FC_NODE_OK)
@@ -119,14 +122,16 @@ __device__ __noinline__ void fc_node_fail(const unsigned char* recv, fc_i64 stri
 // `nodes` chunks of `padded` elements, chunk k at recv + k * stride (16-byte aligned), decoded
 // with the reduce-scatter codec (BITS 0: raw DT elements) and summed in node order in float32
 // from +0.0; rotated back when `flags` has FC_FLAG_ROTATE; elements [0, n) stored, rounded to
-// DT, into `out` (16-byte aligned).  If any chunk's status is not OK, or `own` holds a failure,
-// every element is NaN instead and fc_node_fail records it and poisons the node (flash_err,
-// node_poison, node_rank, node_world: the node's flash error record and this rank's poison
-// words; null with one GPU per node).
+// DT, into `out` (16-byte aligned).  If any chunk's status is not OK, or `own` holds a failure
+// (`own_state`: a device copy of its state word made after the all-gather), every element is NaN
+// instead and fc_node_fail records it and poisons the node (flash_err, node_poison, node_rank,
+// node_world: the node's flash error record and this rank's poison words; null with one GPU per
+// node).
 template <int DT, int BITS>
 __device__ __forceinline__ void fc_node_sum_impl(const unsigned char* recv, fc_i64 stride, int nodes, void* out,
                                                  fc_i64 n, fc_i64 padded, int group, int flags, float rot_norm,
-                                                 volatile FcNodeRecord* own, volatile FcError* flash_err,
+                                                 volatile FcNodeRecord* own, const fc_u32* own_state,
+                                                 volatile FcError* flash_err,
                                                  const fc_u32* node_poison, int node_rank, int node_world) {
   typedef FcCodec<DT, BITS> C;
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
@@ -135,7 +140,7 @@ __device__ __forceinline__ void fc_node_sum_impl(const unsigned char* recv, fc_i
   const int gl = group / FC_ELEMS, lig = threadIdx.x % gl;
   const bool sym = flags & FC_FLAG_SYM;
   const bool active = (fc_i64)w * FC_ELEMS < padded;
-  const int failed = fc_node_failed(recv, stride, nodes, own);  // the same in every thread
+  const int failed = fc_node_failed(recv, stride, nodes, own_state);  // the same in every thread
   float acc[FC_ELEMS];
   if (failed != -1) {
 #pragma unroll

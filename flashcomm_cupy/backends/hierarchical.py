@@ -54,6 +54,7 @@ _ALGOS = ("hierarchical", "nccl")
 #: elements per thread of the chunk kernels (the default unit; groups of 32..1024 fit in a warp)
 _UNIT_ELEMS = _kernels.DEFAULT_UNIT_ELEMS
 _THREADS = 128
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
 class NoNodeTransport(RuntimeError):
@@ -434,6 +435,10 @@ class _InterNodeSum:
         self.stride = -(-data // 16) * 16 + NODE_TAIL_BYTES
         self.send = cupy.zeros(self.stride, dtype=cupy.uint8)
         self.recv = cupy.zeros(nodes * self.stride, dtype=cupy.uint8)  # node order
+        #: this rank's record's state word, copied here after each all-gather: the sum's blocks
+        #: read it from device memory (a host-mapped read per block costs a PCIe round trip each)
+        self.own_state = cupy.zeros(1, dtype=cupy.uint32)
+        self.own_record = failure.own_record
         self.encode = _kernels.function("fc_node_encode", code, bits, bits, _UNIT_ELEMS)
         self.sum = _kernels.function("fc_node_sum", code, bits, bits, _UNIT_ELEMS)
         units = -(-self.padded // _UNIT_ELEMS)
@@ -443,15 +448,20 @@ class _InterNodeSum:
         own, flash_record = np.uint64(failure.own_record), np.uint64(failure.flash_record)
         self.encode_args = wire + elems + (flash_record, own, np.int32(failure.rank))
         self.sum_wire = wire
-        self.sum_elems = elems + (own, flash_record, np.uint64(failure.node_poison), np.int32(failure.node_rank),
+        self.sum_elems = elems + (own, np.uint64(self.own_state.data.ptr), flash_record,
+                                  np.uint64(failure.node_poison), np.int32(failure.node_rank),
                                   np.int32(failure.node_world))
 
     def run(self, x, out, nccl: NcclCommunicatorHandle, stream) -> None:
         """``out`` = the node-order sum of every node's ``x`` as its receivers decode it, or NaN
         when a node reported a failure (``x``, ``out``: 16-byte aligned, ``n`` elements of the
         dtype; on ``stream``)."""
+        import cupy
         self.encode(self.grid, self.block, (x, self.send, self.recv) + self.encode_args, stream=stream)
         nccl.all_gather(self.send.data.ptr, self.recv.data.ptr, self.stride, "uint8", stream.ptr)
+        # after the all-gather, so a mark the host made while aborting it is seen (pinned memory:
+        # the copy reads it when it runs, in a graph replay too)
+        cupy.cuda.runtime.memcpyAsync(self.own_state.data.ptr, self.own_record, 4, _HOST_TO_DEVICE, stream.ptr)
         self.sum(self.grid, self.block, (self.recv,) + self.sum_wire + (out,) + self.sum_elems, stream=stream)
 
 
