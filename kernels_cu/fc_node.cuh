@@ -82,8 +82,8 @@ __device__ __forceinline__ void fc_node_encode_impl(const void* x, unsigned char
 // chunk is not OK (the first); -2 this rank's record already holds a failure (an earlier call, or
 // the host's mark when it aborted the all-gather: the chunks may be partly stale).  `own_state`:
 // the record's state word as copied to device memory after the all-gather -- not the host-mapped
-// record itself: a host-mapped read in every block cost about 1.2 us per block, serialized
-// (2xH200: 16 MB of fp16, 2,048 blocks, +2.3 ms; 256 MB, 32,768 blocks, +42 ms; NOTES v34).
+// record itself: a host-mapped read in every block cost 1.2-1.4 us per block, serialized
+// (2xH200, INT4: 16 MB of fp16, 2,048 blocks, +2.6 ms; 256 MB, 32,768 blocks, +46 ms; NOTES v34).
 __device__ __forceinline__ int fc_node_failed(const unsigned char* recv, fc_i64 stride, int nodes,
                                               const fc_u32* own_state) {
   __shared__ int s_failed;
