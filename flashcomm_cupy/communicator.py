@@ -15,7 +15,7 @@ import numpy as np
 from . import _arrays
 from ._eager import EagerCache
 from .backends import registry
-from .config import Mode
+from .config import ALL_REDUCE_BITS, Mode
 
 #: every ``backend=`` name (:mod:`flashcomm_cupy.backends.registry`)
 BACKENDS = registry.NAMES
@@ -120,12 +120,12 @@ class Communicator:
         return self._torch_handle
 
     # ------------------------------------------------------------------ the op
-    def all_reduce(self, x, bits=4, group_size: int = 128, algo: str = "auto",
+    def all_reduce(self, x, bits=ALL_REDUCE_BITS, group_size: int = 128, algo: str = "auto",
                    rotate: bool = False, symmetric: bool = False, out=None, stream=None):
         """Sum ``x`` over all ranks.
 
-        ``bits``: None (lossless), 4, 6, 8, or a pair ``(rs_bits, ag_bits)``
-        such as ``(4, 8)``.  ``algo``: "auto", "oneshot", "twoshot",
+        ``bits``: None (lossless), 4, 6, 8 (the default: ``config.ALL_REDUCE_BITS``), or a pair
+        ``(rs_bits, ag_bits)`` such as ``(4, 8)``.  ``algo``: "auto", "oneshot", "twoshot",
         "hierarchical" (ranks on several nodes), or the
         baseline ("nccl" on GPUs, "mpi" on CPUs).  ``x`` may be a NumPy
         array, a CuPy array, or anything with ``__cuda_array_interface__`` or
@@ -164,7 +164,7 @@ class Communicator:
             pass
         return mode
 
-    def resolve_algo(self, nbytes: int, bits=4, group_size: int = 128, algo: str = "auto",
+    def resolve_algo(self, nbytes: int, bits=ALL_REDUCE_BITS, group_size: int = 128, algo: str = "auto",
                      rotate: bool = False, symmetric: bool = False) -> str:
         """The concrete algorithm a call with these arguments runs."""
         mode = Mode.make(bits, group_size, symmetric, rotate, algo)

@@ -61,7 +61,7 @@ from typing import List, Sequence
 import numpy as np
 
 from . import hadamard, quant
-from .config import Codec, Mode
+from .config import ALL_REDUCE_BITS, Codec, Mode
 from .dtypes import from_f32, resolve_dtype, to_f32
 from .topology import NodeLayout
 
@@ -196,7 +196,7 @@ def hierarchical_sum(prepared: Sequence[np.ndarray], nodes: NodeLayout, layout: 
     return full
 
 
-def flash_all_reduce_reference(inputs: Sequence, bits=4, group_size: int = 128,
+def flash_all_reduce_reference(inputs: Sequence, bits=ALL_REDUCE_BITS, group_size: int = 128,
                                symmetric: bool = False, rotate: bool = False,
                                algo: str = "twoshot", mode: Mode = None, nodes=None) -> List[np.ndarray]:
     """Flash All-Reduce of ``inputs`` (one array per simulated rank).

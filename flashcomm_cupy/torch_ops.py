@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .communicator import communicator_by_handle as communicator
-from .config import parse_bits
+from .config import ALL_REDUCE_BITS, parse_bits
 
 
 def _bits(rs_bits: int, ag_bits: int):
@@ -60,14 +60,14 @@ def _op_args(comm, bits, group_size, algo, rotate, symmetric):
     return comm.torch_handle, rs or 0, ag or 0, int(group_size), str(algo), bool(rotate), bool(symmetric)
 
 
-def all_reduce(comm, x: torch.Tensor, bits=4, group_size: int = 128, algo: str = "auto", rotate: bool = False,
-               symmetric: bool = False) -> torch.Tensor:
+def all_reduce(comm, x: torch.Tensor, bits=ALL_REDUCE_BITS, group_size: int = 128, algo: str = "auto",
+               rotate: bool = False, symmetric: bool = False) -> torch.Tensor:
     """``comm.all_reduce(x, ...)`` as the out-of-place op: a new tensor (traceable by ``torch.compile``)."""
     return torch.ops.flashcomm.all_reduce(x, *_op_args(comm, bits, group_size, algo, rotate, symmetric))
 
 
-def all_reduce_(comm, x: torch.Tensor, bits=4, group_size: int = 128, algo: str = "auto", rotate: bool = False,
-                symmetric: bool = False) -> torch.Tensor:
+def all_reduce_(comm, x: torch.Tensor, bits=ALL_REDUCE_BITS, group_size: int = 128, algo: str = "auto",
+                rotate: bool = False, symmetric: bool = False) -> torch.Tensor:
     """``comm.all_reduce(x, out=x, ...)`` as the in-place op; returns ``x``."""
     torch.ops.flashcomm.all_reduce_(x, *_op_args(comm, bits, group_size, algo, rotate, symmetric))
     return x
