@@ -182,16 +182,27 @@ for stage in ${STAGES//,/ }; do
     solo)  # one GPU: compute + HBM side of the kernels (kernel_solo.py), A/B against BASE_KERNELS
       run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
         --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" --rotate "${SOLO_ROTATE:-off}" \
-        --shape "${SOLO_SHAPE:-256,264,2}" --max-blocks "${SOLO_MAX_BLOCKS:-264}" --slot-kib "${SOLO_SLOT_KIB:-48}" \
+        --group-size "${SOLO_GROUP:-128}" --shape "${SOLO_SHAPE:-256,264,2}" --max-blocks "${SOLO_MAX_BLOCKS:-264}" --slot-kib "${SOLO_SLOT_KIB:-48}" \
         ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} ${SOLO_DEFINE_SETS:+--define-sets "$SOLO_DEFINE_SETS"} ;;
     ncu)  # Nsight Compute on the solo kernel (details into the log)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       FLASHCOMM_KERNEL_LINEINFO=1 run 300 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        ${NCU_SECTIONS:---section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section ComputeWorkloadAnalysis \
-        --section InstructionStats --section SourceCounters \
-        python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" \
-        --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" ;;
+        --section InstructionStats --section SourceCounters} \
+        python3 benchmarks/kernel_solo.py --iters 1 --bytes "${NCU_BYTES:-256M}" --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" \
+        --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" --rotate "${SOLO_ROTATE:-off}" \
+        --group-size "${SOLO_GROUP:-128}" ;;
+    ncu-rot)  # issue 21: Nsight Compute on the solo staged two-shot, rotation off and on (pipes, stalls, opcodes)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      for r in off on; do
+        run 200 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 --print-details all \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats \
+          --section WarpStateStats --section SchedulerStats --section Occupancy \
+          python3 benchmarks/kernel_solo.py --iters 1 --bytes "${NCU_BYTES:-256M}" --bits "${NCU_BITS:-6}" \
+          --shape "${SOLO_SHAPE:-256,264,2}" --algo staged --world "${SOLO_WORLD:-2}" --rotate $r \
+          --group-size "${SOLO_GROUP:-128}"
+      done ;;
     ncu-src)  # per-SASS-instruction source counters of the solo kernel, as CSV
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       log "ncu source page -> $OUT/ncu-source.csv"

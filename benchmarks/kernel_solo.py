@@ -32,7 +32,7 @@ def parse_bytes(text: str) -> int:
 
 
 def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0, max_blocks=264,
-                 slot_bytes=48 << 10, build=None, rotate=False):
+                 slot_bytes=48 << 10, build=None, rotate=False, group_size=128):
     """(function, grid, block, args, keepalive, used shape) for one solo launch; compiles on first use.
 
     The launch is what the backend would run for a forced ``shape`` (``select_plan`` with this
@@ -49,7 +49,7 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     build = build or kernels.SHIPPED
     staged = algo == "staged"  # the staged flag two-shot (quantized 16-bit modes)
     algo = "twoshot" if staged else algo
-    mode = Mode.make(bits, 128, rotate=rotate and bits is not None, algo=algo)
+    mode = Mode.make(bits, group_size, rotate=rotate and bits is not None, algo=algo)
     layout = WorkspaceLayout(world, max_blocks, slot_bytes)
     ws = cupy.zeros(layout.total, dtype=cupy.uint8)
     err = cupy.zeros(16, dtype=cupy.uint32)
@@ -103,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--slot-kib", type=int, default=48, help="workspace slot size")
     ap.add_argument("--base-dir", help="also time the kernel from this source directory")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--group-size", default="128", help="comma list of quantization group sizes")
     ap.add_argument("--rotate", choices=("off", "on", "both"), default="off",
                     help="Hadamard rotation of the quantized modes (both: each row rotated and not)")
     ap.add_argument("--define-sets", default="",
@@ -122,17 +123,19 @@ def main(argv=None):
     for label, kdir, defines in dirs:
         build = KernelBuild(kdir, tuple(f"{PROFILE_DEFINES} {defines}".split()), lineinfo)
         for size, algo in ((sz, al) for sz in args.bytes.split(",") for al in args.algo.split(",")):
-            for bits, shape, rot in ((b, sh, r) for b in args.bits.split(",") for sh in shapes
-                                     for r in rotations[args.rotate]):
+            for bits, group, shape, rot in ((b, int(g), sh, r) for b in args.bits.split(",")
+                                            for g in args.group_size.split(",") for sh in shapes
+                                            for r in rotations[args.rotate]):
                 b = None if bits == "none" else int(bits)
                 if rot and b is None:
                     continue
                 fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, algo, shape,
                                                                   max_blocks=args.max_blocks,
                                                                   slot_bytes=args.slot_kib << 10, build=build,
-                                                                  rotate=rot)
+                                                                  rotate=rot, group_size=group)
                 us = time_launch(fn, grid, block, kargs, args.iters, used[-1])
-                print(f"solo {label:>4} world={args.world} {algo} {size:>5} bits={bits:>4}{' rot' if rot else '    '} "
+                print(f"solo {label:>4} world={args.world} {algo} {size:>5} bits={bits:>4} g{group:<4}"
+                      f"{' rot' if rot else '    '} "
                       f"shape={used}: {us:9.1f} us", flush=True)
                 del keep
     return 0
