@@ -21,7 +21,8 @@
 # per-instruction source counters as CSV); transports (issue 17; one stage per device call):
 # host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
 # rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model; hier-parts (issue 20: the hierarchical
-# all-reduce's encode/all-gather/decode apart; env HIER_SIZES).
+# all-reduce's encode/all-gather/decode apart; env HIER_SIZES); node-solo (one GPU: its inter-node kernels
+# timed alone, env NODE_SIZES, NODE_BITS, NODE_ROTATE).
 # pytest-gpu (alias pytest): the GPU checks as named pytest tests at NP ranks (env PYTEST_GPU, PYTEST_GPU_ARGS,
 # PYTEST_GPU_BUDGET; see the stage).
 # NP defaults to the GPU count.
@@ -193,6 +194,9 @@ for stage in ${STAGES//,/ }; do
         python3 benchmarks/kernel_solo.py --iters 1 --bytes "${NCU_BYTES:-256M}" --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" \
         --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" --rotate "${SOLO_ROTATE:-off}" \
         --group-size "${SOLO_GROUP:-128}" ;;
+    node-solo)  # one GPU: the hierarchical path's inter-node kernels timed alone (after every fc_node.cuh change)
+      run 300 python3 benchmarks/node_solo.py --sizes "${NODE_SIZES:-16M,64M,256M}" --bits "${NODE_BITS:-4,8,6,none}" \
+        --rotate "${NODE_ROTATE:-both}" --json "$OUT/node-solo-$TAG.json" ;;
     ncu-rot)  # issue 21: Nsight Compute on the solo staged two-shot, rotation off and on (pipes, stalls, opcodes)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       for r in off on; do

@@ -53,6 +53,11 @@ CASES = {
     "llq1r": [Case(f"LLQ int{b} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot)
               for b in (4, 6, 8) for size, nbytes in (("16K", 16 << 10), ("256K", 256 << 10), ("1M", 1 << 20))
               for rot in (False, True)],
+    # issue 21: which quantized LL kernel a rotated call should run at 256 KB-1 MB (the table, tuned
+    # unrotated, picks the two-shot for INT6/INT8 at 1 MB; the one-shot shares its butterflies)
+    "llqalgo": [Case(f"LLQ int{b} {k}S {size}{' rot' if rot else ''}", nbytes, b, algo, "ll", rotate=rot)
+                for b in (6, 8) for size, nbytes in (("256K", 256 << 10), ("1M", 1 << 20))
+                for k, algo in ((1, "oneshot"), (2, "twoshot")) for rot in (False, True)],
     "flag": [Case("flag 2S int4 16M", 16 << 20, 4, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 2S int8 16M", 16 << 20, 8, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 1S int8 64K", 64 << 10, 8, "oneshot", "auto", (256, 0, 1, "flag", False))],
