@@ -53,15 +53,18 @@ class Communicator:
         Bootstrap over this group instead of MPI (e.g. under ``torchrun``;
         see :meth:`from_torch`); no MPI library is needed then.
     backend : {"auto", "gpu", "cpu", "nccl"} (:data:`BACKENDS`)
-        "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" falls
-        back to NCCL, with one warning naming the reason, when CUDA IPC or
-        peer access does not work between the ranks; when the ranks span
-        nodes it is the hierarchical backend.
+        "auto" picks "gpu" when CuPy sees a GPU, else "cpu".  "gpu" moves
+        the data through host memory when CUDA IPC or peer access does not
+        work between the ranks, and falls back to NCCL, with one warning
+        naming the reason, when that does not work either; when the ranks
+        span nodes it is the hierarchical backend.
     **options
-        Passed to the backend (e.g. ``timeout_s``, ``validate``,
-        ``workspace_bytes``, ``transport`` for the GPU backend: "auto",
-        "ipc" or "host", see README "GPUs without peer access"; ``ranks_per_node``,
-        the testing override of node discovery, for "cpu" and "gpu").
+        Passed to the backend: ``timeout_s`` and ``validate`` for every
+        backend; for "gpu", ``transport`` ("auto", "ipc" or "host", see README
+        "GPUs without peer access"), ``device``, ``protocol``, ``slot_bytes``,
+        ``max_blocks``, ``max_threads``, ``tuning_path`` (the arguments of
+        ``backends.flash.backend.FlashGpuBackend``); ``ranks_per_node``, the
+        testing override of node discovery, for "cpu" and "gpu".
 
     The communicator is a context manager; it is also closed at interpreter
     exit.

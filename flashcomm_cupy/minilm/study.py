@@ -35,7 +35,7 @@ from . import assets
 from .corpus import Corpus, build_corpus
 from .forward import TensorParallelMiniLM, sites
 
-#: The default sweep (24 quantized modes, ~4 min on 2 CPU ranks): every bit width, the smallest, the
+#: The default sweep (24 quantized modes, ~7 min on 2 shared CPU cores, docs/accuracy.md): every bit width, the smallest, the
 #: library's default and the largest group, rotation off and on, asymmetric codes (the library's
 #: default).  The full grid: --group-size 32,64,128,256,512,1024 --symmetric both.
 DEFAULT_BITS = ("8", "6", "4/8", "4")
