@@ -104,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--base-dir", help="also time the kernel from this source directory")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--group-size", default="128", help="comma list of quantization group sizes")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     ap.add_argument("--rotate", choices=("off", "on", "both"), default="off",
                     help="Hadamard rotation of the quantized modes (both: each row rotated and not)")
     ap.add_argument("--define-sets", default="",
@@ -132,9 +133,10 @@ def main(argv=None):
                 fn, grid, block, kargs, keep, used = build_launch(args.world, parse_bytes(size), b, algo, shape,
                                                                   max_blocks=args.max_blocks,
                                                                   slot_bytes=args.slot_kib << 10, build=build,
-                                                                  rotate=rot, group_size=group)
+                                                                  rotate=rot, group_size=group,
+                                                                  dtype_name=args.dtype)
                 us = time_launch(fn, grid, block, kargs, args.iters, used[-1])
-                print(f"solo {label:>4} world={args.world} {algo} {size:>5} bits={bits:>4} g{group:<4}"
+                print(f"solo {label:>4} world={args.world} {algo} {args.dtype} {size:>5} bits={bits:>4} g{group:<4}"
                       f"{' rot' if rot else '    '} "
                       f"shape={used}: {us:9.1f} us", flush=True)
                 del keep
