@@ -32,24 +32,13 @@ import sys
 import numpy as np
 
 from flashcomm_cupy.harness.sizes import parse_size
+from flashcomm_cupy.harness.timing import event_seconds_per_call
 
 
 def timed_ms(mpi, fn, iters: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean time of ``iters`` back-to-back calls, max over ranks."""
-    import cupy
-    fn()
-    cupy.cuda.Device().synchronize()
-    samples = []
-    for _ in range(repeats):
-        mpi.Barrier()
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(iters):
-            fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop) / iters)
-    return mpi.allreduce(float(np.median(samples)), op=_max())
+    per_call = event_seconds_per_call(fn, iters, repeats, before_each=mpi.Barrier)
+    return mpi.allreduce(float(np.median(per_call)) * 1e3, op=_max())
 
 
 def _local_only_ms(mpi, comm, call, iters: int, repeats: int) -> float:

@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from flashcomm_cupy.harness.sizes import parse_size
+from flashcomm_cupy.harness.timing import event_seconds_per_call
 
 #: below this effective bandwidth a node kernel is flagged: an H200's HBM moves about 4.8 TB/s; with
 #: the serial host read of v34, fc_node_sum at 256 MB INT4 moved its ~390 MB in about 46 ms, under 10 GB/s
@@ -37,19 +38,7 @@ COLUMNS = ["bytes", "mode", "blocks", "encode_us", "encode_gbps", "sum_us", "sum
 
 def time_us(launch, iters: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean time of ``iters`` back-to-back launches, in us."""
-    import cupy
-    launch()
-    cupy.cuda.get_current_stream().synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(iters):
-            launch()
-        stop.record()
-        stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3 / iters)
-    return statistics.median(samples)
+    return statistics.median(event_seconds_per_call(launch, iters, repeats)) * 1e6
 
 
 def measure(nbytes: int, bits, dtype: str, nodes: int, rotate: bool, iters: int, repeats: int) -> dict:

@@ -133,3 +133,26 @@ def host_seconds_per_call(call: Callable[[], None], iters: int) -> float:
     for _ in range(iters):
         call()
     return (time.perf_counter() - t0) / iters
+
+
+def event_seconds_per_call(launch: Callable[[], None], iters: int, repeats: int,
+                           before_each: Optional[Callable[[], None]] = None) -> List[float]:
+    """GPU seconds per call of ``repeats`` runs of ``iters`` back-to-back ``launch()`` calls on
+    CuPy's current stream, timed by CUDA events, after one warm-up call and a device synchronize;
+    ``before_each`` runs before every timed run (e.g. an MPI barrier).  Without a communicator or a
+    backend: for the one-GPU benchmarks (``benchmarks/node_solo.py``, ``benchmarks/hier_parts.py``)."""
+    import cupy
+    launch()
+    cupy.cuda.Device().synchronize()
+    per_call = []
+    for _ in range(repeats):
+        if before_each is not None:
+            before_each()
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(iters):
+            launch()
+        stop.record()
+        stop.synchronize()
+        per_call.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / iters)
+    return per_call
