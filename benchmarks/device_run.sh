@@ -15,10 +15,12 @@
 # kernel-profiling stages: ll-ab (the poison protocol's cost in the LL kernels; env BASE_KERNELS), rot-kab (issue 21:
 # rotation's price under several kernel builds in one run; env BASE_KERNELS, MID_KERNELS, ROT_ROUNDS, ROT_VARIANTS), variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
-# SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_ROTATE (off, on, both), SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
+# SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_ROTATE (off, on, both), SOLO_GROUP, SOLO_DTYPE,
+# SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # loopback (one GPU: tests/gpu/test_loopback_gpu.py, env KERNEL_DIR), loopback-time (loopback_time.py; env
-# LOOPBACK_CASES, LOOPBACK_VARIANTS), ncu (Nsight Compute sections of the solo kernel) and ncu-src (its
-# per-instruction source counters as CSV); transports (issue 17; one stage per device call):
+# LOOPBACK_CASES, LOOPBACK_VARIANTS), ncu (Nsight Compute sections of the solo kernel; env NCU_BITS, NCU_BYTES,
+# NCU_SECTIONS and the SOLO_ ones), ncu-rot (issue 21: the solo staged two-shot profiled rotation off and on)
+# and ncu-src (its per-instruction source counters as CSV); transports (issue 17; one stage per device call):
 # host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
 # rank), isolated-bench, host-bench (vs NCCL-SHM), host-tune, host-model; hier-parts (issue 20: the hierarchical
 # all-reduce's encode/all-gather/decode apart; env HIER_SIZES); node-solo (one GPU: its inter-node kernels

@@ -30,7 +30,7 @@ from flashcomm_cupy.harness.sizes import parse_size
 from flashcomm_cupy.harness.timing import event_seconds_per_call
 
 #: below this effective bandwidth a node kernel is flagged: an H200's HBM moves about 4.8 TB/s; with
-#: the serial host read of v34, fc_node_sum at 256 MB INT4 moved its ~390 MB in about 46 ms, under 10 GB/s
+#: the serial host read of v34, fc_node_sum at 256 MB INT4 moved its ~420 MB in about 46 ms, under 10 GB/s
 SLOW_GBPS = 200.0
 #: what benchmarks/render_results.py tabulates from the JSON
 COLUMNS = ["bytes", "mode", "blocks", "encode_us", "encode_gbps", "sum_us", "sum_gbps"]
