@@ -60,11 +60,14 @@ class Communicator:
         span nodes it is the hierarchical backend.
     **options
         Passed to the backend: ``timeout_s`` and ``validate`` for every
-        backend; for "gpu", ``transport`` ("auto", "ipc" or "host", see README
-        "GPUs without peer access"), ``device``, ``protocol``, ``slot_bytes``,
-        ``max_blocks``, ``max_threads``, ``tuning_path`` (the arguments of
-        ``backends.flash.backend.FlashGpuBackend``); ``ranks_per_node``, the
-        testing override of node discovery, for "cpu" and "gpu".
+        backend; for "gpu" on one node, ``transport`` ("auto", "ipc" or "host",
+        see README "GPUs without peer access"), ``device``, ``protocol``,
+        ``slot_bytes``, ``max_blocks``, ``max_threads``, ``tuning_path`` (the
+        arguments of ``backends.flash.backend.FlashGpuBackend``); across nodes
+        only ``device``, ``timeout_s``, ``validate``, ``max_blocks`` and
+        ``transport`` (the hierarchical backend names them when refusing
+        another); ``ranks_per_node``, the testing override of node discovery,
+        for "cpu" and "gpu".
 
     The communicator is a context manager; it is also closed at interpreter
     exit.
