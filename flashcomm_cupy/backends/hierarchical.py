@@ -54,7 +54,6 @@ _ALGOS = ("hierarchical", "nccl")
 #: elements per thread of the chunk kernels (the default unit; groups of 32..1024 fit in a warp)
 _UNIT_ELEMS = _kernels.DEFAULT_UNIT_ELEMS
 _THREADS = 128
-_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
 class NoNodeTransport(RuntimeError):
@@ -456,12 +455,21 @@ class _InterNodeSum:
         """``out`` = the node-order sum of every node's ``x`` as its receivers decode it, or NaN
         when a node reported a failure (``x``, ``out``: 16-byte aligned, ``n`` elements of the
         dtype; on ``stream``)."""
-        import cupy
-        self.encode(self.grid, self.block, (x, self.send, self.recv) + self.encode_args, stream=stream)
+        self.encode_into_send(x, stream)
         nccl.all_gather(self.send.data.ptr, self.recv.data.ptr, self.stride, "uint8", stream.ptr)
+        self.sum_received(out, stream)
+
+    def encode_into_send(self, x, stream) -> None:
+        """``x`` as this rank's wire chunk and status in ``send`` (``fc_node_encode``)."""
+        self.encode(self.grid, self.block, (x, self.send, self.recv) + self.encode_args, stream=stream)
+
+    def sum_received(self, out, stream) -> None:
+        """``out`` from the chunks in ``recv`` (``fc_node_sum``), after the all-gather filled it."""
+        import cupy
+        rt = cupy.cuda.runtime
         # after the all-gather, so a mark the host made while aborting it is seen (pinned memory:
         # the copy reads it when it runs, in a graph replay too)
-        cupy.cuda.runtime.memcpyAsync(self.own_state.data.ptr, self.own_record, 4, _HOST_TO_DEVICE, stream.ptr)
+        rt.memcpyAsync(self.own_state.data.ptr, self.own_record, 4, rt.memcpyHostToDevice, stream.ptr)
         self.sum(self.grid, self.block, (self.recv,) + self.sum_wire + (out,) + self.sum_elems, stream=stream)
 
 
