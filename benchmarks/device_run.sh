@@ -15,10 +15,10 @@
 # kernel-profiling stages: ll-ab (the poison protocol's cost in the LL kernels; env BASE_KERNELS), rot-kab (issue 21:
 # rotation's price under several kernel builds in one run; env BASE_KERNELS, MID_KERNELS, ROT_ROUNDS, ROT_VARIANTS), variants (kernel_variants.py; env BASE_KERNELS,
 # VARIANTS, CASES, DEFINE_SETS), solo (kernel_solo.py on one GPU; env SOLO_BYTES, SOLO_BITS,
-# SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_WORLD, SOLO_ROTATE (off, on, both), SOLO_GROUP, SOLO_DTYPE,
+# SOLO_SHAPE, SOLO_ALGO (twoshot, oneshot, staged), SOLO_PROTOCOL (flag, ll), SOLO_WORLD, SOLO_ROTATE (off, on, both), SOLO_GROUP, SOLO_DTYPE,
 # SOLO_MAX_BLOCKS, SOLO_SLOT_KIB, SOLO_DEFINE_SETS, BASE_KERNELS),
 # loopback (one GPU: tests/gpu/test_loopback_gpu.py, env KERNEL_DIR), loopback-time (loopback_time.py; env
-# LOOPBACK_CASES, LOOPBACK_VARIANTS), ncu (Nsight Compute sections of the solo kernel; env NCU_BITS, NCU_BYTES,
+# LOOPBACK_CASES, LOOPBACK_VARIANTS), ncu (Nsight Compute sections of the solo kernel; env NCU_KERNEL, NCU_BITS, NCU_BYTES,
 # NCU_SECTIONS and the SOLO_ ones), ncu-rot (issue 21: the solo staged two-shot profiled rotation off and on)
 # and ncu-src (its per-instruction source counters as CSV); transports (issue 17; one stage per device call):
 # host-checks, host-transport, isolated-checks and isolated-transport (one GPU visible per
@@ -186,16 +186,17 @@ for stage in ${STAGES//,/ }; do
       run 240 python3 benchmarks/kernel_solo.py --bytes "${SOLO_BYTES:-256M,16M}" --bits "${SOLO_BITS:-4,8,none}" \
         --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" --rotate "${SOLO_ROTATE:-off}" \
         --group-size "${SOLO_GROUP:-128}" --dtype "${SOLO_DTYPE:-float16}" --shape "${SOLO_SHAPE:-256,264,2}" --max-blocks "${SOLO_MAX_BLOCKS:-264}" --slot-kib "${SOLO_SLOT_KIB:-48}" \
+        --protocol "${SOLO_PROTOCOL:-flag}" \
         ${BASE_KERNELS:+--base-dir "$BASE_KERNELS"} ${SOLO_DEFINE_SETS:+--define-sets "$SOLO_DEFINE_SETS"} ;;
     ncu)  # Nsight Compute on the solo kernel (details into the log)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      FLASHCOMM_KERNEL_LINEINFO=1 run 300 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 \
+      FLASHCOMM_KERNEL_LINEINFO=1 run 300 "$NCU" --clock-control none -k "regex:${NCU_KERNEL:-fc_twoshot}" -s 2 -c 1 \
         ${NCU_SECTIONS:---section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section ComputeWorkloadAnalysis \
         --section InstructionStats --section SourceCounters} \
         python3 benchmarks/kernel_solo.py --iters 1 --bytes "${NCU_BYTES:-256M}" --bits "${NCU_BITS:-4}" --shape "${SOLO_SHAPE:-256,264,2}" \
         --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" --rotate "${SOLO_ROTATE:-off}" \
-        --group-size "${SOLO_GROUP:-128}" ;;
+        --group-size "${SOLO_GROUP:-128}" --protocol "${SOLO_PROTOCOL:-flag}" ;;
     node-solo)  # one GPU: the hierarchical path's inter-node kernels timed alone (after every fc_node.cuh change)
       run 300 python3 benchmarks/node_solo.py --sizes "${NODE_SIZES:-16M,64M,256M}" --bits "${NODE_BITS:-4,8,6,none}" \
         --rotate "${NODE_ROTATE:-both}" --json "$OUT/node-solo-$TAG.json" ;;
@@ -209,15 +210,19 @@ for stage in ${STAGES//,/ }; do
           --shape "${SOLO_SHAPE:-256,264,2}" --algo staged --world "${SOLO_WORLD:-2}" --rotate $r \
           --group-size "${SOLO_GROUP:-128}"
       done ;;
-    ncu-src)  # per-SASS-instruction source counters of the solo kernel, as CSV
+    ncu-src)  # per-SASS-instruction source counters of the solo kernel, as CSV (env NCU_KERNEL, a regex;
+              # NCU_TAG names the file; NCU_BYTES, NCU_BITS and the SOLO_ ones as in ncu, SOLO_PROTOCOL ll for LL kernels)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      log "ncu source page -> $OUT/ncu-source.csv"
-      timeout -k 10 300 "$NCU" --clock-control none -k regex:fc_twoshot -s 2 -c 1 --section SourceCounters \
+      CSV="$OUT/ncu-source${NCU_TAG:+-$NCU_TAG}.csv"
+      log "ncu source page -> $CSV"
+      FLASHCOMM_KERNEL_LINEINFO=1 timeout -k 10 300 "$NCU" --clock-control none --cache-control none \
+        -k "regex:${NCU_KERNEL:-fc_twoshot}" -s 2 -c 1 --section SourceCounters --section WarpStateStats \
         --page source --csv --print-source sass \
-        python3 benchmarks/kernel_solo.py --iters 1 --bytes 256M --bits "${NCU_BITS:-4}" \
+        python3 benchmarks/kernel_solo.py --iters 1 --bytes "${NCU_BYTES:-256M}" --bits "${NCU_BITS:-4}" \
         --shape "${SOLO_SHAPE:-256,264,2}" --algo "${SOLO_ALGO:-twoshot}" --world "${SOLO_WORLD:-4}" \
-        > "$OUT/ncu-source.csv" 2>>"$LOG"
-      log "rc=$? ($(wc -l < "$OUT/ncu-source.csv") lines)" ;;
+        --rotate "${SOLO_ROTATE:-off}" --group-size "${SOLO_GROUP:-128}" --protocol "${SOLO_PROTOCOL:-flag}" \
+        > "$CSV" 2>>"$LOG"
+      log "rc=$? ($(wc -l < "$CSV") lines)" ;;
     table)  # issue 19: `mpirun -n 2 flashcomm bench` as a user types it (Open MPI gives each rank an
             # 80-column pty), as a log and on a 60-column terminal; both logs checked for cut cells
             # and control codes by benchmarks/check_table_log.py (expected: "OK: 45 rows" each: 9 sizes x 5)

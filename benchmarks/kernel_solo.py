@@ -32,11 +32,13 @@ def parse_bytes(text: str) -> int:
 
 
 def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0, max_blocks=264,
-                 slot_bytes=48 << 10, build=None, rotate=False, group_size=128):
+                 slot_bytes=48 << 10, build=None, rotate=False, group_size=128, protocol="flag"):
     """(function, grid, block, args, keepalive, used shape) for one solo launch; compiles on first use.
+    The keepalive tuple ends with the plan (its ``kernel`` names what runs).
 
-    The launch is what the backend would run for a forced ``shape`` (``select_plan`` with this
-    GPU's limits), on a workspace whose peers all alias this GPU's own.
+    The launch is what the backend would run for a forced ``shape`` and ``protocol`` ("flag", or
+    "ll" for the data-as-signal kernels, whose polls the profiling build skips too; ``select_plan``
+    with this GPU's limits), on a workspace whose peers all alias this GPU's own.
     """
     import cupy
     from flashcomm_cupy.backends.flash import kernels
@@ -60,7 +62,7 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     limits = Limits.of_layout(layout, sm_count=sms, blocks_per_sm=lambda kernel, key, threads, smem:
                               resident_blocks(kernels.kernel(kernel, key, build), threads, smem))
     plan = select_plan(n, dtype_name, mode, world=world, table=TuningTable({}, "none"), limits=limits,
-                       force=Force(shape[0], shape[1], shape[2], "flag", staged))
+                       force=Force(shape[0], shape[1], shape[2], protocol, staged))
     if staged and plan.protocol != "staged":
         raise SystemExit(f"staged: the staged two-shot does not serve this call ({plan})")
     base = np.zeros(1, dtype=ARGS_DTYPE)
@@ -72,7 +74,7 @@ def build_launch(world, nbytes, bits, algo, shape, dtype_name="float16", rank=0,
     args = launch_args(base, plan, n, mode)
     args[0]["in_ptr"], args[0]["out_ptr"] = x.data.ptr, out.data.ptr
     fn = kernels.kernel(plan.kernel, plan.build, build)
-    return (fn, (plan.blocks,), (plan.threads,), args, (ws, err, x, out),
+    return (fn, (plan.blocks,), (plan.threads,), args, (ws, err, x, out, plan),
             (plan.threads, plan.blocks, plan.units, plan.smem))
 
 
@@ -99,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--bits", default="4", help="comma list: 4, 8, none")
     ap.add_argument("--algo", default="twoshot", help="comma list: twoshot, oneshot, staged (staged two-shot)")
     ap.add_argument("--shape", default="256,264,2", help="threads,blocks,units; ';'-separated list to compare")
+    ap.add_argument("--protocol", default="flag", choices=("flag", "ll"),
+                    help="ll: the data-as-signal kernels (where they serve the call; the flag ones otherwise)")
     ap.add_argument("--max-blocks", type=int, default=264, help="workspace blocks (slots per source)")
     ap.add_argument("--slot-kib", type=int, default=48, help="workspace slot size")
     ap.add_argument("--base-dir", help="also time the kernel from this source directory")
@@ -134,11 +138,11 @@ def main(argv=None):
                                                                   max_blocks=args.max_blocks,
                                                                   slot_bytes=args.slot_kib << 10, build=build,
                                                                   rotate=rot, group_size=group,
-                                                                  dtype_name=args.dtype)
+                                                                  dtype_name=args.dtype, protocol=args.protocol)
                 us = time_launch(fn, grid, block, kargs, args.iters, used[-1])
                 print(f"solo {label:>4} world={args.world} {algo} {args.dtype} {size:>5} bits={bits:>4} g{group:<4}"
                       f"{' rot' if rot else '    '} "
-                      f"shape={used}: {us:9.1f} us", flush=True)
+                      f"{keep[-1].kernel} shape={used}: {us:9.2f} us", flush=True)
                 del keep
     return 0
 

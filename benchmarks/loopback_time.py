@@ -58,6 +58,29 @@ CASES = {
     "llqalgo": [Case(f"LLQ int{b} {k}S {size}{' rot' if rot else ''}", nbytes, b, algo, "ll", rotate=rot)
                 for b in (6, 8) for size, nbytes in (("256K", 256 << 10), ("1M", 1 << 20))
                 for k, algo in ((1, "oneshot"), (2, "twoshot")) for rot in (False, True)],
+    # issue 21: rotation's price for the modes the MiniLM study says need it (INT6 at every group,
+    # INT8 at g512 and up) against the default's group, below 1 MB and at it
+    "rotgroups": [Case(f"LLQ int{b} g{g} {k}S {size}{' rot' if rot else ''}", nbytes, b, algo, "ll", rotate=rot,
+                       group=g)
+                  for b, g in ((6, 32), (6, 128), (8, 128), (8, 1024))
+                  for size, nbytes in (("64K", 64 << 10), ("256K", 256 << 10), ("1M", 1 << 20))
+                  for k, algo in ((1, "oneshot"), (2, "twoshot")) for rot in (False, True)],
+    # issue 21: the rotating LL one-shot at the table's shapes and at twice the warps per block
+    # (each SM scheduler then runs two warps of the same code, which share its fetches)
+    "rotshape": [Case(f"LLQ int{b} g{g} 1S {size} {t}x{nb}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll",
+                      (t, nb, 1, "ll", False), rotate=rot, group=g)
+                 for b, g in ((6, 32), (6, 128), (8, 128))
+                 for size, nbytes, shapes in (("16K", 16 << 10, ((128, 4), (256, 2))),
+                                              ("64K", 64 << 10, ((128, 16), (256, 8))),
+                                              ("256K", 256 << 10, ((256, 32), (128, 64))))
+                 for t, nb in shapes for rot in (False, True)],
+    # issue 21: the rotating LL one-shot below SHARED_ROTATION_MIN_BLOCKS (plan.py), each codec
+    "rotsmall": [Case(f"LLQ int{b} g{g} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot,
+                      group=g)
+                 for b, g in ((4, 128), (6, 32), (6, 128), (8, 128), (8, 1024))
+                 for size, nbytes in (("4K", 4 << 10), ("8K", 8 << 10), ("16K", 16 << 10), ("32K", 32 << 10),
+                                      ("64K", 64 << 10))
+                 for rot in (False, True)],
     "flag": [Case("flag 2S int4 16M", 16 << 20, 4, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 2S int8 16M", 16 << 20, 8, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 1S int8 64K", 64 << 10, 8, "oneshot", "auto", (256, 0, 1, "flag", False))],
