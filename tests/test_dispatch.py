@@ -335,9 +335,14 @@ def test_launch_arguments_carry_each_plans_shape_and_the_modes_flags():
     rotating = Mode.make(8, 64, rotate=True)  # the shared butterflies from SHARED_ROTATION_MIN_BLOCKS blocks
     p = plan(3000, rotating, table=LL_TABLE, protocol="ll")
     assert (p.kernel, p.blocks, p.build) == ("fc_llq_oneshot", 2, KernelKey(0, 8, 8, 16))
-    n = SHARED_ROTATION_MIN_BLOCKS * 128 * 16
-    p, q = plan(n, rotating, table=LL_TABLE, protocol="ll"), plan(n - 2048, rotating, table=LL_TABLE, protocol="ll")
-    assert (p.kernel, p.blocks, q.kernel) == ("fc_llq_oneshot_rot", SHARED_ROTATION_MIN_BLOCKS, "fc_llq_oneshot")
+    for bits, shared_from in ((8, 4), (6, 4), (4, 8)):  # INT4's call costs more than it saves below 8 blocks
+        assert SHARED_ROTATION_MIN_BLOCKS[bits] == shared_from
+        mode = Mode.make(bits, 64, rotate=True)
+        n = shared_from * 128 * 16  # 128 threads of 16-element units a block
+        p, q = plan(n, mode, table=LL_TABLE, protocol="ll"), plan(n - 2048, mode, table=LL_TABLE, protocol="ll")
+        assert (p.kernel, p.blocks, q.kernel, q.blocks) == ("fc_llq_oneshot_rot", shared_from, "fc_llq_oneshot",
+                                                            shared_from - 1), bits
+        assert plan(n, Mode.make(bits, 64), table=LL_TABLE, protocol="ll").kernel == "fc_llq_oneshot"  # unrotated
     p = plan(1 << 21, Mode.make(4, 1024), table=LL_TABLE, protocol="ll")  # a 1024-group spans 32 lanes of 32
     assert (p.kernel, p.threads, p.build) == ("fc_llq_twoshot", 128, KernelKey(0, 4, 4, 32))
     assert p.blocks * 128 * 32 * p.units >= 1 << 19

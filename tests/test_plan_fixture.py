@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flashcomm_cupy.backends.flash.plan import SHARED_ROTATION_MIN_BLOCKS, Force, Limits, select_plan
+from flashcomm_cupy.backends.flash.plan import Force, Limits, select_plan, shares_rotation_code
 from flashcomm_cupy.backends.flash.table import TuningTable
 
 HERE = Path(__file__).resolve().parent / "plan_fixture"
@@ -32,10 +32,10 @@ def _limits(ws):
 
 def _recorded_kernel(plan, mode):
     """The kernel's name as the fixture knows it.  One change since it was recorded, on purpose: a
-    rotating quantized LL one-shot of SHARED_ROTATION_MIN_BLOCKS blocks or more runs its own build,
-    fc_llq_oneshot_rot (benchmarks/NOTES.md v32), with the launch the fixture recorded."""
+    rotating quantized LL one-shot of enough blocks (plan.SHARED_ROTATION_MIN_BLOCKS) runs its own build,
+    fc_llq_oneshot_rot (benchmarks/NOTES.md v32, v36), with the launch the fixture recorded."""
     if plan.kernel == "fc_llq_oneshot_rot":
-        assert mode.rotate and plan.blocks >= SHARED_ROTATION_MIN_BLOCKS, plan
+        assert shares_rotation_code(mode, plan.blocks), plan
         return "fc_llq_oneshot"
     return plan.kernel
 

@@ -156,14 +156,14 @@ def test_quantized_ll_kernels_are_the_reference(jobs, world, algo, dtype, bits, 
     job = jobs(world)
     for n in (1, 127, 4099, 65_537):
         plan = run_exact(job, n, dtype, mode, protocol="ll")
-        assert plan.kernel == llq_kernel(plan, rotate), plan
+        assert plan.kernel == llq_kernel(plan, mode), plan
 
 
-def llq_kernel(plan, rotate):
+def llq_kernel(plan, mode):
     """The quantized LL kernel a plan must run: a rotating one-shot of enough blocks has its own
     build with shared butterflies (FcRotCode); the inputs above run both one-shot builds."""
-    from flashcomm_cupy.backends.flash.plan import SHARED_ROTATION_MIN_BLOCKS
-    if plan.algo == "oneshot" and rotate and plan.blocks >= SHARED_ROTATION_MIN_BLOCKS:
+    from flashcomm_cupy.backends.flash.plan import shares_rotation_code
+    if plan.algo == "oneshot" and shares_rotation_code(mode, plan.blocks):
         return "fc_llq_oneshot_rot"
     return f"fc_llq_{plan.algo}"
 
@@ -262,7 +262,7 @@ def test_an_absent_then_late_rank_leaves_nan_and_an_error_everywhere(build, worl
         ins = [device(x) for x in host]
         plan = job.plan(n, "float16", mode, force, protocol)
         assert plan.protocol == ("ll" if protocol == "ll" else "staged" if force[4] else "flag"), plan
-        assert protocol != "ll" or bits is None or plan.kernel == llq_kernel(plan, rotate), plan
+        assert protocol != "ll" or bits is None or plan.kernel == llq_kernel(plan, mode), plan
         assert label.startswith("rotating") == (plan.kernel == "fc_llq_oneshot_rot"), plan
         job.all_reduce(ins, mode, dtype="float16", force=force, protocol=protocol)  # one good call first
         outs = [device(np.zeros(n, np.float16)) for _ in range(world)]
