@@ -74,12 +74,23 @@ CASES = {
                                               ("64K", 64 << 10, ((128, 16), (256, 8))),
                                               ("256K", 256 << 10, ((256, 32), (128, 64))))
                  for t, nb in shapes for rot in (False, True)],
-    # issue 21: the rotating LL one-shot below SHARED_ROTATION_MIN_BLOCKS (plan.py), each codec
+    # issue 21: the rotating LL one-shot around SHARED_ROTATION_MIN_WARPS (plan.py), each codec
     "rotsmall": [Case(f"LLQ int{b} g{g} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot,
                       group=g)
                  for b, g in ((4, 128), (6, 32), (6, 128), (8, 128), (8, 1024))
                  for size, nbytes in (("4K", 4 << 10), ("8K", 8 << 10), ("16K", 16 << 10), ("32K", 32 << 10),
                                       ("64K", 64 << 10))
+                 for rot in (False, True)],
+    # issue 21: the rotating LL one-shot at the launch shapes the 2xH200 table picks below 1 MB
+    # (flashcomm_cupy/tuning/default.json: 64-thread blocks for INT6/INT8 from 16 KB, INT4 128 from 64 KB)
+    "rottable": [Case(f"LLQ int{b} g{g} 1S {size} {t}x{u}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll",
+                      (t, 0, u, "ll", False), rotate=rot, group=g)
+                 for b, g, shapes in ((4, 128, ((64, 1), (64, 1), (128, 1), (128, 1))),
+                                      (6, 128, ((128, 2), (64, 1), (64, 1), (64, 1))),
+                                      (8, 128, ((128, 2), (64, 1), (64, 1), (64, 1))),
+                                      (6, 32, ((128, 2), (64, 1), (64, 1), (64, 1))))
+                 for (size, nbytes), (t, u) in zip((("4K", 4 << 10), ("16K", 16 << 10), ("64K", 64 << 10),
+                                                   ("256K", 256 << 10)), shapes)
                  for rot in (False, True)],
     "flag": [Case("flag 2S int4 16M", 16 << 20, 4, "twoshot", "auto", (256, 0, 2, "flag", True)),
              Case("flag 2S int8 16M", 16 << 20, 8, "twoshot", "auto", (256, 0, 2, "flag", True)),

@@ -14,7 +14,7 @@ import pytest
 from flashcomm_cupy import codecs
 from flashcomm_cupy.backends.flash import table as tuning
 from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, FLAG_ROTATE, FLAG_SYM, WorkspaceLayout
-from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, SHARED_ROTATION_MIN_BLOCKS, Force, KernelKey, Limits,
+from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, SHARED_ROTATION_MIN_WARPS, Force, KernelKey, Limits,
                                                 llq_threads, llq_unit_elems, select_plan, staged_twoshot_smem)
 from flashcomm_cupy.config import Mode
 
@@ -332,16 +332,16 @@ def test_launch_arguments_carry_each_plans_shape_and_the_modes_flags():
     p = plan(3000, Mode.make(8, 64), table=LL_TABLE, protocol="ll")  # quantized LL one-shot: the whole message
     assert (p.kernel, p.threads, p.seg_elems, p.build) == ("fc_llq_oneshot", 128, 3008, KernelKey(0, 8, 8, 16))
     assert p.blocks * 128 * 16 * p.units >= 3008
-    rotating = Mode.make(8, 64, rotate=True)  # the shared butterflies from SHARED_ROTATION_MIN_BLOCKS blocks
+    rotating = Mode.make(8, 64, rotate=True)  # the shared butterflies from SHARED_ROTATION_MIN_WARPS warps
     p = plan(3000, rotating, table=LL_TABLE, protocol="ll")
     assert (p.kernel, p.blocks, p.build) == ("fc_llq_oneshot", 2, KernelKey(0, 8, 8, 16))
-    for bits, shared_from in ((8, 4), (6, 4), (4, 8)):  # INT4's call costs more than it saves below 8 blocks
-        assert SHARED_ROTATION_MIN_BLOCKS[bits] == shared_from
+    for bits, warps in ((8, 16), (6, 16), (4, 32)):  # INT4's call costs more than it saves below 32 warps
+        assert SHARED_ROTATION_MIN_WARPS[bits] == warps
         mode = Mode.make(bits, 64, rotate=True)
-        n = shared_from * 128 * 16  # 128 threads of 16-element units a block
+        n = warps * 32 * 16  # 16-element units, blocks of 128 threads (4 warps)
         p, q = plan(n, mode, table=LL_TABLE, protocol="ll"), plan(n - 2048, mode, table=LL_TABLE, protocol="ll")
-        assert (p.kernel, p.blocks, q.kernel, q.blocks) == ("fc_llq_oneshot_rot", shared_from, "fc_llq_oneshot",
-                                                            shared_from - 1), bits
+        assert (p.kernel, p.threads, p.blocks, q.kernel, q.blocks) == ("fc_llq_oneshot_rot", 128, warps // 4,
+                                                                       "fc_llq_oneshot", warps // 4 - 1), bits
         assert plan(n, Mode.make(bits, 64), table=LL_TABLE, protocol="ll").kernel == "fc_llq_oneshot"  # unrotated
     p = plan(1 << 21, Mode.make(4, 1024), table=LL_TABLE, protocol="ll")  # a 1024-group spans 32 lanes of 32
     assert (p.kernel, p.threads, p.build) == ("fc_llq_twoshot", 128, KernelKey(0, 4, 4, 32))

@@ -32,10 +32,10 @@ def _limits(ws):
 
 def _recorded_kernel(plan, mode):
     """The kernel's name as the fixture knows it.  One change since it was recorded, on purpose: a
-    rotating quantized LL one-shot of enough blocks (plan.SHARED_ROTATION_MIN_BLOCKS) runs its own build,
+    rotating quantized LL one-shot of enough warps (plan.SHARED_ROTATION_MIN_WARPS) runs its own build,
     fc_llq_oneshot_rot (benchmarks/NOTES.md v32, v36), with the launch the fixture recorded."""
     if plan.kernel == "fc_llq_oneshot_rot":
-        assert shares_rotation_code(mode, plan.blocks), plan
+        assert shares_rotation_code(mode, plan.blocks, plan.threads), plan
         return "fc_llq_oneshot"
     return plan.kernel
 

@@ -26,18 +26,20 @@ ELEMS_PER_THREAD = 32
 LLQ_UNIT_ELEMS = 16
 #: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
 LLQ_MAX_THREADS = {16: 256, 32: 128}
-#: From this many blocks, by the one-shot's codec (its reduce-scatter bits), a rotating quantized LL
-#: one-shot runs fc_llq_oneshot_rot, whose forward and inverse rotations share one out-of-line copy of
-#: the butterflies (FcRotCode, fc_quant.cuh); below it, fc_llq_oneshot with the butterflies inline.
-#: On one H200's loopback (benchmarks/NOTES.md v32, v36) the shared copy saves INT6/INT8 0.1-0.65 us at
-#: 4-8 blocks, INT8 g1024 1.7-2.5 us, and every codec 0.8-1.7 us from 16 blocks to 128 (1 MB); at 1-2
-#: blocks its call costs INT6 and INT4 up to 0.25 us more, and INT4 at 4 blocks 0.16.
-SHARED_ROTATION_MIN_BLOCKS = {4: 8, 6: 4, 8: 4}
+#: From this many warps in the grid, by the one-shot's codec (its reduce-scatter bits), a rotating
+#: quantized LL one-shot runs fc_llq_oneshot_rot, whose forward and inverse rotations share one
+#: out-of-line copy of the butterflies (FcRotCode, fc_quant.cuh); below it, fc_llq_oneshot with the
+#: butterflies inline.  On one H200's loopback (benchmarks/NOTES.md v32, v36), at the 2xH200 table's
+#: shapes and at 128-thread blocks: from 16 warps the shared copy saves INT6/INT8 0.2-0.65 us
+#: (INT8 g1024 1.7-2.5), from 64 warps every codec 0.6-1.6 us; below 16 warps its call costs up to
+#: 0.25 us more, and INT4 at 16 warps 0.16-0.18.
+SHARED_ROTATION_MIN_WARPS = {4: 32, 6: 16, 8: 16}
 
 
-def shares_rotation_code(mode: Mode, blocks: int) -> bool:
-    """True where a quantized LL one-shot of ``blocks`` blocks in ``mode`` runs fc_llq_oneshot_rot."""
-    return mode.rotate and blocks >= SHARED_ROTATION_MIN_BLOCKS[mode.rs_bits]
+def shares_rotation_code(mode: Mode, blocks: int, threads: int) -> bool:
+    """True where a quantized LL one-shot of ``blocks`` blocks of ``threads`` in ``mode`` runs
+    fc_llq_oneshot_rot."""
+    return mode.rotate and blocks * threads // 32 >= SHARED_ROTATION_MIN_WARPS[mode.rs_bits]
 #: registers of one SM (sm_70 to sm_90): every launched LL block must be resident, two per SM
 SM_REGISTERS = 65536
 #: fc_warp_gather's per-warp stage, in 16-byte vectors (FC_STAGE_VECS in fc_common.cuh)
@@ -375,7 +377,7 @@ def _llq_plan(choice: Choice, n: int, name: str, itemsize: int, mode: Mode, worl
         return None
     if choice.algo == "twoshot":
         kernel = "fc_llq_twoshot"
-    elif shares_rotation_code(mode, blocks):
+    elif shares_rotation_code(mode, blocks, threads):
         kernel = "fc_llq_oneshot_rot"
     else:
         kernel = "fc_llq_oneshot"
