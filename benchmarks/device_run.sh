@@ -111,11 +111,14 @@ for stage in ${STAGES//,/ }; do
       # 16/32-element units and groups 32-1024, every codec/dtype/algorithm, the LL kernels with sentinel,
       # infinite and signed-zero inputs, the staged two-shot), then rotate off vs on in one bench (whose
       # correctness pass checks every row, 16M and 256M included) and the price per row; env ROT_CHECKS: the
-      # sections to run (the bench's own check still covers the staged kernel without "staged")
+      # sections to run (the bench's own check still covers the staged kernel without "staged"); ROT_GROUPS: the
+      # group sizes to price, one bench each (default 128)
       run 330 $MPI "$NP" python3 tests/gpu/gpu_checks.py --quick --only "${ROT_CHECKS:-codec,exact,groups,ll,staged}"
-      run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 16 --bits 8,6,4 --rotate both -r 5 \
-        --json "$OUT/rot-ab-${NP}x-$TAG.json"
-      run 30 python3 benchmarks/rotation_price.py "$OUT/rot-ab-${NP}x-$TAG.json"
+      for g in ${ROT_GROUPS:-128}; do  # e.g. ROT_GROUPS="128 32": INT6 g32 is the INT6 mode the MiniLM study keeps
+        run 200 $MPI "$NP" $FC bench -b 4K -e 256M -f 16 --bits 8,6,4 --group-size "$g" --rotate both -r 5 \
+          --json "$OUT/rot-ab-${NP}x-g$g-$TAG.json"
+        run 30 python3 benchmarks/rotation_price.py "$OUT/rot-ab-${NP}x-g$g-$TAG.json"
+      done
       # what this host's NVRTC allocated (sass_diff.py's numbers come from nvcc on the team machine)
       run 120 python3 benchmarks/kernel_resources.py --json "$OUT/kernel-resources-$TAG.json" ;;
     verify)
