@@ -160,7 +160,7 @@ def test_quantized_ll_kernels_are_the_reference(jobs, world, algo, dtype, bits, 
 
 
 def llq_kernel(plan, mode):
-    """The quantized LL kernel a plan must run: a rotating one-shot of enough blocks has its own
+    """The quantized LL kernel a plan must run: a rotating one-shot of enough warps has its own
     build with shared butterflies (FcRotCode); the inputs above run both one-shot builds."""
     from flashcomm_cupy.backends.flash.plan import shares_rotation_code
     if plan.algo == "oneshot" and shares_rotation_code(mode, plan.blocks, plan.threads):

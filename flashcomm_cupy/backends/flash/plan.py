@@ -40,6 +40,8 @@ def shares_rotation_code(mode: Mode, blocks: int, threads: int) -> bool:
     """True where a quantized LL one-shot of ``blocks`` blocks of ``threads`` in ``mode`` runs
     fc_llq_oneshot_rot."""
     return mode.rotate and blocks * threads // 32 >= SHARED_ROTATION_MIN_WARPS[mode.rs_bits]
+
+
 #: registers of one SM (sm_70 to sm_90): every launched LL block must be resident, two per SM
 SM_REGISTERS = 65536
 #: fc_warp_gather's per-warp stage, in 16-byte vectors (FC_STAGE_VECS in fc_common.cuh)
