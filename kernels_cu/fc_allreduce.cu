@@ -86,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot(F
 }
 
 // The same with one shared copy of the butterflies (FcRotCode), for rotating
-// modes from SHARED_ROTATION_MIN_BLOCKS blocks (plan.py).
+// modes from SHARED_ROTATION_MIN_WARPS warps (plan.py: shares_rotation_code).
 extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot_rot(FcArgs a) {
   fc_llq_oneshot_impl<FC_DT, FC_RS_BITS, FC_ROT_SHARED>(a);
 }

@@ -175,9 +175,9 @@ __device__ void fc_llq_twoshot_impl(const FcArgs& a) {
 // exactly one per call, padding included, so every block exchanges with every
 // peer (the LL slot-reuse argument, fc_ll.cuh).  RC: where the rotation's
 // butterflies live (FcRotCode); the host runs the FC_ROT_SHARED build
-// (fc_llq_oneshot_rot) for rotating modes from SHARED_ROTATION_MIN_BLOCKS
-// blocks (plan.py) and the inline one, which then has no call in it, for the
-// rest.
+// (fc_llq_oneshot_rot) for rotating modes from SHARED_ROTATION_MIN_WARPS
+// warps (plan.py: shares_rotation_code) and the inline one, which then has no
+// call in it, for the rest.
 template <int DT, int RSB, FcRotCode RC>
 __device__ void fc_llq_oneshot_impl(const FcArgs& a) {
   __shared__ fc_v4 s_stage[FC_MAX_WARPS * FC_STAGE_VECS];
