@@ -100,7 +100,8 @@ def run_exact(job, n, dtype, mode, force=None, protocol="auto", seed=11, host=No
 # ---------------------------------------------------------------------------------------------- exact
 FLAG_MODES = [(None, 128, False, False), (4, 128, False, False), (4, 128, True, True), (6, 128, False, True),
               (6, 256, True, False), (8, 128, True, False), (8, 32, False, True), ((4, 8), 128, True, False),
-              ((6, 4), 64, False, False), (4, 1024, True, False)]
+              ((6, 4), 64, False, False), (4, 1024, True, False),
+              (6, 32, True, False)]  # g32 rotated: a group one lane holds (the mode the README recommends)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -121,10 +122,11 @@ STAGED_BITS = [4, 6, 8, (4, 8), (8, 4), (6, 4)]
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bits", STAGED_BITS)
-@pytest.mark.parametrize("rotate, sym", [(False, False), (True, False), (False, True)])
-def test_staged_twoshot_is_the_reference(jobs, world, dtype, bits, rotate, sym):
+@pytest.mark.parametrize("group, rotate, sym", [(128, False, False), (128, True, False), (128, False, True),
+                                                (32, True, False)])  # g32 rotated: a group one lane holds
+def test_staged_twoshot_is_the_reference(jobs, world, dtype, bits, group, rotate, sym):
     from flashcomm_cupy.config import Mode
-    mode = Mode.make(bits, 128, sym, rotate, "twoshot")
+    mode = Mode.make(bits, group, sym, rotate, "twoshot")
     job = jobs(world)
     for n, shape in ((127, (128, 16, 1)), (65_537, (64, 8, 3)), (262_147, (256, 0, 2))):
         run_exact(job, n, dtype, mode, force=(*shape, "flag", True), expect_kernel="fc_twoshot_staged")

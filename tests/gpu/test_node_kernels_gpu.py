@@ -66,15 +66,17 @@ def failure():
 
 @pytest.mark.parametrize("nodes", [2, 3])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("bits, rotate, sym", [(None, False, False), (8, False, False), (8, True, False),
-                                               (6, True, False), (4, False, True), ((4, 8), True, False)])
+@pytest.mark.parametrize("bits, group, rotate, sym", [(None, 128, False, False), (8, 128, False, False),
+                                                      (8, 128, True, False), (6, 128, True, False),
+                                                      (6, 32, True, False),  # a group one lane holds
+                                                      (4, 128, False, True), ((4, 8), 128, True, False)])
 @pytest.mark.parametrize("n", [1, 127, 4099, 65_537])
-def test_one_gpu_per_node_sum_is_the_reference(failure, nodes, dtype, bits, rotate, sym, n):
+def test_one_gpu_per_node_sum_is_the_reference(failure, nodes, dtype, bits, group, rotate, sym, n):
     from flashcomm_cupy import flash_all_reduce_reference
     from flashcomm_cupy.backends.hierarchical import _OneGpuPerNodePlan
     from flashcomm_cupy.config import Mode
     from flashcomm_cupy.dtypes import DTYPES
-    mode = Mode.make(bits, 128, sym, rotate, "hierarchical")
+    mode = Mode.make(bits, group, sym, rotate, "hierarchical")
     rng = np.random.default_rng([n, nodes])
     host = [(rng.standard_normal(n) * 3).astype(np.float32).astype(DTYPES[dtype]) for _ in range(nodes)]
     inputs = [_device(x) for x in host]
