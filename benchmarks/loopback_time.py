@@ -65,6 +65,14 @@ CASES = {
                   for b, g in ((6, 32), (6, 128), (8, 128), (8, 1024))
                   for size, nbytes in (("64K", 64 << 10), ("256K", 256 << 10), ("1M", 1 << 20))
                   for k, algo in ((1, "oneshot"), (2, "twoshot")) for rot in (False, True)],
+    # issue 21: the quantized LL one-shot's 8-element units (plan.LLQ_SMALL_UNIT_ELEMS) against 16-element
+    # ones (--llq-small-units off), each codec, rotated and not
+    "units8": [Case(f"LLQ int{b} g{g} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot,
+                    group=g)
+               for b, g in ((4, 128), (6, 32), (6, 128), (8, 128))
+               for size, nbytes in (("4K", 4 << 10), ("16K", 16 << 10), ("64K", 64 << 10), ("128K", 128 << 10),
+                                    ("256K", 256 << 10))
+               for rot in (False, True)],
     # issue 21: the rotating LL one-shot at the table's shapes and at twice the warps per block
     # (each SM scheduler then runs two warps of the same code, which share its fetches)
     "rotshape": [Case(f"LLQ int{b} g{g} 1S {size} {t}x{nb}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll",
@@ -160,7 +168,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--llq-small-units", choices=("on", "off"), default="on",
+                    help="off: the quantized LL one-shot keeps 16-element units at every size")
     args = ap.parse_args(argv)
+    if args.llq_small_units == "off":
+        from flashcomm_cupy.backends.flash import plan as plan_module
+        plan_module.LLQ_SMALL_UNIT_MAX_ELEMS = -1
     from flashcomm_cupy.backends.flash import kernels
     from flashcomm_cupy.backends.flash.loopback import LoopbackJob
     from flashcomm_cupy.config import parse_bits
@@ -168,8 +181,9 @@ def main(argv=None):
     from flashcomm_cupy.backends.flash.plan import llq_unit_elems
     variants = parse_variants(args.variants)
     cases = [c for name in args.cases.split(",") for c in CASES[name]]
-    specs = [(build, KERNEL_DTYPE_CODE["float16"], *parse_bits(c.bits), llq_unit_elems(c.group)
-              if c.bits and c.protocol == "ll" else 32) for _, build in variants for c in cases]
+    specs = [(build, KERNEL_DTYPE_CODE["float16"], *parse_bits(c.bits),
+              llq_unit_elems(c.group, c.algo, c.nbytes // 2) if c.bits and c.protocol == "ll" else 32)
+             for _, build in variants for c in cases]
     for line in kernels.compile_in_parallel(specs):
         print(line, flush=True)
     jobs = {label: LoopbackJob(args.world, build=build, timeout_s=5.0) for label, build in variants}
@@ -182,7 +196,7 @@ def main(argv=None):
                 rows.setdefault((case.label, label), []).append(us)
                 if rnd == 0 and label == "shipped":
                     print(f"{case.label}: {plan.kernel} threads={plan.threads} blocks={plan.blocks} "
-                          f"units={plan.units}", flush=True)
+                          f"units={plan.units} elems={plan.build.unit_elems if plan.build else '-'}", flush=True)
     labels = [v for v, _ in variants]
     print(f"\nloopback, world {args.world}, fp16, us per call (median of {args.rounds} rounds; range)")
     print(f"{'case':>20} " + " ".join(f"{v:>22}" for v in labels))

@@ -4,9 +4,10 @@ A kernel refactoring that only moves code must compile to identical SASS.
 This script builds every specialisation the product compiles (the
 ``precompile`` list of ``flashcomm_cupy.backends.gpu``: FC_DT 0/1/2 x
 (RS, AG) bits (0,0) (4,4) (6,6) (8,8) (4,8) with 32-element units, plus the
-quantized ones with 16-element units for the LL kernels) with nvcc for sm_90,
-dumps each cubin's SASS with ``cuobjdump -sass`` and ptxas's resource lines
-(``-Xptxas -v``), and compares two such builds::
+quantized ones with 16-element units for the LL kernels and 8-element ones for
+the small one-shot) with nvcc for sm_90, dumps each cubin's SASS with
+``cuobjdump -sass`` and ptxas's resource lines (``-Xptxas -v``), and compares
+two such builds::
 
     python benchmarks/sass_diff.py build /path/to/old/kernels_cu /tmp/sass_before
     python benchmarks/sass_diff.py build kernels_cu /tmp/sass_after
@@ -38,7 +39,7 @@ from pathlib import Path
 
 DTYPES = (0, 1, 2)
 BITS = ((0, 0), (4, 4), (6, 6), (8, 8), (4, 8))
-LLQ_UNIT_ELEMS = 16  # flashcomm_cupy.backends.gpu.LLQ_UNIT_ELEMS: quantized modules only
+LLQ_UNIT_ELEMS = (16, 8)  # plan.LLQ_UNIT_ELEMS and LLQ_SMALL_UNIT_ELEMS: quantized modules only
 
 
 def specialisations():
@@ -47,11 +48,12 @@ def specialisations():
     for dt in DTYPES:
         for rs, ag in BITS:
             specs.append((f"dt{dt}_rs{rs}_ag{ag}_e32", (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}")))
-    for dt in DTYPES:
-        for rs, ag in BITS:
-            if rs:
-                specs.append((f"dt{dt}_rs{rs}_ag{ag}_e16", (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}",
-                                                           f"FC_ELEMS={LLQ_UNIT_ELEMS}")))
+    for elems in LLQ_UNIT_ELEMS:
+        for dt in DTYPES:
+            for rs, ag in BITS:
+                if rs:
+                    specs.append((f"dt{dt}_rs{rs}_ag{ag}_e{elems}", (f"FC_DT={dt}", f"FC_RS_BITS={rs}",
+                                                                    f"FC_AG_BITS={ag}", f"FC_ELEMS={elems}")))
     return specs
 
 

@@ -65,8 +65,9 @@ class CodecSpec:
         return elems * self.lo_bits // 32
 
     def hi_words(self, elems: int) -> int:
-        """32-bit words of a unit's high plane (``FcUnit<BITS>::HI`` where used, else 0)."""
-        return elems * self.hi_bits // 32
+        """32-bit words of a unit's high plane (``FcUnit<BITS>::HI`` where used, else 0); an
+        8-element INT6 unit's 16 high bits take one word."""
+        return -(-elems * self.hi_bits // 32)
 
     def ll_unit_bytes(self, elems: int) -> int:
         """Bytes of one unit in the quantized LL form (``FcLLq<BITS>::BYTES`` in fc_ll.cuh): code words
@@ -108,7 +109,10 @@ def tuning_class(rs_bits: Optional[int], ag_bits: Optional[int]) -> str:
 
 
 #: unit sizes (elements per thread and unit, FC_ELEMS) the kernels are built with
-UNIT_ELEMS = (16, 32)
+UNIT_ELEMS = (8, 16, 32)
+#: unit sizes whose builds hold the staged two-shot (8-element builds hold the quantized LL one-shot
+#: alone: kernels_cu/fc_allreduce.cu)
+STAGED_UNIT_ELEMS = (16, 32)
 
 
 def cuda_header() -> str:
@@ -125,8 +129,9 @@ def cuda_header() -> str:
             if c.hi_bits:
                 lines.append(f'static_assert(FcUnit<{bits}>::HI == {c.hi_words(elems)}, "INT{bits} high words");')
             lines.append(f'static_assert(FcLLq<{bits}>::BYTES == {c.ll_unit_bytes(elems)}, "INT{bits} LL unit");')
-            lines.append(f'static_assert(FcStaged<{bits}>::CHUNKS == {c.staged_chunks(elems)}, '
-                         f'"INT{bits} staged unit");')
+            if elems in STAGED_UNIT_ELEMS:
+                lines.append(f'static_assert(FcStaged<{bits}>::CHUNKS == {c.staged_chunks(elems)}, '
+                             f'"INT{bits} staged unit");')
         lines.append("#endif")
     return "\n".join(lines) + "\n"
 

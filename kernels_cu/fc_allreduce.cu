@@ -5,7 +5,8 @@
 //   FC_DT       element type: 0 float16, 1 bfloat16, 2 float32
 //   FC_RS_BITS  reduce-scatter codec: 0 lossless, 4, 6, 8
 //   FC_AG_BITS  all-gather codec:     0 lossless, 4, 6, 8 (0 iff FC_RS_BITS is 0)
-//   FC_ELEMS    elements per thread and unit (fc_common.cuh): 32, or 16 for the quantized LL kernels
+//   FC_ELEMS    elements per thread and unit (fc_common.cuh): 32, or 16 for the quantized LL kernels,
+//               or 8 for the quantized LL one-shot alone (an 8-element build holds nothing else)
 // Runtime (FcArgs, fc_args.cuh): group size, rotation, symmetric scaling, rank, world size, workspace layout.
 // Profiling and occupancy experiments: fc_profile.cuh.
 //
@@ -47,6 +48,7 @@
 #define FC_AG_BITS FC_RS_BITS
 #endif
 
+#if FC_ELEMS >= 16  // 8-element builds: the quantized LL one-shot alone (below)
 // FC_TWOSHOT_BOUNDS: 512 threads, or an occupancy experiment's (fc_profile.cuh).
 extern "C" __global__ void FC_TWOSHOT_BOUNDS fc_twoshot(const __grid_constant__ FcArgs a) {
   fc_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
@@ -80,7 +82,10 @@ extern "C" __global__ void __launch_bounds__(512) fc_ll_twoshot(FcArgs a) { fc_l
 extern "C" __global__ void __launch_bounds__(FC_LLQ_TWOSHOT_THREADS, 2) fc_llq_twoshot(FcArgs a) {
   fc_llq_twoshot_impl<FC_DT, FC_RS_BITS, FC_AG_BITS>(a);
 }
+#endif
+#endif  // FC_ELEMS >= 16
 
+#if FC_RS_BITS != 0
 extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot(FcArgs a) {
   fc_llq_oneshot_impl<FC_DT, FC_RS_BITS, FC_ROT_INLINE>(a);
 }
@@ -92,6 +97,7 @@ extern "C" __global__ void __launch_bounds__(FC_LLQ_THREADS, 2) fc_llq_oneshot_r
 }
 #endif
 
+#if FC_ELEMS >= 16
 // The hierarchical all-reduce's inter-node step (fc_node.cuh): x (FC_DT) -> one wire chunk,
 // and every node's chunk -> their node-order sum as FC_DT.  The float32 build serves the shards
 // of several GPUs per node.
@@ -147,3 +153,4 @@ extern "C" __global__ void fc_decode_chunk(const unsigned char* chunk, float* x,
   fc_store_elems<2>(x, (fc_i64)w * FC_ELEMS, n, v, fc_warp_stage(s_stage));  // coalesced, as the encoder's load
 #endif
 }
+#endif  // FC_ELEMS >= 16

@@ -3,6 +3,15 @@
 // include after fc_quant.cuh and fc_ll.cuh.  tests/test_codecs.py checks this file is current.
 #pragma once
 
+#if FC_ELEMS == 8
+static_assert(FcUnit<4>::LO == 1, "INT4 low words");
+static_assert(FcLLq<4>::BYTES == 16, "INT4 LL unit");
+static_assert(FcUnit<6>::LO == 1, "INT6 low words");
+static_assert(FcUnit<6>::HI == 1, "INT6 high words");
+static_assert(FcLLq<6>::BYTES == 16, "INT6 LL unit");
+static_assert(FcUnit<8>::LO == 2, "INT8 low words");
+static_assert(FcLLq<8>::BYTES == 16, "INT8 LL unit");
+#endif
 #if FC_ELEMS == 16
 static_assert(FcUnit<4>::LO == 2, "INT4 low words");
 static_assert(FcLLq<4>::BYTES == 16, "INT4 LL unit");

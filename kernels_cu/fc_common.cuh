@@ -15,12 +15,12 @@ typedef unsigned long long fc_u64;
 typedef long long fc_i64;
 
 #define FC_MAX_RANKS 8
-// Elements per thread and unit: 32 (one 16-byte INT4 store), or 16 where the
-// host builds a module for it (flashcomm_cupy._kernels.UNIT_ELEMS).
+// Elements per thread and unit: 32 (one 16-byte INT4 store), or 16 or 8 where
+// the host builds a module for it (flashcomm_cupy._kernels.UNIT_ELEMS).
 #ifndef FC_ELEMS
 #define FC_ELEMS 32
 #endif
-#define FC_ELEMS_LOG2 (FC_ELEMS == 32 ? 5 : 4)
+#define FC_ELEMS_LOG2 (FC_ELEMS == 32 ? 5 : FC_ELEMS == 16 ? 4 : 3)
 #define FC_FLT_MIN 1.17549435e-38f
 
 // ----------------------------------------------------------------- element types
@@ -145,7 +145,7 @@ __device__ __forceinline__ fc_v4* fc_warp_stage(fc_v4* block_stage) {
 // lane l's i-th coalesced vector is span vector span_vector(i, l).
 template <int V>
 struct FcWarpShape {
-  static_assert(V == 2 || V == 4 || V == 8, "vectors per lane");
+  static_assert(V == 1 || V == 2 || V == 4 || V == 8, "vectors per lane");
   static constexpr int R = V == 8 ? 2 : 1;  // rounds
   static constexpr int LPR = 32 / R;        // lanes served per round
   static constexpr int J = V * LPR / 32;    // vectors each lane moves per round
@@ -159,6 +159,10 @@ template <int V, typename Load>
 __device__ __forceinline__ void fc_warp_gather(fc_v4* stage, Load load, fc_v4 (&out)[V]) {
   typedef FcWarpShape<V> S;
   const int lane = threadIdx.x & 31;
+  if constexpr (V == 1) {  // lane l's unit is span vector l: coalesced as it is, no stage
+    out[0] = load(lane);
+    return;
+  }
   fc_v4 tmp[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) tmp[i] = load(S::span_vector(i, lane));  // all in flight
@@ -180,6 +184,10 @@ template <int V, typename Store>
 __device__ __forceinline__ void fc_warp_scatter(fc_v4* stage, const fc_v4 (&in)[V], Store store) {
   typedef FcWarpShape<V> S;
   const int lane = threadIdx.x & 31;
+  if constexpr (V == 1) {
+    store(lane, in[0]);
+    return;
+  }
   fc_v4 tmp[V];
 #pragma unroll
   for (int r = 0; r < S::R; ++r) {

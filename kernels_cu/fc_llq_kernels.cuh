@@ -21,8 +21,9 @@
 // Two blocks per SM must fit, for every block to be resident: 32-element
 // units need more than 128 registers (the batched receives), so 128 threads;
 // 16-element builds fit 128 registers at 256 threads, except the two-shots
-// with an INT8 step, which the host runs at 128 (llq_threads).
-#define FC_LLQ_THREADS (FC_ELEMS == 16 ? 256 : 128)
+// with an INT8 step, which the host runs at 128 (llq_threads); the 8-element
+// builds (the one-shot alone) fit them too.
+#define FC_LLQ_THREADS (FC_ELEMS <= 16 ? 256 : 128)
 // Both kernels' launch bounds also name the two blocks per SM the LL protocol
 // needs.  The two-shot's threads are those the host runs it with: the
 // 16-element builds with an INT8 step need more than 128 registers and run

@@ -218,11 +218,12 @@ __device__ __forceinline__ void fc_rotate_inv(float (&v)[FC_ELEMS], int gl, int 
 // A quantized unit: packed code words plus its group's metadata.
 //   BITS 4: lo[FC_ELEMS/8]  (8 nibbles a word, element 8k+i at bits 4i)
 //   BITS 8: lo[FC_ELEMS/4]  (4 bytes a word)
-//   BITS 6: lo[FC_ELEMS/8] low nibbles as INT4, hi[FC_ELEMS/16] 2-bit high parts (16 a word)
+//   BITS 6: lo[FC_ELEMS/8] low nibbles as INT4, hi[] 2-bit high parts (16 a word; an
+//           8-element unit fills half of its one word)
 template <int BITS>
 struct FcUnit {
   static constexpr int LO = BITS == 8 ? FC_ELEMS / 4 : FC_ELEMS / 8;  // code words
-  static constexpr int HI = FC_ELEMS / 16;                            // INT6 high-part words
+  static constexpr int HI = (FC_ELEMS + 15) / 16;                     // INT6 high-part words
   fc_u32 lo[LO];
   fc_u32 hi[HI];
   float scale, mn;
@@ -377,7 +378,16 @@ __device__ __forceinline__ void fc_quantize(const float (&v)[FC_ELEMS], int gl, 
       q[i] = clamp ? fminf(x, FC_MAGIC + (float)((1 << BITS) - 1)) : x;
     }
   }
-  if constexpr (BITS == 6) {
+  if constexpr (BITS == 6 && FC_ELEMS == 8) {
+    // Eight codes, each q's low 6 bits (`base`'s are 0): low nibbles as INT4
+    // packs them, high parts at bits 2i of the one high word.
+#pragma unroll
+    for (int i = 0; i < FC_ELEMS; ++i) {
+      const fc_u32 c = __float_as_uint(q[i]);
+      u.lo[0] |= (c & 15u) << (4 * i);
+      u.hi[0] |= ((c >> 4) & 3u) << (2 * i);
+    }
+  } else if constexpr (BITS == 6) {
 #pragma unroll
     for (int k = 0; k < FcUnit<BITS>::HI; ++k) {
       fc_u32 b[16];

@@ -14,8 +14,9 @@ import pytest
 from flashcomm_cupy import codecs
 from flashcomm_cupy.backends.flash import table as tuning
 from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, FLAG_ROTATE, FLAG_SYM, WorkspaceLayout
-from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, SHARED_ROTATION_MIN_WARPS, Force, KernelKey, Limits,
-                                                llq_threads, llq_unit_elems, select_plan, staged_twoshot_smem)
+from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, LLQ_SMALL_UNIT_MAX_ELEMS, SHARED_ROTATION_MIN_WARPS,
+                                                Force, KernelKey, Limits, llq_threads, llq_unit_elems, select_plan,
+                                                staged_twoshot_smem)
 from flashcomm_cupy.config import Mode
 
 TABLE = {"worlds": {"4": [
@@ -189,8 +190,10 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
             ("oneshot", "twoshot"), (64, 128, 256, 512), (1, 2, 4)):
         mode = Mode.make(bits, g, algo=a)
         p = plan(n, mode, world=world, force=Force(threads, 0, units, "ll"))
-        elems = llq_unit_elems(g)
-        assert elems == (16 if g <= 512 else 32)  # a group spans at most one warp's units
+        small = a == "oneshot" and n <= LLQ_SMALL_UNIT_MAX_ELEMS and g <= 256
+        elems = p.build.unit_elems if p.protocol == "ll" else llq_unit_elems(g)
+        assert llq_unit_elems(g, a, n) == (8 if small else 16 if g <= 512 else 32)  # a group spans at most a warp
+        assert elems == (16 if g <= 512 else 32) or (small and elems == 8 and p.units == 1)  # 8: one unit a lane
         used = (mode.rs_bits,) if a == "oneshot" else (mode.rs_bits, mode.ag_bits)
         wire = max(codecs.spec(b).ll_unit_bytes(elems) for b in used)
         groups = -(-n // g)
@@ -330,16 +333,16 @@ def test_launch_arguments_carry_each_plans_shape_and_the_modes_flags():
     assert int(a["flags"]) == FLAG_ROTATE and np.isclose(a["rot_norm"], 128 ** -0.5)
     assert p.blocks * 256 * 16 * int(a["units"]) >= 1 << 19
     p = plan(3000, Mode.make(8, 64), table=LL_TABLE, protocol="ll")  # quantized LL one-shot: the whole message
-    assert (p.kernel, p.threads, p.seg_elems, p.build) == ("fc_llq_oneshot", 128, 3008, KernelKey(0, 8, 8, 16))
-    assert p.blocks * 128 * 16 * p.units >= 3008
+    assert (p.kernel, p.threads, p.seg_elems, p.build) == ("fc_llq_oneshot", 128, 3008, KernelKey(0, 8, 8, 8))
+    assert p.blocks * 128 * 8 * p.units >= 3008  # a small one-shot: 8-element units
     rotating = Mode.make(8, 64, rotate=True)  # the shared butterflies from SHARED_ROTATION_MIN_WARPS warps
     p = plan(3000, rotating, table=LL_TABLE, protocol="ll")
-    assert (p.kernel, p.blocks, p.build) == ("fc_llq_oneshot", 2, KernelKey(0, 8, 8, 16))
+    assert (p.kernel, p.blocks, p.build) == ("fc_llq_oneshot", 3, KernelKey(0, 8, 8, 8))
     for bits, warps in ((8, 16), (6, 16), (4, 32)):  # INT4's call costs more than it saves below 32 warps
         assert SHARED_ROTATION_MIN_WARPS[bits] == warps
         mode = Mode.make(bits, 64, rotate=True)
-        n = warps * 32 * 16  # 16-element units, blocks of 128 threads (4 warps)
-        p, q = plan(n, mode, table=LL_TABLE, protocol="ll"), plan(n - 2048, mode, table=LL_TABLE, protocol="ll")
+        n = warps * 32 * 8  # 8-element units, blocks of 128 threads (4 warps)
+        p, q = plan(n, mode, table=LL_TABLE, protocol="ll"), plan(n - 1024, mode, table=LL_TABLE, protocol="ll")
         assert (p.kernel, p.threads, p.blocks, q.kernel, q.blocks) == ("fc_llq_oneshot_rot", 128, warps // 4,
                                                                        "fc_llq_oneshot", warps // 4 - 1), bits
         assert plan(n, Mode.make(bits, 64), table=LL_TABLE, protocol="ll").kernel == "fc_llq_oneshot"  # unrotated

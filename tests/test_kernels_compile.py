@@ -71,6 +71,10 @@ def _jobs():
         for dt, (rs, ag) in specs16:
             jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}",
                                                     "FC_ELEMS=16")))
+        # 8-element units (the small quantized LL one-shot's, plan.LLQ_SMALL_UNIT_ELEMS): the same builds
+        for dt, (rs, ag) in specs16:
+            jobs.append((src, SPECIALISATION_ARCH, (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}",
+                                                    "FC_ELEMS=8")))
         # the leave-one-stage-out timing variants of benchmarks/kernel_variants.py
         jobs.append((src, SPECIALISATION_ARCH, ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4",
                                                 "FC_PROFILE_NO_WAIT", "FC_PROFILE_LOCAL_DATA")))
@@ -247,7 +251,7 @@ def test_each_lanes_rotation_signs_are_the_references(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA toolkit absent)")
     from flashcomm_cupy import hadamard
-    for elems in (16, 32):
+    for elems in (8, 16, 32):
         negative = hadamard.signs(32 * elems).reshape(32, elems) < 0
         checks = [f'static_assert((fc_rotation_signs({lane}) & 0x{(1 << elems) - 1:x}u) == '
                   f'{sum(1 << i for i in range(elems) if negative[lane, i])}u, "lane {lane}");' for lane in range(32)]
@@ -262,12 +266,14 @@ def test_the_hosts_ll_unit_sizes_and_thread_caps_match_the_kernels(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA toolkit absent)")
     from flashcomm_cupy.backends.gpu import LLQ_MAX_THREADS, LLQ_UNIT_BYTES, llq_threads
-    for elems in (16, 32):
+    for elems in (8, 16, 32):
         checks = [f'static_assert(FcLLq<{bits}>::BYTES == {LLQ_UNIT_BYTES[elems, bits]}, "unit bytes {bits}");'
                   for bits in (4, 6, 8)]
         checks.append(f'static_assert(FC_LLQ_THREADS == {LLQ_MAX_THREADS[elems]}, "threads");')
         _assert_compiles_with(tmp_path, f"llq_{elems}", checks,
                               ("FC_DT=0", "FC_RS_BITS=4", "FC_AG_BITS=4", f"FC_ELEMS={elems}"))
+        if elems == 8:  # an 8-element build holds the one-shot alone
+            continue
         for rs, ag in ((4, 4), (6, 6), (8, 8), (4, 8)):
             want = llq_threads(elems, 2, "twoshot", rs, ag)
             _assert_compiles_with(tmp_path, f"llq_{elems}_{rs}_{ag}",
@@ -310,12 +316,12 @@ def test_every_quantized_ll_launch_fits_two_blocks_per_sm(builds):
     """The LL slot-reuse argument needs every launched block resident: at the host's thread cap
     (``llq_threads``) two blocks of each quantized LL kernel must fit an SM's registers."""
     from flashcomm_cupy.backends.gpu import SM_REGISTERS, llq_threads
-    specs = [(e, dt, pair) for e in (16, 32) for dt in DTYPE_CODES for pair in COMMON_BIT_PAIRS[1:]]
-    specs += [(e, 2, pair) for e in (16, 32) for pair in OTHER_BIT_PAIRS]  # float32: the most registers
+    specs = [(e, dt, pair) for e in (8, 16, 32) for dt in DTYPE_CODES for pair in COMMON_BIT_PAIRS[1:]]
+    specs += [(e, 2, pair) for e in (8, 16, 32) for pair in OTHER_BIT_PAIRS]  # float32: the most registers
     source = KERNEL_DIR / "fc_allreduce.cu"
 
     def registers(elems, dt, rs, ag):
-        defines = (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}") + (("FC_ELEMS=16",) if elems == 16 else ())
+        defines = (f"FC_DT={dt}", f"FC_RS_BITS={rs}", f"FC_AG_BITS={ag}") + ((f"FC_ELEMS={elems}",) if elems != 32 else ())
         build = builds[(source, SPECIALISATION_ARCH, defines)]  # FC_ELEMS defaults to 32
         assert build.ok, build.log
         return _registers(build.log)
@@ -326,6 +332,8 @@ def test_every_quantized_ll_launch_fits_two_blocks_per_sm(builds):
         itemsize = 4 if dt == 2 else 2
         for kernel, algo in (("fc_llq_oneshot", "oneshot"), ("fc_llq_oneshot_rot", "oneshot"),
                              ("fc_llq_twoshot", "twoshot")):
+            if kernel not in regs and elems == 8:  # an 8-element build holds the one-shot alone
+                continue
             used = regs[kernel]
             threads = llq_threads(elems, itemsize, algo, rs, ag)
             if 2 * threads * (-(-used // 8) * 8) > SM_REGISTERS:  # registers go to threads in steps of 8

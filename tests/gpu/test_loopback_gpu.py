@@ -65,8 +65,8 @@ def compiled(build):
     from flashcomm_cupy.dtypes import KERNEL_DTYPE_CODE
     pairs = {parse_bits(b) for b, *_ in FLAG_MODES} | {parse_bits(b) for b in STAGED_BITS}
     specs = [(build, KERNEL_DTYPE_CODE[d], rs, ag, 32) for d in DTYPE_NAMES for rs, ag in pairs]
-    specs += [(build, KERNEL_DTYPE_CODE[d], *parse_bits(b), 16) for d in DTYPE_NAMES
-              for b, g, *_ in LLQ_MODES if g <= 512]
+    specs += [(build, KERNEL_DTYPE_CODE[d], *parse_bits(b), e) for d in DTYPE_NAMES
+              for b, g, *_ in LLQ_MODES for e in (8, 16) if g <= 32 * e]
     kernels.compile_in_parallel(specs, workers=os.cpu_count())
 
 
@@ -159,6 +159,24 @@ def test_quantized_ll_kernels_are_the_reference(jobs, world, algo, dtype, bits, 
     for n in (1, 127, 4099, 65_537):
         plan = run_exact(job, n, dtype, mode, protocol="ll")
         assert plan.kernel == llq_kernel(plan, mode), plan
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("bits, group, rotate, sym", [m for m in LLQ_MODES if m[1] <= 256])
+def test_the_quantized_ll_one_shot_is_the_reference_with_either_unit_size(jobs, monkeypatch, world, dtype, bits,
+                                                                           group, rotate, sym):
+    """Small one-shots run 8-element units (plan.LLQ_SMALL_UNIT_ELEMS); the same calls with
+    16-element ones, as larger one-shots run them, give the same bits."""
+    from flashcomm_cupy.backends.flash import plan as plan_module
+    from flashcomm_cupy.config import Mode
+    mode = Mode.make(bits, group, sym, rotate, "oneshot")
+    job = jobs(world)
+    for small_max, elems in ((plan_module.LLQ_SMALL_UNIT_MAX_ELEMS, 8), (-1, 16)):
+        monkeypatch.setattr(plan_module, "LLQ_SMALL_UNIT_MAX_ELEMS", small_max)
+        for n in (1, 127, 4099, 65_537):
+            plan = run_exact(job, n, dtype, mode, protocol="ll")
+            assert plan.kernel == llq_kernel(plan, mode) and plan.build.unit_elems == elems, plan
 
 
 def llq_kernel(plan, mode):

@@ -24,8 +24,8 @@ from ..nccl import NcclCommunicatorHandle
 from ..transport import describe as describe_transport, resolve_transport
 from . import kernels, table as tuning
 from .layout import ERR_NODE, ERR_POISON, FLAG_ROTATE, FLAG_SYM, LATE_OTHER_NODE
-from .plan import (ELEMS_PER_THREAD, LLQ_UNIT_ELEMS, PROTOCOL_SETTINGS, Force, KernelKey, Limits, Plan,
-                   select_phase_plan, select_plan)
+from .plan import (ELEMS_PER_THREAD, LLQ_SMALL_UNIT_ELEMS, LLQ_UNIT_ELEMS, PROTOCOL_SETTINGS, Force, KernelKey,
+                   Limits, Plan, select_phase_plan, select_plan)
 from .workspace import FlashWorkspace, environment
 
 try:  # cuLaunchKernel with a prebuilt parameter array: the eager path's host cost is the launch
@@ -207,10 +207,13 @@ class FlashGpuBackend(CudaBackend):
         """
         from ...dtypes import KERNEL_DTYPE_CODE
         jobs = [(KERNEL_DTYPE_CODE[d], rs or 0, ag or 0, ELEMS_PER_THREAD) for d in dtypes for rs, ag in bits]
-        jobs += [(dt, rs, ag, LLQ_UNIT_ELEMS) for dt, rs, ag, _ in jobs if rs]  # the quantized LL kernels
+        quantized = [(dt, rs, ag) for dt, rs, ag, _ in jobs if rs]
+        jobs += [(dt, rs, ag, LLQ_UNIT_ELEMS) for dt, rs, ag in quantized]  # the quantized LL kernels
+        jobs += [(dt, rs, ag, LLQ_SMALL_UNIT_ELEMS) for dt, rs, ag in quantized]  # their small one-shot
         for i, job in enumerate(jobs):
-            if i % self.world_size == self.rank:
-                kernels.module(*job, build=self.kernel_build).get_function("fc_twoshot")
+            if i % self.world_size == self.rank:  # every build holds the one-shot; the 8-element one only that
+                kernels.module(*job, build=self.kernel_build).get_function(
+                    "fc_llq_oneshot" if job[3] == LLQ_SMALL_UNIT_ELEMS else "fc_oneshot")
         self.mpi_comm.Barrier()
 
     # ------------------------------------------------------------------ plans

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
+from ... import codecs
+
 KERNEL_SOURCE = "fc_allreduce.cu"
 
 
@@ -88,7 +90,7 @@ def source_digest(directory: Path) -> str:
 #: elements per thread and unit (FC_ELEMS in fc_common.cuh) unless a module asks for fewer
 DEFAULT_UNIT_ELEMS = 32
 #: unit sizes a module can be built with; a group of g elements needs g <= 32 * unit elements
-UNIT_ELEMS = (16, 32)
+UNIT_ELEMS = codecs.UNIT_ELEMS
 
 
 #: NVRTC options every module is built with.  IEEE subnormals (-ftz=false):

@@ -24,8 +24,15 @@ ELEMS_PER_THREAD = 32
 #: The quantized LL kernels run 16-element units wherever the group allows (g <= 32 x 16):
 #: half as long a chain per lane, twice the lanes (benchmarks/NOTES.md v18).
 LLQ_UNIT_ELEMS = 16
+#: ... and the quantized LL one-shot of small messages 8-element units (g <= 32 x 8) where each lane
+#: then holds one unit: in a call of about a warp a scheduler each lane's path is the call's
+#: latency, and halving it again took 0.6-1.0 us off 16-256 KB calls, rotated or not; at 1 MB,
+#: where the blocks a rank may run made it two units a lane, it cost 0.2-1.0 (benchmarks/NOTES.md v37).
+LLQ_SMALL_UNIT_ELEMS = 8
+#: the largest call (elements) that may run the 8-element one-shot: the sizes measured
+LLQ_SMALL_UNIT_MAX_ELEMS = 1 << 17
 #: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
-LLQ_MAX_THREADS = {16: 256, 32: 128}
+LLQ_MAX_THREADS = {8: 256, 16: 256, 32: 128}
 #: From this many warps in the grid, by the one-shot's codec (its reduce-scatter bits), a rotating
 #: quantized LL one-shot runs fc_llq_oneshot_rot, whose forward and inverse rotations share one
 #: out-of-line copy of the butterflies (FcRotCode, fc_quant.cuh); below it, fc_llq_oneshot with the
@@ -73,8 +80,13 @@ def llq_threads(elems: int, itemsize: int, algo: str, rs_bits: int, ag_bits: int
     return LLQ_MAX_THREADS[elems]
 
 
-def llq_unit_elems(group_size: int) -> int:
-    """Unit size of the quantized LL kernels for this group size (a group spans at most a warp)."""
+def llq_unit_elems(group_size: int, algo: str = "twoshot", n: int = 0) -> int:
+    """Unit size of a quantized LL kernel for ``n`` elements in groups of ``group_size`` (a group
+    spans at most a warp): the 8-element units that a small one-shot tries first (its plan keeps
+    them where each lane then holds one unit; the 8-element builds hold the one-shot alone), else
+    the smallest the group allows from 16."""
+    if algo == "oneshot" and n <= LLQ_SMALL_UNIT_MAX_ELEMS and group_size <= 32 * LLQ_SMALL_UNIT_ELEMS:
+        return LLQ_SMALL_UNIT_ELEMS
     return LLQ_UNIT_ELEMS if group_size <= 32 * LLQ_UNIT_ELEMS else ELEMS_PER_THREAD
 
 
@@ -360,7 +372,16 @@ def _llq_plan(choice: Choice, n: int, name: str, itemsize: int, mode: Mode, worl
     they run LL.  Block b handles tile b (threads x E x units elements, E =
     :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
     """
-    elems = llq_unit_elems(mode.group_size)
+    elems = llq_unit_elems(mode.group_size, choice.algo, n)
+    plan = _llq_plan_of(elems, choice, n, name, itemsize, mode, world, limits)
+    if elems == LLQ_SMALL_UNIT_ELEMS and (plan is None or plan.units > 1):
+        plan = _llq_plan_of(llq_unit_elems(mode.group_size), choice, n, name, itemsize, mode, world, limits)
+    return plan
+
+
+def _llq_plan_of(elems: int, choice: Choice, n: int, name: str, itemsize: int, mode: Mode, world: int,
+                 limits: Limits) -> Optional[Plan]:
+    """:func:`_llq_plan` with units of ``elems`` elements."""
     bits = (mode.rs_bits,) if choice.algo == "oneshot" else (mode.rs_bits, mode.ag_bits)
     wire = max(codecs.spec(b).ll_unit_bytes(elems) for b in bits)
     slot_units = limits.ll_slot_bytes // wire
