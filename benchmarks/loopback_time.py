@@ -73,6 +73,12 @@ CASES = {
                for size, nbytes in (("4K", 4 << 10), ("16K", 16 << 10), ("64K", 64 << 10), ("128K", 128 << 10),
                                     ("256K", 256 << 10))
                for rot in (False, True)],
+    # issue 21: where the 8-element one-shot stops paying (--llq-small-max-elems)
+    "units8big": [Case(f"LLQ int{b} g{g} 1S {size}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll", rotate=rot,
+                       group=g)
+                  for b, g in ((4, 128), (6, 32), (8, 128))
+                  for size, nbytes in (("256K", 256 << 10), ("512K", 512 << 10))
+                  for rot in (False, True)],
     # issue 21: the rotating LL one-shot at the table's shapes and at twice the warps per block
     # (each SM scheduler then runs two warps of the same code, which share its fetches)
     "rotshape": [Case(f"LLQ int{b} g{g} 1S {size} {t}x{nb}{' rot' if rot else ''}", nbytes, b, "oneshot", "ll",
@@ -170,9 +176,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--llq-small-units", choices=("on", "off"), default="on",
                     help="off: the quantized LL one-shot keeps 16-element units at every size")
+    ap.add_argument("--llq-small-max-elems", type=int, default=0,
+                    help="the largest one-shot that may run 8-element units (default: plan.LLQ_SMALL_UNIT_MAX_ELEMS)")
     args = ap.parse_args(argv)
+    from flashcomm_cupy.backends.flash import plan as plan_module
+    if args.llq_small_max_elems:
+        plan_module.LLQ_SMALL_UNIT_MAX_ELEMS = args.llq_small_max_elems
     if args.llq_small_units == "off":
-        from flashcomm_cupy.backends.flash import plan as plan_module
         plan_module.LLQ_SMALL_UNIT_MAX_ELEMS = -1
     from flashcomm_cupy.backends.flash import kernels
     from flashcomm_cupy.backends.flash.loopback import LoopbackJob

@@ -15,8 +15,8 @@ from flashcomm_cupy import codecs
 from flashcomm_cupy.backends.flash import table as tuning
 from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, FLAG_ROTATE, FLAG_SYM, WorkspaceLayout
 from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, LLQ_SMALL_UNIT_MAX_ELEMS, SHARED_ROTATION_MIN_WARPS,
-                                                Force, KernelKey, Limits, llq_threads, llq_unit_elems, select_plan,
-                                                staged_twoshot_smem)
+                                                SHARED_ROTATION_MIN_WARPS_SMALL_UNITS, Force, KernelKey, Limits,
+                                                llq_threads, llq_unit_elems, select_plan, staged_twoshot_smem)
 from flashcomm_cupy.config import Mode
 
 TABLE = {"worlds": {"4": [
@@ -318,7 +318,8 @@ def test_backend_settings_must_agree_on_every_rank():
         require_same_everywhere(FakeComm([dict(same), dict(same, max_blocks=228)]), same, "settings")
 
 
-def test_launch_arguments_carry_each_plans_shape_and_the_modes_flags():
+def test_launch_arguments_carry_each_plans_shape_and_the_modes_flags(monkeypatch):
+    from flashcomm_cupy.backends.flash import plan as plan_module
     from flashcomm_cupy.backends.flash.backend import launch_args
     base = np.zeros(1, dtype=ARGS_DTYPE)
     p = plan(2048, Mode.make(None), table=LL_TABLE)  # lossless LL one-shot, one vector per thread
@@ -338,14 +339,21 @@ def test_launch_arguments_carry_each_plans_shape_and_the_modes_flags():
     rotating = Mode.make(8, 64, rotate=True)  # the shared butterflies from SHARED_ROTATION_MIN_WARPS warps
     p = plan(3000, rotating, table=LL_TABLE, protocol="ll")
     assert (p.kernel, p.blocks, p.build) == ("fc_llq_oneshot", 3, KernelKey(0, 8, 8, 8))
-    for bits, warps in ((8, 16), (6, 16), (4, 32)):  # INT4's call costs more than it saves below 32 warps
-        assert SHARED_ROTATION_MIN_WARPS[bits] == warps
-        mode = Mode.make(bits, 64, rotate=True)
-        n = warps * 32 * 8  # 8-element units, blocks of 128 threads (4 warps)
-        p, q = plan(n, mode, table=LL_TABLE, protocol="ll"), plan(n - 1024, mode, table=LL_TABLE, protocol="ll")
-        assert (p.kernel, p.threads, p.blocks, q.kernel, q.blocks) == ("fc_llq_oneshot_rot", 128, warps // 4,
-                                                                       "fc_llq_oneshot", warps // 4 - 1), bits
-        assert plan(n, Mode.make(bits, 64), table=LL_TABLE, protocol="ll").kernel == "fc_llq_oneshot"  # unrotated
+    # 8-element units (blocks of 128 threads, 4 warps): from 64 warps for every codec; 16-element
+    # ones (small units off): INT4's call costs more than it saves below 32 warps, the others' below 16
+    assert SHARED_ROTATION_MIN_WARPS_SMALL_UNITS == 64
+    for elems, small_max in ((8, LLQ_SMALL_UNIT_MAX_ELEMS), (16, -1)):
+        monkeypatch.setattr(plan_module, "LLQ_SMALL_UNIT_MAX_ELEMS", small_max)
+        for bits, warps in ((8, 16), (6, 16), (4, 32)):
+            assert SHARED_ROTATION_MIN_WARPS[bits] == warps
+            warps = warps if elems == 16 else SHARED_ROTATION_MIN_WARPS_SMALL_UNITS
+            mode = Mode.make(bits, 64, rotate=True)
+            n = warps * 32 * elems
+            p = plan(n, mode, table=LL_TABLE, protocol="ll")
+            q = plan(n - 128 * elems, mode, table=LL_TABLE, protocol="ll")  # one block fewer
+            assert (p.kernel, p.threads, p.blocks, p.build.unit_elems, q.kernel, q.blocks) == \
+                ("fc_llq_oneshot_rot", 128, warps // 4, elems, "fc_llq_oneshot", warps // 4 - 1), (bits, elems)
+            assert plan(n, Mode.make(bits, 64), table=LL_TABLE, protocol="ll").kernel == "fc_llq_oneshot"  # unrotated
     p = plan(1 << 21, Mode.make(4, 1024), table=LL_TABLE, protocol="ll")  # a 1024-group spans 32 lanes of 32
     assert (p.kernel, p.threads, p.build) == ("fc_llq_twoshot", 128, KernelKey(0, 4, 4, 32))
     assert p.blocks * 128 * 32 * p.units >= 1 << 19

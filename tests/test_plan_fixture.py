@@ -35,7 +35,7 @@ def _recorded_kernel(plan, mode):
     rotating quantized LL one-shot of enough warps (plan.SHARED_ROTATION_MIN_WARPS) runs its own build,
     fc_llq_oneshot_rot (benchmarks/NOTES.md v32, v36), with the launch the fixture recorded."""
     if plan.kernel == "fc_llq_oneshot_rot":
-        assert shares_rotation_code(mode, plan.blocks, plan.threads), plan
+        assert shares_rotation_code(mode, plan.blocks, plan.threads, plan.build.unit_elems), plan
         return "fc_llq_oneshot"
     return plan.kernel
 

@@ -31,7 +31,7 @@ KERNELS = [
     ("LL two-shot", "ll", "twoshot", None, 1 << 15, False, False),
     ("quantized LL one-shot", "ll", "oneshot", 8, 1 << 14, False, False),
     ("quantized LL two-shot", "ll", "twoshot", 4, 1 << 16, False, False),
-    # its own build from SHARED_ROTATION_MIN_WARPS[4] warps (fc_llq_oneshot_rot): 2^17 elements are 64
+    # its own build (fc_llq_oneshot_rot, plan.shares_rotation_code): 2^17 elements are 512 warps of 8-element units
     ("rotating quantized LL one-shot", "ll", "oneshot", 4, 1 << 17, False, True),
 ]
 #: the kernels of the dead-peer cases (a rank that never comes, then calls after everyone gave up)

@@ -183,7 +183,7 @@ def llq_kernel(plan, mode):
     """The quantized LL kernel a plan must run: a rotating one-shot of enough warps has its own
     build with shared butterflies (FcRotCode); the inputs above run both one-shot builds."""
     from flashcomm_cupy.backends.flash.plan import shares_rotation_code
-    if plan.algo == "oneshot" and shares_rotation_code(mode, plan.blocks, plan.threads):
+    if plan.algo == "oneshot" and shares_rotation_code(mode, plan.blocks, plan.threads, plan.build.unit_elems):
         return "fc_llq_oneshot_rot"
     return f"fc_llq_{plan.algo}"
 

@@ -26,11 +26,12 @@ ELEMS_PER_THREAD = 32
 LLQ_UNIT_ELEMS = 16
 #: ... and the quantized LL one-shot of small messages 8-element units (g <= 32 x 8) where each lane
 #: then holds one unit: in a call of about a warp a scheduler each lane's path is the call's
-#: latency, and halving it again took 0.6-1.0 us off 16-256 KB calls, rotated or not; at 1 MB,
+#: latency, and halving it again took 0.4-1.0 us off 4-512 KB calls, rotated or not; at 1 MB,
 #: where the blocks a rank may run made it two units a lane, it cost 0.2-1.0 (benchmarks/NOTES.md v37).
 LLQ_SMALL_UNIT_ELEMS = 8
-#: the largest call (elements) that may run the 8-element one-shot: the sizes measured
-LLQ_SMALL_UNIT_MAX_ELEMS = 1 << 17
+#: the largest call (elements) that may run the 8-element one-shot: the sizes measured (up to 512 KB of
+#: float16; a 1 MB call could hold one unit a lane only on a GPU of its own, not measured yet)
+LLQ_SMALL_UNIT_MAX_ELEMS = 1 << 18
 #: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
 LLQ_MAX_THREADS = {8: 256, 16: 256, 32: 128}
 #: From this many warps in the grid, by the one-shot's codec (its reduce-scatter bits), a rotating
@@ -39,14 +40,19 @@ LLQ_MAX_THREADS = {8: 256, 16: 256, 32: 128}
 #: butterflies inline.  On one H200's loopback (benchmarks/NOTES.md v32, v36), at the 2xH200 table's
 #: shapes and at 128-thread blocks: from 16 warps the shared copy saves INT6/INT8 0.2-0.65 us
 #: (INT8 g1024 1.7-2.5), from 64 warps every codec 0.6-1.6 us; below 16 warps its call costs up to
-#: 0.25 us more, and INT4 at 16 warps 0.16-0.18.
+#: 0.25 us more, and INT4 at 16 warps 0.16-0.18.  Those are 16- and 32-element units; with 8-element
+#: ones (half the code on a lane's path) the shared copy loses 0.07-0.14 us up to 32 warps and saves
+#: 0.3-0.6 from 64, every codec alike (NOTES v37): SHARED_ROTATION_MIN_WARPS_SMALL_UNITS.
 SHARED_ROTATION_MIN_WARPS = {4: 32, 6: 16, 8: 16}
+SHARED_ROTATION_MIN_WARPS_SMALL_UNITS = 64
 
 
-def shares_rotation_code(mode: Mode, blocks: int, threads: int) -> bool:
-    """True where a quantized LL one-shot of ``blocks`` blocks of ``threads`` in ``mode`` runs
-    fc_llq_oneshot_rot."""
-    return mode.rotate and blocks * threads // 32 >= SHARED_ROTATION_MIN_WARPS[mode.rs_bits]
+def shares_rotation_code(mode: Mode, blocks: int, threads: int, elems: int = LLQ_UNIT_ELEMS) -> bool:
+    """True where a quantized LL one-shot of ``blocks`` blocks of ``threads`` in ``mode`` with
+    ``elems``-element units runs fc_llq_oneshot_rot."""
+    least = (SHARED_ROTATION_MIN_WARPS_SMALL_UNITS if elems == LLQ_SMALL_UNIT_ELEMS
+             else SHARED_ROTATION_MIN_WARPS[mode.rs_bits])
+    return mode.rotate and blocks * threads // 32 >= least
 
 
 #: registers of one SM (sm_70 to sm_90): every launched LL block must be resident, two per SM
@@ -400,7 +406,7 @@ def _llq_plan_of(elems: int, choice: Choice, n: int, name: str, itemsize: int, m
         return None
     if choice.algo == "twoshot":
         kernel = "fc_llq_twoshot"
-    elif shares_rotation_code(mode, blocks, threads):
+    elif shares_rotation_code(mode, blocks, threads, elems):
         kernel = "fc_llq_oneshot_rot"
     else:
         kernel = "fc_llq_oneshot"
