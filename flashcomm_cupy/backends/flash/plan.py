@@ -27,7 +27,7 @@ LLQ_UNIT_ELEMS = 16
 #: ... and the quantized LL one-shot of small messages 8-element units (g <= 32 x 8) where each lane
 #: then holds one unit: in a call of about a warp a scheduler each lane's path is the call's
 #: latency, and halving it again took 0.5-1.0 us off INT6/INT8 calls of 4-512 KB, rotated or not; at 1 MB,
-#: where the blocks a rank may run made it two units a lane, it cost 0.2-1.0 (benchmarks/NOTES.md v37).
+#: where the blocks a rank may run made it two units a lane, it cost 0.5-1.0 (benchmarks/NOTES.md v37).
 LLQ_SMALL_UNIT_ELEMS = 8
 #: the largest call (elements) that may run the 8-element one-shot: the sizes measured (up to 512 KB of
 #: float16; a 1 MB call could hold one unit a lane only on a GPU of its own, not measured yet)
