@@ -50,21 +50,26 @@ def _as_recorded(plan, mode):
     return rec
 
 
-def test_select_plan_reproduces_every_recorded_decision(monkeypatch):
+@pytest.fixture(scope="module")
+def recorded():
+    """(decisions, tables by name, limits by workspace) of the fixture, read once."""
+    with gzip.open(HERE / "decisions.json.gz", "rt") as fh:
+        fixture = json.load(fh)
+    tables = {name: TuningTable(data, name) for name, data in fixture["tables"].items()}
+    return fixture["decisions"], tables, {w[0]: _limits(w[0]) for w in grid.WORKSPACES}
+
+
+def test_select_plan_reproduces_every_recorded_decision(monkeypatch, recorded):
     """With the one change since made on purpose undone: small quantized LL one-shots run 8-element
     units (plan.LLQ_SMALL_UNIT_ELEMS, benchmarks/NOTES.md v37); the next test holds those."""
     from flashcomm_cupy.backends.flash import plan as plan_module
     monkeypatch.setattr(plan_module, "LLQ_SMALL_UNIT_MAX_ELEMS", -1)
-    with gzip.open(HERE / "decisions.json.gz", "rt") as fh:
-        fixture = json.load(fh)
-    recorded = fixture["decisions"]
-    tables = {name: TuningTable(data, name) for name, data in fixture["tables"].items()}
-    limits = {w[0]: _limits(w[0]) for w in grid.WORKSPACES}
+    decisions, tables, limits = recorded
     modes = {}
     cases = list(grid.cases())
-    assert len(cases) == len(recorded)
+    assert len(cases) == len(decisions)
     wrong = []
-    for (table, ws, world, protocol, force, dtype, spec, algo, n), want in zip(cases, recorded):
+    for (table, ws, world, protocol, force, dtype, spec, algo, n), want in zip(cases, decisions):
         mode = modes.get((spec, algo)) or modes.setdefault((spec, algo), grid.mode_of(spec, algo))
         try:
             plan = select_plan(n, dtype, mode, world=world, table=tables[table], limits=limits[ws],
@@ -80,18 +85,15 @@ def test_select_plan_reproduces_every_recorded_decision(monkeypatch):
     assert not wrong, f"{len(wrong)} decisions differ, e.g.:\n" + "\n".join(map(str, wrong[:5]))
 
 
-def test_small_quantized_ll_one_shots_differ_from_the_record_only_in_their_unit_size():
+def test_small_quantized_ll_one_shots_differ_from_the_record_only_in_their_unit_size(recorded):
     """Where a recorded quantized LL one-shot ran 16-element units on a call of at most
     LLQ_SMALL_UNIT_MAX_ELEMS elements in groups of at most 256, the plan either runs 8-element
     units with one unit a lane (the same kernel, threads and segment, the blocks the smaller units
     need) or, where its table, forced launch or blocks would give a lane more, the recorded launch."""
     from flashcomm_cupy.backends.flash.plan import LLQ_SMALL_UNIT_ELEMS, LLQ_SMALL_UNIT_MAX_ELEMS
-    with gzip.open(HERE / "decisions.json.gz", "rt") as fh:
-        fixture = json.load(fh)
-    tables = {name: TuningTable(data, name) for name, data in fixture["tables"].items()}
-    limits = {w[0]: _limits(w[0]) for w in grid.WORKSPACES}
+    decisions, tables, limits = recorded
     checked, small_ones, wrong = 0, 0, []
-    for (table, ws, world, protocol, force, dtype, spec, algo, n), want in zip(grid.cases(), fixture["decisions"]):
+    for (table, ws, world, protocol, force, dtype, spec, algo, n), want in zip(grid.cases(), decisions):
         if want.get("kernel") != "fc_llq_oneshot" or n > LLQ_SMALL_UNIT_MAX_ELEMS or want["build"][3] != 16:
             continue
         mode = grid.mode_of(spec, algo)
