@@ -119,6 +119,7 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     """
     from flashcomm_cupy.dtypes import dtype_name
     from flashcomm_cupy.harness import BenchResult, machine, run_sweep
+    from flashcomm_cupy.harness.interrupts import AgreedInterrupts
 
     from . import report
 
@@ -128,11 +129,14 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     result = BenchResult(meta=meta, rows=[])
     printer = report.BenchPrinter(meta, algos=table.algo_texts(comm.backend.supported_algos(), on_gpu),
                                   enabled=comm.rank == 0)
-    with printer:
+    # Ctrl-C is noted, and the sweep ends on every rank between the same two rows (AgreedInterrupts):
+    # a KeyboardInterrupt where the signal lands could leave rank 0 waiting in a collective.
+    with printer, AgreedInterrupts(comm.mpi_comm) as interrupts:
         printer.header()
         try:
             run_sweep(comm, config, progress=printer.progress, on_row=lambda row: (result.rows.append(row),
-                                                                                  printer.row(row)))
+                                                                                  printer.row(row)),
+                      interrupts=interrupts)
         except KeyboardInterrupt:
             if comm.rank == 0:
                 meta["interrupted"] = True

@@ -118,12 +118,15 @@ def _apply_check(row: Row, mode: Mode, dtype, result: dict) -> None:
 
 
 def run_sweep(comm, config: SweepConfig, progress: Optional[Progress] = None,
-              on_row: Optional[OnRow] = None) -> List[Row]:
+              on_row: Optional[OnRow] = None, interrupts=None) -> List[Row]:
     """Measure every size x mode of ``config`` on ``comm`` (a :class:`~flashcomm_cupy.Communicator`).
 
     Collective.  Rows come out grouped by size, baseline first, then the
     modes in ``config.modes`` order; ``on_row`` sees each one as soon as it
     is finished (so a caller can print it, and keep it when interrupted).
+    ``interrupts`` (an entered :class:`.interrupts.AgreedInterrupts`) is checked
+    before each row, so a Ctrl-C ends the sweep on every rank between the same
+    two rows.
     """
     backend = comm.backend
     modes = [baseline_mode(backend)] + [m for m in config.modes if not m.is_baseline]
@@ -131,11 +134,11 @@ def run_sweep(comm, config: SweepConfig, progress: Optional[Progress] = None,
     # Everything -- input generation, checks, the all-reduces -- runs on one
     # stream, so no cross-stream ordering is needed.
     with (stream if stream is not None else contextlib.nullcontext()):
-        rows = _sweep_sizes(comm, config, modes, stream, progress, on_row)
+        rows = _sweep_sizes(comm, config, modes, stream, progress, on_row, interrupts)
     return rows
 
 
-def _sweep_sizes(comm, config, modes, stream, progress, on_row) -> List[Row]:
+def _sweep_sizes(comm, config, modes, stream, progress, on_row, interrupts=None) -> List[Row]:
     backend, mpi_comm = comm.backend, comm.mpi_comm
     xp, n = backend.xp, backend.world_size
     dtype = np.dtype(config.dtype)
@@ -150,6 +153,8 @@ def _sweep_sizes(comm, config, modes, stream, progress, on_row) -> List[Row]:
                                config.reference_max_bytes, x=x, out=out) if config.check else None)
         baseline_s = None
         for mode in modes:
+            if interrupts is not None:
+                interrupts.check()
             resolved = backend.resolve_algo(nbytes, mode, dtype.itemsize) if not mode.is_baseline else mode.algo
 
             # stream=None: the backend launches on CuPy's current stream, which is
