@@ -94,6 +94,31 @@ def time_launch(fn, grid, block, args, iters, smem=0):
     return statistics.median(times)
 
 
+def time_graph(fn, grid, block, args, calls, iters, smem=0):
+    """GPU µs per launch of a CUDA graph of ``calls`` back-to-back launches, median of ``iters`` replays.
+
+    For kernels of a few µs, where a single launch's events also time the gap before it starts."""
+    import cupy
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fn(grid, block, (args,), shared_mem=smem)
+        stream.begin_capture()
+        for _ in range(calls):
+            fn(grid, block, (args,), shared_mem=smem)
+        graph = stream.end_capture()
+    graph.launch(stream)
+    stream.synchronize()
+    times = []
+    for _ in range(iters):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        graph.launch(stream)
+        stop.record(stream)
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=int, default=4)
@@ -113,7 +138,15 @@ def main(argv=None):
                     help="Hadamard rotation of the quantized modes (both: each row rotated and not)")
     ap.add_argument("--define-sets", default="",
                     help="extra compile-time defines to compare, e.g. 'b1=FC_BATCH=1;b2=FC_BATCH=2'")
+    ap.add_argument("--calls", type=int, default=1,
+                    help="above 1: time a CUDA graph of this many launches (small kernels), per launch")
+    ap.add_argument("--llq-small-max-elems", type=int, default=0,
+                    help="the largest one-shot that may run 8-element units (default: plan.LLQ_SMALL_UNIT_MAX_ELEMS; "
+                         "-1: never)")
     args = ap.parse_args(argv)
+    if args.llq_small_max_elems:
+        from flashcomm_cupy.backends.flash import plan as plan_module
+        plan_module.LLQ_SMALL_UNIT_MAX_ELEMS = args.llq_small_max_elems
     shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape.split(";")]
     dirs = [("new", None, "")]
     for item in filter(None, args.define_sets.split(";")):
@@ -139,10 +172,11 @@ def main(argv=None):
                                                                   slot_bytes=args.slot_kib << 10, build=build,
                                                                   rotate=rot, group_size=group,
                                                                   dtype_name=args.dtype, protocol=args.protocol)
-                us = time_launch(fn, grid, block, kargs, args.iters, used[-1])
+                us = (time_graph(fn, grid, block, kargs, args.calls, args.iters, used[-1]) if args.calls > 1
+                      else time_launch(fn, grid, block, kargs, args.iters, used[-1]))
                 print(f"solo {label:>4} world={args.world} {algo} {args.dtype} {size:>5} bits={bits:>4} g{group:<4}"
                       f"{' rot' if rot else '    '} "
-                      f"{keep[-1].kernel} shape={used}: {us:9.2f} us", flush=True)
+                      f"{keep[-1].kernel} e{keep[-1].build.unit_elems} shape={used}: {us:9.2f} us", flush=True)
                 del keep
     return 0
 
