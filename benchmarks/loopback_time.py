@@ -192,7 +192,8 @@ def main(argv=None):
     variants = parse_variants(args.variants)
     cases = [c for name in args.cases.split(",") for c in CASES[name]]
     specs = [(build, KERNEL_DTYPE_CODE["float16"], *parse_bits(c.bits),
-              llq_unit_elems(c.group, c.algo, c.nbytes // 2) if c.bits and c.protocol == "ll" else 32)
+              llq_unit_elems(c.group, c.algo, c.nbytes // 2, rs_bits=parse_bits(c.bits)[0])
+              if c.bits and c.protocol == "ll" else 32)
              for _, build in variants for c in cases]
     for line in kernels.compile_in_parallel(specs):
         print(line, flush=True)

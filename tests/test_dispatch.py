@@ -14,9 +14,11 @@ import pytest
 from flashcomm_cupy import codecs
 from flashcomm_cupy.backends.flash import table as tuning
 from flashcomm_cupy.backends.flash.layout import ARGS_DTYPE, FLAG_ROTATE, FLAG_SYM, WorkspaceLayout
-from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, LLQ_SMALL_UNIT_MAX_ELEMS, SHARED_ROTATION_MIN_WARPS,
+from flashcomm_cupy.backends.flash.plan import (ELEMS_PER_THREAD, LLQ_SMALL_UNIT_MAX_ELEMS,
+                                                LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES, SHARED_ROTATION_MIN_WARPS,
                                                 SHARED_ROTATION_MIN_WARPS_SMALL_UNITS, Force, KernelKey, Limits,
-                                                llq_threads, llq_unit_elems, select_plan, staged_twoshot_smem)
+                                                llq_small_unit_max_elems, llq_threads, llq_unit_elems, select_plan,
+                                                staged_twoshot_smem)
 from flashcomm_cupy.config import Mode
 
 TABLE = {"worlds": {"4": [
@@ -186,13 +188,13 @@ def test_heuristic_and_table_protocols():
 def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(world):
     lim = limits(world)
     for n, bits, g, a, threads, units in itertools.product(
-            [1, 127, 4099, 65537, 1 << 19, (1 << 21) + 5, 1 << 23], (4, 6, 8, (4, 8)), (32, 128, 1024),
+            [1, 127, 4099, 65537, 1 << 18, 1 << 19, (1 << 21) + 5, 1 << 23], (4, 6, 8, (4, 8)), (32, 128, 1024),
             ("oneshot", "twoshot"), (64, 128, 256, 512), (1, 2, 4)):
         mode = Mode.make(bits, g, algo=a)
         p = plan(n, mode, world=world, force=Force(threads, 0, units, "ll"))
-        small = a == "oneshot" and n <= LLQ_SMALL_UNIT_MAX_ELEMS and g <= 256
+        small = a == "oneshot" and n <= llq_small_unit_max_elems(mode.rs_bits) and g <= 256
         elems = p.build.unit_elems if p.protocol == "ll" else llq_unit_elems(g)
-        assert llq_unit_elems(g, a, n) == (8 if small else 16 if g <= 512 else 32)  # a group spans at most a warp
+        assert llq_unit_elems(g, a, n, rs_bits=mode.rs_bits) == (8 if small else 16 if g <= 512 else 32)  # <= a warp
         assert elems == (16 if g <= 512 else 32) or (small and elems == 8 and p.units == 1)  # 8: one unit a lane
         used = (mode.rs_bits,) if a == "oneshot" else (mode.rs_bits, mode.ag_bits)
         wire = max(codecs.spec(b).ll_unit_bytes(elems) for b in used)
@@ -215,6 +217,21 @@ def test_every_quantized_ll_launch_fits_its_slots_and_gives_every_block_data(wor
         for dtype in ("float16", "float32"):
             p = plan(1 << 15, Mode.make(bits, 128, algo=a), dtype, world, force=Force(512, 0, 1, "ll"))
             assert p.threads == want, (bits, a, dtype)
+
+
+def test_the_small_one_shot_takes_8_element_units_only_as_far_as_their_wire_bytes_allow():
+    """INT6/INT8 send 2 bytes an element in LL form at 8- and 16-element units alike; INT4 sends 2
+    at 8 elements against 1 at 16, which the link pays for, so its 8-element one-shot stops sooner."""
+    for bits in (6, 8):
+        assert llq_small_unit_max_elems(bits) == LLQ_SMALL_UNIT_MAX_ELEMS
+    assert llq_small_unit_max_elems(4) == LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES < LLQ_SMALL_UNIT_MAX_ELEMS
+    largest = LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES
+    for bits, n, elems in ((4, largest, 8), (4, largest + 128, 16), (6, largest + 128, 8), (8, largest + 128, 8),
+                           (8, LLQ_SMALL_UNIT_MAX_ELEMS, 8), (8, LLQ_SMALL_UNIT_MAX_ELEMS + 128, 16)):
+        p = plan(n, Mode.make(bits, 128, algo="oneshot"), world=2, force=Force(256, 0, 1, "ll"))
+        assert (p.kernel, p.build.unit_elems, p.units) == ("fc_llq_oneshot", elems, 1), (bits, n)
+    with pytest.raises(ValueError, match="rs_bits"):
+        llq_unit_elems(128, "oneshot", 4096)  # a one-shot's unit size needs its codec
 
 
 def test_modes_with_an_int6_or_int8_step_use_the_rows_wide_entry_where_it_has_one():

@@ -44,7 +44,7 @@ def check_plan(p, n, dtype, mode, world, lim):
         assert p.kernel == f"fc_ll_{p.algo}" and p.build.unit_elems == ELEMS_PER_THREAD
         assert p.ll_tile * 16 <= lim.ll_slot_bytes and 1 <= p.blocks <= resident
     elif p.protocol == "ll":
-        elems = llq_unit_elems(mode.group_size, p.algo, n)
+        elems = llq_unit_elems(mode.group_size, p.algo, n, rs_bits=mode.rs_bits)
         shared = p.algo == "oneshot" and shares_rotation_code(mode, p.blocks, p.threads, p.build.unit_elems)  # FcRotCode
         assert p.kernel == ("fc_llq_oneshot_rot" if shared else f"fc_llq_{p.algo}") and p.build.unit_elems == elems
         bits = (mode.rs_bits,) if p.algo == "oneshot" else (mode.rs_bits, mode.ag_bits)

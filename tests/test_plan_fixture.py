@@ -87,17 +87,17 @@ def test_select_plan_reproduces_every_recorded_decision(monkeypatch, recorded):
 
 def test_small_quantized_ll_one_shots_differ_from_the_record_only_in_their_unit_size(recorded):
     """Where a recorded quantized LL one-shot ran 16-element units on a call of at most
-    LLQ_SMALL_UNIT_MAX_ELEMS elements in groups of at most 256, the plan either runs 8-element
+    plan.llq_small_unit_max_elems elements in groups of at most 256, the plan either runs 8-element
     units with one unit a lane (the same kernel, threads and segment, the blocks the smaller units
     need) or, where its table, forced launch or blocks would give a lane more, the recorded launch."""
-    from flashcomm_cupy.backends.flash.plan import LLQ_SMALL_UNIT_ELEMS, LLQ_SMALL_UNIT_MAX_ELEMS
+    from flashcomm_cupy.backends.flash.plan import LLQ_SMALL_UNIT_ELEMS, llq_small_unit_max_elems
     decisions, tables, limits = recorded
     checked, small_ones, wrong = 0, 0, []
     for (table, ws, world, protocol, force, dtype, spec, algo, n), want in zip(grid.cases(), decisions):
-        if want.get("kernel") != "fc_llq_oneshot" or n > LLQ_SMALL_UNIT_MAX_ELEMS or want["build"][3] != 16:
+        if want.get("kernel") != "fc_llq_oneshot" or want["build"][3] != 16:
             continue
         mode = grid.mode_of(spec, algo)
-        if mode.group_size > 32 * LLQ_SMALL_UNIT_ELEMS:
+        if mode.group_size > 32 * LLQ_SMALL_UNIT_ELEMS or n > llq_small_unit_max_elems(mode.rs_bits):
             continue
         plan = select_plan(n, dtype, mode, world=world, table=tables[table], limits=limits[ws],
                            force=Force.of(force), protocol=protocol)

@@ -32,6 +32,12 @@ LLQ_SMALL_UNIT_ELEMS = 8
 #: the largest call (elements) that may run the 8-element one-shot: the sizes measured (up to 512 KB of
 #: float16; a 1 MB call could hold one unit a lane only on a GPU of its own, not measured yet)
 LLQ_SMALL_UNIT_MAX_ELEMS = 1 << 18
+#: ... for a codec whose 8-element LL form takes more bytes an element than its 16-element one
+#: (INT4: 2 against 1; INT6/INT8: 2 either way).  The loopback's gain (0.3-0.5 us at 64-256 KB, none
+#: at 512 KB unrotated) cannot see the link; over NVLink the LL one-shot moves about 330 KB a us
+#: (2xH200, lossless, 64 KB -> 1 MB: 4.0 -> 7.0 us), so the extra byte an element costs about
+#: 0.4 us at 2^17 elements and 0.8 at 2^18: taken up to 2^17 (benchmarks/NOTES.md v38).
+LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES = 1 << 17
 #: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
 LLQ_MAX_THREADS = {8: 256, 16: 256, 32: 128}
 #: From this many warps in the grid, by the one-shot's codec (its reduce-scatter bits), a rotating
@@ -86,13 +92,23 @@ def llq_threads(elems: int, itemsize: int, algo: str, rs_bits: int, ag_bits: int
     return LLQ_MAX_THREADS[elems]
 
 
-def llq_unit_elems(group_size: int, algo: str = "twoshot", n: int = 0) -> int:
+def llq_small_unit_max_elems(rs_bits: int) -> int:
+    """The largest one-shot (elements) in codec ``rs_bits`` that may run 8-element units."""
+    spec = codecs.spec(rs_bits)
+    more_bytes = 2 * spec.ll_unit_bytes(LLQ_SMALL_UNIT_ELEMS) > spec.ll_unit_bytes(LLQ_UNIT_ELEMS)
+    return min(LLQ_SMALL_UNIT_MAX_ELEMS, LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES) if more_bytes else LLQ_SMALL_UNIT_MAX_ELEMS
+
+
+def llq_unit_elems(group_size: int, algo: str = "twoshot", n: int = 0, *, rs_bits: Optional[int] = None) -> int:
     """Unit size of a quantized LL kernel for ``n`` elements in groups of ``group_size`` (a group
-    spans at most a warp): the 8-element units that a small one-shot tries first (its plan keeps
-    them where each lane then holds one unit; the 8-element builds hold the one-shot alone), else
-    the smallest the group allows from 16."""
-    if algo == "oneshot" and n <= LLQ_SMALL_UNIT_MAX_ELEMS and group_size <= 32 * LLQ_SMALL_UNIT_ELEMS:
-        return LLQ_SMALL_UNIT_ELEMS
+    spans at most a warp): the 8-element units that a small one-shot in codec ``rs_bits`` (needed
+    for a one-shot) tries first (its plan keeps them where each lane then holds one unit; the
+    8-element builds hold the one-shot alone), else the smallest the group allows from 16."""
+    if algo == "oneshot":
+        if rs_bits is None:
+            raise ValueError("llq_unit_elems: a one-shot's unit size depends on its codec (rs_bits)")
+        if n <= llq_small_unit_max_elems(rs_bits) and group_size <= 32 * LLQ_SMALL_UNIT_ELEMS:
+            return LLQ_SMALL_UNIT_ELEMS
     return LLQ_UNIT_ELEMS if group_size <= 32 * LLQ_UNIT_ELEMS else ELEMS_PER_THREAD
 
 
@@ -378,7 +394,7 @@ def _llq_plan(choice: Choice, n: int, name: str, itemsize: int, mode: Mode, worl
     they run LL.  Block b handles tile b (threads x E x units elements, E =
     :func:`llq_unit_elems`) of every segment, and only one tile per block and call exists.
     """
-    elems = llq_unit_elems(mode.group_size, choice.algo, n)
+    elems = llq_unit_elems(mode.group_size, choice.algo, n, rs_bits=mode.rs_bits)
     plan = _llq_plan_of(elems, choice, n, name, itemsize, mode, world, limits)
     if elems == LLQ_SMALL_UNIT_ELEMS and (plan is None or plan.units > 1):
         plan = _llq_plan_of(llq_unit_elems(mode.group_size), choice, n, name, itemsize, mode, world, limits)
