@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from flashcomm_cupy.harness.interrupts import AgreedInterrupts
+from flashcomm_cupy.harness.interrupts import INSIST_AFTER_S, AgreedInterrupts
 
 
 class FakeComm:
@@ -47,10 +47,10 @@ def test_another_ranks_sigint_stops_this_rank_at_the_same_check():
 
 def test_copies_of_one_ctrl_c_wait_for_the_check_and_a_later_one_raises_at_once():
     """A terminal's Ctrl-C reaches the ranks and mpiexec, and MPICH's mpiexec forwards it again."""
-    with AgreedInterrupts(FakeComm(), insist_after_s=0.3) as interrupts:
+    with AgreedInterrupts(FakeComm()):
         _sigint_self()
         _sigint_self()  # a copy, milliseconds later: still only noted
-        time.sleep(0.3)
+        time.sleep(INSIST_AFTER_S)
         with pytest.raises(KeyboardInterrupt):
             _sigint_self()  # the user insists: raised where it lands, as Python would
 
