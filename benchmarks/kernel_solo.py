@@ -141,12 +141,13 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=1,
                     help="above 1: time a CUDA graph of this many launches (small kernels), per launch")
     ap.add_argument("--llq-small-max-elems", type=int, default=0,
-                    help="the largest one-shot that may run 8-element units (default: plan.LLQ_SMALL_UNIT_MAX_ELEMS; "
-                         "-1: never)")
+                    help="the largest one-shot that may run 8-element units, every codec alike (default: "
+                         "plan.llq_small_unit_max_elems; -1: never)")
     args = ap.parse_args(argv)
     if args.llq_small_max_elems:
         from flashcomm_cupy.backends.flash import plan as plan_module
         plan_module.LLQ_SMALL_UNIT_MAX_ELEMS = args.llq_small_max_elems
+        plan_module.LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES = args.llq_small_max_elems
     shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape.split(";")]
     dirs = [("new", None, "")]
     for item in filter(None, args.define_sets.split(";")):

@@ -177,11 +177,13 @@ def main(argv=None):
     ap.add_argument("--llq-small-units", choices=("on", "off"), default="on",
                     help="off: the quantized LL one-shot keeps 16-element units at every size")
     ap.add_argument("--llq-small-max-elems", type=int, default=0,
-                    help="the largest one-shot that may run 8-element units (default: plan.LLQ_SMALL_UNIT_MAX_ELEMS)")
+                    help="the largest one-shot that may run 8-element units, every codec alike (default: "
+                         "plan.llq_small_unit_max_elems)")
     args = ap.parse_args(argv)
     from flashcomm_cupy.backends.flash import plan as plan_module
     if args.llq_small_max_elems:
         plan_module.LLQ_SMALL_UNIT_MAX_ELEMS = args.llq_small_max_elems
+        plan_module.LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES = args.llq_small_max_elems
     if args.llq_small_units == "off":
         plan_module.LLQ_SMALL_UNIT_MAX_ELEMS = -1
     from flashcomm_cupy.backends.flash import kernels

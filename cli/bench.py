@@ -119,7 +119,7 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     """
     from flashcomm_cupy.dtypes import dtype_name
     from flashcomm_cupy.harness import BenchResult, machine, run_sweep
-    from flashcomm_cupy.harness.interrupts import AgreedInterrupts
+    from flashcomm_cupy.harness.interrupts import AgreedInterrupt, AgreedInterrupts
 
     from . import report
 
@@ -137,11 +137,13 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
             run_sweep(comm, config, progress=printer.progress, on_row=lambda row: (result.rows.append(row),
                                                                                   printer.row(row)),
                       interrupts=interrupts)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if comm.rank == 0:
                 meta["interrupted"] = True
                 printer.footer(result, interrupted=True)
                 _write_outputs(printer, result, outputs)
+            if isinstance(exc, AgreedInterrupt):  # every rank is here: none leaves before rank 0 has written
+                comm.mpi_comm.Barrier()
             raise
         printer.footer(result)
     if comm.rank == 0:

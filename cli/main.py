@@ -145,6 +145,13 @@ def _abort_job(code: int) -> None:
     world.Abort(code)
 
 
+def _agreed(exc) -> bool:
+    """True for a Ctrl-C that every rank took at the same point (harness.interrupts): the ranks
+    then exit by themselves, with no MPI_Abort to cut off rank 0's last output."""
+    from flashcomm_cupy.harness.interrupts import AgreedInterrupt
+    return isinstance(exc, AgreedInterrupt)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run ``flashcomm`` with ``argv`` (default ``sys.argv[1:]``) and exit with its status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -160,13 +167,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except click.ClickException as exc:
         _report(_one_line(exc.format_message()), every_rank=False)
         sys.exit(exc.exit_code)
-    except click.Abort:
-        _report("aborted", every_rank=False)
-        _abort_job(130)
+    except click.Abort as exc:  # click's form of a KeyboardInterrupt (the cause)
+        agreed = _agreed(exc.__cause__)
+        _report("interrupted" if agreed else "aborted", every_rank=False)
+        if not agreed:
+            _abort_job(130)
         sys.exit(130)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _report("interrupted", every_rank=False)
-        _abort_job(130)
+        if not _agreed(exc):
+            _abort_job(130)
         sys.exit(130)
     except SystemExit:
         raise

@@ -538,6 +538,42 @@ def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path, abor
     assert "Traceback" not in err
 
 
+def test_ctrl_c_in_a_long_last_row_waits_for_it_and_keeps_every_row(tmp_path, aborted_job_shm):
+    """The ranks finish the row in flight, however long (this one takes several seconds: longer than
+    the 5 s the relaunching process once waited before aborting the job), and a Ctrl-C during the
+    last row still ends the sweep as interrupted, with rank 0's files written before any rank exits."""
+    import signal
+    import subprocess
+    import time
+    out_json, out_csv = tmp_path / "partial.json", tmp_path / "partial.csv"
+    cmd = CLI + ["bench", "--backend", "cpu", "--np", "2", "-b", "8M", "-e", "8M", "--bits", "4", "-n", "20",
+                 "-r", "5", "--json", str(out_json), "--csv", str(out_csv)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_without_launcher(), start_new_session=True)
+    lines, deadline = [], time.monotonic() + 120
+    try:
+        for line in proc.stdout:  # the baseline's row; a second later the int4 row, the last, is in flight
+            lines.append(line)
+            if line.lstrip().startswith("8M") or time.monotonic() > deadline:
+                break
+        time.sleep(1.0)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(lines) + rest
+    assert proc.returncode != 0, text + err
+    assert "# INTERRUPTED after 2 of 2 rows" in text, text + err
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["interrupted"] is True and [r["mode"] for r in data["rows"]][1:] == ["int4 g128"], data
+    assert len(out_csv.read_text().splitlines()) == 3  # a header and both rows
+    assert "waiting for the job to stop" in err and "Traceback" not in err
+    assert time.monotonic() - sent < 60
+
+
 # ----------------------------------------------------------------------------- one JSON writer
 def test_every_command_writes_json_through_the_one_writer():
     """One rule for every --json file: the schema flashcomm.<command>/1, and non-finite numbers as strings."""

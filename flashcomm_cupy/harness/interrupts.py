@@ -6,24 +6,27 @@ waits in a collective for it, and that one then never returns to Python to keep 
 rows; or a second copy of the signal (a terminal's Ctrl-C reaches ``mpiexec`` and the ranks, and
 MPICH's ``mpiexec`` forwards it once more) lands inside the handler that is writing them.
 :class:`AgreedInterrupts` only notes the signal; :meth:`AgreedInterrupts.check`, called by every
-rank at the same point of a collective loop, raises ``KeyboardInterrupt`` on all of them at once
-when any rank got one.
+rank at the same point of a collective loop, raises :class:`AgreedInterrupt` (a
+``KeyboardInterrupt``) on all of them at once when any rank got one, and the CLI then ends the job
+without ``MPI_Abort``.
 
-A SIGINT that comes :data:`INSIST_AFTER_S` or later after the first one raises at once, as
-Python's own handler would: the user insists, or no check point is coming (a stuck call).  The
-launcher's own escalation (``harness.launch``: SIGINT again after a grace, then a kill) stays as
-it was.  With one rank, or outside the main thread, nothing changes.
+Every further SIGINT is noted too: copies of one Ctrl-C can arrive a second or more apart on a
+loaded machine, so none of them can mean "stop at once".  That is the launcher's to do, and they
+do it: MPICH's ``mpiexec`` kills the ranks at its second Ctrl-C, Open MPI's ``mpirun`` and SLURM's
+``srun`` end the job themselves, and a relaunching ``flashcomm --np`` sends ``mpiexec`` its second
+SIGINT at the user's second Ctrl-C or a minute after the first (``harness.launch``).  With one
+rank, or outside the main thread, nothing changes.
 """
 from __future__ import annotations
 
 import signal
 import threading
-import time
-from typing import Optional
 
-#: seconds after the first SIGINT from which another one raises at once instead of waiting for the
-#: next check point (copies of one Ctrl-C arrive within milliseconds of each other)
-INSIST_AFTER_S = 1.0
+
+class AgreedInterrupt(KeyboardInterrupt):
+    """Raised by :meth:`AgreedInterrupts.check` on every rank at the same point: the job may end
+    cleanly (every rank exits), where an ``MPI_Abort`` could lose rank 0's last lines in the
+    launcher's output pipes."""
 
 
 class AgreedInterrupts:
@@ -33,10 +36,9 @@ class AgreedInterrupts:
     is collective: every rank must call it the same number of times.
     """
 
-    def __init__(self, mpi_comm, insist_after_s: float = INSIST_AFTER_S):
+    def __init__(self, mpi_comm):
         self.mpi_comm = mpi_comm
-        self.insist_after_s = float(insist_after_s)
-        self.first_at: Optional[float] = None
+        self.noted = 0
         self._previous = None
         self._installed = False
 
@@ -59,15 +61,11 @@ class AgreedInterrupts:
         return self._installed
 
     def _on_sigint(self, signum, frame) -> None:
-        now = time.monotonic()
-        if self.first_at is None:
-            self.first_at = now
-        elif now - self.first_at >= self.insist_after_s:
-            signal.default_int_handler(signum, frame)
+        self.noted += 1
 
     def check(self) -> None:
-        """Raise ``KeyboardInterrupt`` on every rank if any rank got SIGINT (collective)."""
+        """Raise :class:`AgreedInterrupt` on every rank if any rank got SIGINT (collective)."""
         if self.mpi_comm is None or self.mpi_comm.Get_size() < 2:
             return
-        if any(self.mpi_comm.allgather(self.first_at is not None)):
-            raise KeyboardInterrupt
+        if any(self.mpi_comm.allgather(self.noted > 0)):
+            raise AgreedInterrupt

@@ -206,21 +206,26 @@ def relaunch(plan: LaunchPlan, args: Sequence[str], announce=None,
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        return _stop_after_interrupt(proc)
+        return _stop_after_interrupt(proc, announce)
 
 
-#: seconds the job gets after a Ctrl-C to wind down by itself (rank 0 writes the finished rows)
-INTERRUPT_GRACE_S = 5.0
+#: seconds the job gets after a Ctrl-C to wind down by itself: a bench's ranks finish the row in
+#: flight (harness.interrupts), which may take a while (a large message on the CPU backend, or a
+#: first call that compiles kernels), and rank 0 then writes the finished rows
+INTERRUPT_GRACE_S = 60.0
 
 
-def _stop_after_interrupt(proc: subprocess.Popen) -> int:
+def _stop_after_interrupt(proc: subprocess.Popen, announce=None) -> int:
     """End the relaunched job after this process got SIGINT; return its status (130 if killed).
 
     A Ctrl-C typed in a terminal reaches the whole foreground group: mpiexec and its ranks got it
     too, and a second SIGINT would make mpiexec abort the ranks before rank 0 has written the
-    finished rows.  So the job gets :data:`INTERRUPT_GRACE_S` to end by itself; then (or at a
-    second Ctrl-C) it is sent SIGINT, and killed 10 s later.
+    finished rows.  So the job gets :data:`INTERRUPT_GRACE_S` to end by itself (the SIGINT may also
+    have reached this process alone); then, or at once at a second Ctrl-C, it is sent SIGINT, and
+    killed 10 s later.
     """
+    if announce is not None:
+        announce("interrupted: waiting for the job to stop (Ctrl-C again to stop at once)")
     try:
         return proc.wait(timeout=INTERRUPT_GRACE_S)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):

@@ -125,8 +125,8 @@ def run_sweep(comm, config: SweepConfig, progress: Optional[Progress] = None,
     modes in ``config.modes`` order; ``on_row`` sees each one as soon as it
     is finished (so a caller can print it, and keep it when interrupted).
     ``interrupts`` (an entered :class:`.interrupts.AgreedInterrupts`) is checked
-    before each row, so a Ctrl-C ends the sweep on every rank between the same
-    two rows.
+    before each row and after the last, so a Ctrl-C ends the sweep on every rank
+    at the same row boundary.
     """
     backend = comm.backend
     modes = [baseline_mode(backend)] + [m for m in config.modes if not m.is_baseline]
@@ -181,4 +181,6 @@ def _sweep_sizes(comm, config, modes, stream, progress, on_row, interrupts=None)
         if sizecheck is not None:
             sizecheck.close()
         del x, out
+    if interrupts is not None:
+        interrupts.check()  # a Ctrl-C during the last row ends the sweep as interrupted too
     return rows
