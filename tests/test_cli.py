@@ -507,30 +507,38 @@ def test_a_per_rank_gpu_binding_is_named_as_the_cause(env, says):
     assert ("see all of the host's GPUs" in text) == bool(env)
 
 
-def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path, aborted_job_shm):
-    """SIGINT to the relaunching process (what Ctrl-C sends to the foreground group) mid-sweep."""
+def _interrupted_bench(args, first_row: str, delay_s: float = 0.0):
+    """Run ``flashcomm bench --backend cpu --np 2 *args`` and send SIGINT to its whole process group
+    (what a terminal's Ctrl-C does) ``delay_s`` after the first row of size ``first_row`` appears;
+    return (stdout, stderr, exit status, seconds from the signal to the exit)."""
     import signal
     import subprocess
     import time
-    out_json = tmp_path / "partial.json"
-    cmd = CLI + ["bench", "--backend", "cpu", "--np", "2", "-b", "1K", "-e", "256M", "--bits", "4",
-                 "--json", str(out_json)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_without_launcher(), start_new_session=True)
+    proc = subprocess.Popen(CLI + ["bench", "--backend", "cpu", "--np", "2", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_without_launcher(), start_new_session=True)
     lines, deadline = [], time.monotonic() + 120
     try:
-        for line in proc.stdout:  # wait for the second size's first row
+        for line in proc.stdout:
             lines.append(line)
-            if line.lstrip().startswith("4K") or time.monotonic() > deadline:
+            if line.lstrip().startswith(first_row) or time.monotonic() > deadline:
                 break
+        time.sleep(delay_s)
+        sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
+        rest, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    text = "".join(lines) + rest
-    assert proc.returncode != 0, text + err
+    return "".join(lines) + rest, err, proc.returncode, time.monotonic() - sent
+
+
+def test_ctrl_c_keeps_the_finished_rows_in_the_table_and_the_json(tmp_path, aborted_job_shm):
+    """SIGINT to the relaunching process (what Ctrl-C sends to the foreground group) mid-sweep."""
+    out_json = tmp_path / "partial.json"
+    text, err, status, _ = _interrupted_bench(["-b", "1K", "-e", "256M", "--bits", "4", "--json", str(out_json)],
+                                              first_row="4K")  # the second size's first row
+    assert status != 0, text + err
     assert "# INTERRUPTED after" in text, text + err
     data = json.loads(out_json.read_text())
     assert data["meta"]["interrupted"] is True
@@ -542,36 +550,17 @@ def test_ctrl_c_in_a_long_last_row_waits_for_it_and_keeps_every_row(tmp_path, ab
     """The ranks finish the row in flight, however long (this one takes several seconds: longer than
     the 5 s the relaunching process once waited before aborting the job), and a Ctrl-C during the
     last row still ends the sweep as interrupted, with rank 0's files written before any rank exits."""
-    import signal
-    import subprocess
-    import time
     out_json, out_csv = tmp_path / "partial.json", tmp_path / "partial.csv"
-    cmd = CLI + ["bench", "--backend", "cpu", "--np", "2", "-b", "8M", "-e", "8M", "--bits", "4", "-n", "20",
-                 "-r", "5", "--json", str(out_json), "--csv", str(out_csv)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_without_launcher(), start_new_session=True)
-    lines, deadline = [], time.monotonic() + 120
-    try:
-        for line in proc.stdout:  # the baseline's row; a second later the int4 row, the last, is in flight
-            lines.append(line)
-            if line.lstrip().startswith("8M") or time.monotonic() > deadline:
-                break
-        time.sleep(1.0)
-        sent = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        rest, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    text = "".join(lines) + rest
-    assert proc.returncode != 0, text + err
+    text, err, status, seconds = _interrupted_bench(
+        ["-b", "8M", "-e", "8M", "--bits", "4", "-n", "20", "-r", "5", "--json", str(out_json), "--csv", str(out_csv)],
+        first_row="8M", delay_s=1.0)  # the baseline's row; a second later the int4 row, the last, is in flight
+    assert status != 0, text + err
     assert "# INTERRUPTED after 2 of 2 rows" in text, text + err
     data = json.loads(out_json.read_text())
     assert data["meta"]["interrupted"] is True and [r["mode"] for r in data["rows"]][1:] == ["int4 g128"], data
     assert len(out_csv.read_text().splitlines()) == 3  # a header and both rows
     assert "waiting for the job to stop" in err and "Traceback" not in err
-    assert time.monotonic() - sent < 60
+    assert seconds < 60
 
 
 # ----------------------------------------------------------------------------- one JSON writer
