@@ -99,6 +99,7 @@ def time_graph(fn, grid, block, args, calls, iters, smem=0):
 
     For kernels of a few µs, where a single launch's events also time the gap before it starts."""
     import cupy
+    from flashcomm_cupy.harness.timing import graph_us_per_call
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         fn(grid, block, (args,), shared_mem=smem)
@@ -106,17 +107,7 @@ def time_graph(fn, grid, block, args, calls, iters, smem=0):
         for _ in range(calls):
             fn(grid, block, (args,), shared_mem=smem)
         graph = stream.end_capture()
-    graph.launch(stream)
-    stream.synchronize()
-    times = []
-    for _ in range(iters):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        graph.launch(stream)
-        stop.record(stream)
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls)
-    return statistics.median(times)
+    return statistics.median(graph_us_per_call(graph, stream, calls, iters))
 
 
 def main(argv=None):

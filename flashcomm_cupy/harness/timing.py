@@ -156,3 +156,21 @@ def event_seconds_per_call(launch: Callable[[], None], iters: int, repeats: int,
         stop.synchronize()
         per_call.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / iters)
     return per_call
+
+
+def graph_us_per_call(graph, stream, calls: int, repeats: int) -> List[float]:
+    """GPU µs per call of ``repeats`` replays of ``graph`` (a CuPy CUDA graph of ``calls`` calls) on
+    ``stream``, after one untimed replay (which uploads it).  For the one-GPU benchmarks
+    (``benchmarks/loopback_time.py``, ``benchmarks/kernel_solo.py``)."""
+    import cupy
+    graph.launch(stream)
+    stream.synchronize()
+    per_call = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        graph.launch(stream)
+        stop.record(stream)
+        stop.synchronize()
+        per_call.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls)
+    return per_call
