@@ -99,7 +99,7 @@ def time_graph(fn, grid, block, args, calls, iters, smem=0):
 
     For kernels of a few µs, where a single launch's events also time the gap before it starts."""
     import cupy
-    from flashcomm_cupy.harness.timing import graph_us_per_call
+    from flashcomm_cupy.harness.timing import event_seconds_per_call
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         fn(grid, block, (args,), shared_mem=smem)
@@ -107,7 +107,8 @@ def time_graph(fn, grid, block, args, calls, iters, smem=0):
         for _ in range(calls):
             fn(grid, block, (args,), shared_mem=smem)
         graph = stream.end_capture()
-    return statistics.median(graph_us_per_call(graph, stream, calls, iters))
+        per_launch = event_seconds_per_call(lambda: graph.launch(stream), 1, iters)  # events on `stream`
+    return statistics.median(per_launch) * 1e6 / calls
 
 
 def main(argv=None):

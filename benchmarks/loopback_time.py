@@ -135,7 +135,7 @@ def time_case(job, case, calls, repeats, check):
     import cupy
     from flashcomm_cupy import flash_all_reduce_reference
     from flashcomm_cupy.config import Mode
-    from flashcomm_cupy.harness.timing import graph_us_per_call
+    from flashcomm_cupy.harness.timing import event_seconds_per_call
     mode = Mode.make(case.bits, case.group, False, case.rotate, case.algo)
     n = case.nbytes // 2
     host = [np.random.default_rng([r, n]).standard_normal(n).astype(np.float16) for r in range(job.world)]
@@ -150,7 +150,9 @@ def time_case(job, case, calls, repeats, check):
             if not np.array_equal(o.get().view(np.uint16), want):
                 raise SystemExit(f"{case.label}: rank {r} differs from the reference")
     graph = job.capture([(ins, outs, mode, plan)], repeat=calls)
-    times = graph_us_per_call(graph, job.streams[0], calls, repeats)
+    origin = job.streams[0]
+    with origin:  # the timer's events go on the stream the graph runs on
+        times = [s * 1e6 / calls for s in event_seconds_per_call(lambda: graph.launch(origin), 1, repeats)]
     for r in range(job.world):
         if job.failure(r) is not None:
             raise SystemExit(f"{case.label}: rank {r} recorded {job.failure(r)}")

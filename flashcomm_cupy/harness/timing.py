@@ -140,7 +140,8 @@ def event_seconds_per_call(launch: Callable[[], None], iters: int, repeats: int,
     """GPU seconds per call of ``repeats`` runs of ``iters`` back-to-back ``launch()`` calls on
     CuPy's current stream, timed by CUDA events, after one warm-up call and a device synchronize;
     ``before_each`` runs before every timed run (e.g. an MPI barrier).  Without a communicator or a
-    backend: for the one-GPU benchmarks (``benchmarks/node_solo.py``, ``benchmarks/hier_parts.py``)."""
+    backend: for the one-GPU benchmarks (``benchmarks/node_solo.py``, ``benchmarks/hier_parts.py``;
+    ``loopback_time.py`` and ``kernel_solo.py`` launch a CUDA graph of calls, ``iters=1``)."""
     import cupy
     launch()
     cupy.cuda.Device().synchronize()
@@ -155,22 +156,4 @@ def event_seconds_per_call(launch: Callable[[], None], iters: int, repeats: int,
         stop.record()
         stop.synchronize()
         per_call.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / iters)
-    return per_call
-
-
-def graph_us_per_call(graph, stream, calls: int, repeats: int) -> List[float]:
-    """GPU µs per call of ``repeats`` replays of ``graph`` (a CuPy CUDA graph of ``calls`` calls) on
-    ``stream``, after one untimed replay (which uploads it).  For the one-GPU benchmarks
-    (``benchmarks/loopback_time.py``, ``benchmarks/kernel_solo.py``)."""
-    import cupy
-    graph.launch(stream)
-    stream.synchronize()
-    per_call = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        graph.launch(stream)
-        stop.record(stream)
-        stop.synchronize()
-        per_call.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls)
     return per_call
