@@ -225,7 +225,7 @@ def _stop_after_interrupt(proc: subprocess.Popen, announce=None) -> int:
     killed 10 s later.
     """
     if announce is not None:
-        announce("interrupted: waiting for the job to stop (Ctrl-C again to stop at once)")
+        announce("waiting for the job to stop; Ctrl-C again stops it now")
     try:
         return proc.wait(timeout=INTERRUPT_GRACE_S)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
