@@ -234,6 +234,21 @@ def test_the_small_one_shot_takes_8_element_units_only_as_far_as_their_wire_byte
         llq_unit_elems(128, "oneshot", 4096)  # a one-shot's unit size needs its codec
 
 
+def test_the_1mb_one_shot_runs_8_element_units_only_where_each_lane_then_holds_one():
+    """1 MB of float16 in 8-element units is 256 blocks of 256 threads, one unit a lane: a 132-SM
+    GPU's workspace (264 blocks) holds them; an A100's (108 SMs: 216 blocks) would need two units
+    a lane, so its plan keeps 16-element units, as do 128-thread blocks."""
+    mode = Mode.make(8, 128, algo="oneshot")
+    n = LLQ_SMALL_UNIT_MAX_ELEMS
+    assert n * 2 == 1 << 20
+    p = plan(n, mode, world=2, force=Force(256, 0, 1, "ll"))
+    assert (p.kernel, p.build.unit_elems, p.units, p.blocks, p.threads) == ("fc_llq_oneshot", 8, 1, 256, 256)
+    smaller = plan(n, mode, world=2, force=Force(256, 0, 1, "ll"), max_blocks=216, sm_count=108)
+    assert (smaller.build.unit_elems, smaller.units) == (16, 1), smaller
+    narrower = plan(n, mode, world=2, force=Force(128, 0, 1, "ll"))
+    assert (narrower.build.unit_elems, narrower.threads) == (16, 128), narrower
+
+
 def test_modes_with_an_int6_or_int8_step_use_the_rows_wide_entry_where_it_has_one():
     ll = {"algo": "oneshot", "threads": 256, "blocks": 0, "units": 1, "protocol": "ll"}
     flag = {"algo": "oneshot", "threads": 128, "blocks": 32, "units": 1, "protocol": "flag"}

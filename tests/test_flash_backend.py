@@ -225,3 +225,11 @@ def test_a_loopback_job_needs_two_to_eight_ranks(world):
     from flashcomm_cupy.backends.flash.loopback import LoopbackJob
     with pytest.raises(ValueError, match="world must be 2 to 8"):
         LoopbackJob(world)
+
+
+def test_a_loopback_job_allows_unfit_grids_only_to_two_ranks():
+    """With three or more ranks, grids that do not fit the GPU together could fill it with blocks
+    that all wait for unstarted ones (LoopbackJob's ``unfit_ll_grids``): refused up front."""
+    from flashcomm_cupy.backends.flash.loopback import LoopbackJob
+    with pytest.raises(ValueError, match="unfit_ll_grids needs 2 ranks"):
+        LoopbackJob(3, unfit_ll_grids=True)

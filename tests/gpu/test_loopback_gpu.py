@@ -179,6 +179,42 @@ def test_the_quantized_ll_one_shot_is_the_reference_with_either_unit_size(jobs, 
             assert plan.kernel == llq_kernel(plan, mode) and plan.build.unit_elems == elems, plan
 
 
+#: the modes whose one-shot runs 8-element units up to 1 MB of float16 (INT6/INT8 with groups
+#: of at most 256; INT4's 8-element form takes more bytes, plan.llq_small_unit_max_elems)
+ONE_UNIT_A_LANE_MODES = [(8, 128, False, False), (8, 128, True, False), (8, 32, False, True), (6, 32, False, False),
+                         (6, 32, True, False), (6, 64, False, True), (6, 256, True, False)]
+
+
+@pytest.fixture(scope="module")
+def whole_gpu_pair(build):
+    """Two ranks, each with the blocks a GPU of its own gives it, whose LL grids need not be
+    resident together (LoopbackJob's ``unfit_ll_grids``: exact, not timed)."""
+    from flashcomm_cupy.backends.flash.loopback import LoopbackJob
+    import cupy
+    sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
+    with LoopbackJob(2, max_blocks=2 * sms, timeout_s=10.0, build=build, unfit_ll_grids=True) as job:
+        yield job
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("bits, group, rotate, sym", ONE_UNIT_A_LANE_MODES)
+def test_the_largest_small_unit_one_shot_holds_one_unit_a_lane_and_is_the_reference(whole_gpu_pair, dtype, bits,
+                                                                                    group, rotate, sym):
+    """At the 8-element one-shot's largest size (1 MB of float16: 256 blocks of 256 threads, two
+    blocks an SM of a GPU of its own) every lane holds one unit, and the call is the reference's."""
+    from flashcomm_cupy.backends.flash import plan as plan_module
+    from flashcomm_cupy.config import Mode
+    mode = Mode.make(bits, group, sym, rotate, "oneshot")
+    force = (256, 0, 1, "ll", False)
+    largest = plan_module.llq_small_unit_max_elems(mode.rs_bits)
+    for n in (largest, largest - 1001, (largest >> 1) + 3):
+        plan = run_exact(whole_gpu_pair, n, dtype, mode, force=force, protocol="ll")
+        assert (plan.build.unit_elems, plan.units, plan.threads) == (8, 1, 256), plan
+        assert plan.blocks == -(-plan.seg_elems // (256 * 8)) and plan.kernel == llq_kernel(plan, mode), plan
+        if n == largest:  # the two grids together are more than the GPU holds at once
+            assert 2 * plan.blocks > whole_gpu_pair.layout.max_blocks, plan
+
+
 def llq_kernel(plan, mode):
     """The quantized LL kernel a plan must run: a rotating one-shot of enough warps has its own
     build with shared butterflies (FcRotCode); the inputs above run both one-shot builds."""

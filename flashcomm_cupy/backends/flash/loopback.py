@@ -11,8 +11,10 @@ check: ordering and visibility across a real interconnect, host-mapped or IPC me
 
 Every rank's blocks must be resident at once (block ``b`` of one rank waits for block ``b``
 of the others), so the layout gives each rank ``max_blocks`` = its share of the GPU and
-:meth:`LoopbackJob.launch` refuses a plan whose grids would not all fit.  Nothing here is
-used by the backends; ``tests/gpu/test_loopback_gpu.py`` and the benchmarks use it.
+:meth:`LoopbackJob.launch` refuses a plan whose grids would not all fit -- except where a job
+is made with ``unfit_ll_grids=True`` (see :class:`LoopbackJob`), which checks the exactness of
+launches only a GPU of its own can hold at once.  Nothing here is used by the backends;
+``tests/gpu/test_loopback_gpu.py`` and the benchmarks use it.
 """
 from __future__ import annotations
 
@@ -40,12 +42,27 @@ class LoopbackJob:
     split among the ranks), ``timeout_s``: the kernels' wait bound, ``build``: which kernels
     (:class:`.kernels.KernelBuild`).  Close it (or use it as a context manager) to free the
     workspaces and the host-mapped error records.
+
+    ``unfit_ll_grids``: two ranks whose LL grids need not both be resident, only each fit
+    with a block to spare (give the job ``max_blocks`` up to the GPU's whole share).  For
+    exactness checks of the launches a rank with a GPU of its own runs (e.g. the 1 MB
+    quantized one-shot's 256 blocks of 256 threads), never for timing.  Why such a call still
+    completes: in the LL kernels block ``b`` waits only for block ``b`` of the other rank, and
+    only for what that block writes before its own waits; blocks of a grid start in index
+    order, so the rank with fewer started blocks has every one of its resident blocks'
+    partners started, and while neither grid fills the GPU alone that rank always has a
+    block resident.  Should the GPU start blocks otherwise, the call times out into the
+    error record (``timeout_s``); it does not hang.
     """
 
     def __init__(self, world: int, *, max_blocks: Optional[int] = None, slot_bytes: int = 48 << 10,
-                 timeout_s: float = 2.0, build: kernels.KernelBuild = kernels.SHIPPED):
+                 timeout_s: float = 2.0, build: kernels.KernelBuild = kernels.SHIPPED, unfit_ll_grids: bool = False):
         if not 2 <= world <= MAX_RANKS:
             raise ValueError(f"world must be 2 to {MAX_RANKS}, got {world}")
+        if unfit_ll_grids and world != 2:
+            raise ValueError(f"unfit_ll_grids needs 2 ranks (with more, their grids can fill the GPU "
+                             f"with blocks that all wait), got {world}")
+        self.unfit_ll_grids = unfit_ll_grids
         import cupy
         rt = cupy.cuda.runtime
         self.world, self.build, self.timeout_s = world, build, float(timeout_s)
@@ -95,7 +112,8 @@ class LoopbackJob:
             raise ValueError("the loopback job runs flash kernels only; this call's plan is NCCL")
         fn = kernels.kernel(plan.kernel, plan.build, self.build)
         fit = resident_blocks(fn, plan.threads, plan.smem) * self.sm_count
-        if plan.blocks * self.world > fit:
+        unfit_allowed = self.unfit_ll_grids and plan.protocol == "ll" and plan.blocks < fit
+        if plan.blocks * self.world > fit and not unfit_allowed:
             raise ValueError(f"{self.world} grids of {plan.blocks} blocks of {plan.kernel} do not fit this GPU "
                              f"at once ({fit} blocks); give the job fewer blocks")
         if after_current:

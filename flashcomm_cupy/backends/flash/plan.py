@@ -29,14 +29,17 @@ LLQ_UNIT_ELEMS = 16
 #: latency, and halving it again took 0.5-1.0 us off INT6/INT8 calls of 4-512 KB, rotated or not; at 1 MB,
 #: where the blocks a rank may run made it two units a lane, it cost 0.5-1.0 (benchmarks/NOTES.md v37).
 LLQ_SMALL_UNIT_ELEMS = 8
-#: the largest call (elements) that may run the 8-element one-shot: the sizes measured (up to 512 KB of
-#: float16; a 1 MB call could hold one unit a lane only on a GPU of its own, not measured yet)
-LLQ_SMALL_UNIT_MAX_ELEMS = 1 << 18
+#: the largest call (elements) that may run the 8-element one-shot: 1 MB of float16, whose one unit a
+#: lane takes 256 blocks of 256 threads, which a GPU of its own holds at once (two an SM; a smaller GPU's
+#: plan keeps 16-element units).  There the kernel's own work is 0.2-0.4 us shorter for INT6/INT8,
+#: rotated or not (kernel_solo, NOTES v38), and its results are exact (the loopback's unfit_ll_grids,
+#: NOTES v39); its bytes on the link are the 16-element form's.
+LLQ_SMALL_UNIT_MAX_ELEMS = 1 << 19
 #: ... for a codec whose 8-element LL form takes more bytes an element than its 16-element one
 #: (INT4: 2 against 1; INT6/INT8: 2 either way).  The loopback's gain (0.3-0.5 us at 64-256 KB, none
 #: at 512 KB unrotated) cannot see the link; over NVLink the LL one-shot moves about 330 KB a us
 #: (2xH200, lossless, 64 KB -> 1 MB: 4.0 -> 7.0 us), so the extra byte an element costs about
-#: 0.4 us at 2^17 elements and 0.8 at 2^18: taken up to 2^17 (benchmarks/NOTES.md v38).
+#: 0.4 us at 2^17 elements, 0.8 at 2^18 and 1.6 at 2^19: taken up to 2^17 (benchmarks/NOTES.md v38).
 LLQ_SMALL_UNIT_MAX_ELEMS_MORE_BYTES = 1 << 17
 #: threads per block of the quantized LL kernels by unit size (FC_LLQ_THREADS in fc_allreduce.cu)
 LLQ_MAX_THREADS = {8: 256, 16: 256, 32: 128}
