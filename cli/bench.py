@@ -115,7 +115,10 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     """Run the sweep, printing the header, each row as it finishes and the footer (rank 0); write the files.
 
     Ctrl-C keeps what finished: rank 0 prints the footer of the finished rows, writes them to the
-    output files (marked ``"interrupted": true``), and the interrupt goes on to end the job.
+    output files (marked ``"interrupted": true``), and the interrupt goes on to end the job.  A job
+    ended without that chance (Open MPI's ``mpirun`` kills it at the first Ctrl-C) still leaves the
+    finished rows: rank 0 rewrites the JSON and CSV files after every row, before printing it (every
+    row on the screen is in them), the JSON marked ``"unfinished": true`` until the end.
     """
     from flashcomm_cupy.dtypes import dtype_name
     from flashcomm_cupy.harness import BenchResult, machine, run_sweep
@@ -129,16 +132,23 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     result = BenchResult(meta=meta, rows=[])
     printer = report.BenchPrinter(meta, algos=table.algo_texts(comm.backend.supported_algos(), on_gpu),
                                   enabled=comm.rank == 0)
+
+    def keep(row):  # each finished row goes to the JSON and CSV files (rank 0) before the screen
+        result.rows.append(row)
+        if comm.rank == 0:
+            meta["unfinished"] = True
+            _write_outputs(printer, result, {flag: outputs.get(flag) for flag in EVERY_ROW_OUTPUTS}, quiet=True)
+        printer.row(row)
+
     # Ctrl-C is noted, and the sweep ends on every rank between the same two rows (AgreedInterrupts):
     # a KeyboardInterrupt where the signal lands could leave rank 0 waiting in a collective.
     with printer, AgreedInterrupts(comm.mpi_comm) as interrupts:
         printer.header()
         try:
-            run_sweep(comm, config, progress=printer.progress, on_row=lambda row: (result.rows.append(row),
-                                                                                  printer.row(row)),
-                      interrupts=interrupts)
+            run_sweep(comm, config, progress=printer.progress, on_row=keep, interrupts=interrupts)
         except KeyboardInterrupt as exc:
             if comm.rank == 0:
+                meta.pop("unfinished", None)
                 meta["interrupted"] = True
                 printer.footer(result, interrupted=True)
                 _write_outputs(printer, result, outputs)
@@ -147,11 +157,16 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
             raise
         printer.footer(result)
     if comm.rank == 0:
+        meta.pop("unfinished", None)
         _write_outputs(printer, result, outputs)
     return result
 
 
-def _write_outputs(printer, result, outputs: dict) -> None:
+#: the output files rank 0 rewrites after every row (the plot only at the end: drawing it takes seconds)
+EVERY_ROW_OUTPUTS = ("--json", "--csv")
+
+
+def _write_outputs(printer, result, outputs: dict, quiet: bool = False) -> None:
     from flashcomm_cupy.harness import results as results_io
 
     from . import report
@@ -159,4 +174,5 @@ def _write_outputs(printer, result, outputs: dict) -> None:
     for flag, path in outputs.items():
         if path:
             writers[flag](result, path)
-            printer.line(f"# wrote {path}")
+            if not quiet:
+                printer.line(f"# wrote {path}")

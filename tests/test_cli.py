@@ -563,6 +563,54 @@ def test_ctrl_c_in_a_long_last_row_waits_for_it_and_keeps_every_row(tmp_path, ab
     assert seconds < 60
 
 
+@pytest.mark.parametrize("name,mpiexec,python,why", _launchers(), ids=[launcher[0] for launcher in _launchers()])
+def test_a_job_killed_mid_sweep_leaves_every_printed_row_in_its_files(name, mpiexec, python, why, tmp_path,
+                                                                      aborted_job_shm):
+    """Open MPI's mpirun ends the job at the first Ctrl-C, before the ranks can agree on anything,
+    and a job can be killed outright: either way the JSON and CSV hold every row printed so far,
+    the JSON marked unfinished.  Under Open MPI: Ctrl-C to mpirun; under MPICH: SIGKILL to the job."""
+    import signal
+    import subprocess
+    if mpiexec is None:
+        if os.environ.get("FLASHCOMM_REQUIRE_OPENMPI") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    out_json, out_csv = tmp_path / "partial.json", tmp_path / "partial.csv"
+    cmd = [mpiexec] + (["--oversubscribe"] if name == "openmpi" else []) + \
+        ["-n", "2", python, "-m", "flashcomm_cupy.cli.main", "bench", "--backend", "cpu", "-b", "1K", "-e", "256M",
+         "--bits", "4", "--json", str(out_json), "--csv", str(out_csv)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                            start_new_session=True)
+    printed = []
+    try:
+        for line in proc.stdout:
+            if line[:1] == " " and ("int4 g128" in line or " mpi " in line):
+                printed.append(line)
+            if line.lstrip().startswith("4K"):  # the second size's baseline row
+                break
+        os.killpg(proc.pid, signal.SIGINT if name == "openmpi" else signal.SIGKILL)
+        proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["unfinished"] is True and "interrupted" not in data["meta"], data["meta"]
+    assert len(printed) == 3 and len(data["rows"]) >= 3, (printed, data["rows"])
+    assert [r["size_bytes"] for r in data["rows"][:3]] == [1024, 1024, 4096]
+    assert len(out_csv.read_text().splitlines()) == 1 + len(data["rows"])  # a header and the same rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.csv", "partial.json"]  # no temporary file
+
+
+def test_a_finished_sweep_has_no_unfinished_mark(tmp_path):
+    out_json = tmp_path / "done.json"
+    done = _run(CLI + ["bench", "--backend", "cpu", "--no-relaunch", "-b", "1K", "-e", "4K", "--bits", "4",
+                       "--json", str(out_json)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out_json.read_text())
+    assert "unfinished" not in data["meta"] and len(data["rows"]) == 2 * 2  # 1K and 4K (step 4): baseline, int4
+
+
 # ----------------------------------------------------------------------------- one JSON writer
 def test_every_command_writes_json_through_the_one_writer():
     """One rule for every --json file: the schema flashcomm.<command>/1, and non-finite numbers as strings."""

@@ -452,6 +452,36 @@ def test_csv_round_trip(tmp_path):
             assert _same(getattr(a, name), getattr(b, name)), name
 
 
+def test_a_file_is_replaced_whole_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
+    """Readers (and a job killed while rank 0 writes) see the old file or the new one: the new text
+    goes to a temporary file beside it first, and nothing of that is left behind either way."""
+    from flashcomm_cupy.harness import results as results_io
+    path = tmp_path / "r.json"
+    write_json(BenchResult(rows=_rows()[:1]), path)
+    old = path.read_text()
+
+    def no_disk_left(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(results_io.os, "replace", no_disk_left)
+    with pytest.raises(OSError, match="No space"):
+        write_json(BenchResult(rows=_rows()), path)
+    assert path.read_text() == old and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    monkeypatch.undo()
+    write_json(BenchResult(rows=_rows()), path)
+    assert len(read_json(path).rows) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_link_keeps_pointing_at_the_replaced_file_and_a_device_is_written_in_place(tmp_path):
+    from flashcomm_cupy.harness.results import write_whole
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    write_csv(BenchResult(rows=_rows()), link)
+    assert link.is_symlink() and len(read_csv(target)) == 2
+    write_whole("/dev/null", "not a regular file: written to, not replaced\n")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
 def test_loading_a_file_of_another_kind_is_refused():
     with pytest.raises(ValueError):
         loads(json.dumps({"schema": "something/else", "rows": []}))

@@ -5,21 +5,25 @@ JSON layout (``schema`` = :data:`SCHEMA`)::
     {"schema": "flashcomm.bench/1", "kind": "bench",
      "meta": {date, command, flashcomm_version, backend, baseline, world_size,
               dtype, machine, platform, card, gpu_count, versions: {...},
-              ranks: [describe() of each rank], config: {...}},
+              ranks: [describe() of each rank], config: {...},
+              interrupted: true (Ctrl-C: the rows before it) | unfinished: true (rows so far)},
      "rows": [{size_bytes, count, dtype, mode, bits, algo, algo_resolved, ...}, ...]}
 
 Every command's ``--json`` goes through :func:`write_document` (one convention for all six):
 a ``schema`` ``flashcomm.<command>/1`` and ``kind`` first, and floats that are not finite
 written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` so the file is strict JSON;
 :func:`read_json` turns them back for bench rows.  CSV holds the rows only, one column per
-:class:`Row` field.
+:class:`Row` field.  Every file is written whole (:func:`write_whole`): a reader, or a job killed
+while rank 0 writes, finds the previous version or the new one, never half of one.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -128,10 +132,30 @@ def dumps_document(doc: Dict[str, Any]) -> str:
     return json.dumps(_encode(doc), indent=1, allow_nan=False, default=str)
 
 
+def write_whole(path, text: str) -> None:
+    """Write ``text`` to ``path`` in one step: a regular file (or a new one) is replaced by a
+    finished temporary file beside it (``os.replace``; a symbolic link's target is replaced, the
+    link kept), so nobody sees it half written; anything else (a pipe, ``/dev/stdout``) is written
+    to directly."""
+    target = os.path.realpath(os.fspath(path))
+    if os.path.exists(target) and not os.path.isfile(target):
+        with open(target, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        return
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_document(path, kind: str, body: Dict[str, Any]) -> None:
     """Write ``body`` as command ``kind``'s JSON file (see the module docstring)."""
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(dumps_document(document(kind, body)) + "\n")
+    write_whole(path, dumps_document(document(kind, body)) + "\n")
 
 
 def _decode_all(obj):
@@ -164,8 +188,7 @@ def loads(text: str) -> BenchResult:
 
 
 def write_json(result: BenchResult, path) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(dumps(result) + "\n")
+    write_whole(path, dumps(result) + "\n")
 
 
 def read_json(path) -> BenchResult:
@@ -176,11 +199,12 @@ def read_json(path) -> BenchResult:
 # ----------------------------------------------------------------------------- CSV
 def write_csv(result: BenchResult, path) -> None:
     """One header line (the :class:`Row` field names) and one line per row; None is empty."""
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=_ROW_FIELDS)
-        writer.writeheader()
-        for r in result.rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=_ROW_FIELDS)
+    writer.writeheader()
+    for r in result.rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
+    write_whole(path, text.getvalue())
 
 
 def _parse_cell(name: str, text: str):
