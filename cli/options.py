@@ -35,6 +35,7 @@ import click
 
 from flashcomm_cupy import settings
 from flashcomm_cupy.backends import registry
+from flashcomm_cupy.backends.registry import CUPY_HINT
 from flashcomm_cupy.config import FLASH_ALGOS, SUPPORTED_GROUP_SIZES, parse_bits
 from flashcomm_cupy.dtypes import resolve_dtype
 from flashcomm_cupy.harness import launch
@@ -47,7 +48,6 @@ MAIN_MODULE = (__package__ or "flashcomm_cupy.cli") + ".main"
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 SWITCH_VALUES = {"off": (False,), "on": (True,), "both": (False, True),
                  "0": (False,), "1": (True,)}
-CUPY_HINT = 'pip install "flashcomm-cupy[cuda12]" (or [cuda13] for CUDA 13)'
 
 
 # ----------------------------------------------------------------------------- argv
@@ -180,7 +180,7 @@ transport_option = click.option(
 def bits_option(default: str, help_text: str = "flashcomm modes: none (lossless), 4, 6, 8, or RS/AG "
                                                "such as 4/8 (comma list, repeatable)."):
     """``--bits`` -> list of ``(rs_bits, ag_bits)`` pairs."""
-    return click.option("--bits", multiple=True, default=(default,), show_default=default,
+    return click.option("--bits", multiple=True, default=(default,), show_default=bool(default),
                         callback=parse_bits_list, metavar="BITS", help=help_text)
 
 
@@ -205,7 +205,7 @@ def group_size_option(default: str = "128", multiple: bool = False):
         return sizes if multiple else sizes[0]
     choices = "|".join(map(str, SUPPORTED_GROUP_SIZES))
     return click.option("--group-size", multiple=multiple, default=(default,) if multiple else default,
-                        show_default=default, callback=parse, metavar=f"[{choices}]",
+                        show_default=bool(default), callback=parse, metavar=f"[{choices}]",
                         help="Elements per quantization group" + (" (comma list, repeatable)." if multiple else "."))
 
 
@@ -215,7 +215,7 @@ ALGO_CHOICES = FLASH_ALGOS
 
 def algo_option(default: str = "auto"):
     """``--algo`` -> list of algorithms from :data:`ALGO_CHOICES`."""
-    return click.option("--algo", multiple=True, default=(default,), show_default=default,
+    return click.option("--algo", multiple=True, default=(default,), show_default=bool(default),
                         callback=algo_list_parser(ALGO_CHOICES), metavar="ALGO",
                         help=f"Algorithms: {', '.join(ALGO_CHOICES)} (comma list, repeatable).")
 
@@ -223,7 +223,7 @@ def algo_option(default: str = "auto"):
 def dtype_option(default: Optional[str] = "float16", multiple: bool = False, help_text: str = "Element type."):
     """``-d/--dtype`` (old spelling ``--datatype``): one NumPy dtype, or with ``multiple`` a list."""
     return click.option("-d", "--dtype", "--datatype", "dtype", multiple=multiple,
-                        default=((default,) if multiple and default else default), show_default=default,
+                        default=((default,) if multiple and default else default), show_default=bool(default),
                         callback=(parse_dtype_list if multiple else parse_dtype),
                         metavar="[" + "|".join(DTYPE_NAMES) + "]",
                         help=help_text + (" Comma list, repeatable." if multiple else ""))

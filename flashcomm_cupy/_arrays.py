@@ -63,10 +63,17 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _contiguity_fix(what: str, copy: str) -> str:
+    """What to do about a non-contiguous ``what``: the input may be copied first, an ``out=`` may not
+    (the result would land in the copy)."""
+    return f"pass {copy}" if what == "x" else "pass a contiguous array of its own, and copy the result over"
+
+
 def _validate_host(x: np.ndarray, what: str) -> np.dtype:
     dt = resolve_dtype(x.dtype)
     if not x.flags.c_contiguous:
-        raise ValueError(f"{what} must be C-contiguous (got strides {x.strides}); pass np.ascontiguousarray(x)")
+        raise ValueError(f"{what} must be C-contiguous (got strides {x.strides}); "
+                         f"{_contiguity_fix(what, 'np.ascontiguousarray(x)')}")
     return dt
 
 
@@ -96,7 +103,7 @@ def _host_array(x, what: str):
     if _is_torch(x) and getattr(x, "device", None) is not None and x.device.type == "cpu":
         name = _torch_dtype_name(x)
         if not x.is_contiguous():
-            raise ValueError(f"{what} must be contiguous; call .contiguous() first")
+            raise ValueError(f"{what} must be contiguous; {_contiguity_fix(what, 'x.contiguous()')}")
         t = x.detach()
         if name == "bfloat16":
             view = t.view(_torch().int16).numpy().view(bfloat16)
@@ -241,7 +248,8 @@ def _torch_view(t, what) -> DeviceView:
 
 def _check_contiguous(arr, what):
     if not arr.flags.c_contiguous:
-        raise ValueError(f"{what} must be C-contiguous (got strides {arr.strides})")
+        raise ValueError(f"{what} must be C-contiguous (got strides {arr.strides}); "
+                         f"{_contiguity_fix(what, 'a contiguous copy such as cupy.ascontiguousarray(x)')}")
 
 
 def resolve_stream(stream, x):

@@ -101,6 +101,18 @@ def parse_bits(bits: BitsArg) -> Tuple[Optional[int], Optional[int]]:
     raise ValueError(f"cannot interpret bits={bits!r}")
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _require_switch(name: str, value) -> bool:
+    """``value`` as a bool, where it is one (or 0/1); anything else, such as the string "no" (which
+    ``bool()`` would take as True), raises TypeError."""
+    if isinstance(value, (bool, np.bool_)) or (_is_integer(value) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Mode:
     """A complete all-reduce setting.
@@ -119,6 +131,11 @@ class Mode:
 
     def __post_init__(self):
         parse_bits((self.rs_bits, self.ag_bits))
+        for name in ("symmetric", "rotate"):
+            _require_switch(name, getattr(self, name))
+        if not _is_integer(self.group_size):
+            raise TypeError(f"group_size must be an integer, one of {SUPPORTED_GROUP_SIZES}, "
+                            f"got {self.group_size!r}")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
                 f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
@@ -133,13 +150,16 @@ class Mode:
             names = ", ".join(flash[:-1]) + f" and {flash[-1]}" if len(flash) > 1 else flash[0]
             raise ValueError(f"algo={self.algo!r} is the vendor's lossless all-reduce and cannot run "
                              f"bits={self.bits_label}: quantized modes run {names} (or auto); "
-                             "use bits=None for the vendor's")
+                             "pass bits=None to run it")
 
     @classmethod
     def make(cls, bits: BitsArg = ALL_REDUCE_BITS, group_size: int = 128, symmetric: bool = False,
              rotate: bool = False, algo: str = "auto") -> "Mode":
         rs, ag = parse_bits(bits)
-        return cls(rs, ag, int(group_size), bool(symmetric), bool(rotate), str(algo))
+        if not _is_integer(group_size):  # 128.9 or "128" must not pass as 128
+            raise TypeError(f"group_size must be an integer, one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+        return cls(rs, ag, int(group_size), _require_switch("symmetric", symmetric),
+                   _require_switch("rotate", rotate), str(algo))
 
     @property
     def lossless(self) -> bool:

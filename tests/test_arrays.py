@@ -118,6 +118,17 @@ def test_non_contiguous_and_unsupported_tensors_raise():
         _arrays.run_all_reduce(TwoRanksStub(), torch.ones(4, dtype=torch.float64), None, MODE, None)
 
 
+def test_a_non_contiguous_out_is_not_advised_to_be_copied():
+    """Copying ``x`` first is fine; copying ``out`` would put the result in the copy."""
+    x = np.ones(64, np.float16)
+    with pytest.raises(ValueError, match=r"^out must be C-contiguous .*; pass a contiguous array of its own"):
+        _arrays.run_all_reduce(TwoRanksStub(), x, np.broadcast_to(np.float16(0), (64,)), MODE, None)
+    with pytest.raises(ValueError, match=r"^x must be C-contiguous .*; pass np.ascontiguousarray\(x\)$"):
+        _arrays.run_all_reduce(TwoRanksStub(), np.ones((8, 8), np.float16).T, None, MODE, None)
+    with pytest.raises(ValueError, match="^out must be contiguous; pass a contiguous array of its own"):
+        _arrays.run_all_reduce(TwoRanksStub(), torch.ones(4, 4), torch.ones(4, 4).t(), MODE, None)
+
+
 def test_a_failed_call_raises_itself():
     """Host-synchronous calls re-check the backend's error record before returning."""
     x = torch.ones(8)

@@ -169,7 +169,7 @@ def test_no_relaunch_runs_a_single_rank():
     proc = _run(CLI + ["bench", "--no-relaunch", "-b", "1K", "-e", "1K", "--bits", "8", "-n", "1", "-w", "0",
                        "-r", "1"], env=_without_launcher())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "relaunching" not in proc.stderr and "1 ranks" in proc.stdout
+    assert "relaunching" not in proc.stderr and ", 1 rank, " in proc.stdout
 
 
 def test_missing_mpiexec_is_a_one_line_error_with_the_install_hint(tmp_path):
@@ -209,6 +209,17 @@ def test_gpu_backend_without_cupy_is_a_one_line_error():
     assert proc.returncode == 1
     assert proc.stderr.strip() == ('flashcomm: error: --backend gpu needs CuPy: '
                                    'pip install "flashcomm-cupy[cuda12]" (or [cuda13] for CUDA 13)')
+
+
+@pytest.mark.parametrize("backend", ["gpu", "nccl"])
+def test_a_gpu_backend_asked_of_the_api_without_cupy_is_a_one_line_error(backend, monkeypatch):
+    from flashcomm_cupy.backends import registry
+    real = registry.importlib.util.find_spec
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
+    with pytest.raises(ImportError) as err:
+        registry.make(backend, None)
+    assert str(err.value) == (f"backend {backend!r} needs CuPy, which is not installed: "
+                              'pip install "flashcomm-cupy[cuda12]" (or [cuda13] for CUDA 13)')
 
 
 ONE_RANK_FAILS = textwrap.dedent("""

@@ -8,6 +8,7 @@ made, so naming one never imports CuPy.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -37,6 +38,9 @@ BACKENDS: Dict[str, BackendSpec] = {spec.name: spec for spec in (
 )}
 #: "auto" picks "gpu" when CuPy sees a GPU, else "cpu"
 AUTO = "auto"
+#: how to get CuPy, for every message about its absence (the API's and the CLI's)
+CUPY_HINT = 'pip install "flashcomm-cupy[cuda12]" (or [cuda13] for CUDA 13)'
+
 #: every name a caller may pass
 NAMES: Tuple[str, ...] = (AUTO,) + tuple(BACKENDS)
 
@@ -73,6 +77,8 @@ def make(name: str, comm, **options):
     GPU?) and must come out the same everywhere: ranks on different backends would wait in
     different collectives, so they all raise instead, naming who chose what."""
     row = spec(name)
+    if row.gpu and importlib.util.find_spec("cupy") is None:
+        raise ImportError(f"backend {row.name!r} needs CuPy, which is not installed: {CUPY_HINT}")
     if name == AUTO and comm is not None and hasattr(comm, "allgather"):
         from .. import _mpi
         _mpi.agree(comm, {"backend": row.name}, "the backends picked for backend='auto' (a rank picks gpu where "
