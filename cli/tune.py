@@ -21,9 +21,12 @@ GPU_ONLY = "flashcomm tune (it tunes the GPU kernels)"
 
 
 @command("tune")
-@click.option("-b", "--minbytes", default="4K", callback=parse_size_option, show_default=True)
-@click.option("-e", "--maxbytes", default="256M", callback=parse_size_option, show_default=True)
-@click.option("-f", "--stepfactor", default=4, type=click.IntRange(min=2), show_default=True)
+@click.option("-b", "--minbytes", default="4K", callback=parse_size_option, show_default=True, metavar="SIZE",
+              help="Smallest message (K/M/G suffixes).")
+@click.option("-e", "--maxbytes", default="256M", callback=parse_size_option, show_default=True, metavar="SIZE",
+              help="Largest message.")
+@click.option("-f", "--stepfactor", default=4, type=click.IntRange(min=2), show_default=True,
+              help="Size multiplication factor, a whole number: each size is a table row's upper bound.")
 @click.option("--bits", "tune_bits", default=4, type=click.Choice(["4", "6", "8"]), show_default=True,
               help="Bit width the quantized rows are tuned on.")
 @click.option("-n", "--iters", default=20, type=click.IntRange(min=1), show_default=True)
