@@ -8,8 +8,8 @@ from flashcomm_cupy.backends.flash.plan import PROTOCOL_SETTINGS as PROTOCOL_CHO
 from . import table
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
-                      output_option, parse_size_option, require_quantizing_backend, switch_option,
-                      transport_option)
+                      output_option, parse_max_size_option, parse_size_option, require_quantizing_backend,
+                      switch_option, transport_option)
 
 #: defaults that differ between the GPU and the CPU backend
 GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
@@ -21,7 +21,7 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 4 << 20, "iters": 5, "warmup": 
 @command("bench")
 @click.option("-b", "--minbytes", callback=parse_size_option, metavar="SIZE",
               help="Smallest message (K/M/G suffixes). [default: 4K on GPUs, 1K on CPUs]")
-@click.option("-e", "--maxbytes", callback=parse_size_option, metavar="SIZE",
+@click.option("-e", "--maxbytes", callback=parse_max_size_option, metavar="SIZE",
               help="Largest message. [default: 256M on GPUs, 4M on CPUs]")
 @click.option("-f", "--stepfactor", type=click.FloatRange(min=1, min_open=True), default=4.0,
               show_default=True, help="Size multiplication factor (nccl-tests uses 2; 4 halves the run time).")

@@ -39,7 +39,7 @@ from flashcomm_cupy.backends.registry import CUPY_HINT
 from flashcomm_cupy.config import FLASH_ALGOS, SUPPORTED_GROUP_SIZES, parse_bits
 from flashcomm_cupy.dtypes import resolve_dtype
 from flashcomm_cupy.harness import launch
-from flashcomm_cupy.harness.sizes import parse_size
+from flashcomm_cupy.harness.sizes import format_size, parse_size
 
 #: what ``--backend`` accepts: every name of the backend registry
 BACKEND_CHOICES = registry.NAMES
@@ -136,6 +136,16 @@ def parse_size_option(ctx, param, value) -> Optional[int]:
         return parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def parse_max_size_option(ctx, param, value) -> Optional[int]:
+    """``-e/--maxbytes``: a size, and not below ``-b/--minbytes`` where that was given (declared
+    first, so parsed first): refused before anything is launched."""
+    size = parse_size_option(ctx, param, value)
+    least = ctx.params.get("minbytes")
+    if size is not None and least is not None and size < least:
+        raise click.BadParameter(f"{value} is below --minbytes ({format_size(least)})")
+    return size
 
 
 def parse_count_list(ctx, param, value) -> List[int]:

@@ -392,6 +392,8 @@ BAD_INPUT = [
     (["bench", "-d", "int8"], 2, ["unsupported dtype"]),
     (["bench", "--bits", "5"], 2, ["--bits"]),
     (["bench", "-b", "lots"], 2, ["cannot parse size"]),
+    (["bench", "-b", "4M", "-e", "1K"], 2, ["--maxbytes", "1K is below --minbytes (4M)"]),
+    (["tune", "-b", "4M", "-e", "1K"], 2, ["--maxbytes", "1K is below --minbytes (4M)"]),
     (["bench", "--group-size", "100"], 2, ["--group-size", "100"]),
     (["bench", "--rotate", "sometimes"], 2, ["--rotate"]),
     (["bench", "--json", _NO_DIR + ".json"], 1, ["--json", "does not exist"]),
