@@ -109,10 +109,10 @@ def bench_header_lines(meta: dict) -> List[str]:
     check = "off"
     if cfg.get("check"):
         check = f"on (reference up to {format_size(int(cfg.get('reference_max_bytes', 0)))})"
+    ranks = meta.get("world_size")
     lines = [
         f"# flashcomm {meta.get('flashcomm_version')} bench: backend {meta.get('backend')} "
-        f"(baseline {meta.get('baseline')}), {meta.get('world_size')} rank{'' if meta.get('world_size') == 1 else 's'}, "
-        f"{meta.get('dtype')}"
+        f"(baseline {meta.get('baseline')}), {ranks} rank{'' if ranks == 1 else 's'}, {meta.get('dtype')}"
         + (f", {meta['nodes']} (baseline flat over all ranks)" if meta.get("nodes") else ""),
         f"# sizes {span} x{cfg.get('extra', {}).get('step_factor', 0):g} ({len(counts)} size{'s' if len(counts) != 1 else ''}), {timing}, check {check}",
         f"# modes: {', '.join(cfg.get('modes', []))}",
