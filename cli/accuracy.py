@@ -19,8 +19,8 @@ from flashcomm_cupy.accuracy import (DEFAULT_BITS, DEFAULT_GROUP_SIZES, GENERATE
 from flashcomm_cupy.launchers import launched_rank
 from flashcomm_cupy.minilm.study import DEFAULT_SWEEP_TEXT as MODEL_DEFAULT_SWEEP
 
-from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
-                      dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
+from .options import (MATPLOTLIB_HINT, algo_option, backend_option, bits_option, check_outputs, command,
+                      command_line, dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
                       output_option, require_quantizing_backend, split_list, switch_option)
 
 
@@ -100,7 +100,7 @@ def write_plot(rows: List[Row], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise click.ClickException(f"--plot needs matplotlib: pip install 'flashcomm-cupy[plot]' ({exc})")
+        raise click.ClickException(f"{MATPLOTLIB_HINT} ({exc})")
     datasets = list(dict.fromkeys(r.data for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.8), squeeze=False)
     colors = {"8": "tab:blue", "6": "tab:green", "4/8": "tab:purple", "4": "tab:red"}

@@ -410,7 +410,8 @@ def make_console(rank: int, file=None):
                    force_terminal=False, highlight=False, emoji=False, soft_wrap=True)
 
 
-MATPLOTLIB_HINT = '--plot needs matplotlib: pip install "flashcomm-cupy[plot]"'
+MATPLOTLIB_HINT = ('--plot needs matplotlib: pip install "flashcomm-cupy[plot]" '
+                   '(from a checkout: pip install -e ".[plot]")')
 
 
 def output_path_problem(flag: str, path) -> Optional[str]:

@@ -449,7 +449,8 @@ def test_plot_without_matplotlib_fails_before_measuring(tmp_path):
     for cmd in (["bench"], ["accuracy"]):
         proc = _run(CLI + cmd + ["--plot", str(tmp_path / "p.png")], env=_without_launcher(), timeout=60)
         assert proc.returncode == 1 and proc.stderr.strip() == \
-            'flashcomm: error: --plot needs matplotlib: pip install "flashcomm-cupy[plot]"', proc.stderr
+            ('flashcomm: error: --plot needs matplotlib: pip install "flashcomm-cupy[plot]" '
+             '(from a checkout: pip install -e ".[plot]")'), proc.stderr
 
 
 def test_a_quantized_mode_cannot_ask_for_the_vendor_collective():
