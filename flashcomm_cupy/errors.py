@@ -28,6 +28,12 @@ class FlashTimeoutError(RuntimeError):
         self.late = late
 
 
+class PeerTransferError(RuntimeError):
+    """A transfer between ranks failed outright (over torch.distributed's gloo: a peer closed its
+    connection, having given up on the call or exited), so its receive buffers hold no data.  The
+    CPU backend gives up the communicator on it and raises :class:`FlashTimeoutError`."""
+
+
 def resolve_timeout(timeout_s=None) -> float:
     """The bound in seconds: ``timeout_s``, else ``$FLASHCOMM_TIMEOUT_S``, else 30.
 

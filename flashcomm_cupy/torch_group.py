@@ -45,6 +45,7 @@ import socket
 
 import numpy as np
 
+from .errors import PeerTransferError
 from .launchers import launched_by_torchrun  # noqa: F401  (public here since the torchrun bootstrap)
 
 
@@ -54,14 +55,25 @@ def is_torch_group(obj) -> bool:
 
 
 class _Request:
+    """mpi4py's request interface over a torch ``Work``.  A failed ``Work`` also counts as
+    completed (``is_completed``), so :meth:`Test` asks it, through ``wait()``, whether it
+    succeeded, and raises :class:`PeerTransferError` if not: a failed receive must never pass for
+    the peer's data."""
+
     def __init__(self, work):
         self._work = work
 
     def Test(self) -> bool:
-        return bool(self._work.is_completed())
+        if not self._work.is_completed():
+            return False
+        self.Wait()
+        return True
 
     def Wait(self) -> None:
-        self._work.wait()
+        try:
+            self._work.wait()
+        except RuntimeError as exc:
+            raise PeerTransferError(f"flashcomm: a transfer over torch.distributed failed: {exc}") from exc
 
 
 

@@ -47,6 +47,26 @@ def test_tp_mlp_example_runs_under_torchrun_on_the_cpu_backend():
     assert any(line.startswith("flashcomm int4 rot") for line in lines), proc.stdout
 
 
+def test_a_call_whose_peer_gave_up_and_left_raises_and_returns_no_sum():
+    """Gloo marks a failed transfer completed; its receive buffers must not pass for the peer's data."""
+    proc = torchrun(TORCH_SCRIPTS / "torch_failures.py", 2, extra=["late"])
+    out = proc.stdout
+    assert "torch_failures rank 0: raised FlashTimeoutError: flashcomm: rank 0 timed out" in out, out
+    assert "torch_failures rank 1: raised FlashTimeoutError: flashcomm: rank 1 lost a peer" in out, out
+    assert "returned" not in out, out
+
+
+def test_a_call_whose_peer_exited_raises_a_flashcomm_error():
+    proc = torchrun(TORCH_SCRIPTS / "torch_failures.py", 2, extra=["exited"])
+    assert "torch_failures rank 0: raised FlashTimeoutError: flashcomm: rank 0 " in proc.stdout, proc.stdout
+
+
+def test_a_plain_communicator_under_torchrun_spans_torchruns_ranks():
+    proc = torchrun(TORCH_SCRIPTS / "torch_failures.py", 2, extra=["plain"])
+    for rank in (0, 1):
+        assert f"torch_failures rank {rank}: world 2, returned 3.0 .. 3.0" in proc.stdout, proc.stdout
+
+
 def test_ops_are_registered_with_fake_implementations():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -46,7 +46,7 @@ import numpy as np
 from .. import _mpi, quant, reference
 from ..config import Mode
 from ..dtypes import DTYPES, dtype_name, from_f32, resolve_dtype, to_f32
-from ..errors import FlashTimeoutError, resolve_timeout
+from ..errors import FlashTimeoutError, PeerTransferError, resolve_timeout
 from .base import Backend
 
 F32 = np.float32
@@ -64,7 +64,7 @@ def _show_call(desc) -> str:
     v = dict(zip(_CALL_FIELDS, (int(x) for x in desc)))
     bits = None if v["rs_bits"] == 0 else (v["rs_bits"], v["ag_bits"])
     mode = Mode.make(bits, v["group_size"], bool(v["symmetric"]), bool(v["rotate"]), _ALGOS[v["algo"]])
-    return f"{v['elements']} x {_DTYPE_NAMES[v['dtype']]}, {mode.label}"
+    return f"call {v['call']}, {v['elements']} x {_DTYPE_NAMES[v['dtype']]}, {mode.label}"
 
 
 class CpuBackend(Backend):
@@ -374,11 +374,14 @@ class CpuBackend(Backend):
         fields = [f for i, f in enumerate(_CALL_FIELDS) if len({int(v[i]) for v in everyone}) > 1]
         if fields:
             differ = [r for r in range(self.world_size) if not np.array_equal(everyone[r], everyone[0])]
+            hint = ("; a rank skipped a call or made one the others did not" if "call" in fields
+                    else "; every rank must make the same calls in the same order with the same arguments "
+                         "(a skipped or reordered call shows as different arguments)")
             raise ValueError(
                 f"flashcomm: all_reduce arguments differ between ranks (ranks {differ} differ from rank 0 in "
                 + ", ".join(fields) + "): "
                 + "; ".join(f"rank {r}: {_show_call(everyone[r])}" for r in range(self.world_size)
-                            if r == 0 or r in differ))
+                            if r == 0 or r in differ) + hint)
 
     def _wait(self, requests, what: str, late=None) -> None:
         """Complete ``requests`` within the bound, watching for a peer's abort message.
@@ -390,7 +393,7 @@ class CpuBackend(Backend):
         self._raise_if_aborted()
         deadline = time.monotonic() + self.timeout_s
         polls = 0
-        while not all([q.Test() for q in requests]):  # a list: every request progresses
+        while not self._all_done(requests, what):
             polls += 1
             if polls % 64 == 0:
                 self._receive_abort()
@@ -403,6 +406,15 @@ class CpuBackend(Backend):
                                   "different size or mode", missing[0] if missing else -1)
             if polls > 256:
                 time.sleep(1e-5 if polls < 4096 else 1e-4)  # ranks may outnumber cores: yield
+
+    def _all_done(self, requests, what: str) -> bool:
+        """Whether every request completed (each one tested, so every one progresses).  A transfer
+        that failed (over torch.distributed: a peer closed its connection, having given up or
+        exited) gives up the communicator: its buffers hold no data to sum."""
+        try:
+            return all([q.Test() for q in requests])
+        except PeerTransferError as exc:
+            self._give_up(f"flashcomm: rank {self.rank} lost a peer ({what}): {exc}", -1)
 
     def _give_up(self, message: str, late: int):
         """Abort this communicator: tell every peer (rank ``late`` was the one waited for) and raise."""

@@ -14,6 +14,7 @@ import socket
 import numpy as np
 
 from .._mpi import first_failure
+from ..errors import PeerTransferError
 
 from .flash import kernels
 from .flash.layout import MAX_RANKS, POISON_AREA_BYTES, POISON_PEERS_OFF, WorkspaceLayout  # noqa: F401
@@ -27,10 +28,13 @@ def _bounded_barrier(comm, timeout_s: float) -> bool:
     except Exception:
         return False
     deadline = time.monotonic() + timeout_s
-    while not req.Test():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
+    try:
+        while not req.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+    except PeerTransferError:  # a peer left (torch.distributed): it never arrives
+        return False
     return True
 
 
