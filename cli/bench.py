@@ -8,8 +8,8 @@ from flashcomm_cupy.backends.flash.plan import PROTOCOL_SETTINGS as PROTOCOL_CHO
 from . import table
 from .options import (algo_option, backend_option, bits_option, check_outputs, command, command_line,
                       dtype_option, group_size_option, json_option, mpi_launch, open_communicator,
-                      output_option, parse_max_size_option, parse_size_option, require_quantizing_backend,
-                      switch_option, transport_option)
+                      output_option, parse_max_size_option, parse_min_size_option, parse_size_option,
+                      require_quantizing_backend, switch_option, transport_option)
 
 #: defaults that differ between the GPU and the CPU backend
 GPU_DEFAULTS = {"minbytes": 4 << 10, "maxbytes": 256 << 20, "iters": 20, "warmup": 5, "repeats": 5,
@@ -19,7 +19,7 @@ CPU_DEFAULTS = {"minbytes": 1 << 10, "maxbytes": 4 << 20, "iters": 5, "warmup": 
 
 
 @command("bench")
-@click.option("-b", "--minbytes", callback=parse_size_option, metavar="SIZE",
+@click.option("-b", "--minbytes", callback=parse_min_size_option, metavar="SIZE",
               help="Smallest message (K/M/G suffixes). [default: 4K on GPUs, 1K on CPUs]")
 @click.option("-e", "--maxbytes", callback=parse_max_size_option, metavar="SIZE",
               help="Largest message. [default: 256M on GPUs, 4M on CPUs]")
@@ -118,11 +118,13 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     output files (marked ``"interrupted": true``), and the interrupt goes on to end the job.  A job
     ended without that chance (Open MPI's ``mpirun`` kills it at the first Ctrl-C) still leaves the
     finished rows: rank 0 rewrites the JSON and CSV files after every row, before printing it (every
-    row on the screen is in them), the JSON marked ``"unfinished": true`` until the end.
+    row on the screen is in them), the JSON marked ``"unfinished": true`` until the end -- where
+    they are files (:func:`~flashcomm_cupy.harness.results.replaceable`); a pipe gets the end's only.
     """
     from flashcomm_cupy.dtypes import dtype_name
     from flashcomm_cupy.harness import BenchResult, machine, run_sweep
     from flashcomm_cupy.harness.interrupts import AgreedInterrupt, AgreedInterrupts
+    from flashcomm_cupy.harness.results import replaceable
 
     from . import report
 
@@ -133,11 +135,15 @@ def _run_and_print(comm, config, on_gpu: bool, outputs: dict):
     printer = report.BenchPrinter(meta, algos=table.algo_texts(comm.backend.supported_algos(), on_gpu),
                                   enabled=comm.rank == 0)
 
+    # files, not pipes or terminals (which would get one document per row) nor links (/dev/stdout)
+    every_row = {flag: path for flag, path in outputs.items()
+                 if flag in EVERY_ROW_OUTPUTS and path and replaceable(path)}
+
     def keep(row):  # each finished row goes to the JSON and CSV files (rank 0) before the screen
         result.rows.append(row)
-        if comm.rank == 0:
+        if comm.rank == 0 and every_row:
             meta["unfinished"] = True
-            _write_outputs(printer, result, {flag: outputs.get(flag) for flag in EVERY_ROW_OUTPUTS}, quiet=True)
+            _write_outputs(printer, result, every_row, quiet=True)
         printer.row(row)
 
     # Ctrl-C is noted, and the sweep ends on every rank between the same two rows (AgreedInterrupts):

@@ -226,7 +226,7 @@ def model(model_name, hidden, heads, kv_heads, head_dim, ffn, num_layers, layers
 
 
 def _print_and_write(report: dict, json_path, markdown_path) -> None:
-    from flashcomm_cupy.harness.results import write_document
+    from flashcomm_cupy.harness.results import write_document, write_whole
     print_report(report)
     if json_path:
         # "columns" tells benchmarks/render_results.py which row fields make the table
@@ -235,6 +235,5 @@ def _print_and_write(report: dict, json_path, markdown_path) -> None:
             "speedup_vs_baseline", "rel_err_vs_baseline"]))
         click.echo(f"wrote {json_path}")
     if markdown_path:
-        with open(markdown_path, "w", encoding="utf-8") as fh:
-            fh.write(markdown_report(report))
+        write_whole(markdown_path, markdown_report(report))
         click.echo(f"wrote {markdown_path}")

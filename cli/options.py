@@ -138,13 +138,25 @@ def parse_size_option(ctx, param, value) -> Optional[int]:
         raise click.BadParameter(str(exc)) from None
 
 
-def parse_max_size_option(ctx, param, value) -> Optional[int]:
-    """``-e/--maxbytes``: a size, and not below ``-b/--minbytes`` where that was given (declared
-    first, so parsed first): refused before anything is launched."""
+def _size_range_check(ctx, smallest: Optional[int], largest: Optional[int]) -> None:
+    if smallest is not None and largest is not None and largest < smallest:
+        raise click.UsageError(f"--maxbytes {format_size(largest)} is below --minbytes {format_size(smallest)}",
+                               ctx)
+
+
+def parse_min_size_option(ctx, param, value) -> Optional[int]:
+    """``-b/--minbytes``: a size, and not above ``-e/--maxbytes`` where that is known already.
+    With :func:`parse_max_size_option`, whichever of the two click parses second (the command
+    line's order, defaults last) compares them: refused before anything is launched."""
     size = parse_size_option(ctx, param, value)
-    least = ctx.params.get("minbytes")
-    if size is not None and least is not None and size < least:
-        raise click.BadParameter(f"{value} is below --minbytes ({format_size(least)})")
+    _size_range_check(ctx, size, ctx.params.get("maxbytes"))
+    return size
+
+
+def parse_max_size_option(ctx, param, value) -> Optional[int]:
+    """``-e/--maxbytes``: a size, and not below ``-b/--minbytes`` (see :func:`parse_min_size_option`)."""
+    size = parse_size_option(ctx, param, value)
+    _size_range_check(ctx, ctx.params.get("minbytes"), size)
     return size
 
 
@@ -378,7 +390,7 @@ def open_communicator(backend: str, who: Optional[str] = None, **options):
         if problem:
             raise click.ClickException(problem)
     try:
-        return Communicator(backend=backend, **options)
+        return Communicator(_mpi.get_comm(), backend=backend, **options)  # the CLI runs on MPI, also under torchrun
     except ImportError as exc:
         raise click.ClickException(f"cannot start the {backend} backend: {exc}") from None
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import click
 
 from .options import (check_outputs, command, make_console, mpi_launch, open_communicator, parse_max_size_option,
-                      parse_size_option, transport_option)
+                      parse_min_size_option, transport_option)
 
 #: what ``tune`` needs GPUs for, in its error messages
 GPU_ONLY = "flashcomm tune (it tunes the GPU kernels)"
 
 
 @command("tune")
-@click.option("-b", "--minbytes", default="4K", callback=parse_size_option, show_default=True, metavar="SIZE",
+@click.option("-b", "--minbytes", default="4K", callback=parse_min_size_option, show_default=True, metavar="SIZE",
               help="Smallest message (K/M/G suffixes).")
 @click.option("-e", "--maxbytes", default="256M", callback=parse_max_size_option, show_default=True, metavar="SIZE",
               help="Largest message.")

@@ -154,8 +154,14 @@ def run_all_reduce(backend, x, out, mode: Mode, stream):
     return _run_device(backend, x, out, mode, stream)
 
 
+def _x_label(x, out) -> str:
+    """How messages name ``x``: as the output too where the call is in place (a copy of it would
+    receive the result)."""
+    return "x (out=x)" if out is x else "x"
+
+
 def _run_host(backend, x, out, mode):
-    xh = _host_array(x, "x")
+    xh = _host_array(x, _x_label(x, out))
     if xh is None:
         raise TypeError(f"the CPU backend takes NumPy arrays or CPU tensors, got {_describe(x)}")
     if out is None:
@@ -233,7 +239,7 @@ def _torch_view(t, what) -> DeviceView:
     cp = _cupy()
     name = _torch_dtype_name(t)
     if not t.is_contiguous():
-        raise ValueError(f"{what} must be contiguous; call .contiguous() first")
+        raise ValueError(f"{what} must be contiguous; {_contiguity_fix(what, 'x.contiguous()')}")
     raw = t.detach()
     if name == "bfloat16":
         raw = raw.view(_torch().int16)
@@ -284,13 +290,13 @@ def _device_span(arr):
 
 
 def _run_device(backend, x, out, mode, stream):
-    xh = _host_array(x, "x")
+    xh = _host_array(x, _x_label(x, out))
     oh = None if out is None or out is x else _host_array(out, "out")
     cs = resolve_stream(stream, out if xh is not None and oh is None and out is not None else x)
     host_sync = xh is not None or oh is not None
     if host_sync:
         _refuse_capture(cs, "a call with host (NumPy or CPU tensor) arrays")
-    xv = _staged(xh, cs, copy=True) if xh is not None else _as_device_view(x, "x")
+    xv = _staged(xh, cs, copy=True) if xh is not None else _as_device_view(x, _x_label(x, out))
     dev = getattr(backend, "device_id", None)
     _check_device(xv, dev, "x")
     if out is x:

@@ -49,8 +49,9 @@ class Communicator:
     ----------
     comm : mpi4py communicator, optional
         Defaults to ``MPI.COMM_WORLD`` (unless ``group`` is given); in a process started by
-        ``torchrun`` and no MPI launcher, to torch.distributed's world group (as
-        :meth:`from_torch`; ``init_process_group`` must have run).
+        ``torchrun`` and no MPI launcher, to torch.distributed's world group where
+        ``init_process_group`` has run (as :meth:`from_torch`), and an error where it has not
+        and torchrun's ``WORLD_SIZE`` is above 1 (MPI's world would be this process alone).
     group : torch.distributed ProcessGroup, optional
         Bootstrap over this group instead of MPI (e.g. under ``torchrun``;
         see :meth:`from_torch`); no MPI library is needed then.
@@ -78,15 +79,13 @@ class Communicator:
     def __init__(self, comm=None, backend: str = "auto", *, group=None, **options):
         from . import _mpi
         from .launchers import launched_by_torchrun, under_mpi_launcher
-        from .torch_group import TorchGroupComm, is_torch_group
+        from .torch_group import TorchGroupComm, is_torch_group, torchrun_world
         if group is not None and comm is not None:
             raise ValueError("pass comm (an MPI communicator) or group (a torch.distributed group), not both")
         if group is not None or is_torch_group(comm):
             comm = TorchGroupComm(group if group is not None else comm)
         elif comm is None and launched_by_torchrun() and not under_mpi_launcher():
-            # no MPI job here: MPI.COMM_WORLD would be this process alone (a world of 1, a wrong
-            # "sum"); torchrun's ranks are torch.distributed's world group
-            comm = TorchGroupComm(None)
+            comm = torchrun_world()
         #: the cross-rank interface (an mpi4py communicator, or :class:`.torch_group.TorchGroupComm`)
         self.mpi_comm = _mpi.get_comm(comm)
         self._backend = _make_backend(backend, self.mpi_comm, options)

@@ -131,11 +131,12 @@ class Mode:
 
     def __post_init__(self):
         parse_bits((self.rs_bits, self.ag_bits))
-        for name in ("symmetric", "rotate"):
-            _require_switch(name, getattr(self, name))
+        for name in ("symmetric", "rotate"):  # stored as bool: 1 and numpy.True_ are True
+            object.__setattr__(self, name, _require_switch(name, getattr(self, name)))
         if not _is_integer(self.group_size):
             raise TypeError(f"group_size must be an integer, one of {SUPPORTED_GROUP_SIZES}, "
                             f"got {self.group_size!r}")
+        object.__setattr__(self, "group_size", int(self.group_size))
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
                 f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")

@@ -42,11 +42,28 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import numpy as np
 
 from .errors import PeerTransferError
 from .launchers import launched_by_torchrun  # noqa: F401  (public here since the torchrun bootstrap)
+
+
+def torchrun_world():
+    """What ``Communicator()`` spans in a process ``torchrun`` started (no MPI launcher): the
+    torch.distributed world group where ``init_process_group`` has run; None (MPI's world, this
+    process alone) where torchrun's world is one process; else RuntimeError, since a
+    communicator of one rank among several would return this rank's input as the "sum"."""
+    dist = sys.modules.get("torch.distributed")  # not imported: nobody initialized it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return TorchGroupComm(None)
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    if size.isdigit() and int(size) > 1:
+        raise RuntimeError(f"flashcomm: started by torchrun (WORLD_SIZE={size}) but torch.distributed is not "
+                           "initialized: call torch.distributed.init_process_group() before "
+                           "Communicator() (or use Communicator.from_torch()), or launch with mpirun")
+    return None
 
 
 def is_torch_group(obj) -> bool:

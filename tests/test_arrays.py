@@ -127,6 +127,9 @@ def test_a_non_contiguous_out_is_not_advised_to_be_copied():
         _arrays.run_all_reduce(TwoRanksStub(), np.ones((8, 8), np.float16).T, None, MODE, None)
     with pytest.raises(ValueError, match="^out must be contiguous; pass a contiguous array of its own"):
         _arrays.run_all_reduce(TwoRanksStub(), torch.ones(4, 4), torch.ones(4, 4).t(), MODE, None)
+    in_place = np.ones((8, 8), np.float16).T
+    with pytest.raises(ValueError, match=r"^x \(out=x\) must be C-contiguous .*; pass a contiguous array of its own"):
+        _arrays.run_all_reduce(TwoRanksStub(), in_place, in_place, MODE, None)
 
 
 def test_a_failed_call_raises_itself():

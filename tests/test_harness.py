@@ -471,15 +471,30 @@ def test_a_file_is_replaced_whole_and_a_failed_write_leaves_the_old_one(tmp_path
     assert len(read_json(path).rows) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
-def test_a_link_keeps_pointing_at_the_replaced_file_and_a_device_is_written_in_place(tmp_path):
-    from flashcomm_cupy.harness.results import write_whole
+def test_a_link_or_a_pipe_is_written_in_place_and_a_file_keeps_its_permissions(tmp_path):
+    """Only a regular file named directly is replaced: ``/dev/stdout`` (a link to the terminal, a
+    pipe, or a file the shell redirected to) and other links are written through, so whatever
+    holds them open still sees the text."""
+    from flashcomm_cupy.harness.results import replaceable, write_whole
     target, link = tmp_path / "real.csv", tmp_path / "link.csv"
     target.write_text("old\n")
+    target.chmod(0o640)
     link.symlink_to(target)
+    inode = target.stat().st_ino
+    assert not replaceable(link) and replaceable(target) and replaceable(tmp_path / "new.json")
     write_csv(BenchResult(rows=_rows()), link)
-    assert link.is_symlink() and len(read_csv(target)) == 2
-    write_whole("/dev/null", "not a regular file: written to, not replaced\n")
-    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert link.is_symlink() and target.stat().st_ino == inode and len(read_csv(target)) == 2
+    write_csv(BenchResult(rows=_rows()[:1]), target)
+    assert target.stat().st_ino != inode and oct(target.stat().st_mode & 0o777) == oct(0o640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "real.csv"]
+    read_end, write_end = os.pipe()
+    try:
+        assert not replaceable(f"/dev/fd/{write_end}")
+        write_whole(f"/dev/fd/{write_end}", "through the pipe\n")
+        assert os.read(read_end, 100) == b"through the pipe\n"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_loading_a_file_of_another_kind_is_refused():

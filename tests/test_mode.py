@@ -20,6 +20,8 @@ def test_a_switch_is_a_bool_not_anything_truthy(name, bad):
 @pytest.mark.parametrize("good, want", [(True, True), (False, False), (np.bool_(True), True), (1, True), (0, False)])
 def test_bools_numpy_bools_and_0_or_1_are_switches(good, want):
     assert Mode.make(8, rotate=good, symmetric=good) == Mode.make(8, rotate=want, symmetric=want)
+    direct = Mode(rotate=good, symmetric=good, group_size=np.int64(64))
+    assert direct.rotate is want and direct.symmetric is want and type(direct.group_size) is int
 
 
 @pytest.mark.parametrize("bad", [128.9, 128.0, "128", True, None])

@@ -67,6 +67,14 @@ def test_a_plain_communicator_under_torchrun_spans_torchruns_ranks():
         assert f"torch_failures rank {rank}: world 2, returned 3.0 .. 3.0" in proc.stdout, proc.stdout
 
 
+def test_a_plain_communicator_under_torchrun_before_init_process_group_says_what_to_do():
+    proc = torchrun(TORCH_SCRIPTS / "torch_failures.py", 2, extra=["uninitialized"])
+    for rank in (0, 1):
+        assert (f"torch_failures rank {rank}: raised flashcomm: started by torchrun (WORLD_SIZE=2) but "
+                "torch.distributed is not initialized: call torch.distributed.init_process_group()") in proc.stdout, \
+            proc.stdout
+
+
 def test_ops_are_registered_with_fake_implementations():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

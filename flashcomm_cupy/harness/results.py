@@ -24,6 +24,8 @@ import io
 import json
 import math
 import os
+import shutil
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -132,25 +134,41 @@ def dumps_document(doc: Dict[str, Any]) -> str:
     return json.dumps(_encode(doc), indent=1, allow_nan=False, default=str)
 
 
-def write_whole(path, text: str) -> None:
-    """Write ``text`` to ``path`` in one step: a regular file (or a new one) is replaced by a
-    finished temporary file beside it (``os.replace``; a symbolic link's target is replaced, the
-    link kept), so nobody sees it half written; anything else (a pipe, ``/dev/stdout``) is written
-    to directly."""
-    target = os.path.realpath(os.fspath(path))
-    if os.path.exists(target) and not os.path.isfile(target):
-        with open(target, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        return
-    tmp = f"{target}.{os.getpid()}.tmp"
+def replaceable(path) -> bool:
+    """True where :func:`write_whole` replaces ``path`` in one step: a regular file named directly
+    (not through a symbolic link such as ``/dev/stdout``), or a path that does not exist yet."""
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        return stat.S_ISREG(os.lstat(os.fspath(path)).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def write_whole(path, text: str) -> None:
+    """Write ``text`` to ``path``.  Where it is :func:`replaceable`, a finished temporary file
+    beside it (hidden, the old file's permissions) replaces it (``os.replace``), so a reader, or a
+    job killed meanwhile, finds the old text or the new, never half of one; a killed write can leave
+    only that hidden temporary file.  Anything else (a pipe, a terminal, ``/dev/stdout``, a link) is
+    opened and written in place, as is a file whose directory does not let a new file be made."""
+    path = os.fspath(path)
+    if replaceable(path):
+        folder, name = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                fh.write(text)
+            if os.path.exists(path):
+                shutil.copymode(path, tmp)
+            os.replace(tmp, path)
+            return
+        except PermissionError:  # a read-only directory: the file itself may still be writable
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
 
 
 def write_document(path, kind: str, body: Dict[str, Any]) -> None:

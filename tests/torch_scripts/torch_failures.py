@@ -7,7 +7,8 @@ call does when its peer is gone.  ``argv[1]`` picks the case; each rank prints o
   receives left behind.
 - ``exited``: rank 1 exits without calling; rank 0's call must raise a flashcomm error.
 - ``plain``: ``fc.Communicator()`` with no arguments under torchrun is the torch.distributed world
-  (MPI.COMM_WORLD would be each process alone: a "sum" of one rank).
+  (MPI.COMM_WORLD would be each process alone: a "sum" of one rank); ``uninitialized``: before
+  ``init_process_group`` it is an error that says so.
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def call(comm, rank):
 
 
 def main(case):
+    if case == "uninitialized":  # a plain communicator before init_process_group: an error, not a world of one
+        try:
+            fc.Communicator(backend="cpu")
+        except RuntimeError as exc:
+            print(f"torch_failures rank {os.environ['RANK']}: raised {exc}", flush=True)
+        return
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     if case == "plain":

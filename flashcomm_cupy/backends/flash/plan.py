@@ -29,11 +29,12 @@ LLQ_UNIT_ELEMS = 16
 #: latency, and halving it again took 0.5-1.0 us off INT6/INT8 calls of 4-512 KB, rotated or not; at 1 MB,
 #: where the blocks a rank may run made it two units a lane, it cost 0.5-1.0 (benchmarks/NOTES.md v37).
 LLQ_SMALL_UNIT_ELEMS = 8
-#: the largest call (elements) that may run the 8-element one-shot: 1 MB of float16, whose one unit a
-#: lane takes 256 blocks of 256 threads, which a GPU of its own holds at once (two an SM; a smaller GPU's
-#: plan keeps 16-element units).  There the kernel's own work is 0.2-0.4 us shorter for INT6/INT8,
-#: rotated or not (kernel_solo, NOTES v38), and its results are exact (the loopback's unfit_ll_grids,
-#: NOTES v39); its bytes on the link are the 16-element form's.
+#: the largest call (elements) that may run the 8-element one-shot: 2^19 (1 MB of float16, 2 MB of
+#: float32), whose one unit a lane takes 256 blocks of 256 threads, which a GPU of its own holds at once
+#: (two an SM; a smaller GPU's plan keeps 16-element units).  There the float16 kernel's own work is
+#: 0.2-0.4 us shorter for INT6/INT8, rotated or not (kernel_solo, NOTES v38; float32 not timed), and
+#: every dtype's results are exact (the loopback's unfit_ll_grids, NOTES v39); its bytes on the link
+#: are the 16-element form's.
 LLQ_SMALL_UNIT_MAX_ELEMS = 1 << 19
 #: ... for a codec whose 8-element LL form takes more bytes an element than its 16-element one
 #: (INT4: 2 against 1; INT6/INT8: 2 either way).  The loopback's gain (0.3-0.5 us at 64-256 KB, none
