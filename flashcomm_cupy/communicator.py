@@ -157,8 +157,14 @@ class Communicator:
             if done is not None:
                 return done
         self._check_open()
-        mode = self._mode(bits, group_size, algo, rotate, symmetric)
-        result = _arrays.run_all_reduce(self._backend, x, out, mode, stream)
+        made = getattr(self._backend, "calls_made", 0)
+        try:
+            mode = self._mode(bits, group_size, algo, rotate, symmetric)
+            result = _arrays.run_all_reduce(self._backend, x, out, mode, stream)
+        except BaseException:
+            if getattr(self._backend, "calls_made", 0) == made:  # refused here, before the backend saw it
+                self._backend.note_call_not_made()
+            raise
         self._eager.remember(x, out, stream, bits, group_size, algo, rotate, symmetric, mode)
         return result
 

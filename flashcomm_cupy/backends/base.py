@@ -75,6 +75,11 @@ class Backend(abc.ABC):
         (bf16 carried as uint16 on the GPU); None means ``x.dtype``.
         """
 
+    def note_call_not_made(self) -> None:
+        """A call raised on this rank before it reached the backend (its arguments were refused).
+        Backends that number their calls across ranks (the CPU backend) count it; the GPU backends
+        do not (docs/reliability.md: arguments that differ between ranks)."""
+
     def barrier(self) -> None:
         """Host-side barrier across ranks."""
 

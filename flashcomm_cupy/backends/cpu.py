@@ -105,6 +105,8 @@ class CpuBackend(Backend):
         self.world_size = self._comm.Get_size()
         self.validate = bool(validate)
         self._closed = False
+        #: the calls this rank made, also those that raised on this rank alone before they reached
+        #: the peers (note_call_not_made): every call's description carries the number
         self._calls = 0
         #: the error every call raises once this communicator gave up or was told a peer did
         self._aborted = None
@@ -162,6 +164,7 @@ class CpuBackend(Backend):
         ignored: the work is finished when the call returns.
         """
         self._check_open()
+        self._calls += 1
         dt = resolve_dtype(dtype if dtype is not None else x.dtype)
         x = np.asarray(x)
         if x.dtype != dt:
@@ -356,7 +359,6 @@ class CpuBackend(Backend):
         """Exchange this call's description with every peer (bounded); raise ValueError on every
         rank when they differ, naming the ranks and fields, and FlashTimeoutError naming the
         ranks that never sent theirs."""
-        self._calls += 1
         mine = self._describe_call(size, dt, mode, algo)
         if hasattr(self._comm, "Iprobe"):  # MPI: point-to-point, so the ranks that never sent are known
             peers = [r for r in range(self.world_size) if r != self.rank]
@@ -374,14 +376,27 @@ class CpuBackend(Backend):
         fields = [f for i, f in enumerate(_CALL_FIELDS) if len({int(v[i]) for v in everyone}) > 1]
         if fields:
             differ = [r for r in range(self.world_size) if not np.array_equal(everyone[r], everyone[0])]
-            hint = ("; a rank skipped a call or made one the others did not" if "call" in fields
-                    else "; every rank must make the same calls in the same order with the same arguments "
-                         "(a skipped or reordered call shows as different arguments)")
-            raise ValueError(
-                f"flashcomm: all_reduce arguments differ between ranks (ranks {differ} differ from rank 0 in "
-                + ", ".join(fields) + "): "
-                + "; ".join(f"rank {r}: {_show_call(everyone[r])}" for r in range(self.world_size)
-                            if r == 0 or r in differ) + hint)
+            hint = ("; a call raised on some ranks only (their arguments were refused there) or a rank skipped "
+                    "one: the ranks' calls no longer line up" if "call" in fields
+                    else "; every rank must make the same calls in the same order with the same arguments")
+            message = (f"flashcomm: all_reduce arguments differ between ranks (ranks {differ} differ from rank 0 in "
+                       + ", ".join(fields) + "): "
+                       + "; ".join(f"rank {r}: {_show_call(everyone[r])}" for r in range(self.world_size)
+                                   if r == 0 or r in differ) + hint)
+            if "call" in fields:  # for good: every later call would pair with another rank's other call
+                self._aborted = message + ". Every rank raises; close this communicator and create a new one."
+            raise ValueError(message)
+
+    @property
+    def calls_made(self) -> int:
+        """The calls this rank made (:meth:`note_call_not_made` included)."""
+        return self._calls
+
+    def note_call_not_made(self) -> None:
+        """Count a call that raised on this rank before it reached this backend (its arguments were
+        refused): peers still waiting in that call then see this rank's next call under the next
+        number and raise, instead of taking it for this one."""
+        self._calls += 1
 
     def _wait(self, requests, what: str, late=None) -> None:
         """Complete ``requests`` within the bound, watching for a peer's abort message.

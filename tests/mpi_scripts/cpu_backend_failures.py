@@ -89,7 +89,33 @@ fresh = fc.Communicator(backend="cpu", timeout_s=BOUND_S)
 check(exact(fresh), "a new communicator after an abort is exact")
 fresh.close()
 
-# 4. The bound itself is validated, from the option and from the environment.
+# 4. A call refused on one rank only (its own arguments: here an algorithm the CPU backend does not
+#    run), whose caller goes straight on to its next call: the others must not take that next call
+#    for the refused one.  Every rank raises, nobody returns a sum, and the communicator refuses
+#    what follows (the ranks' calls no longer line up).
+comm = fc.Communicator(backend="cpu", timeout_s=BOUND_S)
+first, second = np.full(4096, 1.0, np.float32), np.full(4096, 100.0, np.float32)
+outcomes = []
+for x, algo in ((first, "nccl" if rank == last else "auto"), (second, "auto")):
+    try:
+        outcomes.append(("returned", float(comm.all_reduce(x, bits=None, algo=algo)[0])))
+    except (ValueError, fc.FlashTimeoutError) as exc:
+        outcomes.append((type(exc).__name__, str(exc)))
+check(all(kind != "returned" for kind, _ in outcomes), f"a sum came back after a call refused on rank {last}: "
+      f"{outcomes}")
+if rank != last:
+    check("differ from rank 0 in call" in outcomes[0][1], f"the refused call not named: {outcomes[0]}")
+world.Barrier()
+comm.close()
+
+# 5. The same argument refused on every rank: the calls still line up, and the next call is exact.
+comm = fc.Communicator(backend="cpu", timeout_s=BOUND_S)
+exc, _ = raises(ValueError, lambda: comm.all_reduce(np.ones(8, np.float32), algo="nccl"))
+check(exc is not None, "algo='nccl' on the CPU backend was accepted")
+check(exact(comm), "a call after a call refused on every rank is exact")
+comm.close()
+
+# 6. The bound itself is validated, from the option and from the environment.
 for bad in (0, -1, float("inf"), float("nan"), "soon"):
     exc, _ = raises(ValueError, lambda: fc.Communicator(backend="cpu", timeout_s=bad))
     check(exc is not None and "timeout_s" in str(exc), f"timeout_s={bad!r} accepted: {exc!r}")
