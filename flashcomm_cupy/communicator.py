@@ -157,12 +157,12 @@ class Communicator:
             if done is not None:
                 return done
         self._check_open()
-        made = getattr(self._backend, "calls_made", 0)
+        made = self._backend.calls_made
         try:
             mode = self._mode(bits, group_size, algo, rotate, symmetric)
             result = _arrays.run_all_reduce(self._backend, x, out, mode, stream)
         except BaseException:
-            if getattr(self._backend, "calls_made", 0) == made:  # refused here, before the backend saw it
+            if self._backend.calls_made == made:  # refused here, before the backend saw it
                 self._backend.note_call_not_made()
             raise
         self._eager.remember(x, out, stream, bits, group_size, algo, rotate, symmetric, mode)

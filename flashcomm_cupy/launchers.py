@@ -80,6 +80,14 @@ def launched_size(env: Mapping[str, str] = os.environ) -> int:
     return 1 if size is None else size
 
 
+def torchrun_size(env: Mapping[str, str] = os.environ) -> int:
+    """The size torchrun announced to this process (1 when torchrun did not start it)."""
+    if not launched_by_torchrun(env):
+        return 1
+    text = env.get(next(launcher.size for launcher in LAUNCHERS if launcher.name == "torchrun"), "").strip()
+    return int(text) if text.isdigit() else 1
+
+
 def launched_local_rank(env: Mapping[str, str] = os.environ) -> Optional[int]:
     """This process's rank among those of its host, as its launcher announced it; None when none did."""
     return _first("local_rank", env)

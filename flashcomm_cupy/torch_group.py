@@ -47,7 +47,7 @@ import sys
 import numpy as np
 
 from .errors import PeerTransferError
-from .launchers import launched_by_torchrun  # noqa: F401  (public here since the torchrun bootstrap)
+from .launchers import launched_by_torchrun, torchrun_size  # noqa: F401  (launched_by_torchrun: public here)
 
 
 def torchrun_world():
@@ -58,8 +58,8 @@ def torchrun_world():
     dist = sys.modules.get("torch.distributed")  # not imported: nobody initialized it
     if dist is not None and dist.is_available() and dist.is_initialized():
         return TorchGroupComm(None)
-    size = os.environ.get("WORLD_SIZE", "1").strip()
-    if size.isdigit() and int(size) > 1:
+    size = torchrun_size()
+    if size > 1:
         raise RuntimeError(f"flashcomm: started by torchrun (WORLD_SIZE={size}) but torch.distributed is not "
                            "initialized: call torch.distributed.init_process_group() before "
                            "Communicator() (or use Communicator.from_torch()), or launch with mpirun")

@@ -75,10 +75,16 @@ class Backend(abc.ABC):
         (bf16 carried as uint16 on the GPU); None means ``x.dtype``.
         """
 
+    @property
+    def calls_made(self) -> int:
+        """The calls this rank made, for backends that number their calls across ranks (the CPU
+        backend); 0 for those that do not (the GPU backends: docs/reliability.md)."""
+        return 0
+
     def note_call_not_made(self) -> None:
-        """A call raised on this rank before it reached the backend (its arguments were refused).
-        Backends that number their calls across ranks (the CPU backend) count it; the GPU backends
-        do not (docs/reliability.md: arguments that differ between ranks)."""
+        """A call raised on this rank before it reached the backend (its arguments were refused):
+        a backend that numbers its calls counts it, so its peers cannot take this rank's next call
+        for it."""
 
     def barrier(self) -> None:
         """Host-side barrier across ranks."""

@@ -389,13 +389,9 @@ class CpuBackend(Backend):
 
     @property
     def calls_made(self) -> int:
-        """The calls this rank made (:meth:`note_call_not_made` included)."""
         return self._calls
 
     def note_call_not_made(self) -> None:
-        """Count a call that raised on this rank before it reached this backend (its arguments were
-        refused): peers still waiting in that call then see this rank's next call under the next
-        number and raise, instead of taking it for this one."""
         self._calls += 1
 
     def _wait(self, requests, what: str, late=None) -> None:

@@ -161,12 +161,10 @@ def write_whole(path, text: str) -> None:
             os.replace(tmp, path)
             return
         except PermissionError:  # a read-only directory: the file itself may still be writable
-            if os.path.exists(tmp):
+            pass
+        finally:
+            if os.path.exists(tmp):  # gone once replaced
                 os.remove(tmp)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
     with open(path, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
 
